@@ -1,0 +1,36 @@
+"""kldiv: the Keras Kullback-Leibler divergence loss on every array library.
+
+``kldiv.kl_divergence(y_true, y_pred)`` computes ``sum(t * log(t / p), axis=-1)`` with both
+inputs clipped to ``[1e-7, 1]``, in ``y_pred``'s library (NumPy, CuPy, PyTorch, JAX, Dask or
+any array-API namespace) and on its device. ``kldiv.KLDivergence`` is the Keras-style loss
+class with reductions and sample weights.
+
+Importing kldiv imports NumPy and array-api-compat only: a framework is touched only once
+an array of it is passed in.
+"""
+
+from __future__ import annotations
+
+from . import backends, losses, metrics
+from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
+from ._kernel import EPSILON
+from ._reduction import Reduction
+from .backends import use_generic
+from .losses import KLDivergence
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EPSILON",
+    "KLD",
+    "KLDivergence",
+    "Reduction",
+    "__version__",
+    "backends",
+    "kl_divergence",
+    "kld",
+    "kullback_leibler_divergence",
+    "losses",
+    "metrics",
+    "use_generic",
+]

@@ -1,0 +1,176 @@
+"""The functional API: ``kl_divergence`` and its aliases."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import array_api_compat
+
+from . import backends
+from ._kernel import kl_divergence_generic
+from ._namespace import (
+    as_pred_array,
+    dtype_kind,
+    get_device,
+    is_dask,
+    is_low_precision,
+    namespace_name,
+    to_namespace,
+)
+
+__all__ = ["KLD", "kl_divergence", "kld", "kullback_leibler_divergence", "prepare"]
+
+
+class Prepared(NamedTuple):
+    """Inputs brought to one library, device and dtype, ready for a kernel."""
+
+    xp: ModuleType
+    y_true: Any
+    y_pred: Any
+    out_dtype: Any  # the dtype the caller gets back
+    device: Any
+
+
+def _shape_str(shape: tuple[Any, ...]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def broadcast_shapes(a: tuple[Any, ...], b: tuple[Any, ...], *, what: str) -> tuple[Any, ...]:
+    """NumPy broadcasting of two shapes, with a ``ValueError`` naming both when it fails.
+
+    Unknown sizes (``None``, or NaN from Dask) are accepted against anything.
+    """
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        da = a[-i] if i <= len(a) else 1
+        db = b[-i] if i <= len(b) else 1
+        da = None if da is None or da != da else da  # NaN from Dask
+        db = None if db is None or db != db else db
+        if da == 1:
+            out.append(db)
+        elif db == 1 or db is None or da is None or da == db:
+            out.append(da if da is not None else db)
+        else:
+            raise ValueError(f"{what}: shapes {_shape_str(a)} and {_shape_str(b)} do not broadcast.")
+    return tuple(reversed(out))
+
+
+def _squeeze_last(xp: ModuleType, x: Any) -> Any:
+    return xp.reshape(x, tuple(x.shape[:-1]))
+
+
+def prepare(y_true: Any, y_pred: Any) -> Prepared:
+    """Validate and convert both inputs (SPEC §1-2). Never modifies them."""
+    if y_pred is None or y_true is None:
+        raise TypeError("y_true and y_pred must be arrays, lists or numbers, not None.")
+    if is_dask(y_true) and not is_dask(y_pred):
+        # Dask is a container: keep the computation lazy rather than compute y_true.
+        import dask.array as da
+
+        y_pred = da.asarray(as_pred_array(y_pred))
+    y_pred = as_pred_array(y_pred)
+    try:
+        xp = array_api_compat.array_namespace(y_pred)
+    except TypeError as exc:
+        raise TypeError(f"y_pred of type {type(y_pred).__name__} is not a supported array: {exc}") from None
+
+    pred_dtype = y_pred.dtype
+    kind = dtype_kind(pred_dtype)
+    if kind in {"int", "bool"}:
+        out_dtype = xp.float32
+    elif kind == "float":
+        out_dtype = pred_dtype
+    elif kind == "complex":
+        raise TypeError(f"y_pred has complex dtype {pred_dtype}; KL divergence needs real values.")
+    else:
+        raise TypeError(f"y_pred has dtype {pred_dtype}, which is not a numeric dtype.")
+    compute_dtype = xp.float32 if is_low_precision(out_dtype) else out_dtype
+
+    device = get_device(y_pred)
+    if y_pred.dtype != compute_dtype:
+        y_pred = xp.astype(y_pred, compute_dtype)
+    y_true = to_namespace(y_true, xp, device, compute_dtype, what="y_true")
+
+    # Keras 2: ranks differing by one with a trailing axis of 1 on the larger -> squeeze it.
+    if y_true.ndim == y_pred.ndim + 1 and y_true.shape[-1] == 1:
+        y_true = _squeeze_last(xp, y_true)
+    elif y_pred.ndim == y_true.ndim + 1 and y_pred.shape[-1] == 1:
+        y_pred = _squeeze_last(xp, y_pred)
+
+    if y_true.ndim == 0 or y_pred.ndim == 0:
+        raise ValueError(
+            "kl_divergence needs inputs with a class axis (at least 1-d); got y_true of shape "
+            f"{_shape_str(tuple(y_true.shape))} and y_pred of shape {_shape_str(tuple(y_pred.shape))}."
+        )
+    broadcast_shapes(tuple(y_true.shape), tuple(y_pred.shape), what="y_true and y_pred")
+    return Prepared(xp, y_true, y_pred, out_dtype, device)
+
+
+def compute(prep: Prepared) -> Any:
+    """Run the fast path for ``prep.xp`` if there is one, else the generic kernel."""
+    xp = prep.xp
+    kernel = backends.fast_path(namespace_name(xp))
+    loss = NotImplemented
+    if kernel is not None:
+        loss = kernel(prep.y_true, prep.y_pred)
+    if loss is NotImplemented:
+        loss = kl_divergence_generic(xp, prep.y_true, prep.y_pred)
+    if loss.dtype != prep.out_dtype:
+        loss = xp.astype(loss, prep.out_dtype)
+    return loss
+
+
+def kl_divergence(y_true: Any, y_pred: Any, /) -> Any:
+    """Keras' Kullback-Leibler divergence loss, in the inputs' own library and device.
+
+    ``loss = sum(t * log(t / p), axis=-1)`` with ``t = clip(y_true, 1e-7, 1)`` and
+    ``p = clip(y_pred, 1e-7, 1)``, exactly as ``tf.keras.losses.kl_divergence``.
+
+    Parameters
+    ----------
+    y_true : array_like
+        True distributions, shape ``(..., C)``. Any supported library (NumPy, PyTorch, JAX,
+        CuPy, Dask, array-API), a Python list or a number; converted to ``y_pred``'s library,
+        device and dtype (through DLPack where it can be).
+    y_pred : array_like
+        Predicted distributions, broadcastable with ``y_true``. Its library and device are
+        where the computation runs.
+
+    Returns
+    -------
+    array
+        The per-sample loss, of shape ``broadcast(y_true, y_pred).shape[:-1]``: an array of
+        ``y_pred``'s library on its device, with its floating dtype (integer and bool
+        ``y_pred`` give float32; float16/bfloat16 are computed in float32 and rounded back).
+        A Dask input gives a lazy Dask array.
+
+    Raises
+    ------
+    TypeError
+        If ``y_true`` cannot be cast to ``y_pred``'s dtype (strings, objects, complex), or an
+        input is not an array.
+    ValueError
+        If an input is 0-d (it has no class axis) or the shapes do not broadcast.
+
+    Notes
+    -----
+    Values outside ``[0, 1]`` are clipped silently, as in Keras; NaN propagates. The
+    gradient is that of the formula inside the clip range and 0 for clipped elements, and is
+    finite for zeros in either input.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import kldiv
+    >>> kldiv.kl_divergence([.4, .9, .2], [.5, .8, .12])
+    array(0.11891246, dtype=float32)
+    >>> kldiv.kld(np.array([[0., 1.], [0., 0.]]), np.array([[.6, .4], [.4, .6]]))
+    array([ 9.16290732e-01, -3.08092434e-06])
+    """
+    return compute(prepare(y_true, y_pred))
+
+
+kld = kl_divergence
+KLD = kl_divergence
+kullback_leibler_divergence = kl_divergence

@@ -1,0 +1,202 @@
+"""Array-library detection and conversion, without importing any framework.
+
+Everything here looks in ``sys.modules`` (directly or through ``array_api_compat``),
+so asking "is this a torch tensor?" never imports torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "ArrayLike",
+    "as_pred_array",
+    "dtype_kind",
+    "get_device",
+    "is_array",
+    "is_dask",
+    "is_low_precision",
+    "namespace_name",
+    "to_namespace",
+]
+
+ArrayLike = Any
+
+
+def is_array(x: object) -> bool:
+    """True for any array object a supported library (or the array API) produces."""
+    return array_api_compat.is_array_api_obj(x) and not isinstance(x, (int, float, bool, complex))
+
+
+def is_dask(x: object) -> bool:
+    return array_api_compat.is_dask_array(x)
+
+
+def _is_torch(x: object) -> bool:
+    return array_api_compat.is_torch_array(x)
+
+
+def namespace_name(xp: ModuleType) -> str:
+    """A short name for a (possibly compat-wrapped) namespace: 'numpy', 'torch', ..."""
+    if array_api_compat.is_numpy_namespace(xp):
+        return "numpy"
+    if array_api_compat.is_torch_namespace(xp):
+        return "torch"
+    if array_api_compat.is_jax_namespace(xp):
+        return "jax"
+    if array_api_compat.is_cupy_namespace(xp):
+        return "cupy"
+    if array_api_compat.is_dask_namespace(xp):
+        return "dask"
+    if array_api_compat.is_array_api_strict_namespace(xp):
+        return "array_api_strict"
+    return getattr(xp, "__name__", type(xp).__name__)
+
+
+def get_device(x: Any) -> Any:
+    """The device of ``x``, or ``None`` where it has none we can ask for (JAX tracers)."""
+    try:
+        return array_api_compat.device(x)
+    except Exception:
+        return None
+
+
+def dtype_kind(dtype: Any) -> str:
+    """Classify a dtype of any library: 'float', 'int', 'bool', 'complex' or 'other'."""
+    name = str(dtype).rsplit(".", 1)[-1].lower()
+    if name in {"bool", "bool_", "bool8"}:
+        return "bool"
+    if "complex" in name:
+        return "complex"
+    if "float" in name or name in {"half", "double"}:
+        return "float"
+    if name.startswith(("int", "uint", "long", "short")):
+        return "int"
+    try:
+        kind = np.dtype(dtype).kind
+    except Exception:
+        return "other"
+    return {"f": "float", "i": "int", "u": "int", "b": "bool", "c": "complex"}.get(kind, "other")
+
+
+def is_low_precision(dtype: Any) -> bool:
+    """float16 and bfloat16 (of any library): computed in float32 by kldiv."""
+    name = str(dtype).rsplit(".", 1)[-1].lower()
+    return name in {"float16", "bfloat16", "half"}
+
+
+def _host_numpy(x: Any) -> np.ndarray:
+    """Last-resort conversion of a foreign array to NumPy (a trip through the host)."""
+    if _is_torch(x):
+        x = x.detach().cpu()
+        if is_low_precision(x.dtype):
+            x = x.float()
+        return x.numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()  # type: ignore[no-any-return]
+    if is_dask(x):
+        return np.asarray(x.compute())
+    return np.asarray(x)
+
+
+def _from_python(x: Any, what: str) -> np.ndarray:
+    """Python scalars, lists and tuples (and anything else NumPy accepts) -> NumPy."""
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise TypeError(f"{what} could not be converted to an array: {exc}") from None
+    return arr
+
+
+def as_pred_array(y_pred: Any) -> Any:
+    """y_pred as an array of its own library; Python values become NumPy (floats: float32)."""
+    if is_array(y_pred):
+        return y_pred
+    arr = _from_python(y_pred, "y_pred")
+    kind = dtype_kind(arr.dtype)
+    if kind == "float" and not isinstance(y_pred, np.generic):
+        # Python floats are Keras floatx (float32) values, as in the seed examples.
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def _check_castable(x_dtype: Any, target: Any, what: str) -> None:
+    kind = dtype_kind(x_dtype)
+    if kind in {"float", "int", "bool"}:
+        return
+    if kind == "complex":
+        raise TypeError(
+            f"{what} has complex dtype {x_dtype}, which cannot be cast to y_pred's real dtype "
+            f"{target} without losing the imaginary part."
+        )
+    raise TypeError(f"{what} has dtype {x_dtype}, which cannot be cast to y_pred's dtype {target}.")
+
+
+def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str) -> Any:
+    """Convert ``x`` (any library, list or scalar) to namespace ``xp`` on ``device`` as ``dtype``.
+
+    Arrays of the same library only move when they sit on another device; arrays of another
+    library go through DLPack (zero-copy where the devices agree) and only fall back to a
+    copy through NumPy when DLPack cannot do it.
+    """
+    if not is_array(x):
+        arr = _from_python(x, what)
+        _check_castable(arr.dtype, dtype, what)
+        return _asarray(xp, arr, device, dtype)
+
+    _check_castable(x.dtype, dtype, what)
+    try:
+        same = array_api_compat.array_namespace(x) is xp
+    except TypeError:
+        same = False
+    if not same:
+        x = _foreign_to(x, xp, device)
+    elif device is not None and get_device(x) is not None and get_device(x) != device:
+        x = array_api_compat.to_device(x, device)
+    if x.dtype != dtype:
+        x = xp.astype(x, dtype)
+    return x
+
+
+def _asarray(xp: ModuleType, arr: Any, device: Any, dtype: Any) -> Any:
+    if array_api_compat.is_jax_namespace(xp) or device is None:
+        # JAX places arrays by default device; inside a trace there is no device to name.
+        out = xp.asarray(arr)
+        return xp.astype(out, dtype) if out.dtype != dtype else out
+    if array_api_compat.is_dask_namespace(xp):
+        out = xp.asarray(arr)
+        return xp.astype(out, dtype) if out.dtype != dtype else out
+    if array_api_compat.is_torch_namespace(xp):
+        torch = sys.modules["torch"]
+        return torch.as_tensor(np.asarray(arr), dtype=dtype, device=device)
+    out = xp.asarray(arr, device=device)
+    return xp.astype(out, dtype) if out.dtype != dtype else out
+
+
+def _foreign_to(x: Any, xp: ModuleType, device: Any) -> Any:
+    """Array of another library -> ``xp`` on ``device``."""
+    if _is_torch(x):
+        x = x.detach()  # y_true / sample_weight carry no gradient across libraries
+    if array_api_compat.is_dask_namespace(xp):
+        return xp.asarray(_host_numpy(x) if not array_api_compat.is_numpy_array(x) else x)
+    if array_api_compat.is_jax_namespace(xp):
+        try:
+            return xp.asarray(x) if array_api_compat.is_numpy_array(x) else xp.from_dlpack(x)
+        except Exception:
+            return xp.asarray(_host_numpy(x))
+    try:
+        out = xp.from_dlpack(x)
+    except Exception:
+        out = None
+    if out is None:
+        arr = _host_numpy(x)
+        return _asarray(xp, arr, device, getattr(xp, str(arr.dtype)))
+    if device is not None and get_device(out) != device:
+        out = array_api_compat.to_device(out, device)
+    return out
+

@@ -1,0 +1,130 @@
+"""Reductions and sample weights (SPEC §3), on top of any kernel, in any namespace."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from ._functional import _shape_str, broadcast_shapes
+from ._namespace import get_device, to_namespace
+
+__all__ = ["Reduction", "apply_sample_weight", "reduce_loss", "validate_reduction"]
+
+
+class Reduction:
+    """The reduction names, as constants (Keras 2's ``ReductionV2`` plus Keras 3's names).
+
+    Examples
+    --------
+    >>> from kldiv import Reduction
+    >>> Reduction.SUM_OVER_BATCH_SIZE
+    'sum_over_batch_size'
+    >>> Reduction.validate("sum")
+    'sum'
+    """
+
+    AUTO = "auto"
+    NONE = "none"
+    SUM = "sum"
+    SUM_OVER_BATCH_SIZE = "sum_over_batch_size"
+    MEAN = "mean"
+    MEAN_WITH_SAMPLE_WEIGHT = "mean_with_sample_weight"
+
+    @classmethod
+    def all(cls) -> tuple[str, ...]:
+        """Every valid reduction name."""
+        return (
+            cls.AUTO,
+            cls.NONE,
+            cls.SUM,
+            cls.SUM_OVER_BATCH_SIZE,
+            cls.MEAN,
+            cls.MEAN_WITH_SAMPLE_WEIGHT,
+        )
+
+    @classmethod
+    def validate(cls, reduction: str | None) -> str:
+        """Return the canonical name of ``reduction`` (``None`` means ``"none"``).
+
+        Raises
+        ------
+        ValueError
+            If ``reduction`` is not one of :meth:`all`.
+        """
+        return validate_reduction(reduction)
+
+
+def validate_reduction(reduction: str | None) -> str:
+    if reduction is None:
+        return Reduction.NONE
+    if isinstance(reduction, str) and reduction.lower() in Reduction.all():
+        return reduction.lower()
+    raise ValueError(
+        f"Invalid reduction {reduction!r}. Expected one of: "
+        + ", ".join(repr(r) for r in Reduction.all())
+        + " or None."
+    )
+
+
+def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[Any, Any]:
+    """``(loss * w, w)`` with ``w`` brought to the loss' library, device, dtype and shape.
+
+    Keras 2 rank rules, for a loss of rank r: a scalar multiplies everything; rank r + 1 with
+    a last axis of 1 is squeezed; rank r - 1 gets a trailing axis (so a (B,) weight scales each
+    row of a (B, T) loss); otherwise the weight must broadcast to the loss' shape.
+    """
+    w = to_namespace(sample_weight, xp, get_device(loss), loss.dtype, what="sample_weight")
+    r = loss.ndim
+    if w.ndim == r + 1 and w.shape[-1] == 1:
+        w = xp.reshape(w, tuple(w.shape[:-1]))
+    elif r >= 1 and w.ndim == r - 1:
+        w = xp.expand_dims(w, axis=-1)
+    loss_shape = tuple(loss.shape)
+    try:
+        shape = broadcast_shapes(tuple(w.shape), loss_shape, what="sample_weight and the loss")
+        if len(shape) != len(loss_shape) or any(
+            s is not None and d is not None and s != d for s, d in zip(shape, loss_shape)
+        ):
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"sample_weight of shape {_shape_str(tuple(w.shape))} does not broadcast to the "
+            f"per-sample loss of shape {_shape_str(loss_shape)}."
+        ) from None
+    return loss * w, w
+
+
+def _num_elements(shape: tuple[Any, ...]) -> int | None:
+    n = 1
+    for d in shape:
+        if d is None or d != d:
+            return None
+        n *= int(d)
+    return n
+
+
+def reduce_loss(
+    xp: ModuleType, loss: Any, sample_weight: Any = None, *, reduction: str = "auto"
+) -> Any:
+    """Weight and reduce a per-sample loss (SPEC §3). ``reduction`` must be canonical."""
+    weights = None
+    if sample_weight is not None:
+        loss, weights = apply_sample_weight(xp, loss, sample_weight)
+    if reduction == Reduction.NONE:
+        return loss
+    total = xp.sum(loss)
+    if reduction == Reduction.SUM:
+        return total
+    if reduction == Reduction.MEAN_WITH_SAMPLE_WEIGHT and weights is not None:
+        denom = xp.sum(xp.broadcast_to(weights, tuple(loss.shape)))
+        zero = denom == 0
+        safe = xp.where(zero, xp.ones_like(denom), denom)
+        return xp.where(zero, xp.zeros_like(total), total / safe)
+    # auto, sum_over_batch_size, mean (and mean_with_sample_weight without weights)
+    n = _num_elements(tuple(loss.shape))
+    if n is None:  # unknown (lazy) size: let the library count
+        size = xp.sum(xp.ones_like(loss))
+        return xp.where(size == 0, xp.zeros_like(total), total / xp.where(size == 0, 1, size))
+    if n == 0:
+        return xp.zeros_like(total)
+    return total / n

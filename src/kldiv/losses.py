@@ -1,0 +1,113 @@
+"""Keras-style losses: the functional aliases and the :class:`KLDivergence` class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._functional import KLD, compute, kl_divergence, kld, kullback_leibler_divergence, prepare
+from ._reduction import Reduction, reduce_loss, validate_reduction
+
+__all__ = [
+    "KLD",
+    "KLDivergence",
+    "Reduction",
+    "kl_divergence",
+    "kld",
+    "kullback_leibler_divergence",
+]
+
+_FN_NAMES = {"kl_divergence", "kld", "KLD", "kullback_leibler_divergence"}
+
+
+class KLDivergence:
+    """Keras' ``KLDivergence`` loss, on any array library and device.
+
+    ``loss = y_true * log(y_true / y_pred)`` summed over the last axis (both clipped to
+    ``[1e-7, 1]``), then weighted by ``sample_weight`` and reduced.
+
+    Parameters
+    ----------
+    reduction : str or None, default "auto"
+        ``"auto"`` / ``"sum_over_batch_size"`` / ``"mean"``: the weighted sum divided by the
+        number of per-sample losses; ``"sum"``: the weighted sum; ``"none"`` (or ``None``):
+        the weighted per-sample losses; ``"mean_with_sample_weight"``: the weighted sum divided
+        by the sum of the weights. See :class:`Reduction`.
+    name : str, default "kl_divergence"
+        The loss' name (Keras uses it to label logs).
+    dtype : dtype or str, optional
+        If given, the result is cast to this dtype of the result's library (Keras 3's ``dtype``
+        argument). By default the result has ``y_pred``'s floating dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import kldiv
+    >>> y_true = np.array([[0, 1], [0, 0]], dtype=np.float32)
+    >>> y_pred = np.array([[0.6, 0.4], [0.4, 0.6]], dtype=np.float32)
+    >>> kl = kldiv.KLDivergence()
+    >>> round(float(kl(y_true, y_pred)), 6)
+    0.458143
+    >>> round(float(kl(y_true, y_pred, sample_weight=[0.8, 0.2])), 6)
+    0.366515
+    >>> kldiv.KLDivergence(reduction="none")(y_true, y_pred)
+    array([ 9.1628921e-01, -3.0809074e-06], dtype=float32)
+    """
+
+    def __init__(
+        self, reduction: str | None = "auto", name: str = "kl_divergence", *, dtype: Any = None
+    ) -> None:
+        self.reduction = validate_reduction(reduction)
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}.")
+        self.name = name
+        self.dtype = dtype
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        """The unreduced, unweighted per-sample loss (Keras' ``Loss.call``)."""
+        return kl_divergence(y_true, y_pred)
+
+    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        """Weighted, reduced loss. ``sample_weight`` follows Keras 2's rank rules."""
+        prep = prepare(y_true, y_pred)
+        loss = compute(prep)
+        out = reduce_loss(prep.xp, loss, sample_weight, reduction=self.reduction)
+        if self.dtype is not None:
+            dtype = getattr(prep.xp, self.dtype) if isinstance(self.dtype, str) else self.dtype
+            out = prep.xp.astype(out, dtype)
+        return out
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, as Keras would save them."""
+        config: dict[str, Any] = {"reduction": self.reduction, "name": self.name}
+        if self.dtype is not None:
+            config["dtype"] = self.dtype if isinstance(self.dtype, str) else str(self.dtype)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> KLDivergence:
+        """Rebuild a loss from :meth:`get_config` output, or a Keras 2 / Keras 3 config.
+
+        Keras 2 configs carry an ``"fn"`` key naming the function; Keras 3 configs may hold
+        ``"reduction": None`` and a ``"dtype"``. Unknown keys raise ``TypeError``.
+        """
+        config = dict(config)
+        fn = config.pop("fn", None)
+        if fn is not None and fn not in _FN_NAMES:
+            raise ValueError(f"config names function {fn!r}, not the KL divergence.")
+        dtype = config.pop("dtype", None)
+        if isinstance(dtype, dict):  # Keras 3 DTypePolicy config
+            dtype = dtype.get("config", {}).get("name")
+        unknown = set(config) - {"reduction", "name"}
+        if unknown:
+            raise TypeError(f"Unknown KLDivergence config keys: {sorted(unknown)}.")
+        return cls(**config, dtype=dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(reduction={self.reduction!r}, name={self.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.get_config() == other.get_config()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]
