@@ -5,11 +5,10 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, NamedTuple
 
-import array_api_compat
-
 from . import backends
 from ._kernel import kl_divergence_generic
 from ._namespace import (
+    array_namespace,
     as_pred_array,
     dtype_kind,
     get_device,
@@ -71,7 +70,7 @@ def prepare(y_true: Any, y_pred: Any) -> Prepared:
         y_pred = da.asarray(as_pred_array(y_pred))
     y_pred = as_pred_array(y_pred)
     try:
-        xp = array_api_compat.array_namespace(y_pred)
+        xp = array_namespace(y_pred)
     except TypeError as exc:
         raise TypeError(f"y_pred of type {type(y_pred).__name__} is not a supported array: {exc}") from None
 

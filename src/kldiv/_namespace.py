@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import sys
 from types import ModuleType
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
 __all__ = [
+    "EXTRA_NAMESPACES",
     "ArrayLike",
+    "array_namespace",
     "as_pred_array",
     "dtype_kind",
     "get_device",
@@ -28,9 +31,44 @@ __all__ = [
 ArrayLike = Any
 
 
+def _tensorflow_namespace(x: object) -> ModuleType | None:
+    """TensorFlow tensors are not array-API objects: kldiv gives them a small namespace shim.
+
+    Looks only in ``sys.modules``, so TensorFlow is never imported here.
+    """
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(x, (tf.Tensor, tf.Variable)):
+        return None
+    from .backends import tensorflow_
+
+    return tensorflow_.namespace
+
+
+# Resolvers for array types array-api-compat does not know: each returns a namespace or None.
+EXTRA_NAMESPACES: list[Callable[[object], ModuleType | None]] = [_tensorflow_namespace]
+
+
+def _extra_namespace(x: object) -> ModuleType | None:
+    for resolve in EXTRA_NAMESPACES:
+        xp = resolve(x)
+        if xp is not None:
+            return xp
+    return None
+
+
+def array_namespace(x: Any) -> ModuleType:
+    """The array-API namespace of ``x`` (compat-wrapped; or a kldiv shim, e.g. TensorFlow)."""
+    xp = _extra_namespace(x)
+    if xp is not None:
+        return xp
+    return array_api_compat.array_namespace(x)
+
+
 def is_array(x: object) -> bool:
     """True for any array object a supported library (or the array API) produces."""
-    return array_api_compat.is_array_api_obj(x) and not isinstance(x, (int, float, bool, complex))
+    if isinstance(x, (int, float, bool, complex)):
+        return False
+    return array_api_compat.is_array_api_obj(x) or _extra_namespace(x) is not None
 
 
 def is_dask(x: object) -> bool:
@@ -43,6 +81,9 @@ def _is_torch(x: object) -> bool:
 
 def namespace_name(xp: ModuleType) -> str:
     """A short name for a (possibly compat-wrapped) namespace: 'numpy', 'torch', ..."""
+    name = getattr(xp, "__kldiv_name__", None)
+    if name is not None:
+        return str(name)
     if array_api_compat.is_numpy_namespace(xp):
         return "numpy"
     if array_api_compat.is_torch_namespace(xp):
@@ -151,7 +192,7 @@ def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str) 
 
     _check_castable(x.dtype, dtype, what)
     try:
-        same = array_api_compat.array_namespace(x) is xp
+        same = array_namespace(x) is xp
     except TypeError:
         same = False
     if not same:
