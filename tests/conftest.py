@@ -141,7 +141,7 @@ def _is_native(b: Backend, x: Any) -> bool:
 
     base = b.name.split("-")[0]
     if base == "numpy":
-        return isinstance(x, np.ndarray) or isinstance(x, np.generic)
+        return isinstance(x, (np.ndarray, np.generic))
     if base == "torch":
         return isinstance(x, b.module.Tensor) and x.device.type == b.device.type
     if base == "jax":

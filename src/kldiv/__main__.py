@@ -15,6 +15,7 @@ import importlib.util
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -55,7 +56,7 @@ def _targets() -> Iterator[tuple[str, str, Converter | None, str]]:
         if torch.cuda.is_available():
             for i in range(torch.cuda.device_count()):
                 dev = f"cuda:{i}"
-                yield "torch", dev, lambda v, d=dev: torch.tensor(v, dtype=torch.float32, device=d), ""
+                yield "torch", dev, partial(torch.tensor, dtype=torch.float32, device=dev), ""
         else:
             yield "torch", "cuda", None, "no CUDA device visible to torch"
     else:
@@ -63,8 +64,12 @@ def _targets() -> Iterator[tuple[str, str, Converter | None, str]]:
     if _installed("jax"):
         jax = importlib.import_module("jax")
         jnp = importlib.import_module("jax.numpy")
-        for dev in jax.devices():
-            yield "jax", str(dev), lambda v, d=dev: jax.device_put(jnp.asarray(v, dtype=jnp.float32), d), ""
+        for jdev in jax.devices():
+
+            def to_jax(v: Any, d: Any = jdev) -> Any:
+                return jax.device_put(jnp.asarray(v, dtype=jnp.float32), d)
+
+            yield "jax", str(jdev), to_jax, ""
     else:
         yield "jax", "-", None, INSTALL_HINTS["jax"]
     if _installed("cupy"):

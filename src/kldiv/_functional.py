@@ -97,9 +97,11 @@ def prepare(y_true: Any, y_pred: Any) -> Prepared:
     elif y_pred.ndim == y_true.ndim + 1 and y_pred.shape[-1] == 1:
         y_pred = _squeeze_last(xp, y_pred)
 
-    if y_true.ndim == 0 or y_pred.ndim == 0:
+    if y_true.ndim == 0 and y_pred.ndim == 0:
+        # A scalar broadcasts against an array (Python scalars are accepted), but with no
+        # array at all there is no class axis to sum over.
         raise ValueError(
-            "kl_divergence needs inputs with a class axis (at least 1-d); got y_true of shape "
+            "kl_divergence needs a class axis (an input of at least 1-d); got y_true of shape "
             f"{_shape_str(tuple(y_true.shape))} and y_pred of shape {_shape_str(tuple(y_pred.shape))}."
         )
     broadcast_shapes(tuple(y_true.shape), tuple(y_pred.shape), what="y_true and y_pred")
@@ -162,10 +164,10 @@ def kl_divergence(y_true: Any, y_pred: Any, /) -> Any:
     --------
     >>> import numpy as np
     >>> import kldiv
-    >>> kldiv.kl_divergence([.4, .9, .2], [.5, .8, .12])
-    array(0.11891246, dtype=float32)
+    >>> print(kldiv.kl_divergence([.4, .9, .2], [.5, .8, .12]))
+    0.11891246
     >>> kldiv.kld(np.array([[0., 1.], [0., 0.]]), np.array([[.6, .4], [.4, .6]]))
-    array([ 9.16290732e-01, -3.08092434e-06])
+    array([ 9.16289171e-01, -3.08090749e-06])
     """
     return compute(prepare(y_true, y_pred))
 

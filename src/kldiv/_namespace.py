@@ -7,8 +7,8 @@ so asking "is this a torch tensor?" never imports torch.
 from __future__ import annotations
 
 import sys
-from types import ModuleType
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import array_api_compat
@@ -139,7 +139,7 @@ def _host_numpy(x: Any) -> np.ndarray:
             x = x.float()
         return x.numpy()
     if array_api_compat.is_cupy_array(x):
-        return x.get()  # type: ignore[no-any-return]
+        return x.get()
     if is_dask(x):
         return np.asarray(x.compute())
     return np.asarray(x)

@@ -83,7 +83,7 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[
     try:
         shape = broadcast_shapes(tuple(w.shape), loss_shape, what="sample_weight and the loss")
         if len(shape) != len(loss_shape) or any(
-            s is not None and d is not None and s != d for s, d in zip(shape, loss_shape)
+            s is not None and d is not None and s != d for s, d in zip(shape, loss_shape, strict=True)
         ):
             raise ValueError
     except ValueError:

@@ -108,6 +108,6 @@ class KLDivergence:
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return self.get_config() == other.get_config()  # type: ignore[attr-defined]
+        return self.get_config() == other.get_config()
 
     __hash__ = None  # type: ignore[assignment]

@@ -1,0 +1,228 @@
+"""The functional API (SPEC §1-2) on every backend, against SPEC's numbers and a float64 oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import BACKEND_FACTORIES, Backend, oracle
+
+import kldiv
+
+SEED_T = [[0.0, 1.0], [0.0, 0.0]]
+SEED_P = [[0.6, 0.4], [0.4, 0.6]]
+
+
+def test_aliases_are_one_object_everywhere() -> None:
+    fns = [
+        getattr(mod, name)
+        for mod in (kldiv, kldiv.losses, kldiv.metrics)
+        for name in ("kl_divergence", "kld", "KLD", "kullback_leibler_divergence")
+    ]
+    assert all(f is kldiv.kl_divergence for f in fns)
+
+
+def test_seed_1d(backend: Backend) -> None:
+    out = kldiv.KLD(backend.asarray([0.4, 0.9, 0.2]), backend.asarray([0.5, 0.8, 0.12]))
+    assert backend.is_native(out)
+    assert tuple(out.shape) == ()
+    np.testing.assert_allclose(backend.to_numpy(out), 0.11891246, rtol=1e-6)
+
+
+def test_seed_2d(backend: Backend) -> None:
+    out = kldiv.kl_divergence(backend.asarray(SEED_T), backend.asarray(SEED_P))
+    assert backend.is_native(out)
+    assert out.dtype == backend.dtype("float32")
+    got = backend.to_numpy(out)
+    np.testing.assert_allclose(got, [0.9162892, -3.0809074e-06], rtol=2e-6)
+    assert got[1] < 0  # the small negative value from the clipping is kept
+
+
+def test_float64_seed_example_exact_numpy() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y_true = rng.integers(0, 2, size=(2, 3)).astype(np.float64)
+        y_pred = rng.random(size=(2, 3))
+        loss = kldiv.kullback_leibler_divergence(y_true, y_pred)
+        assert loss.shape == (2,)
+        t = np.clip(y_true, 1e-7, 1)
+        p = np.clip(y_pred, 1e-7, 1)
+        assert np.array_equal(loss, np.sum(t * np.log(t / p), axis=-1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(7,), (5, 3), (2, 3, 4), (2, 1, 3, 5), (0, 4), (3, 0)])
+def test_matches_float64_oracle(backend: Backend, dtype: str, shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(sum(shape) + len(shape))
+    t = rng.uniform(-0.2, 1.3, size=shape).astype(dtype)
+    p = rng.uniform(-0.2, 1.3, size=shape).astype(dtype)
+    out = kldiv.kld(backend.asarray(t), backend.asarray(p))
+    assert backend.is_native(out)
+    assert out.dtype == backend.dtype(dtype)
+    assert tuple(out.shape) == shape[:-1]
+    rtol, atol = (1e-5, 1e-5) if dtype == "float32" else (1e-12, 1e-12)
+    np.testing.assert_allclose(backend.to_numpy(out), oracle(t, p), rtol=rtol, atol=atol)
+
+
+def test_clipping_and_nan(backend: Backend) -> None:
+    out = backend.to_numpy(kldiv.kld(backend.asarray([[2.0, 3.0]]), backend.asarray([[1.0, 1.0]])))
+    np.testing.assert_array_equal(out, [0.0])
+    out = backend.to_numpy(kldiv.kld(backend.asarray([[np.nan, 1.0]]), backend.asarray([[0.5, 0.5]])))
+    assert np.isnan(out).all() and out.shape == (1,)
+
+
+def test_broadcasting(backend: Backend) -> None:
+    t = np.array([[0.3, 0.7]], dtype=np.float32)
+    p = np.array([[0.6, 0.4], [0.4, 0.6]], dtype=np.float32)
+    out = kldiv.kld(backend.asarray(t), backend.asarray(p))
+    assert tuple(out.shape) == (2,)
+    np.testing.assert_allclose(backend.to_numpy(out), oracle(t, p), rtol=1e-5)
+
+
+def test_trailing_unit_axis_is_squeezed(backend: Backend) -> None:
+    # Keras 2: ranks differing by one with a trailing 1 on the larger -> squeezed
+    t = np.array([[0.2], [0.9], [0.5]], dtype=np.float32)
+    p = np.array([0.3, 0.8, 0.5], dtype=np.float32)
+    out = kldiv.kld(backend.asarray(t), backend.asarray(p))
+    assert tuple(out.shape) == ()
+    np.testing.assert_allclose(backend.to_numpy(out), oracle(t[:, 0], p), rtol=1e-5)
+
+
+def test_python_lists_and_scalars() -> None:
+    out = kldiv.KLD([0.4, 0.9, 0.2], [0.5, 0.8, 0.12])
+    assert isinstance(out, (np.ndarray, np.float32)) and out.dtype == np.float32
+    assert float(out) == pytest.approx(0.11891246, rel=1e-6)
+    # scalar y_true broadcasts against y_pred's rows
+    out = kldiv.kld(0.5, np.array([[0.5, 0.5]], dtype=np.float32))
+    np.testing.assert_allclose(out, [0.0], atol=1e-7)
+    # tuples too
+    out = kldiv.kld(((0.0, 1.0), (0.0, 0.0)), ((0.6, 0.4), (0.4, 0.6)))
+    np.testing.assert_allclose(out, [0.9162892, -3.0809074e-06], rtol=2e-6)
+
+
+@pytest.mark.parametrize("true_dtype", ["int64", "bool", "float64", "float16"])
+def test_y_true_cast_to_y_pred_dtype(backend: Backend, true_dtype: str) -> None:
+    if true_dtype == "float16" and backend.name in {"array_api_strict", "dask"}:
+        pytest.skip(f"{backend.name} fixture has no float16 inputs")
+    t = np.array([[0, 1], [1, 0]]).astype(true_dtype)
+    p = np.array([[0.6, 0.4], [0.4, 0.6]], dtype=np.float32)
+    out = kldiv.kld(backend.asarray(t), backend.asarray(p))
+    assert out.dtype == backend.dtype("float32")
+    np.testing.assert_allclose(backend.to_numpy(out), oracle(t, p), rtol=1e-5)
+
+
+@pytest.mark.parametrize("pred_dtype", ["int32", "int64", "bool"])
+def test_integer_and_bool_y_pred_become_float32(backend: Backend, pred_dtype: str) -> None:
+    p = np.array([[0, 1], [1, 1]]).astype(pred_dtype)
+    t = np.array([[0.5, 0.5], [0.2, 0.8]], dtype=np.float32)
+    out = kldiv.kld(backend.asarray(t), backend.asarray(p))
+    assert out.dtype == backend.dtype("float32")
+    np.testing.assert_allclose(backend.to_numpy(out), oracle(t, p), rtol=1e-5)
+
+
+@pytest.mark.parametrize("low", ["float16", "bfloat16"])
+def test_half_precision_computed_in_float32(backend: Backend, low: str) -> None:
+    if low not in backend.float_dtypes:
+        pytest.skip(f"{backend.name} has no {low}")
+    mod = backend.module
+    t = mod.asarray([[1.0, 0.0]], dtype=backend.dtype(low))
+    p = mod.asarray([[1e-8, 1.0]], dtype=backend.dtype(low))
+    if backend.name.startswith("torch"):
+        t, p = t.to(backend.device), p.to(backend.device)
+    out = kldiv.kld(t, p)
+    assert out.dtype == backend.dtype(low)
+    got = backend.to_numpy(out).astype(np.float64)
+    assert np.isfinite(got).all()  # Keras overflows to inf here
+    # the float32 value of the clipped inputs, rounded to the low-precision dtype
+    t32 = backend.to_numpy(t).astype(np.float32)
+    p32 = backend.to_numpy(p).astype(np.float32)
+    want = np.asarray(oracle(t32, p32), dtype=np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-2)
+
+
+def _make(kind: str, arr: np.ndarray) -> object:
+    if kind == "list":
+        return arr.tolist()
+    if kind == "numpy":
+        return arr
+    return BACKEND_FACTORIES[kind]().asarray(arr)
+
+
+MIX = ["numpy", "torch", "jax", "list"]
+
+
+@pytest.mark.parametrize("true_kind", MIX)
+@pytest.mark.parametrize("pred_kind", MIX)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_mixed_libraries_follow_y_pred(true_kind: str, pred_kind: str, dtype: str) -> None:
+    t = np.array(SEED_T, dtype=dtype)
+    p = np.array(SEED_P, dtype=dtype)
+    y_true, y_pred = _make(true_kind, t), _make(pred_kind, p)
+    out = kldiv.kld(y_true, y_pred)
+    if pred_kind == "list":
+        assert isinstance(out, np.ndarray)
+        assert out.dtype == np.float32  # Python floats are Keras floatx
+    else:
+        b = BACKEND_FACTORIES[pred_kind]()
+        assert b.is_native(out)
+        assert out.dtype == b.dtype(dtype)
+        assert str(kldiv._namespace.get_device(out)) == str(kldiv._namespace.get_device(y_pred))
+    np.testing.assert_allclose(_to_np(out), oracle(t, p), rtol=2e-6, atol=1e-9)
+
+
+def _to_np(x: object) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()  # type: ignore[no-any-return, attr-defined]
+    return np.asarray(x)
+
+
+def test_y_true_requiring_grad_from_torch_into_numpy() -> None:
+    torch = BACKEND_FACTORIES["torch"]().module
+    t = torch.tensor(SEED_T, requires_grad=True)
+    out = kldiv.kld(t, np.array(SEED_P, dtype=np.float32))
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, [0.9162892, -3.0809074e-06], rtol=2e-6)
+
+
+def test_dask_stays_lazy() -> None:
+    b = BACKEND_FACTORIES["dask"]()
+    da = b.module
+    dask = pytest.importorskip("dask")
+    calls = []
+
+    def make(block_info: object = None) -> np.ndarray:
+        calls.append(1)
+        return np.full((2, 3), 0.5, dtype=np.float32)
+
+    p = da.map_blocks(make, chunks=((2,), (3,)), dtype=np.float32, meta=np.empty((0, 0), np.float32))
+    out = kldiv.kld(np.full((2, 3), 0.25, dtype=np.float32), p)
+    assert isinstance(out, da.Array)
+    assert calls == []  # nothing computed yet
+    with dask.config.set(scheduler="synchronous"):
+        got = out.compute()
+    assert calls
+    np.testing.assert_allclose(got, oracle(np.full((2, 3), 0.25), np.full((2, 3), 0.5)), rtol=1e-6)
+    # a Dask y_true with a NumPy y_pred keeps the computation lazy too
+    out = kldiv.kld(da.from_array(np.array(SEED_T, dtype=np.float32)), np.array(SEED_P, dtype=np.float32))
+    assert isinstance(out, da.Array)
+    np.testing.assert_allclose(out.compute(), [0.9162892, -3.0809074e-06], rtol=2e-6)
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_fast_and_generic_switch_agree(backend: Backend, generic: bool) -> None:
+    rng = np.random.default_rng(3)
+    t = rng.random((33, 17))
+    p = rng.random((33, 17))
+    with kldiv.use_generic(generic):
+        out = backend.to_numpy(kldiv.kld(backend.asarray(t), backend.asarray(p)))
+    np.testing.assert_allclose(out, oracle(t, p), rtol=1e-12)
+
+
+def test_env_switch_forces_generic(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KLDIV_GENERIC", "1")
+    assert kldiv.backends.generic_forced()
+    assert kldiv.backends.fast_path("numpy") is None
+    monkeypatch.setenv("KLDIV_GENERIC", "0")
+    assert not kldiv.backends.generic_forced()
+    with kldiv.use_generic():
+        assert kldiv.backends.generic_forced()
+    assert not kldiv.backends.generic_forced()

@@ -1,0 +1,179 @@
+"""The KLDivergence loss class (SPEC §3): reductions, sample weights, config, pickling."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from conftest import Backend, oracle
+
+import kldiv
+from kldiv import KLDivergence, Reduction
+
+SEED_T = [[0.0, 1.0], [0.0, 0.0]]
+SEED_P = [[0.6, 0.4], [0.4, 0.6]]
+
+# SPEC §3 reference table: (reduction, sample_weight) -> value
+REFERENCE = [
+    ("auto", None, 0.45814306),
+    ("sum_over_batch_size", None, 0.45814306),
+    ("mean", None, 0.45814306),
+    ("sum", None, 0.9162861),
+    ("none", None, [0.9162892, -3.0809074e-06]),
+    ("auto", [0.8, 0.2], 0.3665154),
+    ("sum_over_batch_size", [0.8, 0.2], 0.3665154),
+    ("sum", [0.8, 0.2], 0.7330308),
+    ("none", [0.8, 0.2], [0.7330314, -6.1618147e-07]),
+    ("auto", [1.0, 0.0], 0.4581446),
+    ("auto", 2.0, 0.9162861),
+    ("auto", [[0.8], [0.2]], 0.3665154),
+    (None, None, [0.9162892, -3.0809074e-06]),
+]
+
+
+@pytest.mark.parametrize(("reduction", "weight", "expected"), REFERENCE)
+def test_reference_values(backend: Backend, reduction: str, weight: object, expected: object) -> None:
+    loss = KLDivergence(reduction=reduction)
+    w = None if weight is None else (backend.asarray(weight) if not isinstance(weight, float) else weight)
+    out = loss(backend.asarray(SEED_T), backend.asarray(SEED_P), sample_weight=w)
+    assert backend.is_native(out)
+    assert out.dtype == backend.dtype("float32")
+    np.testing.assert_allclose(backend.to_numpy(out), expected, rtol=5e-6, atol=1e-12)
+
+
+def test_sample_weight_as_list_and_numpy(backend: Backend) -> None:
+    loss = KLDivergence()
+    t, p = backend.asarray(SEED_T), backend.asarray(SEED_P)
+    for w in ([0.8, 0.2], np.array([0.8, 0.2], dtype=np.float64)):
+        out = loss(t, p, sample_weight=w)
+        assert backend.is_native(out) and out.dtype == backend.dtype("float32")
+        np.testing.assert_allclose(backend.to_numpy(out), 0.3665154, rtol=5e-6)
+
+
+def _rank3() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    t = rng.random((2, 3, 4)).astype(np.float32)
+    p = rng.random((2, 3, 4)).astype(np.float32)
+    return t, p
+
+
+def test_rank_rules_against_oracle(backend: Backend) -> None:
+    t, p = _rank3()
+    per = oracle(t, p)  # (2, 3)
+    loss = KLDivergence()
+    cases = {
+        "scalar": (2.5, per * 2.5),
+        "rank r-1 (B,)": (np.array([1.0, 0.0]), per * np.array([[1.0], [0.0]])),
+        "rank r": (np.arange(6.0).reshape(2, 3), per * np.arange(6.0).reshape(2, 3)),
+        "rank r+1, last 1": (np.arange(6.0).reshape(2, 3, 1), per * np.arange(6.0).reshape(2, 3)),
+        "broadcast (1, 3)": (np.array([[1.0, 2.0, 3.0]]), per * np.array([[1.0, 2.0, 3.0]])),
+    }
+    for name, (w, weighted) in cases.items():
+        wb = w if isinstance(w, float) else backend.asarray(w, dtype="float32")
+        out = loss(backend.asarray(t), backend.asarray(p), sample_weight=wb)
+        np.testing.assert_allclose(backend.to_numpy(out), weighted.sum() / per.size, rtol=1e-5, err_msg=name)
+        none = KLDivergence(reduction="none")(backend.asarray(t), backend.asarray(p), sample_weight=wb)
+        np.testing.assert_allclose(backend.to_numpy(none), weighted, rtol=1e-5, err_msg=name)
+
+
+def test_spec_rank3_weight_forms(backend: Backend) -> None:
+    # SPEC §3's (2, 3, 4) example: weight [1, 0] keeps the first batch row only (divided by
+    # all 6 losses); ones((2, 3)) and ones((2, 3, 1)) equal no weight. (SPEC's own numbers
+    # for it come from data it does not give, so the oracle stands in for them.)
+    t, p = _rank3()
+    loss = KLDivergence()
+    expected_10 = oracle(t, p)[0].sum() / 6
+    expected_ones = oracle(t, p).sum() / 6
+    out = loss(backend.asarray(t), backend.asarray(p), sample_weight=backend.asarray([1.0, 0.0]))
+    np.testing.assert_allclose(backend.to_numpy(out), expected_10, rtol=1e-5)
+    for w in (np.ones((2, 3)), np.ones((2, 3, 1))):
+        out = loss(backend.asarray(t), backend.asarray(p), sample_weight=backend.asarray(w, dtype="float32"))
+        np.testing.assert_allclose(backend.to_numpy(out), expected_ones, rtol=1e-5)
+
+
+def test_mean_with_sample_weight(backend: Backend) -> None:
+    loss = KLDivergence(reduction=Reduction.MEAN_WITH_SAMPLE_WEIGHT)
+    t, p = backend.asarray(SEED_T), backend.asarray(SEED_P)
+    per = oracle(SEED_T, SEED_P)
+    out = loss(t, p, sample_weight=backend.asarray([0.8, 0.2]))
+    np.testing.assert_allclose(backend.to_numpy(out), (per * [0.8, 0.2]).sum() / 1.0, rtol=1e-5)
+    out = loss(t, p, sample_weight=backend.asarray([3.0, 1.0]))
+    np.testing.assert_allclose(backend.to_numpy(out), (per * [3.0, 1.0]).sum() / 4.0, rtol=1e-5)
+    out = loss(t, p, sample_weight=backend.asarray([0.0, 0.0]))
+    assert float(backend.to_numpy(out)) == 0.0
+    out = loss(t, p)  # no weights: the plain mean
+    np.testing.assert_allclose(backend.to_numpy(out), per.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["auto", "sum_over_batch_size", "mean", "sum", "mean_with_sample_weight"])
+def test_empty_batch_reduces_to_zero(backend: Backend, reduction: str) -> None:
+    t = backend.asarray(np.zeros((0, 3), dtype=np.float32))
+    p = backend.asarray(np.zeros((0, 3), dtype=np.float32))
+    out = KLDivergence(reduction=reduction)(t, p)
+    assert float(backend.to_numpy(out)) == 0.0
+    none = KLDivergence(reduction="none")(t, p)
+    assert tuple(none.shape) == (0,)
+
+
+def test_float64_and_dtype_argument(backend: Backend) -> None:
+    t = backend.asarray(np.array(SEED_T), dtype="float64")
+    p = backend.asarray(np.array(SEED_P), dtype="float64")
+    out = KLDivergence()(t, p)
+    assert out.dtype == backend.dtype("float64")
+    out = KLDivergence(dtype="float32")(t, p)
+    assert out.dtype == backend.dtype("float32")
+
+
+def test_reduction_namespace() -> None:
+    assert Reduction.AUTO == "auto"
+    assert Reduction.NONE == "none"
+    assert Reduction.SUM == "sum"
+    assert Reduction.SUM_OVER_BATCH_SIZE == "sum_over_batch_size"
+    assert Reduction.MEAN == "mean"
+    assert Reduction.MEAN_WITH_SAMPLE_WEIGHT == "mean_with_sample_weight"
+    assert set(Reduction.all()) == {"auto", "none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight"}
+    assert Reduction.validate(None) == "none"
+    assert Reduction.validate("SUM") == "sum"
+    with pytest.raises(ValueError, match="sum_over_batch_size"):
+        Reduction.validate("average")
+
+
+def test_config_round_trip_and_keras_forms() -> None:
+    loss = KLDivergence()
+    assert loss.get_config() == {"reduction": "auto", "name": "kl_divergence"}
+    again = KLDivergence.from_config(loss.get_config())
+    assert again == loss and again is not loss
+    custom = KLDivergence(reduction="sum", name="kl")
+    assert KLDivergence.from_config(custom.get_config()) == custom
+    # Keras 2 (tf.keras) form: an extra "fn" key
+    k2 = KLDivergence.from_config({"reduction": "auto", "name": "kl_divergence", "fn": "kl_divergence"})
+    assert k2.reduction == "auto" and k2.name == "kl_divergence"
+    # Keras 3 forms: "sum_over_batch_size", None, and a dtype
+    k3 = KLDivergence.from_config({"name": "kl_divergence", "reduction": "sum_over_batch_size"})
+    assert k3.reduction == "sum_over_batch_size"
+    k3n = KLDivergence.from_config({"name": "kl_divergence", "reduction": None, "dtype": None})
+    assert k3n.reduction == "none"
+    k3d = KLDivergence.from_config({"name": "kl", "reduction": "sum", "dtype": "float64"})
+    assert k3d.get_config() == {"reduction": "sum", "name": "kl", "dtype": "float64"}
+    with pytest.raises(ValueError, match="not the KL divergence"):
+        KLDivergence.from_config({"reduction": "auto", "name": "x", "fn": "mean_squared_error"})
+    with pytest.raises(TypeError, match="Unknown"):
+        KLDivergence.from_config({"reduction": "auto", "name": "x", "bogus": 1})
+
+
+def test_pickle_and_repr() -> None:
+    loss = KLDivergence(reduction="sum", name="my_kl")
+    again = pickle.loads(pickle.dumps(loss))
+    assert again == loss
+    assert float(again(SEED_T, SEED_P)) == pytest.approx(0.9162861, rel=1e-6)
+    assert repr(loss) == "KLDivergence(reduction='sum', name='my_kl')"
+
+
+def test_call_is_unreduced() -> None:
+    out = KLDivergence(reduction="sum").call(SEED_T, SEED_P)
+    np.testing.assert_allclose(out, [0.9162892, -3.0809074e-06], rtol=2e-6)
+
+
+def test_class_exported() -> None:
+    assert kldiv.KLDivergence is kldiv.losses.KLDivergence
