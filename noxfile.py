@@ -34,7 +34,8 @@ def parity(session: nox.Session) -> None:
     session.install(*CPU_CONSTRAINTS, "-e", ".[test]", "tensorflow-cpu", "tf-keras")
     session.run(
         "python", "-m", "pytest", *_pytest_args(session, "-m", "parity", "tests"),
-        env={"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""},
+        env={"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
+             "KLDIV_REQUIRE_PARITY": "1"},
     )
 
 
