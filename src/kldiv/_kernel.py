@@ -5,6 +5,8 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
+import array_api_compat
+
 EPSILON = 1e-7
 """Keras' ``backend.epsilon()``: the lower clip bound of both inputs."""
 
@@ -12,10 +14,13 @@ EPSILON = 1e-7
 def clip_unit(xp: ModuleType, x: Any) -> Any:
     """Clip ``x`` to ``[EPSILON, 1]``; NaN passes through.
 
-    Written with ``where`` rather than ``clip`` so that every backend has the same gradient:
-    1 inside the closed interval, 0 outside it (what TensorFlow's and PyTorch's clips give;
-    JAX's ``clip`` would halve it at the bounds).
+    The gradient, where the library has one, is 1 inside the closed interval and 0 outside
+    it on every backend: what TensorFlow's and PyTorch's clips give. JAX's ``clip`` would
+    split it at the bounds (``x == 1`` is common: one-hot targets), so for JAX the clip is
+    written with ``where``.
     """
+    if not array_api_compat.is_jax_namespace(xp):
+        return xp.clip(x, EPSILON, 1.0)
     lo = xp.asarray(EPSILON, dtype=x.dtype)
     hi = xp.asarray(1.0, dtype=x.dtype)
     return xp.where(x < lo, lo, xp.where(x > hi, hi, x))

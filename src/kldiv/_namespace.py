@@ -56,12 +56,21 @@ def _extra_namespace(x: object) -> ModuleType | None:
     return None
 
 
+# type(x) -> namespace: the namespace of an array depends only on its type, and asking
+# array-api-compat costs microseconds that matter for small per-call inputs.
+_NAMESPACE_CACHE: dict[type, ModuleType] = {}
+
+
 def array_namespace(x: Any) -> ModuleType:
     """The array-API namespace of ``x`` (compat-wrapped; or a kldiv shim, e.g. TensorFlow)."""
-    xp = _extra_namespace(x)
-    if xp is not None:
-        return xp
-    return array_api_compat.array_namespace(x)
+    tp = type(x)
+    xp = _NAMESPACE_CACHE.get(tp)
+    if xp is None:
+        xp = _extra_namespace(x)
+        if xp is None:
+            xp = array_api_compat.array_namespace(x)
+        _NAMESPACE_CACHE[tp] = xp
+    return xp
 
 
 def is_array(x: object) -> bool:
@@ -107,8 +116,24 @@ def get_device(x: Any) -> Any:
         return None
 
 
+_KIND_CACHE: dict[Any, str] = {}
+
+
 def dtype_kind(dtype: Any) -> str:
     """Classify a dtype of any library: 'float', 'int', 'bool', 'complex' or 'other'."""
+    try:
+        return _KIND_CACHE[dtype]
+    except (KeyError, TypeError):
+        pass
+    kind = _dtype_kind(dtype)
+    try:
+        _KIND_CACHE[dtype] = kind
+    except TypeError:  # unhashable dtype object
+        pass
+    return kind
+
+
+def _dtype_kind(dtype: Any) -> str:
     name = str(dtype).rsplit(".", 1)[-1].lower()
     if name in {"bool", "bool_", "bool8"}:
         return "bool"
@@ -127,8 +152,19 @@ def dtype_kind(dtype: Any) -> str:
 
 def is_low_precision(dtype: Any) -> bool:
     """float16 and bfloat16 (of any library): computed in float32 by kldiv."""
-    name = str(dtype).rsplit(".", 1)[-1].lower()
-    return name in {"float16", "bfloat16", "half"}
+    try:
+        return _LOW_CACHE[dtype]
+    except (KeyError, TypeError):
+        pass
+    low = str(dtype).rsplit(".", 1)[-1].lower() in {"float16", "bfloat16", "half"}
+    try:
+        _LOW_CACHE[dtype] = low
+    except TypeError:
+        pass
+    return low
+
+
+_LOW_CACHE: dict[Any, bool] = {}
 
 
 def _host_numpy(x: Any) -> np.ndarray:
