@@ -241,10 +241,13 @@ def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str) 
 
 
 def _asarray(xp: ModuleType, arr: Any, device: Any, dtype: Any) -> Any:
-    if array_api_compat.is_jax_namespace(xp) or device is None:
-        # JAX places arrays by default device; inside a trace there is no device to name.
+    if device is None:  # inside a JAX trace there is no device to name
         out = xp.asarray(arr)
         return xp.astype(out, dtype) if out.dtype != dtype else out
+    if array_api_compat.is_jax_namespace(xp):
+        out = xp.asarray(arr)
+        out = xp.astype(out, dtype) if out.dtype != dtype else out
+        return out if get_device(out) == device else array_api_compat.to_device(out, device)
     if array_api_compat.is_dask_namespace(xp):
         out = xp.asarray(arr)
         return xp.astype(out, dtype) if out.dtype != dtype else out
@@ -263,9 +266,12 @@ def _foreign_to(x: Any, xp: ModuleType, device: Any) -> Any:
         return xp.asarray(_host_numpy(x) if not array_api_compat.is_numpy_array(x) else x)
     if array_api_compat.is_jax_namespace(xp):
         try:
-            return xp.asarray(x) if array_api_compat.is_numpy_array(x) else xp.from_dlpack(x)
+            out = xp.asarray(x) if array_api_compat.is_numpy_array(x) else xp.from_dlpack(x)
         except Exception:
-            return xp.asarray(_host_numpy(x))
+            out = xp.asarray(_host_numpy(x))
+        if device is not None and get_device(out) != device:
+            out = array_api_compat.to_device(out, device)
+        return out
     try:
         out = xp.from_dlpack(x)
     except Exception:
