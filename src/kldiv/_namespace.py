@@ -116,18 +116,21 @@ def get_device(x: Any) -> Any:
         return None
 
 
-_KIND_CACHE: dict[Any, str] = {}
+# Keyed by (type, dtype): dtypes of different libraries may hash alike, and some refuse (warn
+# on) being compared with each other.
+_KIND_CACHE: dict[tuple[type, Any], str] = {}
 
 
 def dtype_kind(dtype: Any) -> str:
     """Classify a dtype of any library: 'float', 'int', 'bool', 'complex' or 'other'."""
+    key = (type(dtype), dtype)
     try:
-        return _KIND_CACHE[dtype]
+        return _KIND_CACHE[key]
     except (KeyError, TypeError):
         pass
     kind = _dtype_kind(dtype)
     try:
-        _KIND_CACHE[dtype] = kind
+        _KIND_CACHE[key] = kind
     except TypeError:  # unhashable dtype object
         pass
     return kind
@@ -152,19 +155,20 @@ def _dtype_kind(dtype: Any) -> str:
 
 def is_low_precision(dtype: Any) -> bool:
     """float16 and bfloat16 (of any library): computed in float32 by kldiv."""
+    key = (type(dtype), dtype)
     try:
-        return _LOW_CACHE[dtype]
+        return _LOW_CACHE[key]
     except (KeyError, TypeError):
         pass
     low = str(dtype).rsplit(".", 1)[-1].lower() in {"float16", "bfloat16", "half"}
     try:
-        _LOW_CACHE[dtype] = low
+        _LOW_CACHE[key] = low
     except TypeError:
         pass
     return low
 
 
-_LOW_CACHE: dict[Any, bool] = {}
+_LOW_CACHE: dict[tuple[type, Any], bool] = {}
 
 
 def _host_numpy(x: Any) -> np.ndarray:
