@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Backend
 
 import kldiv
+from conftest import Backend
 from kldiv import KLDivergence
 
 T = np.array([[0.0, 1.0], [0.0, 0.0]], dtype=np.float32)
@@ -34,7 +34,7 @@ def test_sample_weight_that_does_not_broadcast(backend: Backend) -> None:
 
 @pytest.mark.parametrize("bad", ["average", "SUM_BY_BATCH", 3, ""])
 def test_unknown_reduction(bad: object) -> None:
-    with pytest.raises(ValueError, match="Invalid reduction.*'sum_over_batch_size'"):
+    with pytest.raises(ValueError, match=r"Invalid reduction.*'sum_over_batch_size'"):
         KLDivergence(reduction=bad)  # type: ignore[arg-type]
 
 

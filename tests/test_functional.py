@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import BACKEND_FACTORIES, Backend, oracle
 
 import kldiv
+from conftest import BACKEND_FACTORIES, Backend, oracle
 
 SEED_T = [[0.0, 1.0], [0.0, 0.0]]
 SEED_P = [[0.6, 0.4], [0.4, 0.6]]

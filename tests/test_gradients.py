@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Backend
 
 import kldiv
+from conftest import Backend
 
 EPS = 1e-7
 

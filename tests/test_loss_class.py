@@ -6,9 +6,9 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import Backend, oracle
 
 import kldiv
+from conftest import Backend, oracle
 from kldiv import KLDivergence, Reduction
 
 SEED_T = [[0.0, 1.0], [0.0, 0.0]]

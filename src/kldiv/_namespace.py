@@ -6,6 +6,7 @@ so asking "is this a torch tensor?" never imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -129,10 +130,8 @@ def dtype_kind(dtype: Any) -> str:
     except (KeyError, TypeError):
         pass
     kind = _dtype_kind(dtype)
-    try:
+    with contextlib.suppress(TypeError):  # unhashable dtype object: no caching
         _KIND_CACHE[key] = kind
-    except TypeError:  # unhashable dtype object
-        pass
     return kind
 
 
@@ -161,10 +160,8 @@ def is_low_precision(dtype: Any) -> bool:
     except (KeyError, TypeError):
         pass
     low = str(dtype).rsplit(".", 1)[-1].lower() in {"float16", "bfloat16", "half"}
-    try:
+    with contextlib.suppress(TypeError):
         _LOW_CACHE[key] = low
-    except TypeError:
-        pass
     return low
 
 
