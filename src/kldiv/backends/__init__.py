@@ -84,3 +84,10 @@ def fast_path(name: str) -> Kernel | None:
         kernel = importlib.import_module(module).kl_divergence
     _LOADED[name] = kernel
     return kernel
+
+
+# The native fast paths (each module is imported the first time its library is seen).
+register("numpy", "kldiv.backends.numpy_")
+register("torch", "kldiv.backends.torch_")
+register("jax", "kldiv.backends.jax_")
+register("cupy", "kldiv.backends.cupy_")
