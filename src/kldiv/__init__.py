@@ -12,6 +12,7 @@ an array of it is passed in.
 from __future__ import annotations
 
 from . import backends, losses, metrics
+from ._chunked import evaluate_batches, evaluate_files
 from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
 from ._kernel import EPSILON
 from ._reduction import Reduction
@@ -27,6 +28,8 @@ __all__ = [
     "Reduction",
     "__version__",
     "backends",
+    "evaluate_batches",
+    "evaluate_files",
     "kl_divergence",
     "kld",
     "kullback_leibler_divergence",

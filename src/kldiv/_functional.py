@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -16,6 +17,7 @@ from ._namespace import (
     is_low_precision,
     namespace_name,
     to_namespace,
+    torch_compiling,
 )
 
 __all__ = ["KLD", "kl_divergence", "kld", "kullback_leibler_divergence", "prepare"]
@@ -111,12 +113,20 @@ def prepare(y_true: Any, y_pred: Any) -> Prepared:
 def compute(prep: Prepared) -> Any:
     """Run the fast path for ``prep.xp`` if there is one, else the generic kernel."""
     xp = prep.xp
-    kernel = backends.fast_path(namespace_name(xp))
+    kernel_xp = xp
+    if torch_compiling():
+        # dynamo traces the generic kernel; with torch's own functions, as array-api-compat's
+        # wrappers hold Python checks that break the graph (clip's isnan on symbolic bounds)
+        kernel = None
+        if namespace_name(xp) == "torch":
+            kernel_xp = sys.modules["torch"]
+    else:
+        kernel = backends.fast_path(namespace_name(xp))
     loss = NotImplemented
     if kernel is not None:
         loss = kernel(prep.y_true, prep.y_pred)
     if loss is NotImplemented:
-        loss = kl_divergence_generic(xp, prep.y_true, prep.y_pred)
+        loss = kl_divergence_generic(kernel_xp, prep.y_true, prep.y_pred)
     if loss.dtype != prep.out_dtype:
         loss = xp.astype(loss, prep.out_dtype)
     return loss

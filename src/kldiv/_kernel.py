@@ -19,7 +19,7 @@ def clip_unit(xp: ModuleType, x: Any) -> Any:
     split it at the bounds (``x == 1`` is common: one-hot targets), so for JAX the clip is
     written with ``where``.
     """
-    if not array_api_compat.is_jax_namespace(xp):
+    if not (array_api_compat.is_jax_namespace(xp) or array_api_compat.is_dask_namespace(xp)):
         return xp.clip(x, EPSILON, 1.0)
     lo = xp.asarray(EPSILON, dtype=x.dtype)
     hi = xp.asarray(1.0, dtype=x.dtype)

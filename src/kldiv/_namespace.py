@@ -81,6 +81,17 @@ def is_array(x: object) -> bool:
     return array_api_compat.is_array_api_obj(x) or _extra_namespace(x) is not None
 
 
+def torch_compiling() -> bool:
+    """True while ``torch.compile`` (dynamo) traces kldiv: then only the generic kernel runs.
+
+    Fast paths are opaque to dynamo, and their dispatch (context variables, environment,
+    lazy imports) would break the graph; ``torch.compiler.is_compiling()`` folds to a
+    constant under dynamo, so this check costs the traced graph nothing.
+    """
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
 def is_dask(x: object) -> bool:
     return array_api_compat.is_dask_array(x)
 
@@ -112,9 +123,20 @@ def namespace_name(xp: ModuleType) -> str:
 def get_device(x: Any) -> Any:
     """The device of ``x``, or ``None`` where it has none we can ask for (JAX tracers)."""
     try:
-        return array_api_compat.device(x)
+        device = array_api_compat.device(x)
     except Exception:
         return None
+    if isinstance(device, str) and not device:  # a TensorFlow tensor in a graph: unplaced
+        return None
+    return device
+
+
+def _to_device(x: Any, device: Any) -> Any:
+    """``x`` moved to ``device``: array-api-compat's ``to_device``, or the shim's (TensorFlow)."""
+    xp = _extra_namespace(x)
+    if xp is not None:
+        return xp.to_device(x, device)
+    return array_api_compat.to_device(x, device)
 
 
 # Keyed by (type, dtype): dtypes of different libraries may hash alike, and some refuse (warn
@@ -135,8 +157,16 @@ def dtype_kind(dtype: Any) -> str:
     return kind
 
 
+def _dtype_name(dtype: Any) -> str:
+    """'float32', 'bool', ... for a dtype of any library (TensorFlow's str() is "<dtype: ...>")."""
+    name = getattr(dtype, "name", None)  # NumPy, CuPy, JAX and TensorFlow dtypes; not torch
+    if not isinstance(name, str):
+        name = str(dtype)
+    return name.rsplit(".", 1)[-1].lower()
+
+
 def _dtype_kind(dtype: Any) -> str:
-    name = str(dtype).rsplit(".", 1)[-1].lower()
+    name = _dtype_name(dtype)
     if name in {"bool", "bool_", "bool8"}:
         return "bool"
     if "complex" in name:
@@ -159,7 +189,7 @@ def is_low_precision(dtype: Any) -> bool:
         return _LOW_CACHE[key]
     except (KeyError, TypeError):
         pass
-    low = str(dtype).rsplit(".", 1)[-1].lower() in {"float16", "bfloat16", "half"}
+    low = _dtype_name(dtype) in {"float16", "bfloat16", "half"}
     with contextlib.suppress(TypeError):
         _LOW_CACHE[key] = low
     return low
@@ -191,10 +221,18 @@ def _from_python(x: Any, what: str) -> np.ndarray:
     return arr
 
 
+def _read_variable(x: Any) -> Any:
+    """A TensorFlow variable's value as a tensor (a read GradientTape watches); else ``x``."""
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(x, tf.Variable):
+        return tf.convert_to_tensor(x)
+    return x
+
+
 def as_pred_array(y_pred: Any) -> Any:
     """y_pred as an array of its own library; Python values become NumPy (floats: float32)."""
     if is_array(y_pred):
-        return y_pred
+        return _read_variable(y_pred)
     arr = _from_python(y_pred, "y_pred")
     kind = dtype_kind(arr.dtype)
     if kind == "float" and not isinstance(y_pred, np.generic):
@@ -222,12 +260,17 @@ def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str) 
     library go through DLPack (zero-copy where the devices agree) and only fall back to a
     copy through NumPy when DLPack cannot do it.
     """
+    if torch_compiling() and not _is_torch(x) and namespace_name(xp) == "torch":
+        # dynamo traces NumPy (and Python lists through np.asarray) as torch, but cannot read
+        # an ndarray's dtype: go straight to a tensor
+        return sys.modules["torch"].as_tensor(x, dtype=dtype, device=device)
     if not is_array(x):
         arr = _from_python(x, what)
         _check_castable(arr.dtype, dtype, what)
         return _asarray(xp, arr, device, dtype)
 
     _check_castable(x.dtype, dtype, what)
+    x = _read_variable(x)
     try:
         same = array_namespace(x) is xp
     except TypeError:
@@ -235,7 +278,7 @@ def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str) 
     if not same:
         x = _foreign_to(x, xp, device)
     elif device is not None and get_device(x) is not None and get_device(x) != device:
-        x = array_api_compat.to_device(x, device)
+        x = _to_device(x, device)
     if x.dtype != dtype:
         x = xp.astype(x, dtype)
     return x
@@ -281,6 +324,6 @@ def _foreign_to(x: Any, xp: ModuleType, device: Any) -> Any:
         arr = _host_numpy(x)
         return _asarray(xp, arr, device, getattr(xp, str(arr.dtype)))
     if device is not None and get_device(out) != device:
-        out = array_api_compat.to_device(out, device)
+        out = _to_device(out, device)
     return out
 

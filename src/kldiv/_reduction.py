@@ -116,7 +116,9 @@ def reduce_loss(
     if reduction == Reduction.SUM:
         return total
     if reduction == Reduction.MEAN_WITH_SAMPLE_WEIGHT and weights is not None:
-        denom = xp.sum(xp.broadcast_to(weights, tuple(loss.shape)))
+        # weights * ones rather than broadcast_to: the loss' shape may be unknown (a batch
+        # axis of None in a tf.function, NaN in Dask)
+        denom = xp.sum(weights * xp.ones_like(loss))
         zero = denom == 0
         safe = xp.where(zero, xp.ones_like(denom), denom)
         return xp.where(zero, xp.zeros_like(total), total / safe)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any
 
 from ._functional import KLD, compute, kl_divergence, kld, kullback_leibler_divergence, prepare
@@ -17,6 +19,51 @@ __all__ = [
 ]
 
 _FN_NAMES = {"kl_divergence", "kld", "KLD", "kullback_leibler_divergence"}
+
+
+def _keras_loss_bases() -> tuple[type, ...]:
+    """``Loss`` of each Keras already imported (Keras 3 / Keras 2 as ``keras``, and tf-keras).
+
+    Looks only in ``sys.modules``: kldiv never imports Keras.
+    """
+    bases = []
+    for package in ("keras", "tf_keras"):
+        losses = getattr(sys.modules.get(package), "losses", None)
+        base = getattr(losses, "Loss", None)
+        if isinstance(base, type) and base not in bases:
+            bases.append(base)
+    return tuple(bases)
+
+
+@functools.cache
+def _with_keras_bases(cls: type, bases: tuple[type, ...]) -> type:
+    """``cls`` that also subclasses Keras' ``Loss`` class(es), under the same name and module.
+
+    Keras' ``compile`` calls a ``Loss`` as ``loss(y_true, y_pred, sample_weight)`` and uses
+    the result as is, while any other callable is wrapped in Keras' ``LossFunctionWrapper``,
+    which would weight and reduce kldiv's already reduced loss a second time. Only kldiv's
+    own methods run: they come first in the MRO, and Keras' ``__init__`` is never called.
+    """
+    namespace = {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "_kldiv_class": cls,
+        # Keras 3's Loss.dtype is a read-only property: kldiv keeps its own attribute.
+        "dtype": None,
+    }
+    return type(cls.__name__, (cls, *bases), namespace)
+
+
+def _kldiv_class(obj: object) -> type:
+    """The kldiv class of ``obj``, seen through the Keras-aware subclass."""
+    return getattr(type(obj), "_kldiv_class", type(obj))
+
+
+def _restore(cls: type, state: dict[str, Any]) -> Any:
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
 
 
 class KLDivergence:
@@ -52,6 +99,14 @@ class KLDivergence:
     >>> kldiv.KLDivergence(reduction="none")(y_true, y_pred)
     array([ 9.1628921e-01, -3.0809074e-06], dtype=float32)
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> KLDivergence:
+        # With Keras loaded, the instance is also a keras.losses.Loss (see _with_keras_bases),
+        # so that model.compile(loss=kldiv.KLDivergence()) calls it with the sample weights.
+        bases = tuple(b for b in _keras_loss_bases() if not issubclass(cls, b))
+        if bases:
+            cls = _with_keras_bases(cls, bases)
+        return super().__new__(cls)
 
     def __init__(
         self, reduction: str | None = "auto", name: str = "kl_divergence", *, dtype: Any = None
@@ -105,8 +160,12 @@ class KLDivergence:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(reduction={self.reduction!r}, name={self.name!r})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The kldiv class, not the Keras-aware subclass (nor Keras' own __reduce__)
+        return (_restore, (_kldiv_class(self), dict(self.__dict__)))
+
     def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
+        if _kldiv_class(other) is not _kldiv_class(self):
             return NotImplemented
         return self.get_config() == other.get_config()
 

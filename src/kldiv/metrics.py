@@ -1,7 +1,421 @@
-"""Keras-style metrics: the functional aliases (and, beside them, the stateful metric)."""
+"""Keras-style metrics: the functional aliases and the stateful :class:`KLDivergence` metric.
+
+``kldiv.metrics.KLDivergence`` is Keras' ``metrics.KLDivergence`` (a ``MeanMetricWrapper``
+of the KL divergence): a running, optionally weighted, mean of the per-sample loss over
+every batch passed to :meth:`~KLDivergence.update_state`. Its state lives in the inputs' own
+library and on their device, so a stream of GPU batches never waits on the host. (The loss
+class is ``kldiv.KLDivergence`` / ``kldiv.losses.KLDivergence``.)
+"""
 
 from __future__ import annotations
 
-from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
+from types import ModuleType
+from typing import Any, NamedTuple
 
-__all__ = ["KLD", "kl_divergence", "kld", "kullback_leibler_divergence"]
+import numpy as np
+
+from ._functional import (
+    KLD,
+    Prepared,
+    compute,
+    kl_divergence,
+    kld,
+    kullback_leibler_divergence,
+    prepare,
+)
+from ._namespace import array_namespace, get_device, namespace_name
+from ._reduction import apply_sample_weight
+
+__all__ = ["KLD", "KLDivergence", "kl_divergence", "kld", "kullback_leibler_divergence"]
+
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+# --------------------------------------------------------------------------------------
+# Accumulation helpers (shared with kldiv._chunked)
+# --------------------------------------------------------------------------------------
+
+
+def has_float64(xp: ModuleType, device: Any) -> bool:
+    """True when namespace ``xp`` can hold float64 arrays on ``device``.
+
+    JAX has float64 only with ``jax_enable_x64``; torch has none on Apple's MPS; other
+    libraries are asked through the array API's inspection API where they have it.
+    """
+    name = namespace_name(xp)
+    if name == "jax":
+        import jax
+
+        try:
+            return bool(jax.config.read("jax_enable_x64"))
+        except Exception:  # older JAX
+            return bool(getattr(jax.config, "jax_enable_x64", False))
+    if name == "torch":
+        return getattr(device, "type", str(device)) != "mps"
+    if getattr(xp, "float64", None) is None:
+        return False
+    try:
+        info = xp.__array_namespace_info__()
+        return "float64" in info.dtypes(device=device, kind="real floating")
+    except Exception:
+        return True
+
+
+def accumulator_dtype(xp: ModuleType, device: Any) -> Any:
+    """float64 where ``xp`` has it on ``device``, else float32 (summed with compensation)."""
+    return xp.float64 if has_float64(xp, device) else xp.float32
+
+
+class RunningSum:
+    """A 0-d running sum in an array library, with Neumaier compensation when float32.
+
+    ``value`` and ``comp`` are 0-d arrays of the inputs' library and device; nothing is
+    read back to the host. In float64 the sum is plain; in float32 (libraries or devices
+    without float64) every addition also carries its rounding error in ``comp``, so the sum
+    of millions of batch totals keeps float32's full precision.
+    """
+
+    __slots__ = ("comp", "value")
+
+    def __init__(self, value: Any, compensated: bool) -> None:
+        self.value = value
+        self.comp = array_namespace(value).zeros_like(value) if compensated else None
+
+    def add(self, x: Any) -> None:
+        """Add ``x`` (a 0-d array of the same library, device and dtype, or a number)."""
+        s = self.value
+        t = s + x
+        if self.comp is not None:
+            xp = array_namespace(s)
+            if not hasattr(x, "shape"):
+                x = xp.zeros_like(s) + x
+            # Neumaier: the part of the smaller addend that t could not hold.
+            err = xp.where(xp.abs(s) >= xp.abs(x), (s - t) + x, (x - t) + s)
+            self.comp = self.comp + err
+        self.value = t
+
+    def merge(self, other: RunningSum) -> None:
+        """Add another running sum (its value and its compensation) to this one."""
+        other_value = other.value
+        if other_value.dtype != self.value.dtype:
+            other_value = array_namespace(self.value).astype(other_value, self.value.dtype)
+        self.add(other_value)
+        if other.comp is not None:
+            self.add(other.comp if other.comp.dtype == self.value.dtype
+                     else array_namespace(self.value).astype(other.comp, self.value.dtype))
+
+    def total(self) -> Any:
+        """The sum: ``value + comp`` (a 0-d array)."""
+        return self.value if self.comp is None else self.value + self.comp
+
+    def copy(self) -> RunningSum:
+        out = RunningSum.__new__(RunningSum)
+        out.value, out.comp = self.value, self.comp
+        return out
+
+
+class BatchSums(NamedTuple):
+    """One batch, reduced to what a running mean needs (all in the accumulator dtype)."""
+
+    xp: ModuleType
+    out_dtype: Any  # y_pred's floating dtype (what the loss class would return)
+    weighted_sum: Any  # sum(w * loss), 0-d array
+    n: Any  # number of per-sample losses: an int, or a 0-d array when the size is lazy
+    weight_sum: Any  # sum of the weights broadcast to the loss, 0-d array; None: no weights
+    loss: Any  # the weighted per-sample loss, in the accumulator dtype
+
+
+def _num_elements(shape: tuple[Any, ...]) -> int | None:
+    n = 1
+    for d in shape:
+        if d is None or d != d:  # unknown (a tracer's None, Dask's NaN)
+            return None
+        n *= int(d)
+    return n
+
+
+def _detached(prep: Prepared) -> Prepared:
+    """No autograd graph in accumulated state: torch inputs are detached."""
+    if namespace_name(prep.xp) != "torch":
+        return prep
+    return prep._replace(y_true=prep.y_true.detach(), y_pred=prep.y_pred.detach())
+
+
+def batch_sums(y_true: Any, y_pred: Any, sample_weight: Any = None) -> BatchSums:
+    """Per-sample loss of one batch (in float64 where the library has it), weighted and summed.
+
+    Uses the same preparation, kernel and Keras 2 sample-weight rules as the loss class;
+    the per-sample loss is cast to the accumulator dtype before it is weighted and summed.
+    """
+    prep = _detached(prepare(y_true, y_pred))
+    xp = prep.xp
+    acc = accumulator_dtype(xp, prep.device)
+    loss = compute(prep._replace(out_dtype=acc))
+    weight_sum = None
+    if sample_weight is not None:
+        loss, w = apply_sample_weight(xp, loss, sample_weight)
+        shape = tuple(loss.shape)
+        if _num_elements(shape) is None:
+            weight_sum = xp.sum(w * xp.ones_like(loss))
+        else:
+            weight_sum = xp.sum(xp.broadcast_to(w, shape))
+    n: Any = _num_elements(tuple(loss.shape))
+    if n is None:
+        n = xp.sum(xp.ones_like(loss))
+    return BatchSums(xp, prep.out_dtype, xp.sum(loss), n, weight_sum, loss)
+
+
+def check_same_place(state: Any, new: Any, *, what: str, owner: str) -> None:
+    """Raise if 0-d arrays ``state`` (held) and ``new`` (incoming) differ in library or device."""
+    held_lib = namespace_name(array_namespace(state))
+    new_lib = namespace_name(array_namespace(new))
+    if held_lib != new_lib:
+        raise TypeError(
+            f"{owner} holds {held_lib} state but {what} gave {new_lib} arrays; a metric "
+            f"accumulates in one library. Convert the inputs to {held_lib}, or call "
+            "reset_state() first (or use one metric per library)."
+        )
+    held_dev, new_dev = get_device(state), get_device(new)
+    if held_dev is not None and new_dev is not None and held_dev != new_dev:
+        raise ValueError(
+            f"{owner} holds {held_lib} state on device {held_dev} but {what} gave arrays on "
+            f"device {new_dev}; move the inputs to {held_dev}, or call reset_state() first "
+            "(or use one metric per device)."
+        )
+
+
+def safe_divide(xp: ModuleType, num: Any, den: Any) -> Any:
+    """``num / den``, and 0 where ``den`` is 0 (Keras' ``divide_no_nan``), lazily."""
+    zero = den == 0
+    return xp.where(zero, xp.zeros_like(num), num / xp.where(zero, xp.ones_like(den), den))
+
+
+def _dtype_name(dtype: Any) -> str:
+    if dtype is None:
+        return "float32"
+    if isinstance(dtype, dict):  # Keras 3 DTypePolicy config
+        dtype = dtype.get("config", {}).get("name", "float32")
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype).rsplit(".", 1)[-1]
+    name = name.lower().removeprefix("mixed_")
+    if name not in _FLOAT_NAMES:
+        raise ValueError(f"Metric dtype must be one of {', '.join(_FLOAT_NAMES)}; got {dtype!r}.")
+    return name
+
+
+# --------------------------------------------------------------------------------------
+# The metric
+# --------------------------------------------------------------------------------------
+
+
+class KLDivergence:
+    """Keras' ``metrics.KLDivergence``: a running (weighted) mean of the KL divergence.
+
+    Each :meth:`update_state` computes the per-sample loss ``sum(t * log(t / p), axis=-1)``
+    (both inputs clipped to ``[1e-7, 1]``), weights it by ``sample_weight`` (Keras 2 rules,
+    as for the loss class), and adds ``sum(w * loss)`` to a total and ``sum(w)`` (without
+    weights: the number of per-sample losses) to a count. :meth:`result` is
+    ``total / count``, 0 while the count is 0.
+
+    The state lives in the first batch's library (``y_pred``'s) and on its device, as 0-d
+    arrays: an update never reads anything back to the host, and a Dask batch keeps the
+    state lazy. It is accumulated in float64 where the library has it on that device
+    (JAX with ``jax_enable_x64``, everything but torch on MPS), else in float32 with
+    compensated (Neumaier) summation, so a stream of millions of rows loses no precision.
+
+    Parameters
+    ----------
+    name : str, default "kullback_leibler_divergence"
+        The metric's name (Keras 2's default).
+    dtype : str or dtype, default "float32"
+        The dtype of :meth:`result` (Keras' metric dtype): ``"float32"``, ``"float64"``,
+        ``"float16"`` or ``"bfloat16"``. Accumulation is in float64 regardless, where the
+        library has it; without float64, a ``"float64"`` result is float32.
+
+    Raises
+    ------
+    TypeError
+        From :meth:`update_state` or :meth:`merge_state` when a batch or another metric is
+        of a different library than the state held; ``ValueError`` when it is on a
+        different device.
+
+    See Also
+    --------
+    kldiv.losses.KLDivergence : the loss class (reductions instead of a running mean).
+    kldiv.evaluate_files : the metric (or loss) over ``.npy`` files, in bounded memory.
+
+    Notes
+    -----
+    Before the first update the metric has no library: :meth:`result` then returns a NumPy
+    0-d array holding 0. Under ``jax.jit`` use the functional ``kldiv.kld`` and sum the
+    result yourself: the metric is an eager, stateful Python object.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kldiv.metrics import KLDivergence
+    >>> y_true = np.array([[0, 1], [0, 0]], dtype=np.float32)
+    >>> y_pred = np.array([[0.6, 0.4], [0.4, 0.6]], dtype=np.float32)
+    >>> m = KLDivergence()
+    >>> m.update_state(y_true, y_pred, sample_weight=[1, 0])
+    >>> print(m.result())
+    0.9162892
+    >>> m.update_state(y_true, y_pred)
+    >>> print(m.result())
+    0.61085844
+    >>> m.get_config()
+    {'name': 'kullback_leibler_divergence', 'dtype': 'float32'}
+    >>> m.reset_state()
+    >>> print(m.result())
+    0.0
+
+    Partial results of several workers combine with :meth:`merge_state`:
+
+    >>> a, b = KLDivergence(), KLDivergence()
+    >>> a.update_state(y_true[:1], y_pred[:1])
+    >>> b.update_state(y_true[1:], y_pred[1:])
+    >>> a.merge_state(b)
+    >>> print(a.result())
+    0.45814306
+    """
+
+    def __init__(self, name: str = "kullback_leibler_divergence", dtype: Any = None) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}.")
+        self.name = name
+        self.dtype = _dtype_name(dtype)
+        self._total: RunningSum | None = None
+        self._count: RunningSum | None = None
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def library(self) -> str | None:
+        """The library holding the state (``"torch"``, ``"jax"``, ...), ``None`` before any update."""
+        return None if self._total is None else namespace_name(array_namespace(self._total.value))
+
+    @property
+    def device(self) -> Any:
+        """The device holding the state, ``None`` before any update."""
+        return None if self._total is None else get_device(self._total.value)
+
+    @property
+    def variables(self) -> list[Any]:
+        """The state arrays ``[total, count]`` (compensation folded in); empty before any update."""
+        if self._total is None or self._count is None:
+            return []
+        return [self._total.total(), self._count.total()]
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        """Add one batch: ``sum(w * loss)`` to the total, ``sum(w)`` (or the count) to the count.
+
+        Parameters
+        ----------
+        y_true, y_pred : array_like
+            As for :func:`kldiv.kl_divergence`; the batch runs in ``y_pred``'s library and
+            on its device, which must be those of the state (after the first update).
+        sample_weight : array_like or float, optional
+            Keras 2 rules: a scalar, a weight per sample (shape of the per-sample loss, or
+            with a trailing axis of 1), or a weight of one rank less (scales each row).
+        """
+        sums = batch_sums(y_true, y_pred, sample_weight)
+        total = sums.weighted_sum
+        count = sums.n if sums.weight_sum is None else sums.weight_sum
+        if self._total is None or self._count is None:
+            compensated = total.dtype != sums.xp.float64
+            self._total = RunningSum(total, compensated)
+            if not hasattr(count, "shape"):
+                count = sums.xp.zeros_like(total) + count
+            self._count = RunningSum(count, compensated)
+            return
+        check_same_place(self._total.value, total, what="update_state", owner=repr(self))
+        self._total.add(total)
+        self._count.add(count)
+
+    def result(self) -> Any:
+        """``total / count`` (0 when the count is 0): a 0-d array of the state's library.
+
+        The value stays on the state's device (lazy for Dask) in the metric's ``dtype``; read
+        it with ``float(...)`` (or ``.compute()`` for Dask) when needed.
+        """
+        if self._total is None or self._count is None:
+            return np.asarray(0.0, dtype=np.dtype(self.dtype if self.dtype != "bfloat16" else "float32"))
+        total, count = self._total.total(), self._count.total()
+        xp = array_namespace(total)
+        out = safe_divide(xp, total, count)
+        dtype = getattr(xp, self.dtype, None)
+        if dtype is None or (self.dtype == "float64" and out.dtype != xp.float64):
+            dtype = out.dtype
+        return out if out.dtype == dtype else xp.astype(out, dtype)
+
+    def reset_state(self) -> None:
+        """Forget every update: the metric is as new (and has no library or device)."""
+        self._total = None
+        self._count = None
+
+    reset_states = reset_state  # Keras 2's older name
+
+    def merge_state(self, *others: KLDivergence) -> None:
+        """Add the states of other ``KLDivergence`` metrics (e.g. workers' partial results).
+
+        Metrics with no update are skipped; if this one has none, it takes the first other
+        state as its own. The states must be of one library and device.
+
+        Raises
+        ------
+        TypeError
+            If an argument is not a ``kldiv.metrics.KLDivergence`` or holds another library.
+        ValueError
+            If a state is on another device.
+        """
+        for other in others:
+            if not isinstance(other, KLDivergence):
+                raise TypeError(
+                    f"merge_state takes kldiv.metrics.KLDivergence metrics, got {type(other).__name__}."
+                )
+        for other in others:
+            if other._total is None or other._count is None:
+                continue
+            if self._total is None or self._count is None:
+                self._total, self._count = other._total.copy(), other._count.copy()
+                continue
+            check_same_place(self._total.value, other._total.value, what=f"merge_state({other!r})",
+                             owner=repr(self))
+            self._total.merge(other._total)
+            self._count.merge(other._count)
+
+    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        """Keras' ``Metric.__call__``: :meth:`update_state`, then return :meth:`result`."""
+        self.update_state(y_true, y_pred, sample_weight)
+        return self.result()
+
+    # -- config --------------------------------------------------------------------------
+
+    def get_config(self) -> dict[str, Any]:
+        """``{"name": ..., "dtype": ...}``, as Keras saves a metric."""
+        return {"name": self.name, "dtype": self.dtype}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> KLDivergence:
+        """Rebuild a metric from :meth:`get_config` output (or a Keras 2 / Keras 3 config).
+
+        A Keras 3 ``DTypePolicy`` dict is accepted for ``dtype``; a Keras 2 ``"fn"`` key must
+        name the KL divergence. Unknown keys raise ``TypeError``.
+        """
+        config = dict(config)
+        fn = config.pop("fn", None)
+        if fn is not None and fn not in {"kl_divergence", "kld", "KLD", "kullback_leibler_divergence"}:
+            raise ValueError(f"config names function {fn!r}, not the KL divergence.")
+        unknown = set(config) - {"name", "dtype"}
+        if unknown:
+            raise TypeError(f"Unknown KLDivergence metric config keys: {sorted(unknown)}.")
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        where = "" if self._total is None else f", state on {self.library}:{self.device}"
+        return f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype!r}{where})"

@@ -1,0 +1,176 @@
+"""``python -m kldiv compute``: the loss or the metric over two ``.npy`` files.
+
+Bad input (a missing file, not ``.npy``, non-numeric, 0-d, mismatched shapes, bad options)
+gets one line on stderr and exit status 2; a backend or device that is not there, or any
+other failure, one line and exit status 1. Never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, NoReturn
+
+import numpy as np
+
+__all__ = ["compute_main"]
+
+PROG = "python -m kldiv compute"
+
+DESCRIPTION = """\
+The Keras KL divergence, sum(t * log(t / p), axis=-1) with t, p clipped to [1e-7, 1], over two
+.npy files of the same number of rows, read batch by batch (memory-mapped windows) so memory
+stays bounded whatever the files' size. Prints the result on stdout.
+
+With --reduction none the per-sample losses are written to --output (a .npy file, written
+batch by batch); a summary line is printed instead of the values.
+"""
+
+EPILOG = """\
+examples:
+  python -m kldiv compute y_true.npy y_pred.npy
+  python -m kldiv compute y_true.npy y_pred.npy --reduction sum --sample-weight w.npy
+  python -m kldiv compute y_true.npy y_pred.npy --metric --backend torch --device cuda
+  python -m kldiv compute y_true.npy y_pred.npy --reduction none --output loss.npy
+  python -m kldiv compute y_true.npy y_pred.npy --backend dask --scheduler tcp://host:8786
+
+exit status: 0 success, 2 bad input or options, 1 other failure (backend/device missing, ...)
+"""
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + error
+        raise _UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ._chunked import BACKENDS
+    from ._reduction import Reduction
+
+    p = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("y_true", help="the true distributions, a .npy file of shape (N, ..., C)")
+    p.add_argument("y_pred", help="the predicted distributions, a .npy file (N, ..., C)")
+    p.add_argument("--sample-weight", metavar="W.npy",
+                   help="per-sample weights: a .npy file (N,) or a number (Keras 2 rules)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--reduction", default="auto", choices=Reduction.all(),
+                      help="as kldiv.KLDivergence(reduction=...) (default: auto)")
+    what.add_argument("--metric", action="store_true",
+                      help="the metric instead: kldiv.metrics.KLDivergence's weighted mean")
+    p.add_argument("--backend", default="numpy", choices=BACKENDS, help="default: numpy")
+    p.add_argument("--device", help="e.g. cuda, cuda:1 (torch, cupy), gpu (jax); default: the backend's")
+    p.add_argument("--batch-rows", type=int, metavar="N",
+                   help="rows per batch (default: about 64 MiB of the widest input)")
+    p.add_argument("--output", metavar="OUT.npy",
+                   help="with --reduction none: where to write the per-sample losses")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="with --backend dask: a dask.distributed scheduler, e.g. tcp://host:8786 "
+                        "(the workers must see the files at the same paths)")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                     help="show a progress bar on stderr (default: when stderr is a terminal)")
+    bar.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def _weight(value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _format(value: Any) -> str:
+    from ._namespace import _host_numpy
+
+    arr = np.asarray(_host_numpy(value))
+    if arr.ndim == 0:
+        return str(arr[()])
+    return np.array2string(arr, separator=", ", threshold=20)
+
+
+def _run(args: argparse.Namespace) -> str:
+    from ._chunked import evaluate_files
+
+    if args.batch_rows is not None and args.batch_rows < 1:
+        raise _UsageError(f"--batch-rows must be a positive integer, got {args.batch_rows}")
+    if args.reduction == "none" and args.output is None and not args.metric:
+        raise _UsageError("--reduction none needs --output OUT.npy (where to write the per-sample losses)")
+    if args.output is not None and (args.reduction != "none" or args.metric):
+        raise _UsageError("--output is for --reduction none")
+    if args.scheduler is not None and args.backend != "dask":
+        raise _UsageError("--scheduler is for --backend dask")
+    if args.output is not None:
+        for src in (args.y_true, args.y_pred, args.sample_weight):
+            if src is not None and os.path.exists(src) and os.path.exists(args.output) \
+                    and os.path.samefile(src, args.output):
+                raise _UsageError(f"--output {args.output!r} would overwrite an input")
+        parent = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(parent):
+            raise _UsageError(f"--output: directory {parent!r} does not exist")
+
+    def evaluate() -> Any:
+        result = evaluate_files(
+            args.y_true, args.y_pred, sample_weight=_weight(args.sample_weight),
+            reduction=args.reduction, metric=args.metric or None, backend=args.backend,
+            device=args.device, batch_rows=args.batch_rows, out=args.output,
+            progress=args.progress,
+        )
+        if args.backend == "dask" and hasattr(result, "compute"):
+            result = result.compute()
+        return result
+
+    if args.scheduler is not None:
+        from distributed import Client
+
+        with Client(args.scheduler, timeout="20s"):
+            result = evaluate()
+    else:
+        result = evaluate()
+    if args.output is not None:
+        return (f"wrote {result.shape[0] if result.ndim else 1} per-sample losses "
+                f"({result.dtype}, shape {tuple(result.shape)}) to {args.output}")
+    return _format(result)
+
+
+def compute_main(argv: list[str]) -> int:
+    """Run ``python -m kldiv compute`` with ``argv`` (the arguments after ``compute``).
+
+    Returns the exit status: 0 on success, 2 for bad input or options (one line on stderr),
+    1 for any other failure (one line on stderr).
+    """
+    from ._chunked import DataFileError
+
+    def fail(status: int, message: str) -> int:
+        message = " ".join(str(message).split())  # one line
+        print(f"kldiv compute: error: {message}", file=sys.stderr)
+        return status
+
+    try:
+        args = _parser().parse_args(argv)
+        print(_run(args))
+    except _UsageError as exc:
+        return fail(2, f"{exc} (see '{PROG} --help')")
+    except DataFileError as exc:
+        return fail(2, str(exc))
+    except (ValueError, TypeError) as exc:
+        return fail(2, str(exc))
+    except ImportError as exc:
+        return fail(1, str(exc))
+    except KeyboardInterrupt:
+        return fail(130, "interrupted")
+    except SystemExit as exc:  # argparse's --help
+        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 2
+    except MemoryError:
+        return fail(1, "out of memory: try a smaller --batch-rows")
+    except Exception as exc:
+        return fail(1, f"{type(exc).__name__}: {exc}")
+    return 0

@@ -1,0 +1,421 @@
+"""The native fast paths agree with the generic array-API kernel (values and gradients).
+
+Every test runs the same random inputs through the fast path and through the generic kernel
+(``kldiv.use_generic()``) and checks that the fast path really ran, so that none of them can
+pass vacuously. NumPy must agree to the last bit; the others to a tight tolerance. Speed is
+measured by ``benchmarks/run.py``, never here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tracemalloc
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kldiv
+from conftest import Backend, oracle
+from kldiv import backends
+
+RNG_SEED = 20240601
+
+
+def _inputs(shape_t: tuple[int, ...], shape_p: tuple[int, ...], dtype: Any = np.float64,
+            seed: int = 0, special: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Random inputs with values outside [0, 1], exact zeros, exact bounds and (optionally) NaN."""
+    rng = np.random.default_rng(RNG_SEED + seed)
+    t = rng.uniform(-0.2, 1.2, shape_t).astype(dtype)
+    p = rng.uniform(-0.2, 1.2, shape_p).astype(dtype)
+    if special:
+        t.reshape(-1)[::7] = 0.0
+        p.reshape(-1)[::11] = 0.0
+        t.reshape(-1)[3::13] = 1.0
+        p.reshape(-1)[5::17] = 1e-7
+    return t, p
+
+
+def _generic(y_true: Any, y_pred: Any) -> Any:
+    with kldiv.use_generic():
+        return kldiv.kl_divergence(y_true, y_pred)
+
+
+# ----------------------------------------------------------------------------------- registry
+def test_registry_lists_every_fast_path() -> None:
+    reg = backends.registered()
+    for name in ("numpy", "torch", "jax", "cupy"):
+        assert reg[name] == f"kldiv.backends.{name}_"
+
+
+def test_use_generic_switches_fast_paths_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert backends.fast_path("numpy") is not None
+    with kldiv.use_generic():
+        assert backends.fast_path("numpy") is None
+    monkeypatch.setenv("KLDIV_GENERIC", "1")
+    assert backends.fast_path("numpy") is None
+
+
+# -------------------------------------------------------------------------------------- NumPy
+numpy_ = importlib.import_module("kldiv.backends.numpy_")
+
+
+@pytest.fixture
+def numpy_spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the runs of the NumPy fast path's blocked kernel."""
+    calls: list[int] = []
+    real = numpy_._run
+
+    def spy(*args: Any) -> None:
+        calls.append(1)
+        real(*args)
+
+    monkeypatch.setattr(numpy_, "_run", spy)
+    return calls
+
+
+NUMPY_CASES = {
+    "1d": ((37,), (37,)),
+    "small": ((256, 10), (256, 10)),
+    "odd": ((333, 129), (333, 129)),
+    "3d": ((5, 7, 129), (5, 7, 129)),
+    "bcast-row": ((1, 50), (400, 50)),
+    "bcast-rank": ((50,), (6, 40, 50)),
+    "bcast-pred": ((6, 40, 50), (1, 50)),
+    "bcast-middle": ((6, 1, 50), (6, 40, 50)),
+    "long-rows": ((3, 70001), (3, 70001)),
+    "one-col": ((100, 1), (100, 1)),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", list(NUMPY_CASES))
+def test_numpy_bitwise_equal_to_generic(case: str, dtype: Any, numpy_spy: list[int],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a small block and thread threshold, so the blocking, the threads and the pairwise
+    # column split all run on inputs this small
+    monkeypatch.setattr(numpy_, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(numpy_, "MIN_PARALLEL", 1000)
+    t, p = _inputs(*NUMPY_CASES[case], dtype=dtype)
+    t.reshape(-1)[::29] = np.nan
+    t.flags.writeable = False
+    t_copy, p_copy = t.copy(), p.copy()
+    fast = kldiv.kl_divergence(t, p)
+    assert numpy_spy, "the NumPy fast path did not run"
+    gen = _generic(t, p)
+    assert type(fast) is type(gen)
+    assert fast.dtype == gen.dtype == dtype
+    assert np.shape(fast) == np.shape(gen)
+    assert np.array_equal(fast, gen, equal_nan=True)
+    np.testing.assert_array_equal(t, t_copy)  # inputs untouched
+    np.testing.assert_array_equal(p, p_copy)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["transposed", "strided", "reversed"])
+def test_numpy_non_contiguous(layout: str, dtype: Any, numpy_spy: list[int],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(numpy_, "BLOCK_BYTES", 2048)
+    monkeypatch.setattr(numpy_, "MIN_PARALLEL", 1000)
+    t, p = _inputs((300, 400), (300, 400), dtype=dtype)
+    if layout == "transposed":
+        t, p = t.T, p.T
+    elif layout == "strided":
+        t, p = t[::2, 1::3], p[1::2, 2::3]
+    else:
+        t, p = t[::-1, ::-1], p[:, ::-1]
+    fast = kldiv.kl_divergence(t, p)
+    assert numpy_spy
+    assert np.array_equal(fast, _generic(t, p))
+
+
+def test_numpy_default_settings_large_input(numpy_spy: list[int]) -> None:
+    """The production block size and thread count, on rows longer than one block."""
+    for shape in [(2048, 1000), (2, numpy_.BLOCK_BYTES // 4 + 12345)]:
+        t, p = _inputs(shape, shape, dtype=np.float32, special=False)
+        assert np.array_equal(kldiv.kl_divergence(t, p), _generic(t, p))
+    assert len(numpy_spy) == 2
+
+
+def test_numpy_seed_float64_example_exact() -> None:
+    yt = np.array([[0.0, 1.0], [0.0, 0.0]])
+    yp = np.array([[0.6, 0.4], [0.4, 0.6]])
+    t, p = np.clip(yt, 1e-7, 1), np.clip(yp, 1e-7, 1)
+    assert numpy_.kl_divergence(yt, yp) is not NotImplemented
+    assert np.array_equal(kldiv.kld(yt, yp), np.sum(t * np.log(t / p), axis=-1))
+
+
+def test_numpy_declines_empty_and_other_dtypes() -> None:
+    assert numpy_.kl_divergence(np.ones((0, 3)), np.ones((0, 3))) is NotImplemented
+    assert numpy_.kl_divergence(np.ones((2, 0)), np.ones((2, 0))) is NotImplemented
+    half = np.ones((2, 3), np.float16)
+    assert numpy_.kl_divergence(half, half) is NotImplemented
+    np.testing.assert_array_equal(kldiv.kld(np.ones((2, 0)), np.ones((2, 0))), [0.0, 0.0])
+
+
+def test_numpy_scratch_memory_is_bounded() -> None:
+    """Extra peak memory is the scratch (a few MiB), not a multiple of the input size."""
+    t, p = _inputs((1024, 8192), (1024, 8192), dtype=np.float64, special=False)  # 64 MiB each
+    numpy_.kl_divergence(t[:8], p[:8])  # thread pool and imports exist already
+    tracemalloc.start()
+    try:
+        out = numpy_.kl_divergence(t, p)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    budget = 2 * numpy_.BLOCK_BYTES * (numpy_._n_threads() + 1) + (1 << 20)
+    assert peak - out.nbytes <= budget
+    assert peak - out.nbytes <= 64 << 20
+
+
+# -------------------------------------------------------------------------------------- torch
+def _torch() -> Any:
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture
+def torch_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the route of every fused torch call that returned a tensor."""
+    _torch()
+    torch_ = importlib.import_module("kldiv.backends.torch_")
+    calls: list[str] = []
+    real = torch_.fused
+
+    def spy(y_true: Any, y_pred: Any, route: str) -> Any:
+        out = real(y_true, y_pred, route)
+        if out is not None:
+            calls.append(route)
+        return out
+
+    monkeypatch.setattr(torch_, "fused", spy)
+    return calls
+
+
+TORCH_CASES = {
+    "same": ((64, 100), (64, 100)),
+    "bcast-true": ((1, 100), (64, 100)),
+    "bcast-rank": ((100,), (3, 64, 100)),
+    "bcast-middle": ((5, 1, 300), (5, 20, 300)),
+    "bcast-pred": ((64, 100), (100,)),
+}
+
+
+def _torch_run(torch: Any, t: np.ndarray, p: np.ndarray, w: np.ndarray,
+               device: Any = "cpu", fn: Any = None) -> tuple[Any, Any, Any]:
+    yt = torch.tensor(t, device=device, requires_grad=True)
+    yp = torch.tensor(p, device=device, requires_grad=True)
+    out = (fn or kldiv.kl_divergence)(yt, yp)
+    (out * torch.as_tensor(w, device=device)).sum().backward()
+    return (out.detach().cpu().numpy(), yt.grad.cpu().numpy(), yp.grad.cpu().numpy())
+
+
+def _analytic(t: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """d/dt and d/dp of sum(w * loss), reduced to the shapes of t and p (float64)."""
+    shape = np.broadcast_shapes(t.shape, p.shape)
+    t64, p64 = np.broadcast_to(t, shape).astype(np.float64), np.broadcast_to(p, shape).astype(np.float64)
+    tc, pc = np.clip(t64, 1e-7, 1), np.clip(p64, 1e-7, 1)
+    wc = np.asarray(w, np.float64)[..., None]
+    gt = np.where(tc == t64, np.log(tc / pc) + 1, 0) * wc
+    gp = np.where(pc == p64, -tc / pc, 0) * wc
+
+    def reduce_to(g: np.ndarray, s: tuple[int, ...]) -> np.ndarray:
+        g = g.sum(axis=tuple(range(g.ndim - len(s))))
+        return g.sum(axis=tuple(i for i, n in enumerate(s) if n == 1), keepdims=True)
+
+    return reduce_to(gt, t.shape), reduce_to(gp, p.shape)
+
+
+def _close(a: np.ndarray, b: np.ndarray, dtype: Any) -> None:
+    rtol = 2e-4 if np.dtype(dtype) == np.float32 else 1e-10
+    scale = float(np.nanmax(np.abs(b))) if b.size else 1.0
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", list(TORCH_CASES))
+def test_torch_values_and_gradients(case: str, dtype: Any, torch_spy: list[str]) -> None:
+    torch = _torch()
+    t, p = _inputs(*TORCH_CASES[case], dtype=dtype)
+    w = np.random.default_rng(1).uniform(0.5, 2.0, np.broadcast_shapes(t.shape, p.shape)[:-1])
+    w = w.astype(dtype)
+    fast = _torch_run(torch, t, p, w)
+    assert torch_spy == ["numpy"], "the torch fast path did not run"
+    with kldiv.use_generic():
+        gen = _torch_run(torch, t, p, w)
+    for a, b in zip(fast, gen, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert np.isfinite(a).all()
+        _close(a, b, dtype)
+    _close(fast[0], oracle(t, p), dtype)
+    for a, b in zip(fast[1:], _analytic(t, p, w), strict=True):
+        _close(a, b, dtype)
+
+
+def test_torch_nan_gradient_matches_generic(torch_spy: list[str]) -> None:
+    torch = _torch()
+    t, p = _inputs((64, 100), (64, 100))
+    t[0, 3] = np.nan
+    p[1, 4] = np.nan
+    w = np.ones(64)
+    fast = _torch_run(torch, t, p, w)
+    gen = _torch_run(torch, t, p, w, fn=_generic)
+    assert torch_spy
+    for a, b in zip(fast, gen, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
+def test_torch_no_grad_parameter_and_one_sided_grad(torch_spy: list[str]) -> None:
+    torch = _torch()
+    t, p = _inputs((64, 100), (64, 100), special=False)
+    yt, yp = torch.tensor(t), torch.nn.Parameter(torch.tensor(p))
+    with torch.no_grad():
+        out = kldiv.kld(yt, yp)
+    assert not out.requires_grad
+    out = kldiv.kld(yt, yp)
+    out.sum().backward()
+    assert yt.grad is None and yp.grad is not None
+    assert torch_spy == ["numpy", "numpy"]
+    ref = torch.tensor(p, requires_grad=True)
+    _generic(yt, ref).sum().backward()
+    _close(yp.grad.numpy(), ref.grad.numpy(), np.float64)
+
+
+def test_torch_double_backward(torch_spy: list[str]) -> None:
+    torch = _torch()
+    t, p = _inputs((64, 100), (64, 100), special=False)
+
+    def hvp(fn: Any) -> np.ndarray:
+        yp = torch.tensor(p, requires_grad=True)
+        (g,) = torch.autograd.grad(fn(torch.tensor(t), yp).sum(), yp, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), yp)
+        return h.numpy()
+
+    fast = hvp(kldiv.kld)
+    assert torch_spy
+    _close(fast, hvp(_generic), np.float64)
+
+
+def test_torch_declines_when_tracing_or_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = _torch()
+    torch_ = importlib.import_module("kldiv.backends.torch_")
+    big = torch.rand(64, 100)
+    assert torch_.kl_divergence(big, big) is not NotImplemented
+    assert torch_.kl_divergence(big[:2], big[:2]) is NotImplemented  # below MIN_ELEMENTS
+    assert torch_.kl_divergence(big.half(), big.half()) is NotImplemented
+    assert torch_.kl_divergence(big.to("meta"), big.to("meta")) is NotImplemented
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch_.kl_divergence(big, big) is NotImplemented
+
+
+def test_torch_func_transforms_use_generic(torch_spy: list[str]) -> None:
+    torch = _torch()
+    t, p = _inputs((64, 100), (64, 100), special=False)
+    yt, yp = torch.tensor(t), torch.tensor(p)
+    g = torch.func.grad(lambda a: kldiv.kld(yt, a).sum())(yp)
+    v = torch.func.vmap(kldiv.kld)(yt, yp)
+    assert torch_spy == []  # declined: the transforms trace the generic formula
+    ref = yp.clone().requires_grad_()
+    _generic(yt, ref).sum().backward()
+    _close(g.numpy(), ref.grad.numpy(), np.float64)
+    _close(v.numpy(), oracle(t, p), np.float64)
+
+
+_TRITON_SCRIPT = """
+import numpy as np, torch, kldiv
+import kldiv.backends.torch_ as torch_
+import kldiv.backends.triton_ as triton_  # decorated under TRITON_INTERPRET=1
+torch_._triton = triton_
+cases = [((64, 37), (64, 37)), ((1, 37), (64, 37)), ((37,), (3, 8, 37)), ((5, 1, 37), (5, 4, 37))]
+rng = np.random.default_rng(0)
+for dtype, tol in ((torch.float32, 2e-4), (torch.float64, 1e-10)):
+    for st, sp in cases:
+        t = torch.tensor(rng.uniform(-0.2, 1.2, st), dtype=dtype)
+        p = torch.tensor(rng.uniform(-0.2, 1.2, sp), dtype=dtype)
+        t.view(-1)[::7] = 0.0; p.view(-1)[::11] = 0.0; t.view(-1)[3::13] = 1.0
+        res = []
+        for fn in (lambda a, b: torch_.fused(a, b, "triton"), None):
+            a, b = t.clone().requires_grad_(), p.clone().requires_grad_()
+            if fn is None:
+                with kldiv.use_generic():
+                    out = kldiv.kld(a, b)
+            else:
+                out = fn(a, b)
+            w = torch.linspace(0.5, 2.0, out.numel(), dtype=dtype).view(out.shape)
+            (out * w).sum().backward()
+            res.append((out.detach(), a.grad, b.grad))
+        for x, y in zip(*res):
+            assert x.shape == y.shape and torch.isfinite(x).all()
+            torch.testing.assert_close(x, y, rtol=tol, atol=tol * float(y.abs().max()))
+print("TRITON-OK")
+"""
+
+
+def test_triton_kernels_interpreted() -> None:
+    """The Triton kernels (forward and backward) on CPU tensors, in Triton's interpreter.
+
+    A subprocess, because ``TRITON_INTERPRET`` must be set before Triton is imported.
+    """
+    _torch()
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------- JAX
+def test_jax_jit_matches_generic_under_transforms(monkeypatch: pytest.MonkeyPatch) -> None:
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    jnp = pytest.importorskip("jax.numpy")
+    jax_ = importlib.import_module("kldiv.backends.jax_")
+    calls: list[int] = []
+    real = jax_._kld
+
+    def spy(*args: Any) -> Any:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(jax_, "_kld", spy)
+    t, p = _inputs((1, 30), (16, 30))
+    yt, yp = jnp.asarray(t), jnp.asarray(p)
+    _close(np.asarray(kldiv.kld(yt, yp)), np.asarray(_generic(yt, yp)), np.float64)
+    loss = kldiv.KLDivergence()
+
+    def grads(fn: Any) -> Any:
+        return jax.jit(jax.grad(lambda a, b: fn(a, b).sum(), argnums=(0, 1)))(yt, yp)
+
+    for a, b in zip(grads(loss), grads(lambda a, b: _generic(a, b).mean()), strict=True):
+        _close(np.asarray(a) * 16, np.asarray(b) * 16, np.float64)
+    vm = jax.vmap(kldiv.kld, in_axes=(None, 0))(yt[0], yp)
+    _close(np.asarray(vm), oracle(t, p), np.float64)
+    assert len(calls) >= 3
+
+
+# ------------------------------------------------------------------------ every backend (+GPU)
+def test_every_backend_fast_path_agrees_with_generic(backend: Backend) -> None:
+    """On each installed backend (CuPy, CUDA where there is a GPU), fast == generic."""
+    base = backend.name.split("-")[0]
+    if base not in backends.registered():
+        pytest.skip(f"{backend.name} has no fast path (the generic kernel is the only one)")
+    for dtype in ("float32", "float64"):
+        t, p = _inputs((64, 130), (64, 130), dtype=dtype)
+        yt, yp = backend.asarray(t, dtype), backend.asarray(p, dtype)
+        kernel = backends.fast_path(base)
+        assert kernel is not None
+        direct = kernel(yt, yp)
+        assert direct is not NotImplemented, f"{backend.name} fast path declined"
+        assert backend.is_native(direct)
+        fast = backend.to_numpy(kldiv.kl_divergence(yt, yp))
+        gen = backend.to_numpy(_generic(yt, yp))
+        np.testing.assert_array_equal(backend.to_numpy(direct), fast)
+        if base == "numpy":
+            assert np.array_equal(fast, gen)
+        else:
+            _close(fast, gen, dtype)
+        _close(fast, oracle(t, p), dtype)
+
