@@ -10,7 +10,7 @@ nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["tests", "parity", "lint", "typecheck"]
 
 CPU_CONSTRAINTS = ("-c", "ci/constraints-cpu.txt")
-CPU_BACKENDS = ["torch==2.13.0", "jax", "dask[array,distributed]", "array-api-strict"]
+CPU_BACKENDS = ["torch==2.13.0", "jax", "dask[array,distributed]", "array-api-strict", "triton"]
 TF = ["tensorflow-cpu", "tf-keras", "keras"]
 
 

@@ -407,7 +407,10 @@ def write_report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "formula's forward time (same size and dtype) divided by this row's time (higher "
              "is faster); *peak extra* is the resident-set high-water mark of one call above "
              "the resident set before it (inputs excluded, output included; NumPy rows also "
-             "give the tracemalloc peak minus the output). Versions: "
+             "give the tracemalloc peak minus the output). The machine is shared: other jobs ran "
+             f"during the run (load average at start {meta['load']}), which inflates some "
+             "medians (PyTorch's spinning OpenMP threads suffer most); the *min* column is "
+             "the least disturbed sample. Versions: "
              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", ""]
     lines += ["## Targets (issue #3)", "", "| target | measured | needed | status |",
               "| --- | --- | --- | --- |", *targets(rows), ""]
@@ -418,16 +421,17 @@ def write_report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         sel = [r for r in rows if (r["size"], r["dtype"], r["mode"]) == (size, dtype, mode)]
         sel.sort(key=lambda r: r.get("median_s", float("inf")))
         lines += [f"## {size} {dtype}, {mode}", "",
-                  "| implementation | median | vs naive | peak extra (RSS) | tracemalloc |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
+                  "| implementation | median | min | vs naive | peak extra (RSS) | tracemalloc |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in sel:
             if "median_s" not in r:
-                lines.append(f"| {r['impl']} | error: {r.get('error', '?')} | | | |")
+                lines.append(f"| {r['impl']} | error: {r.get('error', '?')} | | | | |")
                 continue
             ratio = f"{base / r['median_s']:.2f}x" if base else "-"
             peak = f"{r['peak_mib']:.0f} MiB" if "peak_mib" in r else "n/a"
             tr = f"{r['traced_mib']:.1f} MiB" if "traced_mib" in r else ""
-            lines.append(f"| {r['impl']} | {_fmt_t(r['median_s'])} | {ratio} | {peak} | {tr} |")
+            lines.append(f"| {r['impl']} | {_fmt_t(r['median_s'])} | {_fmt_t(r['min_s'])} | "
+                         f"{ratio} | {peak} | {tr} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -495,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
            "PYTHONWARNINGS": "ignore"}
     rows: list[dict[str, Any]] = []
     start = time.time()
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     for group in groups:
         g_env = dict(env)
         if group != "gpu":
@@ -520,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"argv": list(argv if argv is not None else sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()} {platform.system()}",
             "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-            "elapsed_s": time.time() - start, "versions": _versions()}
+            "elapsed_s": time.time() - start, "versions": _versions(), "load": load}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(write_report(rows, meta))

@@ -65,16 +65,24 @@ numpy_ = importlib.import_module("kldiv.backends.numpy_")
 
 
 @pytest.fixture
-def numpy_spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the runs of the NumPy fast path's blocked kernel."""
-    calls: list[int] = []
-    real = numpy_._run
+def numpy_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records which NumPy fast-path kernel ran: "blocked" (``_run``) or "small"."""
+    calls: list[str] = []
+    real_run, real_small = numpy_._run, numpy_._small
 
-    def spy(*args: Any) -> None:
-        calls.append(1)
-        real(*args)
+    def run_spy(*args: Any) -> None:
+        calls.append("blocked")
+        real_run(*args)
 
-    monkeypatch.setattr(numpy_, "_run", spy)
+    def small_spy(*args: Any) -> Any:
+        out = real_small(*args)
+        if out is not NotImplemented:
+            calls.append("small")
+        return out
+
+    monkeypatch.setattr(numpy_, "_run", run_spy)
+    monkeypatch.setattr(numpy_, "_small", small_spy)
+    monkeypatch.setattr(numpy_, "SMALL_ELEMENTS", 0)  # the blocked kernel, unless a test says
     return calls
 
 
@@ -92,20 +100,24 @@ NUMPY_CASES = {
 }
 
 
+@pytest.mark.parametrize("kernel", ["blocked", "small"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", list(NUMPY_CASES))
-def test_numpy_bitwise_equal_to_generic(case: str, dtype: Any, numpy_spy: list[int],
+def test_numpy_bitwise_equal_to_generic(case: str, dtype: Any, kernel: str,
+                                        numpy_spy: list[str],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # a small block and thread threshold, so the blocking, the threads and the pairwise
     # column split all run on inputs this small
     monkeypatch.setattr(numpy_, "BLOCK_BYTES", 4096)
     monkeypatch.setattr(numpy_, "MIN_PARALLEL", 1000)
+    if kernel == "small":
+        monkeypatch.setattr(numpy_, "SMALL_ELEMENTS", 10**9)
     t, p = _inputs(*NUMPY_CASES[case], dtype=dtype)
     t.reshape(-1)[::29] = np.nan
     t.flags.writeable = False
     t_copy, p_copy = t.copy(), p.copy()
     fast = kldiv.kl_divergence(t, p)
-    assert numpy_spy, "the NumPy fast path did not run"
+    assert numpy_spy and set(numpy_spy) == {kernel}, "the NumPy fast path did not run"
     gen = _generic(t, p)
     assert type(fast) is type(gen)
     assert fast.dtype == gen.dtype == dtype
@@ -115,12 +127,15 @@ def test_numpy_bitwise_equal_to_generic(case: str, dtype: Any, numpy_spy: list[i
     np.testing.assert_array_equal(p, p_copy)
 
 
+@pytest.mark.parametrize("kernel", ["blocked", "small"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["transposed", "strided", "reversed"])
-def test_numpy_non_contiguous(layout: str, dtype: Any, numpy_spy: list[int],
+def test_numpy_non_contiguous(layout: str, dtype: Any, kernel: str, numpy_spy: list[str],
                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(numpy_, "BLOCK_BYTES", 2048)
     monkeypatch.setattr(numpy_, "MIN_PARALLEL", 1000)
+    if kernel == "small":
+        monkeypatch.setattr(numpy_, "SMALL_ELEMENTS", 10**9)
     t, p = _inputs((300, 400), (300, 400), dtype=dtype)
     if layout == "transposed":
         t, p = t.T, p.T
@@ -129,16 +144,16 @@ def test_numpy_non_contiguous(layout: str, dtype: Any, numpy_spy: list[int],
     else:
         t, p = t[::-1, ::-1], p[:, ::-1]
     fast = kldiv.kl_divergence(t, p)
-    assert numpy_spy
+    assert numpy_spy and set(numpy_spy) == {kernel}
     assert np.array_equal(fast, _generic(t, p))
 
 
-def test_numpy_default_settings_large_input(numpy_spy: list[int]) -> None:
+def test_numpy_default_settings_large_input(numpy_spy: list[str]) -> None:
     """The production block size and thread count, on rows longer than one block."""
     for shape in [(2048, 1000), (2, numpy_.BLOCK_BYTES // 4 + 12345)]:
         t, p = _inputs(shape, shape, dtype=np.float32, special=False)
         assert np.array_equal(kldiv.kl_divergence(t, p), _generic(t, p))
-    assert len(numpy_spy) == 2
+    assert numpy_spy == ["blocked", "blocked"]
 
 
 def test_numpy_seed_float64_example_exact() -> None:

@@ -11,6 +11,7 @@ from ._kernel import kl_divergence_generic
 from ._namespace import (
     array_namespace,
     as_pred_array,
+    device_scope,
     dtype_kind,
     get_device,
     is_dask,
@@ -112,6 +113,14 @@ def prepare(y_true: Any, y_pred: Any) -> Prepared:
 
 def compute(prep: Prepared) -> Any:
     """Run the fast path for ``prep.xp`` if there is one, else the generic kernel."""
+    scope = device_scope(prep.xp, prep.device)
+    if scope is None:
+        return _compute(prep)
+    with scope:
+        return _compute(prep)
+
+
+def _compute(prep: Prepared) -> Any:
     xp = prep.xp
     kernel_xp = xp
     if torch_compiling():

@@ -16,6 +16,7 @@ import array_api_compat
 import numpy as np
 
 __all__ = [
+    "DEVICE_SCOPES",
     "EXTRA_NAMESPACES",
     "ArrayLike",
     "array_namespace",
@@ -47,6 +48,17 @@ def _tensorflow_namespace(x: object) -> ModuleType | None:
 
 # Resolvers for array types array-api-compat does not know: each returns a namespace or None.
 EXTRA_NAMESPACES: list[Callable[[object], ModuleType | None]] = [_tensorflow_namespace]
+
+# Namespaces whose ops need a context to stay on the inputs' device (TensorFlow places eager
+# ops on its preferred device, not the inputs'): namespace -> (device -> context or None).
+# Backend modules add themselves when imported.
+DEVICE_SCOPES: dict[ModuleType, Callable[[Any], contextlib.AbstractContextManager[Any] | None]] = {}
+
+
+def device_scope(xp: ModuleType, device: Any) -> contextlib.AbstractContextManager[Any] | None:
+    """The context that keeps ``xp``'s ops on ``device``, or ``None`` where none is needed."""
+    scope = DEVICE_SCOPES.get(xp)
+    return None if scope is None else scope(device)
 
 
 def _extra_namespace(x: object) -> ModuleType | None:

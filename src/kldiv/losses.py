@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from ._functional import KLD, compute, kl_divergence, kld, kullback_leibler_divergence, prepare
+from ._namespace import device_scope
 from ._reduction import Reduction, reduce_loss, validate_reduction
 
 __all__ = [
@@ -124,8 +125,12 @@ class KLDivergence:
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         """Weighted, reduced loss. ``sample_weight`` follows Keras 2's rank rules."""
         prep = prepare(y_true, y_pred)
-        loss = compute(prep)
-        out = reduce_loss(prep.xp, loss, sample_weight, reduction=self.reduction)
+        scope = device_scope(prep.xp, prep.device)
+        if scope is None:
+            out = reduce_loss(prep.xp, compute(prep), sample_weight, reduction=self.reduction)
+        else:
+            with scope:  # TensorFlow, eagerly: on y_pred's device
+                out = reduce_loss(prep.xp, compute(prep), sample_weight, reduction=self.reduction)
         if self.dtype is not None:
             dtype = getattr(prep.xp, self.dtype) if isinstance(self.dtype, str) else self.dtype
             out = prep.xp.astype(out, dtype)

@@ -23,7 +23,7 @@ from ._functional import (
     kullback_leibler_divergence,
     prepare,
 )
-from ._namespace import array_namespace, get_device, namespace_name
+from ._namespace import array_namespace, get_device, is_dask, namespace_name
 from ._reduction import apply_sample_weight
 
 __all__ = ["KLD", "KLDivergence", "kl_divergence", "kld", "kullback_leibler_divergence"]
@@ -73,17 +73,30 @@ class RunningSum:
     read back to the host. In float64 the sum is plain; in float32 (libraries or devices
     without float64) every addition also carries its rounding error in ``comp``, so the sum
     of millions of batch totals keeps float32's full precision.
+
+    Dask is lazy: a chain of additions would make a graph as deep as the number of updates
+    (quadratic to build and to optimise, and a ``RecursionError`` at compute time). So Dask
+    addends are kept in ``parts`` and summed as a tree: every ``_FANOUT`` of them collapse
+    into one (``stack(...).sum()``), level after level, so the depth grows as log(updates).
     """
 
-    __slots__ = ("comp", "value")
+    __slots__ = ("comp", "parts", "value")
+    _FANOUT = 64
 
     def __init__(self, value: Any, compensated: bool) -> None:
         self.value = value
         self.comp = array_namespace(value).zeros_like(value) if compensated else None
+        # Dask: levels of pending addends (level i holds sums of _FANOUT**i updates each)
+        self.parts: list[list[Any]] | None = [[value]] if is_dask(value) else None
 
     def add(self, x: Any) -> None:
         """Add ``x`` (a 0-d array of the same library, device and dtype, or a number)."""
         s = self.value
+        if self.parts is not None:
+            if not hasattr(x, "shape"):
+                x = array_namespace(s).zeros_like(s) + x
+            self._push(x, 0)
+            return
         t = s + x
         if self.comp is not None:
             xp = array_namespace(s)
@@ -94,24 +107,45 @@ class RunningSum:
             self.comp = self.comp + err
         self.value = t
 
+    def _push(self, x: Any, level: int) -> None:
+        assert self.parts is not None
+        while len(self.parts) <= level:
+            self.parts.append([])
+        self.parts[level].append(x)
+        if len(self.parts[level]) >= self._FANOUT:
+            items, self.parts[level] = self.parts[level], []
+            self._push(_tree_sum(items), level + 1)
+
     def merge(self, other: RunningSum) -> None:
         """Add another running sum (its value and its compensation) to this one."""
-        other_value = other.value
-        if other_value.dtype != self.value.dtype:
-            other_value = array_namespace(self.value).astype(other_value, self.value.dtype)
-        self.add(other_value)
+        xp = array_namespace(self.value)
+
+        def cast(v: Any) -> Any:
+            return v if v.dtype == self.value.dtype else xp.astype(v, self.value.dtype)
+
+        self.add(cast(other.total() if other.parts is not None else other.value))
         if other.comp is not None:
-            self.add(other.comp if other.comp.dtype == self.value.dtype
-                     else array_namespace(self.value).astype(other.comp, self.value.dtype))
+            self.add(cast(other.comp))
 
     def total(self) -> Any:
         """The sum: ``value + comp`` (a 0-d array)."""
+        if self.parts is not None:
+            return _tree_sum([v for level in self.parts for v in level])
         return self.value if self.comp is None else self.value + self.comp
 
     def copy(self) -> RunningSum:
         out = RunningSum.__new__(RunningSum)
         out.value, out.comp = self.value, self.comp
+        out.parts = None if self.parts is None else [list(level) for level in self.parts]
         return out
+
+
+def _tree_sum(items: list[Any]) -> Any:
+    """Sum 0-d Dask arrays as one tree reduction (not a chain of additions)."""
+    if len(items) == 1:
+        return items[0]
+    xp = array_namespace(items[0])
+    return xp.sum(xp.stack(items))
 
 
 class BatchSums(NamedTuple):

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from .._namespace import DEVICE_SCOPES
+
 __all__ = ["namespace"]
 
 _DTYPES = (
@@ -101,7 +103,15 @@ def where(condition: Any, x1: Any, x2: Any, /) -> Any:
 def clip(x: Any, /, min: Any = None, max: Any = None) -> Any:
     lo = x.dtype.min if min is None else min
     hi = x.dtype.max if max is None else max
-    return tf.clip_by_value(x, tf.cast(lo, x.dtype), tf.cast(hi, x.dtype))
+    # convert_to_tensor, not cast: tf.cast(1e-7, tf.float64) goes through float32 first and
+    # would move the bound to 1.0000000117e-07
+    return tf.clip_by_value(x, _bound(lo, x.dtype), _bound(hi, x.dtype))
+
+
+def _bound(value: Any, dtype: Any) -> Any:
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        return tf.cast(value, dtype)
+    return tf.convert_to_tensor(value, dtype=dtype)
 
 
 @_on_input_device
@@ -197,3 +207,13 @@ def _build() -> types.ModuleType:
 
 namespace: types.ModuleType = _build()
 """The namespace kldiv uses for TensorFlow tensors (``kldiv._namespace.array_namespace``)."""
+
+
+def _device_scope(device: Any) -> Any:
+    """``tf.device(device)`` eagerly, so the operators between the shim's ops stay there too."""
+    if not device or not tf.executing_eagerly():
+        return None
+    return tf.device(device)
+
+
+DEVICE_SCOPES[namespace] = _device_scope
