@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import resource
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -207,7 +208,12 @@ def _rss_sampler(stop: threading.Event, peak: list[int]) -> None:
 
 
 def _worker_peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """Peak RSS of this (worker) process: VmHWM on Linux, else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _worker_rss() -> int:
@@ -222,8 +228,9 @@ def cluster() -> Iterator[Any]:
     pytest.importorskip("psutil")
     with distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address=None, memory_limit=MEMORY_LIMIT, silence_logs=logging.ERROR,
-        worker_dashboard_address=None,
+        # loopback only, on free ports (dashboard_address=None still starts one on :8787)
+        dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0",
+        memory_limit=MEMORY_LIMIT, silence_logs=logging.ERROR,
     ) as lc, distributed.Client(lc) as client:
         yield client
 

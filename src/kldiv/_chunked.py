@@ -73,7 +73,9 @@ class _RichBar:
         from rich.console import Console
         from rich.progress import Progress
 
-        self._progress = Progress(console=Console(file=sys.stderr), transient=True)
+        console = Console(file=sys.stderr)
+        # in a terminal the bar goes away when done; in a log, the final state stays
+        self._progress = Progress(console=console, transient=console.is_terminal)
         self._progress.start()
         self._task = self._progress.add_task(desc, total=total)
 

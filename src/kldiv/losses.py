@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any
 
@@ -36,7 +35,9 @@ def _keras_loss_bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
-@functools.cache
+_KERAS_CLASSES: dict[tuple[type, tuple[type, ...]], type] = {}
+
+
 def _with_keras_bases(cls: type, bases: tuple[type, ...]) -> type:
     """``cls`` that also subclasses Keras' ``Loss`` class(es), under the same name and module.
 
@@ -45,6 +46,9 @@ def _with_keras_bases(cls: type, bases: tuple[type, ...]) -> type:
     which would weight and reduce kldiv's already reduced loss a second time. Only kldiv's
     own methods run: they come first in the MRO, and Keras' ``__init__`` is never called.
     """
+    made = _KERAS_CLASSES.get((cls, bases))
+    if made is not None:
+        return made
     namespace = {
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
@@ -53,7 +57,8 @@ def _with_keras_bases(cls: type, bases: tuple[type, ...]) -> type:
         # Keras 3's Loss.dtype is a read-only property: kldiv keeps its own attribute.
         "dtype": None,
     }
-    return type(cls.__name__, (cls, *bases), namespace)
+    made = _KERAS_CLASSES[(cls, bases)] = type(cls.__name__, (cls, *bases), namespace)
+    return made
 
 
 def _kldiv_class(obj: object) -> type:
@@ -61,7 +66,7 @@ def _kldiv_class(obj: object) -> type:
     return getattr(type(obj), "_kldiv_class", type(obj))
 
 
-def _restore(cls: type, state: dict[str, Any]) -> Any:
+def _restore(cls: Any, state: dict[str, Any]) -> Any:
     obj = cls.__new__(cls)
     obj.__dict__.update(state)
     return obj
@@ -170,7 +175,7 @@ class KLDivergence:
         return (_restore, (_kldiv_class(self), dict(self.__dict__)))
 
     def __eq__(self, other: object) -> bool:
-        if _kldiv_class(other) is not _kldiv_class(self):
+        if not isinstance(other, KLDivergence) or _kldiv_class(other) is not _kldiv_class(self):
             return NotImplemented
         return self.get_config() == other.get_config()
 
