@@ -88,6 +88,16 @@ def test_dtype_argument(backend: Backend) -> None:
     np.testing.assert_allclose(backend.to_numpy(r), oracle(SEED_T, np.float32(SEED_P)).mean(), rtol=1e-6)
 
 
+def test_low_precision_result_dtype() -> None:
+    m = KLDivergence(dtype="bfloat16")  # NumPy has no bfloat16: float32
+    m.update_state(SEED_T, SEED_P)
+    assert m.result().dtype == np.float32
+    m = KLDivergence(dtype="float16")
+    m.update_state(SEED_T, SEED_P)
+    assert m.result().dtype == np.float16
+    np.testing.assert_allclose(float(m.result()), 0.45814306, rtol=1e-3)
+
+
 def test_result_before_any_update_and_reset(backend: Backend) -> None:
     m = KLDivergence()
     r0 = m.result()

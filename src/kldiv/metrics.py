@@ -383,7 +383,9 @@ class KLDivergence:
         xp = array_namespace(total)
         out = safe_divide(xp, total, count)
         dtype = getattr(xp, self.dtype, None)
-        if dtype is None or (self.dtype == "float64" and out.dtype != xp.float64):
+        if dtype is None:  # e.g. bfloat16 in NumPy
+            dtype = xp.float32
+        elif self.dtype == "float64" and out.dtype != xp.float64:  # no float64 here
             dtype = out.dtype
         return out if out.dtype == dtype else xp.astype(out, dtype)
 
