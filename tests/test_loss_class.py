@@ -177,3 +177,16 @@ def test_call_is_unreduced() -> None:
 
 def test_class_exported() -> None:
     assert kldiv.KLDivergence is kldiv.losses.KLDivergence
+
+
+def test_python_weights_on_a_device_without_float64() -> None:
+    xps = pytest.importorskip("array_api_strict")
+    try:
+        dev = xps.Device("no_float64")
+    except (TypeError, ValueError) as exc:
+        pytest.skip(f"this array_api_strict has no float64-less device: {exc}")
+    t = xps.asarray(np.asarray(SEED_T, dtype=np.float32), device=dev)
+    p = xps.asarray(np.asarray(SEED_P, dtype=np.float32), device=dev)
+    out = KLDivergence()(t, p, sample_weight=[0.8, 0.2])  # Python floats: no float64 detour
+    assert out.device == dev
+    np.testing.assert_allclose(np.asarray(xps.asarray(out, device=xps.Device("CPU_DEVICE"))), 0.3665154, rtol=5e-6)

@@ -21,9 +21,10 @@ def clip_unit(xp: ModuleType, x: Any) -> Any:
     """
     if not (array_api_compat.is_jax_namespace(xp) or array_api_compat.is_dask_namespace(xp)):
         return xp.clip(x, EPSILON, 1.0)
-    lo = xp.asarray(EPSILON, dtype=x.dtype)
-    hi = xp.asarray(1.0, dtype=x.dtype)
-    return xp.where(x < lo, lo, xp.where(x > hi, hi, x))
+    # Dask too: array-api-compat's Dask clip fails on chunks of unknown size. Python scalars
+    # (weakly typed: x keeps its dtype) rather than 0-d arrays, so that the chunks' own
+    # library (NumPy or CuPy under Dask) holds the constants.
+    return xp.where(x < EPSILON, EPSILON, xp.where(x > 1.0, 1.0, x))
 
 
 def kl_divergence_generic(xp: ModuleType, y_true: Any, y_pred: Any) -> Any:

@@ -310,8 +310,11 @@ def _asarray(xp: ModuleType, arr: Any, device: Any, dtype: Any) -> Any:
     if array_api_compat.is_torch_namespace(xp):
         torch = sys.modules["torch"]
         return torch.as_tensor(np.asarray(arr), dtype=dtype, device=device)
-    out = xp.asarray(arr, device=device)
-    return xp.astype(out, dtype) if out.dtype != dtype else out
+    try:  # cast while converting: the device may not hold NumPy's dtype (no float64)
+        return xp.asarray(arr, dtype=dtype, device=device)
+    except (TypeError, ValueError):
+        out = xp.asarray(arr, device=device)
+        return xp.astype(out, dtype) if out.dtype != dtype else out
 
 
 def _foreign_to(x: Any, xp: ModuleType, device: Any) -> Any:
