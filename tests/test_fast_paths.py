@@ -319,9 +319,20 @@ def test_torch_declines_when_tracing_or_small(monkeypatch: pytest.MonkeyPatch) -
     torch_ = importlib.import_module("kldiv.backends.torch_")
     big = torch.rand(64, 100)
     assert torch_.kl_divergence(big, big) is not NotImplemented
-    assert torch_.kl_divergence(big[:2], big[:2]) is NotImplemented  # below MIN_ELEMENTS
     assert torch_.kl_divergence(big.half(), big.half()) is NotImplemented
-    assert torch_.kl_divergence(big.to("meta"), big.to("meta")) is NotImplemented
+    # below MIN_ELEMENTS, and devices with no fused kernel: the native route (the generic
+    # kernel on torch's own functions), with autograd
+    small_t, small_p = big[:2].clone(), big[2:4].clone().requires_grad_(True)
+    assert torch_._route(small_t, small_p) == "native"
+    out = torch_.kl_divergence(small_t, small_p)
+    with kldiv.use_generic():
+        ref = kldiv.kld(small_t, small_p)
+    assert torch.equal(out, ref)
+    (g,) = torch.autograd.grad(out.sum(), small_p)
+    (g_ref,) = torch.autograd.grad(ref.sum(), small_p)
+    assert torch.equal(g, g_ref)
+    meta = torch_.kl_divergence(big.to("meta"), big.to("meta"))
+    assert meta.device.type == "meta" and tuple(meta.shape) == (64,)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert torch_.kl_divergence(big, big) is NotImplemented
 

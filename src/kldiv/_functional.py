@@ -43,6 +43,8 @@ def broadcast_shapes(a: tuple[Any, ...], b: tuple[Any, ...], *, what: str) -> tu
 
     Unknown sizes (``None``, or NaN from Dask) are accepted against anything.
     """
+    if a == b and None not in a:
+        return a
     out = []
     for i in range(1, max(len(a), len(b)) + 1):
         da = a[-i] if i <= len(a) else 1

@@ -5,10 +5,12 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-import array_api_compat
+from ._namespace import namespace_name
 
 EPSILON = 1e-7
 """Keras' ``backend.epsilon()``: the lower clip bound of both inputs."""
+
+_WHERE_CLIP = frozenset({"jax", "dask"})
 
 
 def clip_unit(xp: ModuleType, x: Any) -> Any:
@@ -19,7 +21,7 @@ def clip_unit(xp: ModuleType, x: Any) -> Any:
     split it at the bounds (``x == 1`` is common: one-hot targets), so for JAX the clip is
     written with ``where``.
     """
-    if not (array_api_compat.is_jax_namespace(xp) or array_api_compat.is_dask_namespace(xp)):
+    if namespace_name(xp) not in _WHERE_CLIP:
         return xp.clip(x, EPSILON, 1.0)
     # Dask too: array-api-compat's Dask clip fails on chunks of unknown size. Python scalars
     # (weakly typed: x keeps its dtype) rather than 0-d arrays, so that the chunks' own

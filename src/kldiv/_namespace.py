@@ -88,6 +88,8 @@ def array_namespace(x: Any) -> ModuleType:
 
 def is_array(x: object) -> bool:
     """True for any array object a supported library (or the array API) produces."""
+    if type(x) in _NAMESPACE_CACHE:  # a type already seen as an array
+        return True
     if isinstance(x, (int, float, bool, complex)):
         return False
     return array_api_compat.is_array_api_obj(x) or _extra_namespace(x) is not None
@@ -112,8 +114,20 @@ def _is_torch(x: object) -> bool:
     return array_api_compat.is_torch_array(x)
 
 
+_NAME_CACHE: dict[int, str] = {}
+
+
 def namespace_name(xp: ModuleType) -> str:
     """A short name for a (possibly compat-wrapped) namespace: 'numpy', 'torch', ..."""
+    try:
+        return _NAME_CACHE[id(xp)]
+    except KeyError:
+        name = _namespace_name(xp)
+    _NAME_CACHE[id(xp)] = name  # namespaces are modules: they live as long as the process
+    return name
+
+
+def _namespace_name(xp: ModuleType) -> str:
     name = getattr(xp, "__kldiv_name__", None)
     if name is not None:
         return str(name)
@@ -134,6 +148,12 @@ def namespace_name(xp: ModuleType) -> str:
 
 def get_device(x: Any) -> Any:
     """The device of ``x``, or ``None`` where it has none we can ask for (JAX tracers)."""
+    tp = type(x)
+    if tp is np.ndarray:
+        return "cpu"
+    torch = sys.modules.get("torch")
+    if torch is not None and (tp is torch.Tensor or tp is torch.nn.Parameter):
+        return x.device  # what array-api-compat answers, without its chain of type checks
     try:
         device = array_api_compat.device(x)
     except Exception:
@@ -289,8 +309,10 @@ def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str) 
         same = False
     if not same:
         x = _foreign_to(x, xp, device)
-    elif device is not None and get_device(x) is not None and get_device(x) != device:
-        x = _to_device(x, device)
+    elif device is not None:
+        x_device = get_device(x)
+        if x_device is not None and x_device != device:
+            x = _to_device(x, device)
     if x.dtype != dtype:
         x = xp.astype(x, dtype)
     return x

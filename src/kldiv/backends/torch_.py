@@ -12,11 +12,12 @@ Routes, by device:
 
 - CPU: the tensors are viewed as NumPy arrays (no copy) and run through the blocked,
   multi-threaded NumPy kernels of :mod:`kldiv.backends.numpy_` (forward and backward).
-- CUDA: Triton kernels (:mod:`kldiv.backends.triton_`) when Triton is installed; without
-  Triton, the generic formula runs (``NotImplemented``).
-- Anything else (other devices, dtypes, tensor subclasses, ``torch.compile`` tracing,
-  ``torch.func`` transforms, TorchScript tracing): ``NotImplemented``, so that the generic
-  formula is what gets traced or transformed.
+- CUDA: Triton kernels (:mod:`kldiv.backends.triton_`) when Triton is installed.
+- Small inputs (< ``MIN_ELEMENTS``), other devices, and CUDA without Triton: "native", the
+  generic kernel with the ``torch`` module as its namespace (no array-api-compat wrappers).
+- Other dtypes, tensor subclasses, ``torch.compile`` tracing, ``torch.func`` transforms,
+  TorchScript tracing: ``NotImplemented``, so that the generic array-API formula is what
+  gets traced or transformed.
 
 A second derivative (``create_graph=True``) is computed with differentiable torch ops, so
 double backward works too.
@@ -29,11 +30,13 @@ from typing import Any
 
 import torch
 
+from .._kernel import kl_divergence_generic
+
 __all__ = ["MIN_ELEMENTS", "fused", "kl_divergence"]
 
 EPSILON = 1e-7
 MIN_ELEMENTS = 4096
-"""Smaller inputs decline: the generic formula's few small kernels are then cheaper."""
+"""Smaller inputs take the native route: the formula's few small kernels are then cheaper."""
 
 _FLOATS = (torch.float32, torch.float64)
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -164,16 +167,16 @@ def _route(y_true: Any, y_pred: Any) -> str | None:
         return None
     if y_pred.numel() == 0 or y_true.numel() == 0 or max(y_pred.ndim, y_true.ndim) == 0:
         return None
-    if max(y_pred.numel(), y_true.numel()) < MIN_ELEMENTS:
-        return None
     device = y_pred.device
     if y_true.device != device:
         return None
+    if max(y_pred.numel(), y_true.numel()) < MIN_ELEMENTS:
+        return "native"
     if device.type == "cpu":
         return "numpy"
     if device.type == "cuda" and _triton_module() is not None:
         return "triton"
-    return None
+    return "native"
 
 
 def fused(y_true: torch.Tensor, y_pred: torch.Tensor, route: str) -> torch.Tensor | None:
@@ -201,11 +204,18 @@ def kl_divergence(y_true: Any, y_pred: Any) -> Any:
     -------
     torch.Tensor or NotImplemented
         The per-sample loss (differentiable with respect to both inputs), or
-        ``NotImplemented`` when the generic formula should run instead (small inputs, devices
-        other than CPU and CUDA, CUDA without Triton, tracing or ``torch.func`` transforms).
+        ``NotImplemented`` when the generic array-API formula should run instead (tracing,
+        ``torch.func`` transforms, tensor subclasses, other dtypes, empty inputs). Small
+        inputs, devices other than CPU and CUDA, and CUDA without Triton run the generic
+        kernel on torch's own functions.
     """
     route = _route(y_true, y_pred)
     if route is None or _tracing():
         return NotImplemented
+    if route == "native":
+        # Small inputs, or no fused kernel for this device: the generic kernel with torch's
+        # own functions as the namespace (array-api-compat's wrappers cost more than the
+        # few small kernels); torch.clamp's gradient is the generic one.
+        return kl_divergence_generic(torch, y_true, y_pred)
     out = fused(y_true, y_pred, route)
     return NotImplemented if out is None else out
