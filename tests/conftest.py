@@ -6,13 +6,23 @@ reason; never a failure and never a silent pass.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pytest
+
+# TensorFlow and Triton each bundle LLVM: with TensorFlow loaded first, importing Triton (as
+# torch.compile and kldiv's CUDA route do) aborts the whole process ("Option ... registered
+# more than once"). Triton first is fine, so the test session imports it before any test can
+# import TensorFlow, whatever the test order.
+if importlib.util.find_spec("triton") is not None:
+    with contextlib.suppress(Exception):
+        import triton  # noqa: F401
 
 
 @dataclass

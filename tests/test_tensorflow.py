@@ -7,7 +7,6 @@ analytic gradients, and tf.keras' (tf_keras) own KLDivergence trained side by si
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -17,10 +16,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# TensorFlow and Triton each bundle LLVM; with TensorFlow loaded first, importing Triton (as
-# torch.compile does, in test_compile.py) aborts the process. Triton first is fine.
-with contextlib.suppress(Exception):
-    import triton  # noqa: F401
+# (conftest.py imports Triton before anything can import TensorFlow: see there)
 tf = pytest.importorskip("tensorflow")
 
 from tests.conftest import oracle  # noqa: E402

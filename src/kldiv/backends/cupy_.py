@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import cupy as cp
-import numpy as np
+
+from ._common import broadcast_floats
 
 __all__ = ["kl_divergence"]
 
@@ -52,12 +53,7 @@ def kl_divergence(y_true: Any, y_pred: Any) -> Any:
     cupy.ndarray or NotImplemented
         The per-sample loss, or ``NotImplemented`` for other dtypes and empty inputs.
     """
-    dtype = y_pred.dtype
-    if dtype != y_true.dtype or dtype not in (cp.float32, cp.float64):
+    tp = broadcast_floats(cp, y_true, y_pred)
+    if tp is None:
         return NotImplemented
-    shape = np.broadcast_shapes(y_true.shape, y_pred.shape)
-    if len(shape) == 0 or 0 in shape:
-        return NotImplemented
-    t = cp.broadcast_to(y_true, shape)
-    p = cp.broadcast_to(y_pred, shape)
-    return _kernel(t, p, axis=-1)
+    return _kernel(*tp, axis=-1)

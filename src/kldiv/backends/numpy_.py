@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ._common import broadcast_floats
+
 __all__ = ["BLOCK_BYTES", "MAX_THREADS", "MIN_PARALLEL", "backward", "forward", "kl_divergence"]
 
 EPSILON = 1e-7
@@ -240,13 +242,7 @@ def _run(work: _Work, full: list[Any], rows: list[Any]) -> None:
 def _prepare(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray] | None:
     if not (isinstance(y_true, np.ndarray) and isinstance(y_pred, np.ndarray)):
         return None
-    dtype = y_pred.dtype
-    if dtype != y_true.dtype or dtype not in (np.float32, np.float64):
-        return None
-    shape = np.broadcast_shapes(y_true.shape, y_pred.shape)
-    if len(shape) == 0 or 0 in shape:
-        return None
-    return np.broadcast_to(y_true, shape), np.broadcast_to(y_pred, shape)
+    return broadcast_floats(np, y_true, y_pred)
 
 
 def forward(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray | None:
