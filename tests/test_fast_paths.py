@@ -66,9 +66,15 @@ numpy_ = importlib.import_module("kldiv.backends.numpy_")
 
 @pytest.fixture
 def numpy_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records which NumPy fast-path kernel ran: "blocked" (``_run``) or "small"."""
+    """Records which NumPy fast-path kernel ran: "blocked" (``_run``), "small" or "as_written"."""
     calls: list[str] = []
-    real_run, real_small = numpy_._run, numpy_._small
+    real_run, real_small, real_written = numpy_._run, numpy_._small, numpy_._as_written
+
+    def written_spy(*args: Any) -> Any:
+        out = real_written(*args)
+        if out is not NotImplemented:
+            calls.append("as_written")
+        return out
 
     def run_spy(*args: Any) -> None:
         calls.append("blocked")
@@ -82,6 +88,7 @@ def numpy_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(numpy_, "_run", run_spy)
     monkeypatch.setattr(numpy_, "_small", small_spy)
+    monkeypatch.setattr(numpy_, "_as_written", written_spy)
     monkeypatch.setattr(numpy_, "SMALL_ELEMENTS", 0)  # the blocked kernel, unless a test says
     return calls
 
@@ -144,6 +151,13 @@ def test_numpy_non_contiguous(layout: str, dtype: Any, kernel: str, numpy_spy: l
     else:
         t, p = t[::-1, ::-1], p[:, ::-1]
     fast = kldiv.kl_divergence(t, p)
+    if layout == "transposed":
+        # Fortran-ordered rows: the formula exactly as written (SPEC §1's float64 example
+        # holds for any layout), not the C-ordered blocked kernels
+        assert numpy_spy == ["as_written"]
+        tc, pc = np.clip(t, 1e-7, 1), np.clip(p, 1e-7, 1)
+        assert np.array_equal(fast, np.sum(tc * np.log(tc / pc), axis=-1))
+        return
     assert numpy_spy and set(numpy_spy) == {kernel}
     assert np.array_equal(fast, _generic(t, p))
 

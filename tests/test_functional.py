@@ -226,3 +226,41 @@ def test_env_switch_forces_generic(monkeypatch: pytest.MonkeyPatch) -> None:
     with kldiv.use_generic():
         assert kldiv.backends.generic_forced()
     assert not kldiv.backends.generic_forced()
+
+
+@pytest.mark.parametrize("pred_kind", ["torch", "jax", "array_api_strict"])
+def test_dask_y_true_follows_non_numpy_y_pred(pred_kind: str) -> None:
+    da = BACKEND_FACTORIES["dask"]().module
+    b = BACKEND_FACTORIES[pred_kind]()
+    t = np.array(SEED_T, dtype=np.float32)
+    out = kldiv.kld(da.from_array(t, chunks=1), b.asarray(np.array(SEED_P, dtype=np.float32)))
+    assert b.is_native(out)  # y_pred's library, device and dtype (SPEC §2), y_true computed
+    assert out.dtype == b.dtype("float32")
+    np.testing.assert_allclose(b.to_numpy(out), [0.9162892, -3.0809074e-06], rtol=2e-6)
+
+
+@pytest.mark.parametrize("order", [">f8", ">f4"])
+def test_big_endian_numpy_inputs(order: str) -> None:
+    rng = np.random.default_rng(9)
+    t, p = rng.random((6, 5)), rng.random((6, 5))
+    native = order.replace(">", "=")
+    out = kldiv.kld(t.astype(order), p.astype(order))
+    assert out.dtype == np.dtype(native)
+    assert np.array_equal(out, kldiv.kld(t.astype(native), p.astype(native)))
+    loss = kldiv.KLDivergence()(t.astype(native), p.astype(native), sample_weight=np.arange(6.0).astype(">f8"))
+    np.testing.assert_allclose(loss, (oracle(t, p) * np.arange(6.0)).mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "transposed", "strided"])
+def test_float64_seed_example_exact_any_layout(layout: str) -> None:
+    rng = np.random.default_rng(1)
+    t = rng.integers(0, 2, size=(300, 50)).astype(np.float64)
+    p = rng.random(size=(300, 50))
+    if layout == "F":
+        t, p = np.asfortranarray(t), np.asfortranarray(p)
+    elif layout == "transposed":
+        t, p = t.T, p.T
+    elif layout == "strided":
+        t, p = t[::2, ::3], p[::2, ::3]
+    yt, yp = np.clip(t, 1e-7, 1), np.clip(p, 1e-7, 1)
+    assert np.array_equal(kldiv.kld(t, p), np.sum(yt * np.log(yt / yp), axis=-1))

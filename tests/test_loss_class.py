@@ -190,3 +190,31 @@ def test_python_weights_on_a_device_without_float64() -> None:
     out = KLDivergence()(t, p, sample_weight=[0.8, 0.2])  # Python floats: no float64 detour
     assert out.device == dev
     np.testing.assert_allclose(np.asarray(xps.asarray(out, device=xps.Device("CPU_DEVICE"))), 0.3665154, rtol=5e-6)
+
+
+@pytest.mark.parametrize("reduction", ["auto", "mean_with_sample_weight", "none"])
+def test_half_precision_reduced_in_float32(backend: Backend, reduction: str) -> None:
+    if "float16" not in backend.float_dtypes:
+        pytest.skip(f"{backend.name} fixture has no float16")
+    # 10000 rows of loss 9.21 each: their float16 sum would overflow (max 65504)
+    t = np.tile(np.array([[1.0, 0.0]], dtype=np.float16), (10000, 1))
+    p = np.tile(np.array([[1e-4, 1.0]], dtype=np.float16), (10000, 1))
+    mod = backend.module
+    tt = mod.asarray(t)
+    pp = mod.asarray(p)
+    if backend.name.startswith("torch"):
+        tt, pp = tt.to(backend.device), pp.to(backend.device)
+    out = KLDivergence(reduction=reduction)(tt, pp, sample_weight=np.ones(10000, dtype=np.float32))
+    assert out.dtype == backend.dtype("float16")
+    want = np.float16(oracle(t.astype(np.float32), p.astype(np.float32)).astype(np.float32))
+    got = backend.to_numpy(out).astype(np.float64)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want if reduction == "none" else want.mean(), rtol=1e-3)
+
+
+def test_dtype_argument_is_validated() -> None:
+    with pytest.raises(ValueError, match="Invalid dtype 'bogus'"):
+        KLDivergence(dtype="bogus")
+    assert KLDivergence(dtype="mixed_float16").dtype == "float16"
+    policy = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "mixed_bfloat16"}}
+    assert KLDivergence.from_config({"name": "kl", "reduction": "auto", "dtype": policy}).dtype == "bfloat16"

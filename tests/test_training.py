@@ -110,10 +110,21 @@ def keras_runs() -> dict[str, dict | str]:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
     results: dict[str, dict | str] = {}
-    for backend, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        line = next((ln for ln in out.splitlines() if ln.startswith("JSON")), None)
-        results[backend] = json.loads(line[4:]) if proc.returncode == 0 and line else err[-4000:]
+    try:
+        for backend, proc in procs.items():
+            try:
+                out, err = proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                err = f"timed out after 300 s\n{err}"
+            line = next((ln for ln in out.splitlines() if ln.startswith("JSON")), None)
+            results[backend] = json.loads(line[4:]) if proc.returncode == 0 and line else err[-4000:]
+    finally:  # never leave a training process behind (a failure above, an interrupt)
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return results
 
 

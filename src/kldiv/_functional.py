@@ -6,6 +6,8 @@ import sys
 from types import ModuleType
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from . import backends
 from ._kernel import kl_divergence_generic
 from ._namespace import (
@@ -68,12 +70,14 @@ def prepare(y_true: Any, y_pred: Any) -> Prepared:
     """Validate and convert both inputs (SPEC §1-2). Never modifies them."""
     if y_pred is None or y_true is None:
         raise TypeError("y_true and y_pred must be arrays, lists or numbers, not None.")
-    if is_dask(y_true) and not is_dask(y_pred):
-        # Dask is a container: keep the computation lazy rather than compute y_true.
+    y_pred = as_pred_array(y_pred)
+    if is_dask(y_true) and isinstance(y_pred, np.ndarray):
+        # Dask is NumPy's chunked container: as with ``dask_array + ndarray``, a Dask y_true
+        # against a NumPy y_pred keeps the call lazy rather than computing y_true. Against
+        # any other library, y_true is computed and moved to y_pred's library and device.
         import dask.array as da
 
-        y_pred = da.asarray(as_pred_array(y_pred))
-    y_pred = as_pred_array(y_pred)
+        y_pred = da.asarray(y_pred)
     try:
         xp = array_namespace(y_pred)
     except TypeError as exc:
@@ -113,16 +117,20 @@ def prepare(y_true: Any, y_pred: Any) -> Prepared:
     return Prepared(xp, y_true, y_pred, out_dtype, device)
 
 
-def compute(prep: Prepared) -> Any:
-    """Run the fast path for ``prep.xp`` if there is one, else the generic kernel."""
+def compute(prep: Prepared, *, cast: bool = True) -> Any:
+    """Run the fast path for ``prep.xp`` if there is one, else the generic kernel.
+
+    With ``cast=False`` the loss stays in the compute dtype (float32 for float16/bfloat16
+    inputs), for a reduction that must not overflow before the final cast.
+    """
     scope = device_scope(prep.xp, prep.device)
     if scope is None:
-        return _compute(prep)
+        return _compute(prep, cast)
     with scope:
-        return _compute(prep)
+        return _compute(prep, cast)
 
 
-def _compute(prep: Prepared) -> Any:
+def _compute(prep: Prepared, cast: bool) -> Any:
     xp = prep.xp
     kernel_xp = xp
     if torch_compiling():
@@ -138,7 +146,7 @@ def _compute(prep: Prepared) -> Any:
         loss = kernel(prep.y_true, prep.y_pred)
     if loss is NotImplemented:
         loss = kl_divergence_generic(kernel_xp, prep.y_true, prep.y_pred)
-    if loss.dtype != prep.out_dtype:
+    if cast and loss.dtype != prep.out_dtype:
         loss = xp.astype(loss, prep.out_dtype)
     return loss
 

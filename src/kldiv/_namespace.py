@@ -261,10 +261,18 @@ def _read_variable(x: Any) -> Any:
     return x
 
 
+def _native_byte_order(x: Any) -> Any:
+    """A NumPy array in the machine's byte order (``.npy``/FITS files may hold big-endian
+    data, which some ufunc loops and every other library refuse); anything else as is."""
+    if type(x) is np.ndarray and not x.dtype.isnative:
+        return x.astype(x.dtype.newbyteorder("="))
+    return x
+
+
 def as_pred_array(y_pred: Any) -> Any:
     """y_pred as an array of its own library; Python values become NumPy (floats: float32)."""
     if is_array(y_pred):
-        return _read_variable(y_pred)
+        return _native_byte_order(_read_variable(y_pred))
     arr = _from_python(y_pred, "y_pred")
     kind = dtype_kind(arr.dtype)
     if kind == "float" and not isinstance(y_pred, np.generic):
@@ -302,7 +310,7 @@ def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str) 
         return _asarray(xp, arr, device, dtype)
 
     _check_castable(x.dtype, dtype, what)
-    x = _read_variable(x)
+    x = _native_byte_order(_read_variable(x))
     try:
         same = array_namespace(x) is xp
     except TypeError:

@@ -66,6 +66,23 @@ def _kldiv_class(obj: object) -> type:
     return getattr(type(obj), "_kldiv_class", type(obj))
 
 
+_DTYPE_NAMES = frozenset({"float16", "bfloat16", "float32", "float64"})
+
+
+def _validate_dtype(dtype: Any) -> Any:
+    """``None``, a floating dtype name (Keras' ``"mixed_..."`` policies give their compute
+    dtype), or a library's dtype object (used as given)."""
+    if dtype is None or not isinstance(dtype, str):
+        return dtype
+    name = dtype.removeprefix("mixed_")
+    if name not in _DTYPE_NAMES:
+        raise ValueError(
+            f"Invalid dtype {dtype!r} for KLDivergence: expected one of "
+            f"{', '.join(sorted(_DTYPE_NAMES))} (or a Keras 'mixed_...' policy name) or None."
+        )
+    return name
+
+
 def _restore(cls: Any, state: dict[str, Any]) -> Any:
     obj = cls.__new__(cls)
     obj.__dict__.update(state)
@@ -121,7 +138,7 @@ class KLDivergence:
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}.")
         self.name = name
-        self.dtype = dtype
+        self.dtype = _validate_dtype(dtype)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """The unreduced, unweighted per-sample loss (Keras' ``Loss.call``)."""
@@ -130,16 +147,20 @@ class KLDivergence:
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         """Weighted, reduced loss. ``sample_weight`` follows Keras 2's rank rules."""
         prep = prepare(y_true, y_pred)
-        scope = device_scope(prep.xp, prep.device)
+        xp = prep.xp
+        scope = device_scope(xp, prep.device)
+        # weighted and reduced in the compute dtype (float32 for float16/bfloat16: a sum of
+        # many float16 losses overflows), then cast once
         if scope is None:
-            out = reduce_loss(prep.xp, compute(prep), sample_weight, reduction=self.reduction)
+            out = reduce_loss(xp, compute(prep, cast=False), sample_weight, reduction=self.reduction)
         else:
             with scope:  # TensorFlow, eagerly: on y_pred's device
-                out = reduce_loss(prep.xp, compute(prep), sample_weight, reduction=self.reduction)
+                out = reduce_loss(xp, compute(prep, cast=False), sample_weight, reduction=self.reduction)
         if self.dtype is not None:
-            dtype = getattr(prep.xp, self.dtype) if isinstance(self.dtype, str) else self.dtype
-            out = prep.xp.astype(out, dtype)
-        return out
+            dtype = getattr(xp, self.dtype) if isinstance(self.dtype, str) else self.dtype
+        else:
+            dtype = prep.out_dtype
+        return xp.astype(out, dtype) if out.dtype != dtype else out
 
     def get_config(self) -> dict[str, Any]:
         """The constructor arguments, as Keras would save them."""

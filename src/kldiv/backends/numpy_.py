@@ -22,6 +22,7 @@ buffers and a boolean mask in the backward pass used by the PyTorch CPU path), i
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -296,6 +297,32 @@ def _small(y_true: np.ndarray, y_pred: np.ndarray) -> Any:
     return np.add.reduce(q, axis=-1)
 
 
+def _c_like(x: np.ndarray) -> bool:
+    """True when NumPy's elementwise results for ``x`` are laid out in C order: the strides of
+    its non-broadcast axes (extent > 1) do not grow from the first axis to the last. Then
+    every row of ``t * log(t / p)`` is contiguous and NumPy sums it pairwise, as the blocked
+    kernels do."""
+    st = [abs(s) for s, n in zip(x.strides, x.shape, strict=True) if n > 1 and s != 0]
+    return all(a >= b for a, b in itertools.pairwise(st))
+
+
+def _as_written(y_true: np.ndarray, y_pred: np.ndarray) -> Any:
+    """Other layouts (Fortran order, transposes): the formula exactly as Keras' docs write it.
+
+    NumPy lays such temporaries out in the inputs' own order and sums their rows in another
+    order than pairwise, so only the formula as written gives the documented float64 result
+    bit for bit (SPEC §1). Not memory-bounded: it makes the formula's full-size temporaries.
+    """
+    dtype = y_pred.dtype
+    if dtype != y_true.dtype or dtype not in (np.float32, np.float64):
+        return NotImplemented
+    if y_true.size == 0 or y_pred.size == 0 or max(y_true.ndim, y_pred.ndim) == 0:
+        return NotImplemented
+    t = np.clip(y_true, EPSILON, 1.0)
+    p = np.clip(y_pred, EPSILON, 1.0)
+    return np.sum(t * np.log(t / p), axis=-1)
+
+
 def kl_divergence(y_true: Any, y_pred: Any) -> Any:
     """Blocked, threaded ``sum(t * log(t / p), axis=-1)`` on the clipped NumPy inputs.
 
@@ -308,13 +335,16 @@ def kl_divergence(y_true: Any, y_pred: Any) -> Any:
     Returns
     -------
     numpy.ndarray or NotImplemented
-        The per-sample loss, bitwise equal to the generic kernel's, or ``NotImplemented``
+        The per-sample loss, bitwise equal to the generic kernel's for C-like layouts (and to
+        the formula as written for Fortran-ordered or transposed ones), or ``NotImplemented``
         (the generic kernel then runs) for dtypes other than float32/float64 and empty
         inputs.
     """
-    if (isinstance(y_true, np.ndarray) and isinstance(y_pred, np.ndarray)
-            and max(y_true.size, y_pred.size) <= SMALL_ELEMENTS):
-        return _small(y_true, y_pred)
+    if isinstance(y_true, np.ndarray) and isinstance(y_pred, np.ndarray):
+        if not (_c_like(y_true) and _c_like(y_pred)):
+            return _as_written(y_true, y_pred)
+        if max(y_true.size, y_pred.size) <= SMALL_ELEMENTS:
+            return _small(y_true, y_pred)
     out = forward(y_true, y_pred)
     if out is None:
         return NotImplemented
