@@ -9,8 +9,6 @@ Importing kldiv imports NumPy and array-api-compat only: a framework is touched 
 an array of it is passed in.
 """
 
-from __future__ import annotations
-
 from . import backends, losses, metrics
 from ._chunked import evaluate_batches, evaluate_files
 from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
