@@ -19,6 +19,7 @@ import runpy
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -181,8 +182,10 @@ def test_keras_example_runs() -> None:
 
 # ---- a plain PyTorch training loop --------------------------------------------------------
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
+@pytest.fixture
+def torch():  # type: ignore[no-untyped-def]
+    """torch for the tests below only: without it they skip, the Keras tests above still run."""
+    return pytest.importorskip("torch", reason="torch is not installed: pip install 'kldiv[torch]'")
 
 
 def _example() -> dict:
@@ -190,7 +193,7 @@ def _example() -> dict:
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_torch_training_loop_example_matches_f_kl_div(device: str) -> None:
+def test_torch_training_loop_example_matches_f_kl_div(device: str, torch: Any) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine")
     history = _example()["train"](device, steps=15)
@@ -199,7 +202,8 @@ def test_torch_training_loop_example_matches_f_kl_div(device: str) -> None:
     assert history["kldiv"][-1] < history["kldiv"][0]
 
 
-def test_kldiv_per_sample_loss_and_gradient_equal_f_kl_div_on_clipped_inputs() -> None:
+def test_kldiv_per_sample_loss_and_gradient_equal_f_kl_div_on_clipped_inputs(torch: Any) -> None:
+    F = torch.nn.functional
     g = torch.Generator().manual_seed(1)
     t = torch.softmax(4 * torch.randn(32, 7, generator=g), -1)
     t[:4] = 0.0

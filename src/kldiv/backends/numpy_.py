@@ -23,6 +23,7 @@ buffers and a boolean mask in the backward pass used by the PyTorch CPU path), i
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -42,6 +43,9 @@ MAX_THREADS = 8
 """Upper bound on worker threads (the pool has ``min(usable CPUs, MAX_THREADS)``)."""
 SMALL_ELEMENTS = 1 << 14
 """Inputs of at most this many elements skip the blocking (see :func:`_small`)."""
+AS_WRITTEN_MAX_BYTES = 16 * 1024 * 1024
+"""Fortran-ordered/transposed inputs up to this many bytes (the larger operand) go through
+:func:`_as_written`; larger ones through the memory-bounded blocked kernel."""
 MIN_PARALLEL = 1 << 17
 """Inputs with fewer elements than this run in the calling thread."""
 CHUNKS_PER_THREAD = 4
@@ -241,8 +245,8 @@ def _run(work: _Work, full: list[Any], rows: list[Any]) -> None:
 
 
 def _prepare(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray] | None:
-    if not (isinstance(y_true, np.ndarray) and isinstance(y_pred, np.ndarray)):
-        return None
+    if not (type(y_true) is np.ndarray and type(y_pred) is np.ndarray):
+        return None  # subclasses (masked arrays, np.matrix) keep their own ufunc semantics
     return broadcast_floats(np, y_true, y_pred)
 
 
@@ -306,12 +310,24 @@ def _c_like(x: np.ndarray) -> bool:
     return all(a >= b for a, b in itertools.pairwise(st))
 
 
+def _temporaries_fit(y_true: np.ndarray, y_pred: np.ndarray) -> bool:
+    """Whether one full-size temporary of the broadcast shape stays within
+    :data:`AS_WRITTEN_MAX_BYTES`."""
+    try:
+        shape = np.broadcast_shapes(y_true.shape, y_pred.shape)
+    except ValueError:
+        return False
+    return math.prod(shape) * max(y_true.itemsize, y_pred.itemsize) <= AS_WRITTEN_MAX_BYTES
+
+
 def _as_written(y_true: np.ndarray, y_pred: np.ndarray) -> Any:
     """Other layouts (Fortran order, transposes): the formula exactly as Keras' docs write it.
 
     NumPy lays such temporaries out in the inputs' own order and sums their rows in another
     order than pairwise, so only the formula as written gives the documented float64 result
-    bit for bit (SPEC §1). Not memory-bounded: it makes the formula's full-size temporaries.
+    bit for bit (SPEC §1). It makes the formula's full-size temporaries, so it is used only up
+    to :data:`AS_WRITTEN_MAX_BYTES` per temporary; larger inputs of these layouts go through
+    the memory-bounded blocked kernel (rows summed pairwise, as for a C-ordered copy).
     """
     dtype = y_pred.dtype
     if dtype != y_true.dtype or dtype not in (np.float32, np.float64):
@@ -336,12 +352,14 @@ def kl_divergence(y_true: Any, y_pred: Any) -> Any:
     -------
     numpy.ndarray or NotImplemented
         The per-sample loss, bitwise equal to the generic kernel's for C-like layouts (and to
-        the formula as written for Fortran-ordered or transposed ones), or ``NotImplemented``
+        the formula as written for Fortran-ordered or transposed ones up to
+        :data:`AS_WRITTEN_MAX_BYTES`; beyond that, to the generic kernel on a C-ordered copy,
+        in bounded memory), or ``NotImplemented``
         (the generic kernel then runs) for dtypes other than float32/float64 and empty
         inputs.
     """
-    if isinstance(y_true, np.ndarray) and isinstance(y_pred, np.ndarray):
-        if not (_c_like(y_true) and _c_like(y_pred)):
+    if type(y_true) is np.ndarray and type(y_pred) is np.ndarray:
+        if not (_c_like(y_true) and _c_like(y_pred)) and _temporaries_fit(y_true, y_pred):
             return _as_written(y_true, y_pred)
         if max(y_true.size, y_pred.size) <= SMALL_ELEMENTS:
             return _small(y_true, y_pred)
