@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -137,6 +139,41 @@ def test_half_precision_computed_in_float32(backend: Backend, low: str) -> None:
     p32 = backend.to_numpy(p).astype(np.float32)
     want = np.asarray(oracle(t32, p32), dtype=np.float32)
     np.testing.assert_allclose(got, want, rtol=1e-2)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_computed_in_float32(lib: str, fmt: str) -> None:
+    """float8 inputs (ml_dtypes for NumPy, torch, JAX) take the float16 route: computed in
+    float32 and rounded back, never a backend error or NaN."""
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed")
+    t = np.array([[0.0, 1.0], [0.0, 0.0], [0.3, 0.7]], np.float32)
+    p = np.array([[0.6, 0.4], [0.4, 0.6], [0.5, 0.5]], np.float32)
+    if lib == "numpy":
+        dt = getattr(ml_dtypes, fmt)
+        t8, p8 = t.astype(dt), p.astype(dt)
+        back = np.asarray
+    elif lib == "torch":
+        torch = pytest.importorskip("torch", reason="torch is not installed")
+        dt = getattr(torch, fmt)
+        t8, p8 = torch.tensor(t).to(dt), torch.tensor(p).to(dt)
+        def back(x: Any) -> np.ndarray:
+            return x.float().numpy()
+    else:
+        jnp = pytest.importorskip("jax.numpy", reason="jax is not installed")
+        dt = getattr(jnp, fmt)
+        t8, p8 = jnp.asarray(t, dtype=dt), jnp.asarray(p, dtype=dt)
+        back = np.asarray
+    t32 = np.asarray(back(t8), np.float32)
+    p32 = np.asarray(back(p8), np.float32)
+    want = np.asarray(oracle(t32, p32), np.float32).astype(getattr(ml_dtypes, fmt))
+    out = kldiv.kld(t8, p8)
+    assert out.dtype == dt
+    np.testing.assert_array_equal(np.asarray(back(out), np.float32), want.astype(np.float32))
+    loss = kldiv.KLDivergence()(t8, p8)
+    assert loss.dtype == dt
+    mean = np.float32(np.mean(np.asarray(oracle(t32, p32), np.float32)))
+    np.testing.assert_allclose(np.asarray(back(loss), np.float32), mean, rtol=0.15)
 
 
 def _make(kind: str, arr: np.ndarray) -> object:

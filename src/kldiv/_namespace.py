@@ -215,13 +215,15 @@ def _dtype_kind(dtype: Any) -> str:
 
 
 def is_low_precision(dtype: Any) -> bool:
-    """float16 and bfloat16 (of any library): computed in float32 by kldiv."""
+    """float16, bfloat16 and the float8/float6/float4 formats (of any library): computed in
+    float32 by kldiv and returned in the input dtype."""
     key = (type(dtype), dtype)
     try:
         return _LOW_CACHE[key]
     except (KeyError, TypeError):
         pass
-    low = _dtype_name(dtype) in {"float16", "bfloat16", "half"}
+    name = _dtype_name(dtype)
+    low = name in {"float16", "bfloat16", "half"} or name.startswith(("float8_", "float6_", "float4_"))
     with contextlib.suppress(TypeError):
         _LOW_CACHE[key] = low
     return low
