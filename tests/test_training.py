@@ -183,7 +183,7 @@ def test_keras_example_runs() -> None:
 # ---- a plain PyTorch training loop --------------------------------------------------------
 
 @pytest.fixture
-def torch():  # type: ignore[no-untyped-def]
+def torch() -> Any:
     """torch for the tests below only: without it they skip, the Keras tests above still run."""
     return pytest.importorskip("torch", reason="torch is not installed: pip install 'kldiv[torch]'")
 

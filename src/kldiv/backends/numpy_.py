@@ -44,8 +44,9 @@ MAX_THREADS = 8
 SMALL_ELEMENTS = 1 << 14
 """Inputs of at most this many elements skip the blocking (see :func:`_small`)."""
 AS_WRITTEN_MAX_BYTES = 16 * 1024 * 1024
-"""Fortran-ordered/transposed inputs up to this many bytes (the larger operand) go through
-:func:`_as_written`; larger ones through the memory-bounded blocked kernel."""
+"""Fortran-ordered/transposed inputs whose full-size temporary (the broadcast shape) is at most
+this many bytes go through :func:`_as_written`; larger ones through the memory-bounded blocked
+kernel."""
 MIN_PARALLEL = 1 << 17
 """Inputs with fewer elements than this run in the calling thread."""
 CHUNKS_PER_THREAD = 4
@@ -313,10 +314,7 @@ def _c_like(x: np.ndarray) -> bool:
 def _temporaries_fit(y_true: np.ndarray, y_pred: np.ndarray) -> bool:
     """Whether one full-size temporary of the broadcast shape stays within
     :data:`AS_WRITTEN_MAX_BYTES`."""
-    try:
-        shape = np.broadcast_shapes(y_true.shape, y_pred.shape)
-    except ValueError:
-        return False
+    shape = np.broadcast_shapes(y_true.shape, y_pred.shape)
     return math.prod(shape) * max(y_true.itemsize, y_pred.itemsize) <= AS_WRITTEN_MAX_BYTES
 
 
