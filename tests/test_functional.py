@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -80,13 +81,44 @@ def test_broadcasting(backend: Backend) -> None:
     np.testing.assert_allclose(backend.to_numpy(out), oracle(t, p), rtol=1e-5)
 
 
-def test_trailing_unit_axis_is_squeezed(backend: Backend) -> None:
-    # Keras 2: ranks differing by one with a trailing 1 on the larger -> squeezed
-    t = np.array([[0.2], [0.9], [0.5]], dtype=np.float32)
-    p = np.array([0.3, 0.8, 0.5], dtype=np.float32)
+# (y_true shape, y_pred shape): the function broadcasts plainly, as tf.keras.losses.kld and
+# keras.losses.kl_divergence do (checked against both in tests/test_parity.py); the rank squeeze
+# is the loss class's (tests/test_loss_class.py).
+BROADCAST_PAIRS = [
+    ((3, 1), (3,)), ((3,), (3, 1)), ((3, 1), (5, 3, 1)), ((5, 3, 1), (3, 1)), ((2, 1), (2,)),
+    ((2, 1, 1), (2, 1)), ((2, 1), (2, 1, 1)), ((1,), (3,)), ((2, 3), (3,)), ((4, 1), (4, 1)),
+    ((0, 1), (0,)), ((3, 2, 1), (2,)), ((1, 1), (1,)),
+]
+
+
+@pytest.mark.parametrize(("t_shape", "p_shape"), BROADCAST_PAIRS)
+def test_function_broadcasts_like_the_keras_function(
+    backend: Backend, t_shape: tuple[int, ...], p_shape: tuple[int, ...]
+) -> None:
+    rng = np.random.default_rng(len(t_shape) * 10 + len(p_shape))
+    t = rng.random(t_shape).astype(np.float32)
+    p = rng.random(p_shape).astype(np.float32)
     out = kldiv.kld(backend.asarray(t), backend.asarray(p))
-    assert tuple(out.shape) == ()
-    np.testing.assert_allclose(backend.to_numpy(out), oracle(t[:, 0], p), rtol=1e-5)
+    want = oracle(t, p)  # NumPy broadcasting, then the sum over the last axis
+    assert tuple(out.shape) == np.broadcast_shapes(t_shape, p_shape)[:-1] == want.shape
+    np.testing.assert_allclose(backend.to_numpy(out), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("t_shape", "p_shape"), [((2, 3), (2, 3, 1)), ((2, 3, 1), (2, 3)), ((5, 1), (3, 1)), ((3, 2), (3,))]
+)
+def test_function_shape_errors_name_the_shapes_given(
+    backend: Backend, t_shape: tuple[int, ...], p_shape: tuple[int, ...]
+) -> None:
+    t = backend.asarray(np.ones(t_shape, np.float32))
+    p = backend.asarray(np.ones(p_shape, np.float32))
+    pattern = re.escape(f"y_true of shape {_s(t_shape)} and y_pred of shape {_s(p_shape)} do not broadcast")
+    with pytest.raises(ValueError, match=pattern):
+        kldiv.kld(t, p)
+
+
+def _s(shape: tuple[int, ...]) -> str:
+    return str(shape)
 
 
 def test_python_lists_and_scalars() -> None:

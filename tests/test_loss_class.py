@@ -218,3 +218,56 @@ def test_dtype_argument_is_validated() -> None:
     assert KLDivergence(dtype="mixed_float16").dtype == "float16"
     policy = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "mixed_bfloat16"}}
     assert KLDivergence.from_config({"name": "kl", "reduction": "auto", "dtype": policy}).dtype == "bfloat16"
+
+
+# Keras 2's squeeze_or_expand_dimensions (tf.keras' class on tensors; tests/test_parity.py
+# checks these against tf_keras): (y_true shape, y_pred shape, per-sample loss shape, the
+# oracle's inputs after the squeeze as index expressions).
+SQUEEZE_CASES = [
+    ((3, 1), (3,), ()),
+    ((3,), (3, 1), ()),
+    ((2, 3), (2, 3, 1), (2,)),
+    ((2, 3, 1), (2, 3), (2,)),
+    ((2, 1, 1), (2, 1), (2,)),
+    ((2, 1), (2, 1, 1), (2,)),
+    ((2, 3, 1), (2, 1), (2,)),
+    ((2, 3), (3,), (2,)),  # ranks differ but no trailing 1: plain broadcasting
+    ((3, 2, 1), (2,), (3, 2)),  # ranks differ by two: plain broadcasting
+    ((0, 1), (0,), ()),
+]
+
+
+def _squeeze(t: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if t.ndim == p.ndim + 1 and t.shape[-1] == 1:
+        return t[..., 0], p
+    if p.ndim == t.ndim + 1 and p.shape[-1] == 1:
+        return t, p[..., 0]
+    return t, p
+
+
+@pytest.mark.parametrize(("t_shape", "p_shape", "loss_shape"), SQUEEZE_CASES)
+def test_class_applies_keras_rank_squeeze(
+    backend: Backend, t_shape: tuple[int, ...], p_shape: tuple[int, ...], loss_shape: tuple[int, ...]
+) -> None:
+    rng = np.random.default_rng(len(t_shape) + 3 * len(p_shape))
+    t = rng.random(t_shape).astype(np.float32)
+    p = rng.random(p_shape).astype(np.float32)
+    want = oracle(*_squeeze(t, p))
+    assert want.shape == loss_shape
+    loss = KLDivergence(reduction="none")
+    for out in (loss(backend.asarray(t), backend.asarray(p)), loss.call(backend.asarray(t), backend.asarray(p))):
+        assert tuple(out.shape) == loss_shape
+        np.testing.assert_allclose(backend.to_numpy(out), want, rtol=1e-5, atol=1e-7)
+    mean = KLDivergence()(backend.asarray(t), backend.asarray(p))
+    np.testing.assert_allclose(backend.to_numpy(mean), want.mean() if want.size else 0.0, rtol=1e-5, atol=1e-7)
+
+
+def test_class_shape_error_names_the_shapes_given(backend: Backend) -> None:
+    # Keras 2's class squeezes y_pred (5, 3, 1) to (5, 3), which does not broadcast with (3, 1)
+    t = backend.asarray(np.ones((3, 1), np.float32))
+    p = backend.asarray(np.ones((5, 3, 1), np.float32))
+    with pytest.raises(ValueError, match=r"y_true of shape \(3, 1\) and y_pred of shape \(5, 3, 1\) do not "
+                       r"broadcast \(.*y_pred's trailing axis of 1 squeezed, giving \(5, 3\)\)"):
+        KLDivergence()(t, p)
+    # the function broadcasts them as given, like tf.keras.losses.kld
+    assert tuple(kldiv.kld(t, p).shape) == (5, 3)

@@ -139,3 +139,66 @@ def test_where_kldiv_deliberately_differs(tf_keras: Any) -> None:
     tf_keras.losses.KLDivergence()(yt, yp, sample_weight=w)  # no error in tf.keras
     with pytest.raises(ValueError, match="does not broadcast"):
         kldiv.KLDivergence()(yt, yp, sample_weight=w)
+
+
+# Rank combinations (y_true shape, y_pred shape), including those where Keras' class squeezes
+# a trailing axis of 1 and those where the shapes do not broadcast at all.
+RANK_PAIRS = [
+    ((3, 1), (3,)), ((3,), (3, 1)), ((3, 1), (5, 3, 1)), ((5, 3, 1), (3, 1)), ((2, 3), (2, 3, 1)),
+    ((2, 3, 1), (2, 3)), ((2, 1), (2,)), ((2,), (2, 1)), ((1,), (3,)), ((2, 3), (3,)),
+    ((4, 1), (4, 1)), ((2, 1, 1), (2, 1)), ((2, 1), (2, 1, 1)), ((0, 1), (0,)), ((3, 2), (3,)),
+    ((1, 1), (1,)), ((2, 3, 1), (2, 1)), ((5, 1), (3, 1)), ((3, 2, 1), (2,)),
+]
+
+
+def _rank_inputs(t_shape: tuple[int, ...], p_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(len(t_shape) * 7 + sum(p_shape))
+    return rng.random(t_shape).astype(np.float32), rng.random(p_shape).astype(np.float32)
+
+
+def _tf_result(fn: Any) -> Any:
+    """tf.keras' result as an array, or ``ValueError`` when it fails on the shapes."""
+    import tensorflow as tf
+
+    try:
+        return np.asarray(fn())
+    except (tf.errors.InvalidArgumentError, ValueError):
+        return ValueError
+
+
+@pytest.mark.parametrize(("t_shape", "p_shape"), RANK_PAIRS, ids=[f"{t}-{p}" for t, p in RANK_PAIRS])
+def test_function_ranks_match_tf_keras_function(tf_keras: Any, t_shape: tuple, p_shape: tuple) -> None:
+    """The function broadcasts as given, like ``tf.keras.losses.kld`` (no rank squeeze)."""
+    import tensorflow as tf
+
+    t, p = _rank_inputs(t_shape, p_shape)
+    for wrap in (np.asarray, tf.constant):
+        ref = _tf_result(lambda: tf_keras.losses.kld(wrap(t), wrap(p)))
+        if ref is ValueError:
+            with pytest.raises(ValueError, match=r"y_true of shape .* and y_pred of shape .* do not broadcast"):
+                kldiv.kld(t, p)
+        else:
+            got = kldiv.kld(t, p)
+            assert np.shape(got) == ref.shape
+            np.testing.assert_allclose(got, ref, **TOL["float32"])
+
+
+@pytest.mark.parametrize(("t_shape", "p_shape"), RANK_PAIRS, ids=[f"{t}-{p}" for t, p in RANK_PAIRS])
+def test_class_ranks_match_tf_keras_class_on_tensors(tf_keras: Any, t_shape: tuple, p_shape: tuple) -> None:
+    """The class applies Keras 2's ``squeeze_or_expand_dimensions``, as tf.keras' class does
+    on tensors (tf.keras skips it for NumPy inputs, a quirk kldiv does not copy)."""
+    import tensorflow as tf
+
+    t, p = _rank_inputs(t_shape, p_shape)
+    for reduction in ("none", "sum"):
+        ref = _tf_result(lambda: tf_keras.losses.KLDivergence(reduction=reduction)(tf.constant(t), tf.constant(p)))
+        loss = kldiv.KLDivergence(reduction=reduction)
+        if ref is ValueError:
+            with pytest.raises(ValueError, match=r"y_true of shape .* and y_pred of shape .* do not broadcast"):
+                loss(t, p)
+        else:
+            got = loss(t, p)
+            assert np.shape(got) == ref.shape
+            np.testing.assert_allclose(got, ref, **TOL["float32"])
+            # kldiv's own TensorFlow path gives the same
+            np.testing.assert_allclose(loss(tf.constant(t), tf.constant(p)).numpy(), ref, **TOL["float32"])

@@ -66,8 +66,14 @@ def _squeeze_last(xp: ModuleType, x: Any) -> Any:
     return xp.reshape(x, tuple(x.shape[:-1]))
 
 
-def prepare(y_true: Any, y_pred: Any) -> Prepared:
-    """Validate and convert both inputs (SPEC §1-2). Never modifies them."""
+def prepare(y_true: Any, y_pred: Any, *, squeeze: bool = True) -> Prepared:
+    """Validate and convert both inputs (SPEC §1-2). Never modifies them.
+
+    With ``squeeze=True`` (the loss class, the metric and the streaming evaluation), Keras 2's
+    ``squeeze_or_expand_dimensions`` runs first: when the ranks differ by one and the larger
+    has a trailing axis of 1, that axis is dropped. The function ``kl_divergence`` passes
+    ``squeeze=False``: like ``tf.keras.losses.kld`` it broadcasts the inputs as given.
+    """
     if y_pred is None or y_true is None:
         raise TypeError("y_true and y_pred must be arrays, lists or numbers, not None.")
     y_pred = as_pred_array(y_pred)
@@ -100,20 +106,28 @@ def prepare(y_true: Any, y_pred: Any) -> Prepared:
         y_pred = xp.astype(y_pred, compute_dtype)
     y_true = to_namespace(y_true, xp, device, compute_dtype, what="y_true")
 
-    # Keras 2: ranks differing by one with a trailing axis of 1 on the larger -> squeeze it.
-    if y_true.ndim == y_pred.ndim + 1 and y_true.shape[-1] == 1:
-        y_true = _squeeze_last(xp, y_true)
-    elif y_pred.ndim == y_true.ndim + 1 and y_pred.shape[-1] == 1:
-        y_pred = _squeeze_last(xp, y_pred)
+    given = (tuple(y_true.shape), tuple(y_pred.shape))
+    squeezed = ""
+    if squeeze:
+        # Keras 2's squeeze_or_expand_dimensions: ranks differing by one with a trailing axis
+        # of 1 on the larger -> that axis is squeezed.
+        if y_true.ndim == y_pred.ndim + 1 and y_true.shape[-1] == 1:
+            y_true = _squeeze_last(xp, y_true)
+            squeezed = f"y_true's trailing axis of 1 squeezed, giving {_shape_str(tuple(y_true.shape))}"
+        elif y_pred.ndim == y_true.ndim + 1 and y_pred.shape[-1] == 1:
+            y_pred = _squeeze_last(xp, y_pred)
+            squeezed = f"y_pred's trailing axis of 1 squeezed, giving {_shape_str(tuple(y_pred.shape))}"
 
+    described = f"y_true of shape {_shape_str(given[0])} and y_pred of shape {_shape_str(given[1])}"
     if y_true.ndim == 0 and y_pred.ndim == 0:
         # A scalar broadcasts against an array (Python scalars are accepted), but with no
         # array at all there is no class axis to sum over.
-        raise ValueError(
-            "kl_divergence needs a class axis (an input of at least 1-d); got y_true of shape "
-            f"{_shape_str(tuple(y_true.shape))} and y_pred of shape {_shape_str(tuple(y_pred.shape))}."
-        )
-    broadcast_shapes(tuple(y_true.shape), tuple(y_pred.shape), what="y_true and y_pred")
+        raise ValueError(f"kl_divergence needs a class axis (an input of at least 1-d); got {described}.")
+    try:
+        broadcast_shapes(tuple(y_true.shape), tuple(y_pred.shape), what="y_true and y_pred")
+    except ValueError:
+        note = f" (after Keras' rank rule for losses and metrics: {squeezed})" if squeezed else ""
+        raise ValueError(f"{described} do not broadcast{note}.") from None
     return Prepared(xp, y_true, y_pred, out_dtype, device)
 
 
@@ -198,7 +212,7 @@ def kl_divergence(y_true: Any, y_pred: Any, /) -> Any:
     >>> kldiv.kld(np.array([[0., 1.], [0., 0.]]), np.array([[.6, .4], [.4, .6]]))
     array([ 9.16289171e-01, -3.08090749e-06])
     """
-    return compute(prepare(y_true, y_pred))
+    return compute(prepare(y_true, y_pred, squeeze=False))
 
 
 kld = kl_divergence

@@ -141,8 +141,9 @@ class KLDivergence:
         self.dtype = _validate_dtype(dtype)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        """The unreduced, unweighted per-sample loss (Keras' ``Loss.call``)."""
-        return kl_divergence(y_true, y_pred)
+        """The unreduced, unweighted per-sample loss (Keras' ``Loss.call``), after Keras 2's
+        rank squeeze (see :meth:`__call__`)."""
+        return compute(prepare(y_true, y_pred))
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         """Weighted, reduced loss. ``sample_weight`` follows Keras 2's rank rules."""
