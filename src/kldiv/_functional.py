@@ -19,6 +19,7 @@ from ._namespace import (
     is_dask,
     is_low_precision,
     namespace_name,
+    native_namespace,
     to_namespace,
     torch_compiling,
 )
@@ -155,6 +156,7 @@ def _compute(prep: Prepared, cast: bool) -> Any:
             kernel_xp = sys.modules["torch"]
     else:
         kernel = backends.fast_path(namespace_name(xp))
+        kernel_xp = native_namespace(xp)
     loss = NotImplemented
     if kernel is not None:
         loss = kernel(prep.y_true, prep.y_pred)

@@ -27,6 +27,7 @@ __all__ = [
     "is_dask",
     "is_low_precision",
     "namespace_name",
+    "native_namespace",
     "to_namespace",
 ]
 
@@ -144,6 +145,18 @@ def _namespace_name(xp: ModuleType) -> str:
     if array_api_compat.is_array_api_strict_namespace(xp):
         return "array_api_strict"
     return getattr(xp, "__name__", type(xp).__name__)
+
+
+def native_namespace(xp: ModuleType) -> ModuleType:
+    """The namespace the generic kernel runs in: NumPy itself for NumPy arrays, else ``xp``.
+
+    array-api-compat's NumPy ``clip`` writes into a new C-ordered array, so a
+    Fortran-ordered or transposed input would be summed in another order than the formula
+    as written (and than the NumPy fast path). NumPy's own functions keep the inputs' memory
+    layout (and a subclass's semantics, e.g. masked arrays); NumPy 2 is array-API compatible
+    in everything the kernel calls.
+    """
+    return np if namespace_name(xp) == "numpy" else xp
 
 
 def get_device(x: Any) -> Any:
