@@ -368,3 +368,47 @@ def test_generic_kernel_is_the_formula_as_written_in_any_layout(dtype: str, rows
         fast = kldiv.kld(a, b)
         assert np.array_equal(generic, written), name
         assert np.array_equal(fast, generic), name
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_numpy_matrix_inputs_keep_their_dtype() -> None:
+    """np.matrix is an ndarray subclass array-api-compat does not accept: it was read as a
+    Python value (floats -> float32). It is an ndarray of its own dtype, and the result a
+    plain ndarray (np.matrix cannot hold the 1-d per-sample loss)."""
+    t = np.matrix(SEED_T)
+    p = np.matrix(SEED_P)
+    out = kldiv.kld(t, p)
+    assert type(out) is np.ndarray and out.dtype == np.float64 and out.shape == (2,)
+    assert np.array_equal(out, kldiv.kld(np.asarray(t), np.asarray(p)))
+    loss = kldiv.KLDivergence()(t, p, sample_weight=np.matrix([[0.8], [0.2]]))
+    assert type(loss) is np.float64
+    np.testing.assert_allclose(loss, 0.3665154, rtol=1e-6)
+    out32 = kldiv.kld(t, p.astype(np.float32))
+    assert out32.dtype == np.float32
+
+
+def test_jax_float32_seed_example_is_numpys_value() -> None:
+    """XLA fused the product into the row sum's addition (one FMA rounding instead of two):
+    -3.0809076e-06 where NumPy, tf.keras and JAX's own un-fused ops give -3.0809074e-06."""
+    b = BACKEND_FACTORIES["jax"]()
+    t, p = np.array(SEED_T, np.float32), np.array(SEED_P, np.float32)
+    want = np.sum(np.clip(t, 1e-7, 1) * np.log(np.clip(t, 1e-7, 1) / np.clip(p, 1e-7, 1)), axis=-1)
+    assert want[1] == np.float32(-3.0809074e-06)
+    out = np.asarray(kldiv.kld(b.asarray(t), b.asarray(p)))
+    assert np.array_equal(out, want)
+    import jax
+
+    assert np.array_equal(np.asarray(jax.jit(kldiv.kld)(b.asarray(t), b.asarray(p))), want)
+
+
+@pytest.mark.parametrize("shape", [(1000, 2), (300, 3), (200, 100), (16, 5000), (3, 4, 7)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_jax_fast_path_is_bitwise_the_generic_kernel(shape: tuple[int, ...], dtype: str) -> None:
+    b = BACKEND_FACTORIES["jax"]()
+    rng = np.random.default_rng(sum(shape))
+    t = b.asarray(rng.uniform(-0.1, 1.1, size=shape), dtype=dtype)
+    p = b.asarray(rng.uniform(-0.1, 1.1, size=shape), dtype=dtype)
+    fast = np.asarray(kldiv.kld(t, p))
+    with kldiv.use_generic():
+        generic = np.asarray(kldiv.kld(t, p))
+    assert np.array_equal(fast, generic)

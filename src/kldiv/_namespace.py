@@ -290,8 +290,10 @@ def as_pred_array(y_pred: Any) -> Any:
         return _native_byte_order(_read_variable(y_pred))
     arr = _from_python(y_pred, "y_pred")
     kind = dtype_kind(arr.dtype)
-    if kind == "float" and not isinstance(y_pred, np.generic):
-        # Python floats are Keras floatx (float32) values, as in the seed examples.
+    if kind == "float" and not isinstance(y_pred, (np.generic, np.ndarray)):
+        # Python floats are Keras floatx (float32) values, as in the seed examples. NumPy
+        # objects array-api-compat does not take as arrays (NumPy scalars, np.matrix) keep
+        # their dtype.
         arr = arr.astype(np.float32)
     return arr
 

@@ -6,6 +6,12 @@ the row sum into one loop. The jitted function is built once and cached by JAX p
 shape and dtype. Inside a user's ``jax.jit``, ``jax.grad`` or ``jax.vmap`` the inner ``jit`` is
 simply inlined into the user's trace, so every transformation keeps working; the gradients
 are those of the generic kernel (``where``-based clipping: 1 inside ``[eps, 1]``, 0 outside).
+
+Values: bitwise those of the generic kernel run op by op (the kernel keeps XLA from
+contracting the product and the row sum into fused multiply-adds, see
+:func:`kldiv._kernel.kl_divergence_generic`), so SPEC's float32 seed values hold exactly. JAX
+is not bitwise NumPy in general: XLA's ``log`` is its own approximation (about one float32
+element in five differs from NumPy's by an ulp) and XLA sums rows in its own order.
 """
 
 from __future__ import annotations
