@@ -412,3 +412,76 @@ def test_jax_fast_path_is_bitwise_the_generic_kernel(shape: tuple[int, ...], dty
     with kldiv.use_generic():
         generic = np.asarray(kldiv.kld(t, p))
     assert np.array_equal(fast, generic)
+
+
+# ---- y_true / sample_weight in a dtype (or on a device) y_pred's library lacks -------------
+
+def _source(kind: str, a: np.ndarray) -> Any:
+    """``a`` as an array of library/dtype ``kind`` ("lib-dtype")."""
+    lib, dtype = kind.split("-", 1)
+    if lib == "numpy":
+        if dtype in ("bfloat16", "float8_e4m3fn"):
+            ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed")
+            return a.astype(getattr(ml_dtypes, dtype))
+        return a.astype(dtype)
+    if lib == "dask":
+        return BACKEND_FACTORIES["dask"]().asarray(a, dtype=dtype)
+    b = BACKEND_FACTORIES[lib]()
+    if lib == "torch":
+        return b.module.as_tensor(a).to(getattr(b.module, dtype))
+    if lib == "jax":
+        return b.module.asarray(a, dtype=getattr(b.module, dtype))
+    return b.asarray(a, dtype=dtype)
+
+
+def _target(kind: str, a: np.ndarray) -> Any:
+    if kind == "array_api_strict-no_float64":
+        xps = pytest.importorskip("array_api_strict")
+        try:
+            dev = xps.Device("no_float64")
+        except (TypeError, ValueError) as exc:
+            pytest.skip(f"this array_api_strict has no float64-less device: {exc}")
+        return xps.asarray(a, device=dev)
+    return BACKEND_FACTORIES[kind]().asarray(a)
+
+
+def _host(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype.itemsize < 4 else x).numpy()  # type: ignore[no-any-return]
+    if hasattr(x, "compute"):
+        return np.asarray(x.compute())
+    mod = type(x).__module__
+    if mod.startswith("array_api_strict"):
+        import array_api_strict as xps
+
+        return np.asarray(xps.asarray(x, device=xps.Device("CPU_DEVICE")))
+    return np.asarray(x)
+
+
+SOURCES = [
+    "numpy-float16", "numpy-bfloat16", "numpy-float8_e4m3fn", "numpy-float64",
+    "torch-bfloat16", "torch-float16", "torch-float64", "jax-bfloat16", "jax-float16",
+    "jax-float64", "array_api_strict-float64", "dask-float16", "dask-float64",
+]
+TARGETS = ["numpy", "torch", "jax", "array_api_strict", "array_api_strict-no_float64", "dask"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("source", SOURCES)
+def test_y_true_and_weight_in_a_dtype_the_target_lacks(source: str, target: str) -> None:
+    """Cast on the source side (to y_pred's dtype) before crossing libraries or devices:
+    NumPy has no bfloat16, array-api-strict no float16, a float64-less device no float64."""
+    t = np.array([[0.0, 1.0], [0.25, 0.75]])
+    p = np.array([[0.6, 0.4], [0.4, 0.6]], np.float32)
+    w = np.array([0.5, 2.0])
+    y_true = _source(source, t)
+    y_pred = _target(target, p)
+    t_seen = _host(_source(source, t)).astype(np.float64)  # the values after the source's rounding
+    out = kldiv.kld(y_true, y_pred)
+    assert out.dtype == y_pred.dtype
+    np.testing.assert_allclose(_host(out), oracle(t_seen, p), rtol=1e-5, atol=1e-7)
+    w_seen = _host(_source(source, w)).astype(np.float64)
+    loss = kldiv.KLDivergence(reduction="none")(_target(target, t.astype(np.float32)), y_pred,
+                                                sample_weight=_source(source, w))
+    np.testing.assert_allclose(_host(loss), oracle(t, p) * w_seen, rtol=1e-5, atol=1e-7)

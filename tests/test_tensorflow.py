@@ -284,3 +284,67 @@ def test_tensorflow_is_imported_only_for_tf_tensors() -> None:
                          timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+# ---- y_true / sample_weight in a dtype the target library lacks (TensorFlow side) ----------
+
+def _strict_target(a: np.ndarray, device: str) -> object:
+    xps = pytest.importorskip("array_api_strict")
+    return xps.asarray(a, device=xps.Device(device))
+
+
+def _to_host(x: object) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()  # type: ignore[attr-defined, no-any-return]
+    if type(x).__module__.startswith("array_api_strict"):
+        import array_api_strict as xps
+
+        return np.asarray(xps.asarray(x, device=xps.Device("CPU_DEVICE")))
+    return np.asarray(x)
+
+
+def _pred_in(lib: str, a: np.ndarray) -> object:
+    if lib == "numpy":
+        return a
+    if lib == "torch":
+        return pytest.importorskip("torch").tensor(a)
+    if lib == "jax":
+        return pytest.importorskip("jax.numpy").asarray(a)
+    if lib == "tensorflow":
+        return tf.constant(a)
+    return _strict_target(a, "no_float64" if lib == "strict-no_float64" else "CPU_DEVICE")
+
+
+def _true_in(lib: str, a: np.ndarray, dtype: str) -> object:
+    if lib == "tensorflow":
+        return tf.cast(tf.constant(a), getattr(tf, dtype))
+    if lib == "numpy":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        return a.astype(getattr(ml_dtypes, dtype) if dtype == "bfloat16" else dtype)
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        return torch.tensor(a).to(getattr(torch, dtype))
+    jnp = pytest.importorskip("jax.numpy")
+    return jnp.asarray(a, dtype=getattr(jnp, dtype))
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [(("tensorflow", d), t) for d in ("bfloat16", "float16", "float64")
+     for t in ("numpy", "torch", "jax", "strict", "strict-no_float64")]
+    + [((s, "bfloat16"), "tensorflow") for s in ("numpy", "torch", "jax")]
+    + [(("numpy", "float64"), "tensorflow")],
+    ids=str,
+)
+def test_dtypes_the_target_lacks_cast_on_the_source_side(source: tuple[str, str], target: str) -> None:
+    lib, dtype = source
+    t = np.array([[0.0, 1.0], [0.25, 0.75]])
+    p = np.array([[0.6, 0.4], [0.4, 0.6]], np.float32)
+    w = np.array([0.5, 2.0])
+    seen_t = np.asarray(tf.cast(tf.cast(t, getattr(tf, dtype)), tf.float64))
+    seen_w = np.asarray(tf.cast(tf.cast(w, getattr(tf, dtype)), tf.float64))
+    out = kldiv.kld(_true_in(lib, t, dtype), _pred_in(target, p))
+    np.testing.assert_allclose(_to_host(out), oracle(seen_t, p), rtol=1e-5, atol=1e-7)
+    loss = kldiv.KLDivergence(reduction="none")(
+        _pred_in(target, t.astype(np.float32)), _pred_in(target, p), sample_weight=_true_in(lib, w, dtype))
+    np.testing.assert_allclose(_to_host(loss), oracle(t, p) * seen_w, rtol=1e-5, atol=1e-7)

@@ -329,18 +329,52 @@ def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str) 
     _check_castable(x.dtype, dtype, what)
     x = _native_byte_order(_read_variable(x))
     try:
-        same = array_namespace(x) is xp
+        src_xp: ModuleType | None = array_namespace(x)
     except TypeError:
-        same = False
-    if not same:
-        x = _foreign_to(x, xp, device)
-    elif device is not None:
-        x_device = get_device(x)
-        if x_device is not None and x_device != device:
-            x = _to_device(x, device)
-    if x.dtype != dtype:
-        x = xp.astype(x, dtype)
+        src_xp = None
+    if src_xp is xp:
+        # cast before moving: the target device may not hold x's dtype (no float64)
+        if x.dtype != dtype:
+            x = xp.astype(x, dtype)
+        if device is not None:
+            x_device = get_device(x)
+            if x_device is not None and x_device != device:
+                x = _to_device(x, device)
+        return x
+    # Another library: cast on the source side first, to the dtype of the same name there, so
+    # that only dtypes both libraries hold cross over (NumPy has no bfloat16, array-api-strict
+    # no float16, a device may have no float64).
+    if src_xp is not None:
+        x = _cast_at_source(x, src_xp, dtype)
+    try:
+        x = _foreign_to(x, xp, device, dtype)
+        if x.dtype != dtype:
+            x = xp.astype(x, dtype)
+    except (TypeError, ValueError, RuntimeError, AttributeError, BufferError) as exc:
+        src = namespace_name(src_xp) if src_xp is not None else type(x).__name__
+        raise TypeError(
+            f"{what} ({src} array of dtype {x.dtype}) could not be converted to y_pred's "
+            f"library {namespace_name(xp)} as {dtype} on device {device}: {exc}"
+        ) from None
     return x
+
+
+def _cast_at_source(x: Any, src_xp: ModuleType, dtype: Any) -> Any:
+    """``x`` cast, in its own library and on its own device, to the dtype named like
+    ``dtype`` (a dtype of another library); ``x`` itself where there is no such dtype or the
+    cast fails there (the conversion then tries as it is)."""
+    name = _dtype_name(dtype)
+    if _dtype_name(x.dtype) == name:
+        return x
+    src_dtype = getattr(src_xp, name, None)
+    if src_dtype is None:
+        return x
+    if _is_torch(x):
+        x = x.detach()  # y_true / sample_weight carry no gradient across libraries
+    try:
+        return src_xp.astype(x, src_dtype)
+    except (TypeError, ValueError, RuntimeError):
+        return x
 
 
 def _asarray(xp: ModuleType, arr: Any, device: Any, dtype: Any) -> Any:
@@ -364,7 +398,7 @@ def _asarray(xp: ModuleType, arr: Any, device: Any, dtype: Any) -> Any:
         return xp.astype(out, dtype) if out.dtype != dtype else out
 
 
-def _foreign_to(x: Any, xp: ModuleType, device: Any) -> Any:
+def _foreign_to(x: Any, xp: ModuleType, device: Any, dtype: Any) -> Any:
     """Array of another library -> ``xp`` on ``device``."""
     if _is_torch(x):
         x = x.detach()  # y_true / sample_weight carry no gradient across libraries
@@ -383,8 +417,7 @@ def _foreign_to(x: Any, xp: ModuleType, device: Any) -> Any:
     except Exception:
         out = None
     if out is None:
-        arr = _host_numpy(x)
-        return _asarray(xp, arr, device, getattr(xp, str(arr.dtype)))
+        return _asarray(xp, _host_numpy(x), device, dtype)
     if device is not None and get_device(out) != device:
         out = _to_device(out, device)
     return out
