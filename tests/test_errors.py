@@ -97,3 +97,43 @@ def test_torch_inputs_untouched() -> None:
     KLDivergence(reduction="none")(t[:, ::2], p[:, ::2])
     kldiv.kld(t.numpy(), p)  # shares memory with t through NumPy
     assert torch.equal(t, t0) and torch.equal(p, p0) and torch.equal(pg.detach(), p0)
+
+
+@pytest.mark.parametrize("bad", ["SUM", "Auto", "NONE", " sum", "sum ", "Sum_Over_Batch_Size", "mean\n"])
+def test_reduction_names_are_exact_as_in_keras(bad: str) -> None:
+    """Keras (2 and 3) compares reduction strings exactly: so does kldiv."""
+    with pytest.raises(ValueError, match=r"Invalid reduction"):
+        KLDivergence(reduction=bad)
+    with pytest.raises(ValueError, match=r"Invalid reduction"):
+        kldiv.Reduction.validate(bad)
+
+
+@pytest.mark.parametrize("bad", ["Float32", "float32 ", "FLOAT16", "mixed_float32", "mixed_float64", "int32"])
+def test_dtype_names_are_exact(bad: str) -> None:
+    with pytest.raises(ValueError, match="Invalid dtype"):
+        KLDivergence(dtype=bad)
+
+
+def _sparse(kind: str, a: np.ndarray) -> object:
+    if kind.startswith("torch"):
+        torch = pytest.importorskip("torch")
+        return torch.tensor(a).to_sparse() if kind == "torch coo" else torch.tensor(a).to_sparse_csr()
+    if kind == "scipy csr":
+        scipy_sparse = pytest.importorskip("scipy.sparse")
+        return scipy_sparse.csr_matrix(a)
+    jsparse = pytest.importorskip("jax.experimental.sparse")
+    return jsparse.BCOO.fromdense(pytest.importorskip("jax.numpy").asarray(a))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
+@pytest.mark.parametrize("kind", ["torch coo", "torch csr", "scipy csr", "jax bcoo"])
+def test_sparse_inputs_are_a_clear_type_error(kind: str) -> None:
+    """Sparse arrays are not densified silently (that can take any amount of memory):
+    a TypeError that says how to densify, for y_pred, y_true and sample_weight alike."""
+    sparse = _sparse(kind, T)
+    with pytest.raises(TypeError, match=r"y_pred is a sparse .*\(\)"):
+        kldiv.kld(T, sparse)
+    with pytest.raises(TypeError, match=r"y_true is a sparse .*\(\)"):
+        kldiv.kld(sparse, P)
+    with pytest.raises(TypeError, match=r"sample_weight is a sparse .*\(\)"):
+        KLDivergence()(T, P, sample_weight=_sparse(kind, np.array([[1.0], [2.0]], np.float32)))

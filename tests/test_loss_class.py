@@ -134,7 +134,7 @@ def test_reduction_namespace() -> None:
     assert Reduction.MEAN_WITH_SAMPLE_WEIGHT == "mean_with_sample_weight"
     assert set(Reduction.all()) == {"auto", "none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight"}
     assert Reduction.validate(None) == "none"
-    assert Reduction.validate("SUM") == "sum"
+    assert Reduction.validate("sum") == "sum"
     with pytest.raises(ValueError, match="sum_over_batch_size"):
         Reduction.validate("average")
 

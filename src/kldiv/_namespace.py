@@ -21,6 +21,7 @@ __all__ = [
     "ArrayLike",
     "array_namespace",
     "as_pred_array",
+    "check_dense",
     "dtype_kind",
     "get_device",
     "is_array",
@@ -284,8 +285,35 @@ def _native_byte_order(x: Any) -> Any:
     return x
 
 
+def _sparse_hint(x: object) -> str | None:
+    """How to densify ``x`` if it is a sparse array of a known library, else ``None``."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.layout == torch.strided:
+            return None
+        return f"torch tensor (layout {x.layout}); call .to_dense() first"
+    module = type(x).__module__
+    if module.startswith("scipy.sparse"):
+        return f"SciPy {type(x).__name__}; call .toarray() first"
+    if module.startswith("jax.experimental.sparse"):
+        return f"JAX {type(x).__name__} array; call .todense() first"
+    if module.startswith("sparse."):  # pydata/sparse
+        return f"pydata sparse {type(x).__name__}; call .todense() first"
+    if module.startswith("tensorflow") and type(x).__name__ == "SparseTensor":
+        return "TensorFlow SparseTensor; call tf.sparse.to_dense() first"
+    return None
+
+
+def check_dense(x: object, what: str) -> None:
+    """``TypeError`` for a sparse array: kldiv does not densify silently (memory)."""
+    hint = _sparse_hint(x)
+    if hint is not None:
+        raise TypeError(f"{what} is a sparse {hint}. kldiv works on dense arrays.")
+
+
 def as_pred_array(y_pred: Any) -> Any:
     """y_pred as an array of its own library; Python values become NumPy (floats: float32)."""
+    check_dense(y_pred, "y_pred")
     if is_array(y_pred):
         return _native_byte_order(_read_variable(y_pred))
     arr = _from_python(y_pred, "y_pred")
@@ -321,6 +349,7 @@ def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str) 
         # dynamo traces NumPy (and Python lists through np.asarray) as torch, but cannot read
         # an ndarray's dtype: go straight to a tensor
         return sys.modules["torch"].as_tensor(x, dtype=dtype, device=device)
+    check_dense(x, what)
     if not is_array(x):
         arr = _from_python(x, what)
         _check_castable(arr.dtype, dtype, what)

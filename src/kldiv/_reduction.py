@@ -49,20 +49,23 @@ class Reduction:
         Raises
         ------
         ValueError
-            If ``reduction`` is not one of :meth:`all`.
+            If ``reduction`` is not exactly one of :meth:`all` (names are case-sensitive,
+            as in Keras: ``"SUM"`` is refused).
         """
         return validate_reduction(reduction)
 
 
 def validate_reduction(reduction: str | None) -> str:
+    """The canonical reduction name: ``None`` means ``"none"``; names are exact, as in Keras
+    (no case folding, no surrounding whitespace)."""
     if reduction is None:
         return Reduction.NONE
-    if isinstance(reduction, str) and reduction.lower() in Reduction.all():
-        return reduction.lower()
+    if isinstance(reduction, str) and reduction in Reduction.all():
+        return str(reduction)
     raise ValueError(
         f"Invalid reduction {reduction!r}. Expected one of: "
         + ", ".join(repr(r) for r in Reduction.all())
-        + " or None."
+        + " or None (exact, lower-case names, as in Keras)."
     )
 
 

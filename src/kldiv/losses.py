@@ -67,6 +67,7 @@ def _kldiv_class(obj: object) -> type:
 
 
 _DTYPE_NAMES = frozenset({"float16", "bfloat16", "float32", "float64"})
+_MIXED_POLICIES = frozenset({"mixed_float16", "mixed_bfloat16"})  # Keras' mixed precision policies
 
 
 def _validate_dtype(dtype: Any) -> Any:
@@ -74,7 +75,7 @@ def _validate_dtype(dtype: Any) -> Any:
     dtype), or a library's dtype object (used as given)."""
     if dtype is None or not isinstance(dtype, str):
         return dtype
-    name = dtype.removeprefix("mixed_")
+    name = dtype[len("mixed_"):] if dtype in _MIXED_POLICIES else dtype
     if name not in _DTYPE_NAMES:
         raise ValueError(
             f"Invalid dtype {dtype!r} for KLDivergence: expected one of "
