@@ -271,3 +271,98 @@ def test_class_shape_error_names_the_shapes_given(backend: Backend) -> None:
         KLDivergence()(t, p)
     # the function broadcasts them as given, like tf.keras.losses.kld
     assert tuple(kldiv.kld(t, p).shape) == (5, 3)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch", "jax", "ml_dtypes"])
+def test_dtype_objects_are_saved_as_names_and_round_trip(lib: str) -> None:
+    """A library's dtype object is stored as its name: a config Keras (and from_config) reads."""
+    if lib == "numpy":
+        objs = {"float64": np.float64, "float32": np.dtype("float32"), "float16": np.float16}
+    elif lib == "ml_dtypes":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        objs = {"bfloat16": ml_dtypes.bfloat16, "float32": np.dtype(np.float32)}
+    else:
+        mod = pytest.importorskip("torch" if lib == "torch" else "jax.numpy")
+        objs = {name: getattr(mod, name) for name in ("float64", "float32", "float16", "bfloat16")}
+    for name, obj in objs.items():
+        loss = KLDivergence(dtype=obj)
+        config = loss.get_config()
+        assert config["dtype"] == name
+        again = KLDivergence.from_config(config)
+        assert again == loss and again.get_config() == config
+        assert pickle.loads(pickle.dumps(loss)) == loss
+
+
+@pytest.mark.parametrize("bad", [np.int32, "int32", np.complex64, object()])
+def test_dtype_that_is_not_a_float_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="Invalid dtype"):
+        KLDivergence(dtype=bad)
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "float32", "float64"])
+def test_dtype_argument_on_every_backend(backend: Backend, name: str) -> None:
+    """The result in the named dtype of y_pred's library; where the library has no such dtype
+    a ValueError naming both (NumPy's bfloat16 comes from ml_dtypes)."""
+    t, p = backend.asarray(SEED_T), backend.asarray(SEED_P)
+    loss = KLDivergence(dtype=name)
+    has = name in backend.float_dtypes or (backend.name in {"numpy", "dask"} and name == "bfloat16")
+    if backend.name == "array_api_strict":
+        has = name in {"float32", "float64"}
+    if backend.name == "dask" and name == "float16":
+        has = True
+    if not has:
+        with pytest.raises(ValueError, match=f"has no {name}"):
+            loss(t, p)
+        return
+    if name == "bfloat16" and backend.name in {"numpy", "dask"}:
+        pytest.importorskip("ml_dtypes")
+    out = loss(t, p)
+    assert str(out.dtype).endswith(name)
+    np.testing.assert_allclose(np.asarray(backend.to_numpy(out), np.float64), 0.45814306, rtol=1e-2)
+
+
+# ---- return types (issue 10): one rule on NumPy -----------------------------------------
+
+RETURN_REDUCTIONS = ["auto", "sum_over_batch_size", "mean", "sum", "mean_with_sample_weight", "none"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("case", ["normal", "empty batch", "sample weights", "zero weights", "1-d input"])
+@pytest.mark.parametrize("reduction", RETURN_REDUCTIONS)
+def test_numpy_return_types(reduction: str, case: str, dtype: str) -> None:
+    """A reduced (0-d) result on NumPy is a NumPy scalar of the result dtype; an unreduced one
+    an ndarray; on every path (fast, generic), every reduction, empty batches and weights."""
+    t = np.array(SEED_T, dtype)
+    p = np.array(SEED_P, dtype)
+    w = None
+    if case == "empty batch":
+        t, p = t[:0], p[:0]
+    elif case == "sample weights":
+        w = np.array([0.8, 0.2], dtype)
+    elif case == "zero weights":
+        w = np.zeros(2, dtype)
+    elif case == "1-d input":
+        t, p = t[0], p[0]
+    for generic in (False, True):
+        with kldiv.use_generic(generic):
+            out = KLDivergence(reduction=reduction)(t, p, sample_weight=w)
+            fn = kldiv.kld(t, p)
+        want_type = np.ndarray if reduction == "none" and case != "1-d input" else np.dtype(dtype).type
+        assert type(out) is want_type, (type(out), generic)
+        assert out.dtype == np.dtype(dtype)
+        assert type(fn) is (np.dtype(dtype).type if case == "1-d input" else np.ndarray)
+        assert fn.dtype == np.dtype(dtype)
+    # and with an explicit result dtype
+    out = KLDivergence(reduction=reduction, dtype="float64")(t, p, sample_weight=w)
+    assert type(out) is (np.ndarray if reduction == "none" and case != "1-d input" else np.float64)
+
+
+def test_numpy_reprs_are_the_documented_ones() -> None:
+    t = np.array(SEED_T, np.float32)
+    p = np.array(SEED_P, np.float32)
+    assert repr(kldiv.kld(t, p)) == "array([ 9.1628921e-01, -3.0809074e-06], dtype=float32)"
+    assert repr(KLDivergence()(t, p)) == "np.float32(0.45814306)"
+    assert repr(KLDivergence(reduction="mean_with_sample_weight")(t, p, sample_weight=[0.8, 0.2])) == (
+        "np.float32(0.7330308)")
+    assert repr(KLDivergence()(t[:0], p[:0])) == "np.float32(0.0)"
+    assert repr(kldiv.kl_divergence([0.4, 0.9, 0.2], [0.5, 0.8, 0.12])) == "np.float32(0.11891246)"

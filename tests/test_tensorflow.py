@@ -348,3 +348,12 @@ def test_dtypes_the_target_lacks_cast_on_the_source_side(source: tuple[str, str]
     loss = kldiv.KLDivergence(reduction="none")(
         _pred_in(target, t.astype(np.float32)), _pred_in(target, p), sample_weight=_true_in(lib, w, dtype))
     np.testing.assert_allclose(_to_host(loss), oracle(t, p) * seen_w, rtol=1e-5, atol=1e-7)
+
+
+def test_tf_dtype_objects_are_saved_as_names() -> None:
+    for obj, name in ((tf.float64, "float64"), (tf.bfloat16, "bfloat16"), (tf.float16, "float16")):
+        loss = kldiv.KLDivergence(dtype=obj)
+        assert loss.get_config()["dtype"] == name
+        assert kldiv.KLDivergence.from_config(loss.get_config()) == loss
+        out = loss(_t(YT), _t(YP))
+        assert out.dtype == obj

@@ -20,6 +20,7 @@ from ._namespace import (
     is_low_precision,
     namespace_name,
     native_namespace,
+    numpy_result,
     to_namespace,
     torch_compiling,
 )
@@ -214,7 +215,7 @@ def kl_divergence(y_true: Any, y_pred: Any, /) -> Any:
     >>> kldiv.kld(np.array([[0., 1.], [0., 0.]]), np.array([[.6, .4], [.4, .6]]))
     array([ 9.16289171e-01, -3.08090749e-06])
     """
-    return compute(prepare(y_true, y_pred, squeeze=False))
+    return numpy_result(compute(prepare(y_true, y_pred, squeeze=False)))
 
 
 kld = kl_divergence

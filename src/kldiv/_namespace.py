@@ -23,11 +23,13 @@ __all__ = [
     "as_pred_array",
     "check_dense",
     "dtype_kind",
+    "dtype_name",
     "get_device",
     "is_array",
     "is_dask",
     "is_low_precision",
     "namespace_name",
+    "numpy_result",
     "native_namespace",
     "to_namespace",
 ]
@@ -209,6 +211,25 @@ def _dtype_name(dtype: Any) -> str:
     if not isinstance(name, str):
         name = str(dtype)
     return name.rsplit(".", 1)[-1].lower()
+
+
+def dtype_name(dtype: Any) -> str:
+    """The name of a dtype of any library (``np.float64``, ``torch.float64``, ``jnp.float64``,
+    ``tf.float64``, ``np.dtype("float64")``, ``ml_dtypes.bfloat16``...): ``"float64"``."""
+    if isinstance(dtype, type):  # NumPy / JAX / ml_dtypes scalar types
+        try:
+            return np.dtype(dtype).name
+        except TypeError:
+            return dtype.__name__.lower()
+    return _dtype_name(dtype)
+
+
+def numpy_result(x: Any) -> Any:
+    """A 0-d NumPy result as a NumPy scalar of its dtype (as NumPy's own reductions give);
+    anything else (ndarrays of 1 or more axes, other libraries' 0-d arrays) as is."""
+    if type(x) is np.ndarray and x.ndim == 0:
+        return x[()]
+    return x
 
 
 def _dtype_kind(dtype: Any) -> str:

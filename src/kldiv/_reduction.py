@@ -6,7 +6,7 @@ from types import ModuleType
 from typing import Any
 
 from ._functional import _shape_str, broadcast_shapes
-from ._namespace import get_device, to_namespace
+from ._namespace import get_device, numpy_result, to_namespace
 
 __all__ = ["Reduction", "apply_sample_weight", "reduce_loss", "validate_reduction"]
 
@@ -109,7 +109,15 @@ def _num_elements(shape: tuple[Any, ...]) -> int | None:
 def reduce_loss(
     xp: ModuleType, loss: Any, sample_weight: Any = None, *, reduction: str = "auto"
 ) -> Any:
-    """Weight and reduce a per-sample loss (SPEC §3). ``reduction`` must be canonical."""
+    """Weight and reduce a per-sample loss (SPEC §3). ``reduction`` must be canonical.
+
+    A 0-d NumPy result is a NumPy scalar (:func:`kldiv._namespace.numpy_result`), whatever
+    the reduction and however it was reached (an empty batch, a zero weight sum).
+    """
+    return numpy_result(_reduce(xp, loss, sample_weight, reduction))
+
+
+def _reduce(xp: ModuleType, loss: Any, sample_weight: Any, reduction: str) -> Any:
     weights = None
     if sample_weight is not None:
         loss, weights = apply_sample_weight(xp, loss, sample_weight)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import numpy as np
+
 from ._functional import KLD, compute, kl_divergence, kld, kullback_leibler_divergence, prepare
-from ._namespace import device_scope
+from ._namespace import device_scope, dtype_name, namespace_name, numpy_result
 from ._reduction import Reduction, reduce_loss, validate_reduction
 
 __all__ = [
@@ -70,18 +72,48 @@ _DTYPE_NAMES = frozenset({"float16", "bfloat16", "float32", "float64"})
 _MIXED_POLICIES = frozenset({"mixed_float16", "mixed_bfloat16"})  # Keras' mixed precision policies
 
 
-def _validate_dtype(dtype: Any) -> Any:
-    """``None``, a floating dtype name (Keras' ``"mixed_..."`` policies give their compute
-    dtype), or a library's dtype object (used as given)."""
-    if dtype is None or not isinstance(dtype, str):
-        return dtype
+def _validate_dtype(dtype: Any) -> str | None:
+    """``None``, or the name of a floating dtype: a name (Keras' ``"mixed_..."`` policies give
+    their compute dtype), a Keras ``DTypePolicy``, or any library's dtype object
+    (``np.float64``, ``torch.float64``, ``tf.float64``, ``ml_dtypes.bfloat16``, ...). Stored as
+    the name, so that configs hold a string that Keras and :meth:`KLDivergence.from_config`
+    read back."""
+    if dtype is None:
+        return None
+    given = dtype
+    if not isinstance(dtype, str):
+        policy_dtype = getattr(dtype, "compute_dtype", None)  # a Keras DTypePolicy
+        dtype = policy_dtype if isinstance(policy_dtype, str) else dtype_name(dtype)
     name = dtype[len("mixed_"):] if dtype in _MIXED_POLICIES else dtype
     if name not in _DTYPE_NAMES:
         raise ValueError(
-            f"Invalid dtype {dtype!r} for KLDivergence: expected one of "
-            f"{', '.join(sorted(_DTYPE_NAMES))} (or a Keras 'mixed_...' policy name) or None."
+            f"Invalid dtype {given!r} for KLDivergence: expected one of "
+            f"{', '.join(sorted(_DTYPE_NAMES))} (a name, a Keras 'mixed_float16' / "
+            "'mixed_bfloat16' policy, or a library's floating dtype object) or None."
         )
     return name
+
+
+def _result_dtype(xp: Any, name: str) -> Any:
+    """The dtype called ``name`` in ``xp`` (NumPy's and Dask's bfloat16 from ml_dtypes)."""
+    dtype = getattr(xp, name, None)
+    if dtype is None and name != "bfloat16" and namespace_name(xp) in {"numpy", "dask"}:
+        dtype = np.dtype(name)  # float16: not in the array API, so not in every compat namespace
+    if dtype is None and name == "bfloat16" and namespace_name(xp) in {"numpy", "dask"}:
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ValueError(
+                "KLDivergence(dtype='bfloat16'): NumPy has no bfloat16 of its own; install "
+                "ml_dtypes (pip install ml_dtypes) for it, or choose another dtype."
+            ) from None
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    if dtype is None:
+        raise ValueError(
+            f"KLDivergence(dtype={name!r}): {namespace_name(xp)} has no {name} dtype; choose "
+            "one y_pred's library holds."
+        )
+    return dtype
 
 
 def _restore(cls: Any, state: dict[str, Any]) -> Any:
@@ -144,7 +176,7 @@ class KLDivergence:
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """The unreduced, unweighted per-sample loss (Keras' ``Loss.call``), after Keras 2's
         rank squeeze (see :meth:`__call__`)."""
-        return compute(prepare(y_true, y_pred))
+        return numpy_result(compute(prepare(y_true, y_pred)))
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         """Weighted, reduced loss. ``sample_weight`` follows Keras 2's rank rules."""
@@ -158,17 +190,22 @@ class KLDivergence:
         else:
             with scope:  # TensorFlow, eagerly: on y_pred's device
                 out = reduce_loss(xp, compute(prep, cast=False), sample_weight, reduction=self.reduction)
-        if self.dtype is not None:
-            dtype = getattr(xp, self.dtype) if isinstance(self.dtype, str) else self.dtype
-        else:
-            dtype = prep.out_dtype
-        return xp.astype(out, dtype) if out.dtype != dtype else out
+        dtype = prep.out_dtype if self.dtype is None else _result_dtype(xp, self.dtype)
+        if out.dtype != dtype:
+            try:
+                out = xp.astype(out, dtype)
+            except (TypeError, ValueError, RuntimeError) as exc:  # e.g. no float64 on the device
+                raise ValueError(
+                    f"KLDivergence(dtype={self.dtype!r}): the result cannot be cast to {dtype} "
+                    f"on y_pred's device {prep.device}: {exc}"
+                ) from None
+        return numpy_result(out)
 
     def get_config(self) -> dict[str, Any]:
         """The constructor arguments, as Keras would save them."""
         config: dict[str, Any] = {"reduction": self.reduction, "name": self.name}
         if self.dtype is not None:
-            config["dtype"] = self.dtype if isinstance(self.dtype, str) else str(self.dtype)
+            config["dtype"] = self.dtype
         return config
 
     @classmethod
