@@ -366,3 +366,93 @@ def test_numpy_reprs_are_the_documented_ones() -> None:
         "np.float32(0.7330308)")
     assert repr(KLDivergence()(t[:0], p[:0])) == "np.float32(0.0)"
     assert repr(kldiv.kl_divergence([0.4, 0.9, 0.2], [0.5, 0.8, 0.12])) == "np.float32(0.11891246)"
+
+
+# ---- discoverability and Keras import order (issue 10) ------------------------------------
+
+def test_signature_is_visible() -> None:
+    import inspect
+
+    params = inspect.signature(KLDivergence).parameters
+    assert [(p.name, p.default, p.kind) for p in params.values()] == [
+        ("reduction", "auto", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        ("name", "kl_divergence", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        ("dtype", None, inspect.Parameter.KEYWORD_ONLY),
+    ]
+    assert "reduction" in (KLDivergence.__init__.__doc__ or "") + (KLDivergence.__doc__ or "")
+
+    class Sub(KLDivergence):  # a subclass with its own constructor keeps its own signature
+        def __init__(self, temperature: float = 1.0, **kwargs: object) -> None:
+            super().__init__(**kwargs)  # type: ignore[arg-type]
+            self.temperature = temperature
+
+    assert list(inspect.signature(Sub).parameters) == ["temperature", "kwargs"]
+    assert Sub(temperature=2.0, reduction="sum").reduction == "sum"
+
+
+# A loss made before Keras is imported must train exactly like one made after (and like
+# keras.losses.KLDivergence) once sample weights are given; a plain callable would be wrapped by
+# Keras, which weights kldiv's already reduced loss a second time (the control).
+IMPORT_ORDER_SCRIPT = r"""
+import json, pickle
+import numpy as np
+import kldiv
+
+before = kldiv.KLDivergence()
+before_sum = kldiv.KLDivergence(reduction="sum")
+pickled = pickle.dumps(before)
+import keras
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(16, 6)).astype("float32")
+y = rng.dirichlet(np.ones(4), size=16).astype("float32")
+w = rng.random(16).astype("float32")
+
+
+def losses(loss):
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="softmax")])
+    m.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss)
+    return [float(m.train_on_batch(x, y, sample_weight=w)) for _ in range(3)]
+
+
+class Plain:  # the control: a callable that is not a Keras Loss
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        return kldiv.KLDivergence.__call__(kldiv.KLDivergence(), y_true, y_pred, sample_weight)
+
+
+print(json.dumps({
+    "before": losses(before),
+    "after": losses(kldiv.KLDivergence()),
+    "keras": losses(keras.losses.KLDivergence()),
+    "control": losses(Plain()),
+    "is_loss": isinstance(before, keras.losses.Loss),
+    "sum_is_loss": isinstance(before_sum, keras.losses.Loss),
+    "type_is_loss": issubclass(type(before), keras.losses.Loss),
+    "unpickled_is_loss": isinstance(pickle.loads(pickled), keras.losses.Loss),
+    "config": before.get_config(),
+    "policy": kldiv.KLDivergence(dtype=keras.DTypePolicy("mixed_bfloat16")).get_config(),
+}))
+"""
+
+
+def test_loss_made_before_importing_keras_trains_like_one_made_after() -> None:
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("keras") is None:
+        pytest.skip("keras is not installed")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", IMPORT_ORDER_SCRIPT], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(got["before"], got["keras"], rtol=1e-5)
+    np.testing.assert_allclose(got["after"], got["keras"], rtol=1e-5)
+    assert not np.allclose(got["control"], got["keras"], rtol=1e-3)  # the comparison can fail
+    assert got["is_loss"] and got["sum_is_loss"] and got["type_is_loss"] and got["unpickled_is_loss"]
+    assert got["config"] == {"reduction": "auto", "name": "kl_divergence"}
+    assert got["policy"] == {"reduction": "auto", "name": "kl_divergence", "dtype": "bfloat16"}

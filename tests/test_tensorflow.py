@@ -7,6 +7,7 @@ analytic gradients, and tf.keras' (tf_keras) own KLDivergence trained side by si
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -234,6 +235,42 @@ def test_tf_keras_compile_matches_tf_keras_step_for_step(reduction: str, weighte
         # already reduced loss; it does not match, so the comparison above can fail
         control, _ = _tf_keras_steps(tf_keras, lambda t, p: kldiv.KLDivergence()(t, p), weighted)
         assert not np.allclose(control, ref, rtol=1e-3)
+
+
+TF_KERAS_ORDER_SCRIPT = r"""
+import json
+import numpy as np
+import kldiv
+
+before = kldiv.KLDivergence()
+import tf_keras
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(16, 6)).astype("float32")
+y = rng.dirichlet(np.ones(4), size=16).astype("float32")
+w = rng.random(16).astype("float32")
+
+
+def losses(loss):
+    tf_keras.utils.set_random_seed(0)
+    m = tf_keras.Sequential([tf_keras.layers.Dense(4, activation="softmax", input_shape=(6,))])
+    m.compile(optimizer=tf_keras.optimizers.SGD(0.5), loss=loss)
+    return [float(m.train_on_batch(x, y, sample_weight=w)) for _ in range(3)]
+
+
+print(json.dumps({"before": losses(before), "ref": losses(tf_keras.losses.KLDivergence()),
+                  "is_loss": isinstance(before, tf_keras.losses.Loss)}))
+"""
+
+
+def test_tf_keras_loss_made_before_importing_tf_keras() -> None:
+    pytest.importorskip("tf_keras")
+    out = subprocess.run([sys.executable, "-c", TF_KERAS_ORDER_SCRIPT], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["is_loss"]
+    np.testing.assert_allclose(got["before"], got["ref"], rtol=1e-5)
 
 
 # ---- placement and lazy import (subprocesses) ---------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -66,6 +67,45 @@ def _with_keras_bases(cls: type, bases: tuple[type, ...]) -> type:
 def _kldiv_class(obj: object) -> type:
     """The kldiv class of ``obj``, seen through the Keras-aware subclass."""
     return getattr(type(obj), "_kldiv_class", type(obj))
+
+
+_set_class = object.__dict__["__class__"].__set__  # the slot behind ``obj.__class__ = cls``
+
+
+def _keras_aware_class(obj: Any) -> type:
+    """``type(obj)``, first moved to the Keras-aware subclass if a Keras was imported after
+    ``obj`` was made (or since it was last looked at).
+
+    Installed as ``__class__`` (a property), which ``isinstance`` consults when ``type(obj)``
+    alone does not answer: Keras' ``compile`` asks ``isinstance(loss, keras.losses.Loss)``
+    before it ever calls the loss, and from then on ``obj`` really is an instance of the
+    subclass (the same class an instance made after the import gets). kldiv never imports
+    Keras: this only looks in ``sys.modules``.
+    """
+    cls = type(obj)
+    bases = _keras_loss_bases()
+    if bases and not all(issubclass(cls, b) for b in bases):
+        made = _with_keras_bases(_kldiv_class(obj), bases)
+        _set_class(obj, made)
+        # isinstance() only trusts a __class__ that differs from type(obj): this once, answer
+        # with an empty subclass of the new class
+        return _fresh_view(made)
+    return cls
+
+
+_VIEWS: dict[type, type] = {}
+
+
+def _fresh_view(cls: type) -> type:
+    view = _VIEWS.get(cls)
+    if view is None:
+        view = _VIEWS[cls] = type(cls.__name__, (cls,), {"__module__": cls.__module__,
+                                                         "__qualname__": cls.__qualname__})
+    return view
+
+
+keras_aware_class = property(_keras_aware_class, doc="The instance's class (Keras-aware).")
+"""A ``__class__`` property for kldiv classes that may become Keras ``Loss`` subclasses."""
 
 
 _DTYPE_NAMES = frozenset({"float16", "bfloat16", "float32", "float64"})
@@ -156,12 +196,15 @@ class KLDivergence:
     array([ 9.1628921e-01, -3.0809074e-06], dtype=float32)
     """
 
+    # With Keras loaded, the instance is also a keras.losses.Loss (see _with_keras_bases), so
+    # that model.compile(loss=kldiv.KLDivergence()) calls it with the sample weights: from the
+    # start when Keras was imported first, else at the first isinstance check (Keras' compile).
+    __class__ = keras_aware_class  # type: ignore[assignment]
+
     def __new__(cls, *args: Any, **kwargs: Any) -> KLDivergence:
-        # With Keras loaded, the instance is also a keras.losses.Loss (see _with_keras_bases),
-        # so that model.compile(loss=kldiv.KLDivergence()) calls it with the sample weights.
         bases = tuple(b for b in _keras_loss_bases() if not issubclass(cls, b))
         if bases:
-            cls = _with_keras_bases(cls, bases)
+            cls = _with_keras_bases(_kldiv_class_of_type(cls), _keras_loss_bases())
         return super().__new__(cls)
 
     def __init__(
@@ -240,3 +283,15 @@ class KLDivergence:
         return self.get_config() == other.get_config()
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _kldiv_class_of_type(cls: type) -> type:
+    return getattr(cls, "_kldiv_class", cls)
+
+
+# ``inspect.signature(KLDivergence)`` (IDEs, ``help()``) reads ``__new__``, which only takes
+# ``*args, **kwargs`` to pass them on: show ``__init__``'s parameters instead (inspect drops
+# the first one, ``self``, as it would ``cls``). Subclasses with their own ``__init__`` show theirs.
+KLDivergence.__new__.__signature__ = inspect.signature(KLDivergence.__init__).replace(  # type: ignore[attr-defined]
+    return_annotation=inspect.Signature.empty
+)
