@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,8 @@ import pytest
 import kldiv
 from conftest import Backend
 from kldiv import KLDivergence
-from kldiv._chunked import DataFileError, _NpyWriter
+from kldiv._chunked import DataFileError
+from kldiv._npyio import NpyWriter
 from kldiv.metrics import KLDivergence as Metric
 
 REDUCTIONS = ["auto", "sum_over_batch_size", "mean", "sum", "mean_with_sample_weight"]
@@ -242,7 +244,6 @@ def test_evaluate_files_integer_fortran_and_empty(tmp_path: Path) -> None:
         (lambda d: _write(d / "text.npy", b"hello, not numpy"), "not a .npy file"),
         (lambda d: _save(d / "s.npy", np.array(["a", "b"])), "not numeric"),
         (lambda d: _save(d / "c.npy", np.ones((3, 2), np.complex64)), "complex"),
-        (lambda d: _save(d / "z.npy", np.float32(1.0)), "0-d"),
         (lambda d: _save(d / "short.npy", np.ones((99, 7), np.float32)), "same number of rows"),
         (lambda d: _save(d / "cls.npy", np.ones((1000, 5), np.float32)), "do not fit"),
         (lambda d: _savez(d / "a.npz"), ".npz"),
@@ -254,6 +255,17 @@ def test_evaluate_files_bad_files(files: dict[str, Any], make: Any, match: str) 
     bad = make(files["dir"])
     with pytest.raises(DataFileError, match=match):
         kldiv.evaluate_files(files["tp"], bad)
+
+
+def test_evaluate_files_zero_d(files: dict[str, Any]) -> None:
+    """A 0-d input broadcasts, as in the loss class; two 0-d inputs have no class axis."""
+    half = _save(files["dir"] / "half.npy", np.float32(0.5))
+    np.testing.assert_allclose(kldiv.evaluate_files(files["tp"], half, batch_rows=64),
+                               KLDivergence()(files["t"], np.float32(0.5)), rtol=1e-6)
+    np.testing.assert_allclose(kldiv.evaluate_files(half, files["pp"], batch_rows=64, reduction="sum"),
+                               KLDivergence(reduction="sum")(np.float32(0.5), files["p"]), rtol=1e-6)
+    with pytest.raises(DataFileError, match=r"both 0-d.*class axis"):
+        kldiv.evaluate_files(half, half)
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -284,7 +296,7 @@ def _objects(path: Path) -> Path:
 
 def test_evaluate_files_bad_options(files: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="unknown backend"):
-        kldiv.evaluate_files(files["tp"], files["pp"], backend="tensorflow")
+        kldiv.evaluate_files(files["tp"], files["pp"], backend="mxnet")
     with pytest.raises(ValueError, match="batch_rows"):
         kldiv.evaluate_files(files["tp"], files["pp"], batch_rows=0)
     with pytest.raises(ValueError, match="runs on the CPU"):
@@ -380,18 +392,24 @@ def test_evaluate_files_runs_in_bounded_memory(tmp_path: Path) -> None:
 
 
 def test_npy_writer_round_trip(tmp_path: Path) -> None:
-    w = _NpyWriter(tmp_path / "x.npy")
+    w = NpyWriter(tmp_path / "x.npy")
     a = np.arange(12, dtype=np.float64).reshape(4, 3)
     w.write(a[:3])
-    w.write(a[3:])
-    w.close()
+    assert not (tmp_path / "x.npy").exists()  # only the temporary file, until commit
+    w.write(a[3:].astype(">f8"))  # cast to the first batch's dtype, native byte order
+    assert w.commit() == str(tmp_path / "x.npy")
     assert np.array_equal(np.load(tmp_path / "x.npy"), a)
-    w = _NpyWriter(tmp_path / "y.npy")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.npy"]
+    w = NpyWriter(tmp_path / "y.npy")
     w.write(np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match="do not stack"):
         w.write(np.ones((2, 4), np.float32))
     w.abort()
+    w.abort()  # idempotent
     assert not (tmp_path / "y.npy").exists()
+    with NpyWriter(tmp_path / "z.npy") as w:  # leaving the block without commit: nothing written
+        w.write(np.ones((2, 3), np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
 
 
 def test_docstring_examples() -> None:
@@ -399,3 +417,280 @@ def test_docstring_examples() -> None:
 
     result = doctest.testmod(kldiv._chunked, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# -- byte order and dtypes the target library lacks (issue 9, item 9) ------------------------------
+
+
+@pytest.mark.parametrize("kind", ["big_endian", "float16", "big_endian_float64", "uint16", "in_memory_big_endian"])
+def test_evaluate_files_byte_order_and_dtypes(backend: Backend, tmp_path: Path, kind: str) -> None:
+    """Big-endian files (FITS, other machines) and dtypes a library lacks (float16 on
+    array-api-strict) are converted on the host, before they move: the value is the loss
+    class' on the native arrays."""
+    t, p, w = _data(rows=30, classes=5)
+    dtype = {"float16": "<f2", "big_endian_float64": ">f8", "uint16": ">u2"}.get(kind, ">f4")
+    if kind == "uint16":
+        t, p = np.round(t * 100), np.round(p * 100)  # integer counts
+    tb, pb, wb = t.astype(dtype), p.astype(dtype), w.astype(">f4")
+    if kind == "in_memory_big_endian":
+        args: list[Any] = [tb, pb]
+        sw: Any = wb
+    else:
+        for name, arr in (("t", tb), ("p", pb), ("w", wb)):
+            np.save(tmp_path / f"{name}.npy", arr)
+        args, sw = [tmp_path / "t.npy", tmp_path / "p.npy"], tmp_path / "w.npy"
+    native = np.dtype(dtype).newbyteorder("=")
+    for red in ("auto", "sum", "none"):
+        got = kldiv.evaluate_files(*args, sample_weight=sw, reduction=red, batch_rows=7,
+                                   backend=_file_backend(backend), device=_device(backend))
+        if _file_backend(backend) == "dask":
+            got = got.compute()
+        else:
+            assert backend.is_native(got)
+        expected = KLDivergence(reduction=red)(t.astype(native), p.astype(native), sample_weight=w)
+        values = backend.to_numpy(got) if _file_backend(backend) != "dask" else np.asarray(got)
+        assert values.dtype.isnative
+        rtol = 2e-3 if kind == "float16" else 1e-6
+        np.testing.assert_allclose(values.astype(np.float64), np.asarray(expected, np.float64), rtol=rtol, atol=1e-6)
+        if kind == "float16" and backend.name != "array_api_strict":
+            assert str(got.dtype).endswith("float16")  # kept where the library has it
+
+
+def test_evaluate_files_device_without_float64(tmp_path: Path) -> None:
+    """array-api-strict's "no_float64" device (like Apple MPS): float64 files are read as float32."""
+    xps = pytest.importorskip("array_api_strict")
+    t, p, w = _data(rows=20)
+    np.save(tmp_path / "t.npy", t.astype(np.float64))
+    np.save(tmp_path / "p.npy", p.astype(np.float64))
+    np.save(tmp_path / "w.npy", w.astype(np.float64))
+    got = kldiv.evaluate_files(tmp_path / "t.npy", tmp_path / "p.npy", sample_weight=tmp_path / "w.npy",
+                               backend="array_api_strict", device="no_float64", batch_rows=6)
+    assert got.dtype == xps.float32 and got.device == xps.Device("no_float64")
+    np.testing.assert_allclose(float(got), KLDivergence()(t, p, sample_weight=w), rtol=1e-6)
+
+
+# -- in-memory inputs of every kind, rank rules, integer parameters (issue 9, item 11) --------------
+
+
+def _in_memory(kind: str, a: np.ndarray) -> Any:
+    if kind == "list":
+        return a.tolist()
+    if kind == "memmap":
+        return a  # replaced by the test with a real memmap
+    if kind == "torch":
+        torch = pytest.importorskip("torch")
+        return torch.from_numpy(a)
+    if kind == "torch_grad":
+        torch = pytest.importorskip("torch")
+        return torch.from_numpy(a.copy()).requires_grad_(True)
+    if kind == "jax":
+        jnp = pytest.importorskip("jax.numpy")
+        return jnp.asarray(a)
+    if kind == "dask":
+        da = pytest.importorskip("dask.array")
+        return da.from_array(a, chunks=(7, a.shape[1]))
+    if kind == "array_api_strict":
+        xps = pytest.importorskip("array_api_strict")
+        return xps.asarray(a)
+    if kind == "matrix":
+        return np.asmatrix(a)
+    return a
+
+
+IN_MEMORY = ["numpy", "list", "memmap", "torch", "torch_grad", "jax", "dask", "array_api_strict", "matrix"]
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("kind", IN_MEMORY)
+@pytest.mark.parametrize("target", ["numpy", "torch", "jax", "dask", "array_api_strict"])
+def test_evaluate_files_in_memory_inputs(tmp_path: Path, kind: str, target: str) -> None:
+    pytest.importorskip({"numpy": "numpy", "dask": "dask.array"}.get(target, target))
+    t, p, w = _data(rows=30, classes=5)
+    yt, yp, sw = (_in_memory(kind, a) for a in (t, p, w[:, None]))
+    if kind == "memmap":
+        yt = np.lib.format.open_memmap(tmp_path / "t.npy", mode="w+", dtype=t.dtype, shape=t.shape)
+        yt[:] = t
+        yp = np.load(_save(tmp_path / "p.npy", p), mmap_mode="r")
+    for red in ("auto", "sum", "none"):
+        got = kldiv.evaluate_files(yt, yp, sample_weight=sw, reduction=red, batch_rows=8, backend=target)
+        if target == "dask":
+            got = got.compute()
+        expected = KLDivergence(reduction=red)(t, p, sample_weight=w[:, None])
+        assert np.asarray(got).dtype == np.float32
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
+    del yt, yp
+
+
+def test_evaluate_files_refuses_masked_arrays() -> None:
+    t, p, _ = _data(rows=4)
+    with pytest.raises(TypeError, match="masked"):
+        kldiv.evaluate_files(np.ma.masked_array(t, mask=t < 0.1), p)
+
+
+RANK_CASES = {
+    # name: (y_true shape, y_pred shape, sample_weight shape or None)
+    "true_N1_pred_N": ((12, 1), (12,), None),  # the class squeezes y_true: one sample of 12 classes
+    "pred_N1_true_N": ((12,), (12, 1), None),
+    "true_NC1_pred_NC": ((12, 4, 1), (12, 4), (12,)),
+    "pred_NC1_true_NC": ((12, 4), (12, 4, 1), (12, 1)),
+    "true_C_pred_NC": ((4,), (12, 4), (12,)),
+    "true_scalar_pred_NC": ((), (12, 4), None),
+    "true_1C_pred_NTC": ((1, 4), (12, 3, 4), (12,)),
+    "true_TC_pred_NTC": ((3, 4), (12, 3, 4), (12, 3)),
+    "weight_NT1": ((12, 3, 4), (12, 3, 4), (12, 3, 1)),
+    "weight_U_of_NTU": ((12, 2, 3, 4), (12, 2, 3, 4), (3,)),  # rank r - 2: broadcasts on the last axis
+    "weight_N_of_NTU_with_N_eq_U": ((12, 2, 12, 4), (12, 2, 12, 4), (12,)),  # so this one too
+    "weight_1T": ((12, 3, 4), (12, 3, 4), (1, 3)),
+    "single_row": ((1, 4), (1, 4), (1,)),
+    "empty": ((0, 4), (0, 4), (0,)),
+    "one_d": ((4,), (4,), None),
+}
+
+
+@pytest.mark.parametrize("case", list(RANK_CASES))
+@pytest.mark.parametrize("reduction", [*REDUCTIONS, "none", "metric"])
+def test_evaluate_files_follows_the_loss_class_rank_rules(tmp_path: Path, case: str, reduction: str) -> None:
+    """Whatever the ranks, batched evaluation gives what the loss class gives on the whole arrays."""
+    ts, ps, ws = RANK_CASES[case]
+    rng = np.random.default_rng(len(case))
+    t = rng.random(ts).astype(np.float32)
+    p = rng.random(ps).astype(np.float32)
+    w = None if ws is None else rng.random(ws).astype(np.float32)
+    np.save(tmp_path / "t.npy", t)
+    np.save(tmp_path / "p.npy", p)
+    if w is not None:
+        np.save(tmp_path / "w.npy", w)
+    kwargs: dict[str, Any] = {"metric": True} if reduction == "metric" else {"reduction": reduction}
+    for batch_rows in (1, 5, 100):
+        for inputs in ((tmp_path / "t.npy", tmp_path / "p.npy", None if w is None else tmp_path / "w.npy"),
+                       (t, p, w)):
+            got = kldiv.evaluate_files(inputs[0], inputs[1], sample_weight=inputs[2], batch_rows=batch_rows,
+                                       **kwargs)
+            if reduction == "metric":
+                m = Metric()
+                m.update_state(t, p, w)
+                expected = m.result()
+            else:
+                expected = KLDivergence(reduction=reduction)(t, p, sample_weight=w)
+            assert np.shape(got) == np.shape(expected), (case, batch_rows)
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_evaluate_batches_follows_the_loss_class_rank_rules() -> None:
+    t, p, _ = _data(rows=12)
+    t1, p1 = t[:, :1], p[:, 0]  # (N, 1) and (N,): one sample of N classes, for the loss class
+    whole = KLDivergence(reduction="sum")(t1, p1)
+    np.testing.assert_allclose(kldiv.evaluate_batches([t1], [p1], reduction="sum"), whole, rtol=1e-6)
+    t3, p2 = t[..., None], p  # (N, C, 1) against (N, C): y_true squeezed
+    np.testing.assert_allclose(kldiv.evaluate_batches([t3[:5], t3[5:]], [p2[:5], p2[5:]]),
+                               KLDivergence()(t3, p2), rtol=1e-6)
+    np.testing.assert_allclose(kldiv.evaluate_batches([t3[:5], t3[5:]], [p2[:5], p2[5:]], reduction="none"),
+                               KLDivergence(reduction="none")(t3, p2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [np.int64(5), np.int32(5), np.uint8(5), 5])
+def test_integer_like_parameters_are_accepted(files: dict[str, Any], value: Any) -> None:
+    expected = KLDivergence()(files["t"], files["p"])
+    np.testing.assert_allclose(kldiv.evaluate_files(files["tp"], files["pp"], batch_rows=value), expected, rtol=1e-6)
+    torch = pytest.importorskip("torch")
+    np.testing.assert_allclose(kldiv.evaluate_files(files["tp"], files["pp"], batch_rows=torch.tensor(5)),
+                               expected, rtol=1e-6)
+    got = kldiv.evaluate_batches(_batches(files["t"], 100), _batches(files["p"], 100), total_rows=value)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (True, TypeError, "not a bool"),
+        (False, TypeError, "not a bool"),
+        (np.bool_(True), TypeError, "not a bool"),
+        (5.0, TypeError, "an integer"),
+        (np.float32(5), TypeError, "an integer"),
+        ("5", TypeError, "an integer"),
+        (0, ValueError, "positive"),
+        (-3, ValueError, "positive"),
+        (np.int64(-1), ValueError, "positive"),
+    ],
+)
+def test_bad_integer_parameters_are_refused(files: dict[str, Any], value: Any, error: type, match: str) -> None:
+    with pytest.raises(error, match=rf"batch_rows.*{match}"):
+        kldiv.evaluate_files(files["tp"], files["pp"], batch_rows=value)
+    if not (isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_) and value == 0):
+        with pytest.raises(error, match=rf"total_rows.*{'non-negative' if match == 'positive' else match}"):
+            kldiv.evaluate_batches([files["t"]], [files["p"]], total_rows=value)
+
+
+# -- one return-type rule (issue 10, item 4) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["files", "batches", "empty_files", "no_batches"])
+@pytest.mark.parametrize("reduction", [*REDUCTIONS, "metric", "none"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_numpy_results_follow_one_rule(tmp_path: Path, path: str, reduction: str, dtype: Any) -> None:
+    """A reduced result on NumPy is a NumPy scalar of the result dtype; an unreduced one an ndarray."""
+    t, p, _ = _data(rows=0 if path.startswith("empty") else 10)
+    t, p = t.astype(dtype), p.astype(dtype)
+    kwargs: dict[str, Any] = {"metric": True} if reduction == "metric" else {"reduction": reduction}
+    if path in ("files", "empty_files"):
+        np.save(tmp_path / "t.npy", t)
+        np.save(tmp_path / "p.npy", p)
+        got = kldiv.evaluate_files(tmp_path / "t.npy", tmp_path / "p.npy", batch_rows=3, **kwargs)
+    elif path == "batches":
+        got = kldiv.evaluate_batches(_batches(t, 3), _batches(p, 3), **kwargs)
+    else:
+        got = kldiv.evaluate_batches([], [], **kwargs)
+    expected_dtype = np.float32 if reduction == "metric" or path == "no_batches" else dtype
+    if reduction == "none":
+        assert type(got) is np.ndarray and got.dtype == expected_dtype
+    else:
+        assert type(got) is expected_dtype, type(got)
+
+
+def test_streaming_sum_is_the_float64_sum_rounded_once() -> None:
+    """What the docstring promises: the streamed "sum" is the float64 sum of the float32
+    per-sample losses, rounded once to float32; the loss class sums in float32, so the two
+    can differ in the last bits, and the streamed one is the closer to the exact sum."""
+    rng = np.random.default_rng(7)
+    t = rng.dirichlet(np.ones(8), size=20000).astype(np.float32)
+    p = rng.dirichlet(np.ones(8), size=20000).astype(np.float32)
+    per_sample = kldiv.kld(t, p)  # float32, as the class computes it
+    exact = math.fsum(per_sample.astype(np.float64))  # the exact sum of those float32 values
+    streamed = kldiv.evaluate_batches(_batches(t, 999), _batches(p, 999), reduction="sum")
+    whole = KLDivergence(reduction="sum")(t, p)
+    ulp = float(np.spacing(np.float32(exact)))
+    assert abs(float(streamed) - exact) <= 0.5 * ulp * (1 + 1e-6)  # correctly rounded
+    assert abs(float(whole) - exact) <= 8 * ulp  # float32 pairwise: a few ulps at most here
+    assert abs(float(streamed) - exact) <= abs(float(whole) - exact)
+    mean = kldiv.evaluate_batches(_batches(t, 999), _batches(p, 999))
+    assert abs(float(mean) - exact / len(t)) <= 0.5 * float(np.spacing(np.float32(exact / len(t)))) * (1 + 1e-6)
+
+
+# -- TensorFlow ------------------------------------------------------------------------------------
+
+
+def test_evaluate_files_on_tensorflow(files: dict[str, Any], tmp_path: Path) -> None:
+    tf = pytest.importorskip("tensorflow")
+    for red in ("auto", "sum", "mean_with_sample_weight", "none", "metric"):
+        kwargs: dict[str, Any] = {"metric": True} if red == "metric" else {"reduction": red}
+        got = kldiv.evaluate_files(files["tp"], files["pp"], sample_weight=files["wp"], backend="tensorflow",
+                                   batch_rows=300, **kwargs)
+        assert isinstance(got, tf.Tensor) and got.dtype == tf.float32
+        if red == "metric":
+            expected = (kldiv.kld(files["t"], files["p"]).astype(np.float64) * files["w"]).sum() / files["w"].sum()
+        else:
+            expected = KLDivergence(reduction=red)(files["t"], files["p"], sample_weight=files["w"])
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+    written = kldiv.evaluate_files(files["tp"], files["pp"], reduction="none", backend="tensorflow",
+                                   device="cpu", out=tmp_path / "o.npy", batch_rows=300)
+    np.testing.assert_allclose(written, kldiv.kld(files["t"], files["p"]), rtol=1e-6)
+    with pytest.raises(RuntimeError, match="no device"):
+        kldiv.evaluate_files(files["tp"], files["pp"], backend="tensorflow", device="tpu:3")
+
+
+@pytest.mark.parametrize(("backend_name", "device"), [("array_api_strict", "cuda"), ("jax", "tpu"),
+                                                      ("jax", "cpu:x"), ("torch", "nonsense")])
+def test_unavailable_device_is_a_runtime_error(files: dict[str, Any], backend_name: str, device: str) -> None:
+    pytest.importorskip(backend_name)
+    with pytest.raises(RuntimeError, match="no device"):
+        kldiv.evaluate_files(files["tp"], files["pp"], backend=backend_name, device=device)

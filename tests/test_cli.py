@@ -103,8 +103,9 @@ def _bad(d: Path, kind: str) -> str:
         np.save(path, np.array([1, None], dtype=object), allow_pickle=True)
     elif kind == "complex":
         np.save(path, np.ones((200, 5), np.complex64))
-    elif kind == "zero_d":
+    elif kind == "zero_d":  # 0-d broadcasts, as in the loss class; two 0-d inputs have no class axis
         np.save(path, np.float32(0.5))
+        np.save(d / "zero_d_other.npy", np.float32(0.25))
     elif kind == "rows":
         np.save(path, np.ones((199, 5), np.float32))
     elif kind == "classes":
@@ -127,7 +128,7 @@ BAD_FILES = {
     "strings": "not numeric",
     "objects": "Python objects",
     "complex": "complex",
-    "zero_d": "0-d",
+    "zero_d": "class axis",
     "rows": "same number of rows",
     "classes": "do not fit",
     "truncated": "cannot be read",
@@ -141,7 +142,10 @@ BAD_FILES = {
 def test_bad_files_one_line_exit_2(files: dict[str, Any], kind: str, position: str,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     bad = _bad(files["dir"], kind)
-    argv = [bad, files["pp"]] if position == "y_true" else [files["tp"], bad]
+    good = {"y_true": files["tp"], "y_pred": files["pp"]}
+    if kind == "zero_d":
+        good = dict.fromkeys(good, str(files["dir"] / "zero_d_other.npy"))
+    argv = [bad, good["y_pred"]] if position == "y_true" else [good["y_true"], bad]
     rc, out, err = _run(argv, capsys)
     assert rc == 2
     assert out == ""
@@ -162,7 +166,7 @@ def test_bad_files_one_line_exit_2(files: dict[str, Any], kind: str, position: s
         (["--output", "o.npy"], "--output is for --reduction none", 2),
         (["--metric", "--reduction", "sum"], "not allowed with argument", 2),
         (["--scheduler", "tcp://127.0.0.1:1"], "--scheduler is for --backend dask", 2),
-        (["--backend", "tensorflow"], "invalid choice", 2),
+        (["--backend", "mxnet"], "invalid choice", 2),
         (["--backend", "numpy", "--device", "cuda"], "runs on the CPU", 2),
         (["--sample-weight", "nope.npy"], "does not exist", 2),
         (["--backend", "cupy"], "", 1),  # not installed here (or no GPU): exit 1
@@ -220,3 +224,152 @@ def test_value_matches_evaluate_files(files: dict[str, Any], capsys: pytest.Capt
     rc, out, _ = _run([files["tp"], files["pp"], "--metric", "--batch-rows", "7"], capsys)
     assert rc == 0
     assert out.strip() == str(kldiv.evaluate_files(files["tp"], files["pp"], metric=True, batch_rows=7))
+
+
+def test_zero_d_file_broadcasts_as_in_the_loss_class(files: dict[str, Any],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    np.save(files["dir"] / "half.npy", np.float32(0.5))
+    rc, out, err = _run([str(files["dir"] / "half.npy"), files["pp"]], capsys)
+    assert rc == 0, err
+    np.testing.assert_allclose(float(out), KLDivergence()(np.float32(0.5), files["p"]), rtol=1e-6)
+
+
+# -- exit status: 2 for bad files or arguments, 1 for a missing backend or device (issue 9, item 12) --
+
+
+def test_output_directory_exits_2(files: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = _run([files["tp"], files["pp"], "--reduction", "none", "--output", str(files["dir"])], capsys)
+    assert rc == 2, err
+    assert out == "" and len(err.strip().splitlines()) == 1 and "is a directory" in err
+
+
+@pytest.mark.parametrize(("backend", "device"), [("array_api_strict", "cuda"), ("array_api_strict", "gpu:1"),
+                                                 ("torch", "nonsense"), ("jax", "tpu")])
+def test_unavailable_device_exits_1(files: dict[str, Any], backend: str, device: str,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip(backend)
+    rc, out, err = _run([files["tp"], files["pp"], "--backend", backend, "--device", device], capsys)
+    assert rc == 1, err
+    assert out == "" and len(err.strip().splitlines()) == 1 and "no device" in err and device in err
+
+
+def test_big_endian_and_float16_files(files: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    d = files["dir"]
+    np.save(d / "tb.npy", files["t"].astype(">f4"))
+    np.save(d / "pb.npy", files["p"].astype(">f4"))
+    np.save(d / "th.npy", files["t"].astype(np.float16))
+    np.save(d / "ph.npy", files["p"].astype(np.float16))
+    for backend in CPU_BACKENDS:
+        if backend != "numpy":
+            pytest.importorskip({"dask": "dask.array"}.get(backend, backend))
+        rc, out, err = _run([str(d / "tb.npy"), str(d / "pb.npy"), "--backend", backend, "--batch-rows", "50"], capsys)
+        assert rc == 0, (backend, err)
+        np.testing.assert_allclose(float(out), KLDivergence()(files["t"], files["p"]), rtol=1e-6)
+        rc, out, err = _run([str(d / "th.npy"), str(d / "ph.npy"), "--backend", backend], capsys)
+        assert rc == 0, (backend, err)
+        np.testing.assert_allclose(float(out), KLDivergence()(files["t"], files["p"]), rtol=2e-3)
+
+
+def test_tensorflow_backend(files: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tensorflow")
+    for reduction in ("auto", "sum"):
+        rc, out, err = _run([files["tp"], files["pp"], "--backend", "tensorflow", "--reduction", reduction,
+                             "--sample-weight", files["wp"], "--batch-rows", "64"], capsys)
+        assert rc == 0, err
+        expected = KLDivergence(reduction=reduction)(files["t"], files["p"], sample_weight=files["w"])
+        np.testing.assert_allclose(float(out), expected, rtol=1e-6)
+
+
+def test_tensorflow_missing_exits_1(files: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    if "tensorflow" in sys.modules:
+        monkeypatch.delitem(sys.modules, "tensorflow")
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # "import tensorflow" raises ImportError
+    rc, out, err = _run([files["tp"], files["pp"], "--backend", "tensorflow"], capsys)
+    assert rc == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "pip install tensorflow" in err
+
+
+# -- the top-level command: help, version, TensorFlow (issue 10, item 5) ------------------------------
+
+
+def _main(argv: list[str], argv0: str, monkeypatch: pytest.MonkeyPatch,
+          capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from kldiv.__main__ import main
+
+    monkeypatch.setattr(sys, "argv", [argv0, *argv])
+    rc = main()
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.mark.parametrize(("argv0", "prog"), [("/usr/local/bin/kldiv", "kldiv"),
+                                             (str(Path(kldiv.__file__).parent / "__main__.py"), "python -m kldiv")])
+def test_help_names_the_command_as_invoked(argv0: str, prog: str, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _main(["--help"], argv0, monkeypatch, capsys)
+    assert rc == 0
+    assert out.startswith(f"usage: {prog} ")
+    assert "``" not in out and ":func:" not in out  # no RST markup
+    other = "python -m kldiv" if prog == "kldiv" else "kldiv "
+    assert other not in out.replace(prog, "")  # the other spelling never shows
+    for word in ("show", "compute", "--version", "tensorflow"):
+        assert word in out.lower()
+    rc, out, _ = _main(["compute", "--help"], argv0, monkeypatch, capsys)
+    assert rc == 0 and out.startswith(f"usage: {prog} compute ")
+    assert f"{prog} compute y_true.npy y_pred.npy" in out  # the examples use the same name
+    assert "``" not in out
+    rc, _, err = _main(["compute", "x.npy"], argv0, monkeypatch, capsys)
+    assert rc == 2 and f"see '{prog} compute --help'" in err
+
+
+def test_version(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _main(["--version"], "/usr/bin/kldiv", monkeypatch, capsys)
+    assert rc == 0 and out.strip() == f"kldiv {kldiv.__version__}"
+
+
+def test_unknown_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = _main(["frobnicate"], "/usr/bin/kldiv", monkeypatch, capsys)
+    assert rc == 2 and out == ""
+    assert "frobnicate" in err and "kldiv --help" in err
+
+
+def test_console_script_help() -> None:
+    """The installed ``kldiv`` script (where pip made one) says ``kldiv``, not ``python -m kldiv``."""
+    script = Path(sys.executable).parent / "kldiv"
+    if not script.exists():
+        pytest.skip("no kldiv console script beside this interpreter (package not pip-installed)")
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: kldiv ")
+    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"kldiv {kldiv.__version__}"
+
+
+def test_main_job_has_tensorflow() -> None:
+    """With TensorFlow installed, the main job shows the seed examples on it too."""
+    pytest.importorskip("tensorflow")
+    import io
+
+    from kldiv.__main__ import show
+
+    buf = io.StringIO()
+    assert show(buf) == 0, buf.getvalue()
+    text = buf.getvalue()
+    section = text[text.index("- tensorflow ("):]
+    assert "0.11891246" in section and "0.45814306" in section and "0.3665154" in section
+    assert "float32 on" in section and "CPU:0" in section
+
+
+def test_main_job_without_tensorflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without TensorFlow the main job still works and says how to install it."""
+    import io
+
+    from kldiv import __main__ as main_module
+
+    real = main_module._installed
+    monkeypatch.setattr(main_module, "_installed", lambda name: name != "tensorflow" and real(name))
+    buf = io.StringIO()
+    assert main_module.show(buf) == 0, buf.getvalue()
+    lines = buf.getvalue().splitlines()
+    assert any(line.startswith("- tensorflow ") and "not available: pip install tensorflow" in line
+               for line in lines), buf.getvalue()

@@ -1,22 +1,26 @@
-"""``python -m kldiv``: the seed examples on every installed backend and device.
+"""The ``kldiv`` command (also ``python -m kldiv``).
 
-Sub-commands:
+- ``kldiv`` (or ``kldiv show``): the seed examples' values, dtype and device on each
+  installed backend and device, and how to install each missing backend.
+- ``kldiv compute y_true.npy y_pred.npy [...]``: the loss over two ``.npy`` files (see
+  ``kldiv compute --help`` and :mod:`kldiv._cli`).
+- ``kldiv --help``, ``kldiv --version``.
 
-- ``python -m kldiv`` (or ``python -m kldiv show``): the seed examples' values, dtype and
-  device on each installed backend/device, and how to install each missing backend.
-- ``python -m kldiv compute y_true.npy y_pred.npy [...]``: the loss over two ``.npy`` files
-  (see ``python -m kldiv compute --help``).
+The help names the command as it was invoked: ``kldiv`` for the installed script,
+``python -m kldiv`` for the module.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -30,6 +34,7 @@ INSTALL_HINTS = {
     "jax": "pip install 'kldiv[jax]'  (GPU: pip install 'jax[cuda12]')",
     "cupy": "pip install 'kldiv[cupy]'  (needs an NVIDIA GPU and CUDA 12)",
     "dask": "pip install 'kldiv[dask]'",
+    "tensorflow": "pip install tensorflow",
 }
 
 Converter = Callable[[Any], Any]
@@ -91,21 +96,43 @@ def _targets() -> Iterator[tuple[str, str, Converter | None, str]]:
         yield "dask", "cpu (lazy)", lambda v: da.from_array(np.asarray(v, dtype=np.float32)), ""
     else:
         yield "dask", "-", None, INSTALL_HINTS["dask"]
+    # TensorFlow last: it is slow to import (seconds), so only here, and a process that has
+    # imported it must not import Triton afterwards (both bundle LLVM; see the README).
+    if _installed("tensorflow"):
+        yield from _tensorflow_targets()
+    else:
+        yield "tensorflow", "-", None, INSTALL_HINTS["tensorflow"]
+
+
+def _tensorflow_targets() -> Iterator[tuple[str, str, Converter | None, str]]:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    try:
+        tf = importlib.import_module("tensorflow")
+        devices = [d for d in tf.config.list_logical_devices() if d.device_type in ("CPU", "GPU")]
+    except Exception as exc:  # installed, but broken here
+        yield "tensorflow", "-", None, f"installed but unusable here: {type(exc).__name__}: {exc}"
+        return
+    for dev in devices:
+
+        def to_tf(v: Any, name: str = dev.name) -> Any:
+            with tf.device(name):
+                return tf.identity(tf.constant(v, dtype=tf.float32))
+
+        yield "tensorflow", dev.name.removeprefix("/device:"), to_tf, ""
 
 
 def _fmt(x: Any) -> str:
-    import array_api_compat
+    from ._namespace import _host_numpy, get_device
 
-    from ._namespace import get_device
-
-    if array_api_compat.is_dask_array(x):
-        x = x.compute()
-    dev = get_device(x)
-    arr = np.asarray(x.cpu() if hasattr(x, "cpu") and not isinstance(x, np.ndarray) else x) \
-        if not array_api_compat.is_cupy_array(x) else x.get()
+    dev = get_device(x) if not hasattr(x, "dask") else "cpu"
+    arr = _host_numpy(x)  # torch (detached), CuPy, Dask (computed), TensorFlow, ...
     vals = np.array2string(np.asarray(arr), precision=8, separator=", ")
-    dtype = str(x.dtype).rsplit(".", 1)[-1]
-    return f"{vals}  [{dtype} on {dev}]"
+    name = getattr(x.dtype, "name", None)  # NumPy, JAX, TensorFlow
+    dtype = name if isinstance(name, str) else str(x.dtype).rsplit(".", 1)[-1]  # torch.float32
+    dev_str = str(dev)
+    if dev_str.startswith("/job:"):  # TensorFlow: /job:localhost/replica:0/task:0/device:CPU:0
+        dev_str = dev_str.rpartition("device:")[2]
+    return f"{vals}  [{dtype} on {dev_str}]"
 
 
 def show(out: Any = None) -> int:
@@ -143,18 +170,67 @@ def show(out: Any = None) -> int:
     return failures
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def prog_name(argv0: str | None = None) -> str:
+    """How this command was invoked: ``python -m kldiv``, or the script's name (``kldiv``)."""
+    base = os.path.basename(sys.argv[0] if argv0 is None else argv0)
+    if not base or base == "__main__.py" or (base.endswith((".py", ".pyc")) and not base.endswith("-script.py")):
+        return "python -m kldiv"
+    for suffix in ("-script.pyw", "-script.py", ".exe"):
+        base = base.removesuffix(suffix)
+    return base
+
+
+DESCRIPTION = """\
+The Keras Kullback-Leibler divergence, sum(t * log(t / p), axis=-1) with t and p clipped to
+[1e-7, 1], in the array library and on the device that hold the data.
+"""
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + error
+        raise _UsageError(message)
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(prog=prog, usage=f"{prog} [-h] [--version] [COMMAND] ...", description=DESCRIPTION,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=f"exit status: 0 success, 1 a failure, 2 bad arguments\n"
+                       f"more: '{prog} compute --help'")
+    p.add_argument("--version", action="version", version=f"kldiv {__version__}")
+    sub = p.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    sub.add_parser("show", help="(the default) the seed examples' values, dtype and device on every "
+                                "installed backend and device (NumPy, array-api-strict, PyTorch, JAX, "
+                                "CuPy, Dask, TensorFlow), and for each missing backend the command "
+                                "that installs it")
+    sub.add_parser("compute", add_help=False,
+                   help="the loss or the metric over two .npy files, batch by batch "
+                        f"(see '{prog} compute --help')")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Run the command with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    if prog is None:
+        prog = prog_name() if argv is None else "python -m kldiv"
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "compute":
         from ._cli import compute_main
 
-        return compute_main(args[1:])
-    if args and args[0] in {"-h", "--help"}:
-        print(__doc__)
-        return 0
-    if args and args[0] != "show":
-        print(f"kldiv: unknown command {args[0]!r}; try 'python -m kldiv --help'", file=sys.stderr)
+        return compute_main(args[1:], prog=f"{prog} compute")
+    try:
+        ns = _parser(prog).parse_args(args)
+    except _UsageError as exc:
+        print(f"{prog}: error: {exc} (see '{prog} --help')", file=sys.stderr)
         return 2
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    assert ns.command in (None, "show")
     return 1 if show() else 0
 
 

@@ -6,24 +6,41 @@ window memory-mapped, then unmapped), so memory stays bounded by a few batches w
 file size. Both give what the loss class (or the metric) would give on the whole data, but
 accumulated in float64 where the library has it (float32 with compensated summation
 elsewhere). ``python -m kldiv compute`` is the command-line face of :func:`evaluate_files`.
+
+Reading and writing ``.npy`` files lives in :mod:`kldiv._npyio`, progress bars in
+:mod:`kldiv._progress`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
-import struct
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Any
 
 import numpy as np
 
-from ._functional import compute, prepare
-from ._namespace import _host_numpy, array_namespace
-from ._reduction import Reduction, reduce_loss, validate_reduction
+from ._functional import _shape_str
+from ._namespace import array_namespace, as_pred_array, device_scope, get_device, is_array, is_dask
+from ._npyio import (
+    DataFileError,
+    NpyWriter,
+    Source,
+    backing_file,
+    check_output,
+    host_ready,
+    open_source,
+    refuse_input,
+    to_host,
+)
+from ._progress import check_progress, progress_bar
+from ._reduction import Reduction, validate_reduction
+from ._targets import BACKENDS, backend_name, target
+from .losses import KLDivergence as _Loss
 from .metrics import (
     BatchSums,
     KLDivergence,
@@ -37,82 +54,34 @@ __all__ = ["BACKENDS", "DataFileError", "evaluate_batches", "evaluate_files"]
 
 PathLike = str | os.PathLike[str]
 
-BACKENDS = ("numpy", "torch", "jax", "cupy", "dask", "array_api_strict")
-"""Backends :func:`evaluate_files` can run on (``backend=`` names)."""
-
-_INSTALL = {
-    "torch": "pip install 'kldiv[torch]'",
-    "jax": "pip install 'kldiv[jax]'",
-    "cupy": "pip install 'kldiv[cupy]'",
-    "dask": "pip install 'kldiv[dask]'",
-    "array_api_strict": "pip install array-api-strict",
-}
-
 _BATCH_BYTES = 64 * 2**20  # default batch: about 64 MiB of the widest input
 
-
-class DataFileError(ValueError):
-    """A data file that cannot be used: missing, not ``.npy``, not numeric, 0-d, bad shape."""
+# Names kept for code that reached into this module before it was split.
+_Source = Source
+_NpyWriter = NpyWriter
 
 
 # --------------------------------------------------------------------------------------
-# Progress bars
+# Small helpers
 # --------------------------------------------------------------------------------------
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
+def _count(value: Any, name: str, *, minimum: int) -> int:
+    """``value`` as an int (any integral type: ``np.int64``, a 0-d integer tensor ...).
 
-    def close(self) -> None:
-        pass
-
-
-class _RichBar:
-    def __init__(self, total: int | None, desc: str) -> None:
-        from rich.console import Console
-        from rich.progress import Progress
-
-        console = Console(file=sys.stderr)
-        # in a terminal the bar goes away when done; in a log, the final state stays
-        self._progress = Progress(console=console, transient=console.is_terminal)
-        self._progress.start()
-        self._task = self._progress.add_task(desc, total=total)
-
-    def update(self, n: int) -> None:
-        self._progress.advance(self._task, n)
-
-    def close(self) -> None:
-        self._progress.stop()
-
-
-def _progress_bar(progress: bool | str | None, total: int | None, desc: str) -> Any:
-    """A bar with ``update(n)`` / ``close()``: tqdm, else rich; ``None`` means "if a terminal"."""
-    if progress is None:
-        progress = "auto" if sys.stderr.isatty() else False
-    if progress is False:
-        return _NoBar()
-    kinds: tuple[str, ...] = ("tqdm", "rich") if progress in (True, "auto") else (str(progress),)
-    for kind in kinds:
-        if kind == "tqdm":
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                continue
-            return tqdm(total=total, desc=desc, unit="row", unit_scale=True, file=sys.stderr,
-                        leave=False, dynamic_ncols=True)
-        if kind == "rich":
-            try:
-                return _RichBar(total, desc)
-            except ImportError:
-                continue
-        else:
-            raise ValueError(f"progress must be True, False, None, 'tqdm' or 'rich'; got {progress!r}.")
-    if progress == "auto":
-        return _NoBar()
-    raise ImportError(
-        f"progress={progress!r} needs {' or '.join(kinds)}: pip install 'kldiv[progress]' (tqdm)."
-    )
+    Refuses bools, floats and strings (``TypeError``) and values below ``minimum``
+    (``ValueError``).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, not a bool ({value!r}).")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).") from None
+    if n < minimum:
+        which = "a positive integer" if minimum == 1 else f"an integer >= {minimum} (non-negative)"
+        raise ValueError(f"{name} must be {which}, got {n}.")
+    return n
 
 
 def _rows_of(x: Any) -> int:
@@ -131,58 +100,49 @@ def _wait(x: Any) -> None:
         ready()
 
 
-# --------------------------------------------------------------------------------------
-# .npy output, written sequentially
-# --------------------------------------------------------------------------------------
+def _numpy_result(x: Any, *, reduced: bool) -> Any:
+    """The project's return rule: on NumPy a reduced result is a NumPy scalar of the result
+    dtype, an unreduced one an ndarray; other libraries keep their (0-d) arrays."""
+    if reduced and type(x) is np.ndarray and x.ndim == 0:
+        return x[()]
+    if not reduced and isinstance(x, np.generic):
+        return np.asarray(x)
+    return x
 
 
-class _NpyWriter:
-    """Write a ``.npy`` file batch after batch (the leading axis grows), in bounded memory.
+def _class_ranks(y_true: Any, y_pred: Any) -> tuple[Any, Any]:
+    """The loss class' rank rule (Keras 2's ``squeeze_or_expand_dimensions``), per batch.
 
-    A fixed-size header is reserved and filled in at :meth:`close`, when the shape is known.
+    Ranks differing by one with a trailing axis of 1 on the larger: that axis is squeezed,
+    so a ``(N, 1)`` ``y_true`` against a ``(N,)`` ``y_pred`` is one sample of ``N`` classes,
+    whether the arrays come whole or in batches.
     """
+    if not is_array(y_pred):
+        y_pred = as_pred_array(y_pred)  # Python floats: Keras' floatx, as in the loss
+    ts = np.shape(y_true) if not hasattr(y_true, "shape") else tuple(y_true.shape)
+    ps = tuple(y_pred.shape)
+    if len(ts) == len(ps) + 1 and ts[-1] == 1:
+        y_true = _drop_last(y_true)
+    elif len(ps) == len(ts) + 1 and ps[-1] == 1:
+        y_pred = _drop_last(y_pred)
+    return y_true, y_pred
 
-    _HEADER = 128
 
-    def __init__(self, path: PathLike) -> None:
-        self.path = os.fspath(path)
-        self._f = open(self.path, "wb")  # noqa: SIM115  (closed in close())
-        self._f.write(b"\x00" * self._HEADER)
-        self._rows = 0
-        self._rest: tuple[int, ...] | None = None
-        self._dtype: np.dtype[Any] | None = None
-        self._scalar = False
+def _drop_last(x: Any) -> Any:
+    if not is_array(x):
+        x = np.asarray(x)
+    return array_namespace(x).reshape(x, tuple(x.shape[:-1]))
 
-    def write(self, arr: np.ndarray) -> None:
-        arr = np.asarray(arr)
-        if arr.dtype.kind != "f" or arr.dtype.itemsize < 2:
-            arr = arr.astype(np.float32)  # bfloat16 and friends: .npy has no such dtype
-        if self._dtype is None:
-            self._dtype, self._scalar = arr.dtype, arr.ndim == 0
-            self._rest = tuple(arr.shape[1:])
-        elif self._scalar or arr.ndim == 0 or tuple(arr.shape[1:]) != self._rest:
-            raise ValueError("per-sample losses of the batches do not stack along the first axis.")
-        arr = arr.astype(self._dtype, copy=False)
-        self._f.write(np.ascontiguousarray(arr).tobytes())
-        self._rows += 1 if arr.ndim == 0 else arr.shape[0]
 
-    def close(self) -> None:
-        dtype = self._dtype if self._dtype is not None else np.dtype(np.float32)
-        shape = () if self._scalar else (self._rows, *(self._rest or ()))
-        header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                       "shape": shape})
-        room = self._HEADER - 10 - 1
-        if len(header) > room:
-            raise ValueError(f"shape {shape} too large for the .npy header")
-        self._f.seek(0)
-        self._f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", self._HEADER - 10)
-                      + header.ljust(room).encode("latin1") + b"\n")
-        self._f.close()
-
-    def abort(self) -> None:
-        self._f.close()
-        with contextlib.suppress(OSError):
-            os.remove(self.path)
+def _concat(parts: list[Any]) -> Any:
+    """Concatenate per-sample losses along the first axis, in their library and device."""
+    xp = array_namespace(parts[0])
+    concat = getattr(xp, "concat", None)
+    scope = device_scope(xp, get_device(parts[0]))
+    with scope if scope is not None else contextlib.nullcontext():
+        if concat is None:  # kldiv's TensorFlow shim: TensorFlow's own
+            return sys.modules["tensorflow"].concat(parts, axis=0)
+        return concat(parts, axis=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -198,7 +158,6 @@ class _Accumulator:
         self.n: RunningSum | None = None
         self.wsum: RunningSum | None = None
         self.out_dtype: Any = None
-        self.weighted = False
 
     def add(self, sums: BatchSums) -> None:
         xp, total = sums.xp, sums.weighted_sum
@@ -213,7 +172,6 @@ class _Accumulator:
             self.total.add(total)
             self.n.add(n)
         if w is not None:
-            self.weighted = True
             if self.wsum is None:
                 self.wsum = RunningSum(w, total.dtype != xp.float64)
             else:
@@ -221,7 +179,7 @@ class _Accumulator:
 
     def result(self, reduction: str) -> Any:
         if self.total is None or self.n is None:
-            return np.asarray(0.0, dtype=np.float32)
+            return np.float32(0.0)  # no batch at all: the loss of an empty batch
         total = self.total.total()
         xp = array_namespace(total)
         if reduction == Reduction.SUM:
@@ -259,6 +217,105 @@ def _resolve_metric(metric: KLDivergence | bool | None, reduction: str | None) -
     return metric
 
 
+def _evaluate(
+    batches: Iterable[tuple[Any, Any, Any]],
+    *,
+    red: str,
+    the_metric: KLDivergence | None,
+    out: PathLike | None,
+    inputs: list[tuple[str, str]],
+    progress: bool | str | None,
+    total_rows: int | None,
+) -> Any:
+    """The loop behind both helpers. ``batches`` yields ``(y_true, y_pred, sample_weight)``."""
+    acc = _Accumulator()
+    parts: list[Any] = []
+    pending: Any = None
+    written: str | None = None
+    yt: Any
+    yp: Any
+    sw: Any
+    with contextlib.ExitStack() as stack:
+        # Everything that can fail before the first batch (the bar's library, the output's
+        # directory) fails here, before anything is written; the writer only ever writes a
+        # temporary file beside the target, removed on any failure (the ExitStack).
+        bar = progress_bar(progress, total_rows, "kldiv")
+        stack.callback(bar.close)
+        writer = stack.enter_context(NpyWriter(out, inputs)) if out is not None else None
+        yt = yp = sw = loss = done = sums = None
+        try:
+            for yt, yp, sw in batches:
+                if writer is not None:
+                    for what, x in (("a y_true batch", yt), ("a y_pred batch", yp), ("a sample_weight batch", sw)):
+                        refuse_input(writer.shown, writer.path, what, backing_file(x))
+                rows = _rows_of(yp) if _rows_of(yp) > 1 else _rows_of(yt)
+                yt, yp = _class_ranks(yt, yp)
+                if the_metric is not None:
+                    the_metric.update_state(yt, yp, sw)
+                    done = the_metric._total.value if the_metric._total is not None else None
+                elif red == Reduction.NONE:
+                    loss = _Loss(reduction=Reduction.NONE)(yt, yp, sample_weight=sw)
+                    if parts:
+                        check_same_place(parts[0], loss, what="a batch", owner="evaluate_batches")
+                    if writer is not None:
+                        writer.write(to_host(loss))
+                        parts[:1] = [loss]
+                    else:
+                        parts.append(loss)
+                    done = loss
+                else:
+                    sums = batch_sums(yt, yp, sw)
+                    acc.add(sums)
+                    done = sums.weighted_sum
+                # Bounded memory with asynchronous dispatch (JAX): stay one batch ahead, not more.
+                if pending is not None:
+                    _wait(pending)
+                pending = done
+                bar.update(rows)
+        except BaseException:
+            # Drop this frame's references to the batches before the exception leaves: a
+            # traceback kept alive (pytest, a REPL's sys.last_traceback) would otherwise keep
+            # memory-mapped windows of the input files, and so their file handles, open.
+            yt = yp = sw = loss = done = sums = pending = None
+            batches = iter(())  # a zip keeps its last tuple of batches
+            parts.clear()
+            raise
+        if writer is not None:
+            written = writer.commit()
+    if the_metric is not None:
+        return _numpy_result(the_metric.result(), reduced=True)
+    if red != Reduction.NONE:
+        return _numpy_result(acc.result(red), reduced=True)
+    if written is not None:
+        return np.load(written, mmap_mode="r")
+    if not parts:
+        return np.zeros((0,), dtype=np.float32)
+    if len(parts) == 1:
+        return _numpy_result(parts[0], reduced=False)
+    if parts[0].ndim == 0:
+        raise ValueError("reduction='none' over several batches needs inputs of at least 2-d.")
+    return _numpy_result(_concat(parts), reduced=False)
+
+
+_STREAMING_NOTES = """\
+    Notes
+    -----
+    **Sums are kept in float64** (where the library has it on the device; else float32 with
+    Neumaier compensated summation). Each batch's per-sample losses are computed exactly
+    as the loss class computes them (in ``y_pred``'s dtype, float32 for float16/bfloat16),
+    cast to float64, weighted and summed; the batch totals are added in float64, divided in
+    float64 for the means, and the result is rounded once to ``y_pred``'s floating dtype.
+    So a reduced result is the float32 value nearest to the exact weighted sum (or mean) of
+    the class' float32 per-sample losses, up to the float64 rounding, about ``N * 2**-53``
+    relative, far below float32's resolution: it is correctly rounded except when the exact
+    value lies within that distance of a float32 rounding boundary. The loss class (like
+    Keras) sums those losses in float32, with a relative error of up to about
+    ``log2(N) * 2**-24`` for NumPy's pairwise summation, so for float32 data the two can
+    differ in the last digit or two, the streamed one being the closer to the exact value.
+    For float64 data both are float64 sums and agree to within float64 rounding.
+"""
+
+
 def evaluate_batches(
     y_true_batches: Iterable[Any],
     y_pred_batches: Iterable[Any],
@@ -276,15 +333,16 @@ def evaluate_batches(
     Gives what ``kldiv.KLDivergence(reduction)`` gives on the concatenation of the batches
     (along their first axis), or, with ``metric``, what a :class:`kldiv.metrics.KLDivergence`
     gives after one ``update_state`` per batch; only one batch is held at a time. Sums are
-    kept in float64 where the library has it (float32 with compensated summation elsewhere),
-    on the batches' device: nothing is read back to the host per batch.
+    kept in float64 where the library has it (see Notes), on the batches' device: nothing is
+    read back to the host per batch.
 
     Parameters
     ----------
     y_true_batches, y_pred_batches : iterable of array_like
         Matching batches (any library; each computed in its ``y_pred``'s library and on its
         device, which must be the same for every batch). The iterables must have the same
-        length.
+        length. The loss class' rank rule applies to each batch: a ``y_true`` of one more
+        axis, of size 1, than ``y_pred`` (or the other way round) has that axis squeezed.
     sample_weight_batches : iterable of array_like or float, optional
         One sample weight per batch (Keras 2 rules, as for the loss class).
     reduction : str or None, default "auto"
@@ -298,31 +356,40 @@ def evaluate_batches(
         ``result()`` is returned.
     out : str or path, optional
         With ``reduction="none"``: write the per-sample losses to this ``.npy`` file, batch
-        after batch, and return it memory-mapped (read-only).
+        after batch, and return it memory-mapped (read-only). The file is written to a
+        temporary file in the same directory and renamed over ``out`` only once every batch
+        is written: if the run fails or is interrupted, a file that was at ``out`` is left
+        as it was. A symbolic link is followed (the file it names is replaced).
     progress : bool, "tqdm", "rich" or None, default False
         Show a progress bar on stderr (``True``: tqdm, else rich; ``None``: only when stderr
         is a terminal).
     total_rows : int, optional
-        The number of rows expected, for the progress bar.
+        The number of rows expected, for the progress bar (any integer type).
     convert : callable, optional
         Applied to every array of every batch first (e.g. move NumPy batches to a device).
 
     Returns
     -------
-    array
-        A 0-d array of the batches' library and device (lazy for Dask), in ``y_pred``'s
-        floating dtype (the metric's dtype with ``metric``); with ``reduction="none"``,
-        the per-sample losses (or the ``.npy`` file as a read-only ``numpy.memmap``). With
-        no batch at all, a NumPy 0-d array holding 0.
+    scalar or array
+        A reduced result (every reduction but ``"none"``, and ``metric``) in ``y_pred``'s
+        floating dtype (the metric's dtype with ``metric``): on NumPy a NumPy scalar
+        (``np.float32`` for float32 batches, ``np.float32(0.0)`` when there is no batch at
+        all), elsewhere a 0-d array of the batches' library on their device (lazy for Dask).
+        With ``reduction="none"``, the per-sample losses: an array of the batches' library
+        (an ``ndarray`` on NumPy, ``(0,)`` float32 without batches), or the ``out`` file as a
+        read-only ``numpy.memmap``.
 
     Raises
     ------
     ValueError
         If the iterables differ in length, a batch has bad shapes, ``reduction`` is invalid,
-        or both ``metric`` and a reduction are given.
+        both ``metric`` and a reduction are given, ``total_rows`` is negative, or ``out`` is
+        a directory, not a regular file, in a missing or unwritable directory, or the file
+        a batch is memory-mapped from (also through a link).
     TypeError, ValueError
         If batches come from different libraries (``TypeError``) or devices (``ValueError``).
 
+{notes}
     Examples
     --------
     >>> import numpy as np
@@ -332,6 +399,8 @@ def evaluate_batches(
     >>> p = rng.dirichlet(np.ones(5), size=1000).astype(np.float32)
     >>> batches = lambda a: (a[i:i + 256] for i in range(0, len(a), 256))
     >>> streamed = kldiv.evaluate_batches(batches(t), batches(p))
+    >>> type(streamed)
+    <class 'numpy.float32'>
     >>> whole = kldiv.KLDivergence()(t, p)
     >>> bool(np.isclose(streamed, whole, rtol=1e-6))
     True
@@ -343,277 +412,162 @@ def evaluate_batches(
     red = validate_reduction(reduction) if the_metric is None else Reduction.AUTO
     if out is not None and red != Reduction.NONE:
         raise ValueError("out= is for reduction='none' (the per-sample losses).")
-    acc = _Accumulator()
-    parts: list[Any] = []
-    writer = _NpyWriter(out) if out is not None else None
-    bar = _progress_bar(progress, total_rows, "kldiv")
-    pending: Any = None
-    try:
+    if total_rows is not None:
+        total_rows = _count(total_rows, "total_rows", minimum=0)
+    progress = check_progress(progress)
+    if out is not None:
+        check_output(out)
+
+    def converted() -> Iterator[tuple[Any, Any, Any]]:
         for yt, yp, sw in _zip_batches(y_true_batches, y_pred_batches, sample_weight_batches):
             if convert is not None:
                 yt, yp = convert(yt), convert(yp)
                 sw = convert(sw) if sw is not None and not isinstance(sw, (int, float)) else sw
-            rows = _rows_of(yp) if _rows_of(yp) > 1 else _rows_of(yt)
-            if the_metric is not None:
-                the_metric.update_state(yt, yp, sw)
-                done: Any = the_metric._total.value if the_metric._total is not None else None
-            elif red == Reduction.NONE:
-                prep = prepare(yt, yp)
-                loss = reduce_loss(prep.xp, compute(prep), sw, reduction=Reduction.NONE)
-                if parts:
-                    check_same_place(parts[0], loss, what="a batch", owner="evaluate_batches")
-                if writer is not None:
-                    writer.write(_host_numpy(loss))
-                    parts[:1] = [loss]
-                else:
-                    parts.append(loss)
-                done = loss
-            else:
-                sums = batch_sums(yt, yp, sw)
-                acc.add(sums)
-                done = sums.weighted_sum
-            # Bounded memory with asynchronous dispatch (JAX): stay one batch ahead, not more.
-            if pending is not None:
-                _wait(pending)
-            pending = done
-            bar.update(rows)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    finally:
-        bar.close()
-    if the_metric is not None:
-        return the_metric.result()
-    if red == Reduction.NONE:
-        if writer is not None:
-            writer.close()
-            return np.load(writer.path, mmap_mode="r")
-        if not parts:
-            return np.zeros((0,), dtype=np.float32)
-        if len(parts) == 1:
-            return parts[0]
-        xp = array_namespace(parts[0])
-        if parts[0].ndim == 0:
-            raise ValueError("reduction='none' over several batches needs inputs of at least 2-d.")
-        return xp.concat(parts, axis=0)
-    return acc.result(red)
+            yield yt, yp, sw
+
+    return _evaluate(converted(), red=red, the_metric=the_metric, out=out, inputs=[],
+                     progress=progress, total_rows=total_rows)
+
+
+evaluate_batches.__doc__ = (evaluate_batches.__doc__ or "").replace("{notes}\n", _STREAMING_NOTES)
 
 
 # --------------------------------------------------------------------------------------
-# .npy files
+# evaluate_files: where the rows go, and the target library
 # --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Source:
-    """An input: an ``.npy`` file (read by row windows) or an in-memory array."""
-
-    label: str
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
-    path: str | None = None  # None: in memory (``array``)
-    offset: int = 0
-    fortran: bool = False
-    array: Any = None
-
-    @property
-    def name(self) -> str:
-        return self.label if self.path is None else f"{self.label} file {self.path!r}"
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` as a NumPy array (a fresh mapping of just those rows)."""
-        if self.path is None:
-            return np.asarray(self.array[start:stop])
-        if self.fortran or len(self.shape) < 1:
-            full = np.load(self.path, mmap_mode="r")
-            return np.array(full[start:stop])
-        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        n = stop - start
-        if n == 0 or row_bytes == 0:
-            return np.empty((n, *self.shape[1:]), dtype=self.dtype)
-        window = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset + start * row_bytes,
-                           shape=(n, *self.shape[1:]))
-        return np.asarray(window)
-
-    def whole(self) -> np.ndarray:
-        if self.path is None:
-            return np.asarray(self.array)
-        return np.asarray(np.load(self.path, mmap_mode="r"))
-
-
-def _open_source(x: Any, label: str) -> _Source:
-    """Validate an input given as a ``.npy`` path or an array; never reads the data."""
-    if not isinstance(x, (str, os.PathLike)):
-        arr = np.asarray(x) if not hasattr(x, "shape") else x
-        return _Source(label, tuple(arr.shape), np.dtype(arr.dtype), array=arr)
-    path = os.fspath(x)
-    name = f"{label} file {path!r}"
-    if not os.path.exists(path):
-        raise DataFileError(f"{name} does not exist.")
-    if os.path.isdir(path):
-        raise DataFileError(f"{name} is a directory, not a .npy file.")
-    try:
-        mm = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        msg = str(exc).splitlines()[0]
-        if "pickle" in msg:
-            msg = "not a .npy file (or one holding Python objects)"
-        raise DataFileError(f"{name} cannot be read as a .npy array: {msg}") from None
-    except (OSError, EOFError) as exc:
-        raise DataFileError(f"{name} cannot be read as a .npy array: {exc}") from None
-    if not isinstance(mm, np.ndarray):  # an .npz archive
-        close = getattr(mm, "close", None)
-        if close is not None:
-            close()
-        raise DataFileError(f"{name} is an .npz archive; save each array with numpy.save.")
-    shape, dtype = tuple(mm.shape), mm.dtype
-    offset = int(getattr(mm, "offset", 0))
-    fortran = bool(mm.flags.f_contiguous and not mm.flags.c_contiguous)
-    del mm
-    _check_numeric(dtype, name)
-    return _Source(label, shape, dtype, path=path, offset=offset, fortran=fortran)
-
-
-def _check_numeric(dtype: np.dtype[Any], name: str) -> None:
-    if dtype.kind == "c":
-        raise DataFileError(f"{name} has complex dtype {dtype}; KL divergence needs real values.")
-    if dtype.kind not in "biuf":
-        raise DataFileError(f"{name} has dtype {dtype}, which is not numeric.")
 
 
 @dataclass(frozen=True)
 class _Layout:
-    n_rows: int | None  # None: a single sample (1-d inputs), one batch
-    sliced: tuple[bool, ...]  # per source: read by rows, or whole (it broadcasts)
+    n_rows: int | None  # None: no batch axis (a single sample): one batch, everything whole
+    sliced: tuple[bool, bool, bool]  # per input: read by rows, or whole (it broadcasts)
 
 
-def _layout(sources: list[_Source], weight: _Source | None) -> _Layout:
+def _class_shapes(ts: tuple[int, ...], ps: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes after the loss class' rank squeeze (see :func:`_class_ranks`)."""
+    if len(ts) == len(ps) + 1 and ts[-1] == 1:
+        return ts[:-1], ps
+    if len(ps) == len(ts) + 1 and ps[-1] == 1:
+        return ts, ps[:-1]
+    return ts, ps
+
+
+def _weight_shape(ws: tuple[int, ...], r: int) -> tuple[int, ...]:
+    """A weight's shape after Keras 2's rank rules, against a per-sample loss of rank ``r``."""
+    if len(ws) == r + 1 and ws[-1] == 1:
+        return ws[:-1]
+    if r >= 1 and len(ws) == r - 1:
+        return (*ws, 1)
+    return ws
+
+
+def _layout(sources: list[Source], weight: Source | None) -> _Layout:
+    """Which inputs are read by rows: those that carry the per-sample loss' first axis.
+
+    Follows the loss class exactly: the rank squeeze of ``y_true``/``y_pred`` first, then
+    broadcasting, then Keras 2's weight rules. Inputs of fewer axes (after those rules) or a
+    single row broadcast and are read whole; with no batch axis at all (a per-sample loss
+    of rank 0) there is a single batch.
+    """
     t, p = sources
-    for s in sources:
-        if len(s.shape) == 0:
-            raise DataFileError(f"{s.name} is 0-d; it needs at least one axis (the classes).")
-    nd = max(len(t.shape), len(p.shape))
-    if nd < 2:
+    ts, ps = _class_shapes(t.shape, p.shape)
+    nd = max(len(ts), len(ps))
+    if nd == 0:
+        raise DataFileError(
+            f"{t.name} and {p.name} are both 0-d: the KL divergence needs a class axis "
+            "(an input of at least 1-d)."
+        )
+    r = nd - 1
+    if r == 0:
         return _Layout(None, (False, False, False))
-    big = [s for s in sources if len(s.shape) == nd]
-    squeeze = any(s.shape[-1] == 1 for s in big)  # Keras 2: rank + 1 with a trailing 1
-
-    def row_source(s: _Source) -> bool:
-        return len(s.shape) == nd or (squeeze and len(s.shape) == nd - 1 and len(s.shape) >= 2)
-
-    counts = {s.shape[0] for s in sources if row_source(s)}
-    long = counts - {1}
+    long = {s[0] for s in (ts, ps) if len(s) == nd} - {1}
     if len(long) > 1:
-        desc = " and ".join(f"{s.name} of shape {s.shape}" for s in sources)
+        desc = " and ".join(f"{s.name} of shape {_shape_str(s.shape)}" for s in sources)
         raise DataFileError(f"{desc} do not have the same number of rows.")
     n = long.pop() if long else 1
-    sliced = [row_source(s) and s.shape[0] == n for s in sources]
-    w_sliced = weight is not None and len(weight.shape) >= 1 and weight.shape[0] == n and n > 1
-    return _Layout(n, (sliced[0], sliced[1], w_sliced))
+    sliced_w = False
+    if weight is not None and weight.shape:
+        wa = _weight_shape(weight.shape, r)
+        if len(wa) == r:
+            if wa[0] == n:
+                sliced_w = True
+            elif wa[0] != 1:
+                raise DataFileError(
+                    f"shapes do not fit: {weight.name} of shape {_shape_str(weight.shape)} has "
+                    f"{wa[0]} rows for {n} rows of {t.name} {_shape_str(t.shape)} and "
+                    f"{p.name} {_shape_str(p.shape)}."
+                )
+    return _Layout(n, (len(ts) == nd and ts[0] == n, len(ps) == nd and ps[0] == n, sliced_w))
 
 
-def _check_shapes(sources: list[_Source], weight: _Source | None, layout: _Layout) -> None:
-    """Run the checks of the loss on zero-cost stand-ins of one row (shapes only)."""
-    def standin(s: _Source, sliced: bool) -> np.ndarray:
-        shape = (min(s.shape[0], 1), *s.shape[1:]) if sliced else s.shape
+def _check_shapes(sources: list[Source], weight: Source | None, scalar_weight: Any, layout: _Layout) -> None:
+    """Run the loss class on zero-cost stand-ins (shapes only) of the first batch."""
+    def standin(s: Source, sliced: bool) -> np.ndarray:
+        shape = (min(s.shape[0], 2), *s.shape[1:]) if sliced else s.shape
         return np.broadcast_to(np.zeros((), dtype=np.float32), shape)
 
     t, p = (standin(s, sl) for s, sl in zip(sources, layout.sliced, strict=False))
+    w = standin(weight, layout.sliced[2]) if weight is not None else scalar_weight
     try:
-        prep = prepare(t, p)
-        loss = compute(prep)
-        if weight is not None:
-            reduce_loss(prep.xp, loss, standin(weight, layout.sliced[2]), reduction=Reduction.NONE)
+        _Loss(reduction=Reduction.NONE)(t, p, sample_weight=w)
     except (ValueError, TypeError) as exc:
-        desc = ", ".join(f"{s.label} {s.shape}" for s in [*sources, *([weight] if weight else [])])
+        desc = ", ".join(f"{s.label} {_shape_str(s.shape)}" for s in [*sources, *([weight] if weight else [])])
         raise DataFileError(f"shapes do not fit ({desc}): {exc}") from None
 
 
-def _converter(backend: str, device: str | None) -> Callable[[np.ndarray], Any]:
-    """A function moving a NumPy batch to ``backend`` on ``device``."""
-    backend = backend.lower().replace("-", "_")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}.")
-    if backend in ("numpy", "dask"):
-        if device not in (None, "cpu"):
-            raise ValueError(f"backend {backend!r} runs on the CPU; got device {device!r} "
-                             "(use backend='cupy' for a GPU).")
-        return np.asarray
-    try:
-        if backend == "torch":
-            import torch
-
-            tdev = torch.device(device or "cpu")
-            if tdev.type == "cuda" and not torch.cuda.is_available():
-                raise RuntimeError("torch sees no CUDA device here")
-
-            def to_torch(a: np.ndarray) -> Any:
-                return torch.from_numpy(np.array(a)).to(tdev)
-
-            return to_torch
-        if backend == "jax":
-            import jax
-
-            jdev: Any = None
-            if device is not None:
-                platform, _, index = device.partition(":")
-                platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
-                try:
-                    jdev = jax.devices(platform)[int(index or 0)]
-                except (RuntimeError, IndexError, ValueError) as exc:
-                    raise RuntimeError(f"JAX has no device {device!r}: {exc}") from None
-
-            def to_jax(a: np.ndarray) -> Any:
-                return jax.device_put(np.asarray(a), jdev)
-
-            return to_jax
-        if backend == "cupy":
-            import cupy as cp
-
-            gpu = int((device or "cuda:0").partition(":")[2] or 0)
-
-            def to_cupy(a: np.ndarray) -> Any:
-                with cp.cuda.Device(gpu):
-                    return cp.asarray(a)
-
-            return to_cupy
-        import array_api_strict as xps
-
-        sdev = xps.Device(device) if device is not None else None
-
-        def to_strict(a: np.ndarray) -> Any:
-            return xps.asarray(np.array(a), device=sdev)
-
-        return to_strict
-    except ImportError as exc:
-        raise ImportError(f"backend {backend!r} is not installed ({exc}): {_INSTALL[backend]}") from None
+# --------------------------------------------------------------------------------------
+# Dask: lazy arrays reading the files on the workers
+# --------------------------------------------------------------------------------------
 
 
 def _read_block(path: str, offset: int, dtype: str, shape: tuple[int, ...], fortran: bool,
                 block_info: Any = None) -> np.ndarray:
     """Dask task: read one block of rows of an ``.npy`` file (on whichever worker runs it)."""
     start, stop = block_info[None]["array-location"][0]
-    src = _Source("", shape, np.dtype(dtype), path=path, offset=offset, fortran=fortran)
-    return src.rows(start, stop)
+    dt = np.dtype(dtype)
+    src = Source("", shape, dt, "float", dt.itemsize, path=path, offset=offset, fortran=fortran)
+    return host_ready(src.rows(start, stop))
 
 
-def _dask_array(src: _Source, batch_rows: int) -> Any:
-    """A lazy Dask array reading ``src`` by blocks of rows: only the path travels to workers."""
+def _dask_input(src: Source, sliced: bool, batch_rows: int) -> Any:
+    """A lazy Dask array of ``src``: read by blocks of rows (only the path travels to the
+    workers), or whole when it broadcasts; in the machine's byte order."""
     import dask.array as da
     from dask.base import tokenize
 
     if src.path is None:
-        return da.from_array(src.array, chunks=(batch_rows, *src.shape[1:]))
+        x = src.array
+        if not is_dask(x):
+            x = da.from_array(host_ready(to_host(x)), chunks=(batch_rows, *src.shape[1:]) if sliced else -1)
+        elif not np.dtype(x.dtype).isnative:
+            x = x.astype(np.dtype(x.dtype).newbyteorder("="))
+        return x
+    if not sliced:
+        return da.from_array(host_ready(src.whole()), chunks=-1)
     n = src.shape[0]
+    native = src.dtype.newbyteorder("=")
     row_chunks = tuple(min(batch_rows, n - i) for i in range(0, n, batch_rows)) or (0,)
     chunks = (row_chunks, *((d,) for d in src.shape[1:]))
     return da.map_blocks(
         _read_block, src.path, src.offset, src.dtype.str, src.shape, src.fortran,
-        dtype=src.dtype, chunks=chunks, meta=np.empty((0,) * len(src.shape), dtype=src.dtype),
+        dtype=native, chunks=chunks, meta=np.empty((0,) * len(src.shape), dtype=native),
         name="kldiv-read-" + tokenize(src.path, os.stat(src.path).st_mtime_ns, src.offset, src.dtype.str,
                                       src.shape, chunks),
     )
+
+
+def _store_blocks(loss: Any, out: PathLike, inputs: list[tuple[str, str]]) -> np.ndarray:
+    """Compute a lazy Dask per-sample loss block by block into a ``.npy`` file."""
+    with NpyWriter(out, inputs) as writer:
+        for block in loss.to_delayed().ravel():
+            writer.write(np.asarray(block.compute()))
+        path = writer.commit()
+    return np.load(path, mmap_mode="r")
+
+
+# --------------------------------------------------------------------------------------
+# evaluate_files
+# --------------------------------------------------------------------------------------
 
 
 def evaluate_files(
@@ -635,17 +589,20 @@ def evaluate_files(
     unmapped after use, moves them to ``backend`` on ``device`` and accumulates there (see
     :func:`evaluate_batches`): memory stays bounded by a few batches, whatever the files'
     size. The result is what ``kldiv.KLDivergence(reduction)`` (or the metric) gives on the
-    whole arrays.
+    whole arrays, with the class' rank rules (a ``(N, 1)`` ``y_true`` against a ``(N,)``
+    ``y_pred`` is one sample of ``N`` classes) and Keras 2's ``sample_weight`` rules.
 
     Parameters
     ----------
     y_true, y_pred : str, path or array
-        ``.npy`` files of real numeric dtype (or arrays: NumPy, ``numpy.memmap``, ...), of at
-        least one axis; batches are rows of the first axis. An input with a single row, or
-        with fewer axes, broadcasts and is read whole.
+        ``.npy`` files of real numeric dtype, in either byte order, or in-memory arrays
+        (NumPy arrays and memory maps, lists, torch, JAX, CuPy, Dask, array-API arrays:
+        read by rows in their own library, then moved to ``backend``). Batches are rows of
+        the per-sample loss' first axis; an input with a single row, or with fewer axes
+        (a 0-d one included, as in the loss class), broadcasts and is read whole.
     sample_weight : str, path, array or float, optional
-        Per-sample weights (Keras 2 rules), a ``.npy`` path or an array; read by rows too
-        when it has one weight per row.
+        Per-sample weights (Keras 2 rules), a ``.npy`` path, an array or a number; read by
+        rows too when it has one weight per row.
     reduction : str or None, default "auto"
         As for :class:`kldiv.KLDivergence`. ``"none"`` returns the per-sample losses; give
         ``out`` to write them to a ``.npy`` file in bounded memory instead.
@@ -654,36 +611,55 @@ def evaluate_files(
         place.
     backend : str, default "numpy"
         One of ``"numpy"``, ``"torch"``, ``"jax"``, ``"cupy"``, ``"dask"``,
-        ``"array_api_strict"``. With ``"dask"`` the files become lazy Dask arrays (only
-        the paths travel to the workers, which must see the same files) and the result is
-        returned lazy: call ``.compute()`` (on a ``dask.distributed`` client if you like).
+        ``"array_api_strict"``, ``"tensorflow"``. With ``"dask"`` the files become lazy
+        Dask arrays (only the paths travel to the workers, which must see the same files)
+        and the result is returned lazy: call ``.compute()`` (on a ``dask.distributed``
+        client if you like). Data is converted on the host, before it moves, to the
+        machine's byte order and to a dtype the backend has on the device (float16 files
+        become float32 on array-api-strict, float64 ones float32 on a device without
+        float64); the result then has that dtype.
     device : str, optional
         The device, in the backend's words: ``"cuda"``, ``"cuda:1"`` (torch, CuPy),
-        ``"gpu"`` / ``"cpu"`` (JAX), ... Default: the backend's default device.
+        ``"gpu"`` / ``"cpu"`` (JAX, TensorFlow), ``"no_float64"`` (array-api-strict) ...
+        Default: the backend's default device.
     batch_rows : int, optional
-        Rows per batch (per Dask chunk). Default: about 64 MiB of the widest input.
+        Rows per batch (per Dask chunk), any integer type. Default: about 64 MiB of the
+        widest input.
     out : str or path, optional
-        With ``reduction="none"``: the ``.npy`` file to write the per-sample losses to.
+        With ``reduction="none"``: the ``.npy`` file to write the per-sample losses to,
+        returned memory-mapped. Written to a temporary file beside it and renamed into
+        place only on success, so a failed or interrupted run leaves an existing file
+        untouched. Must not be an input (nor a link to one).
     progress : bool, "tqdm", "rich" or None, default False
         A progress bar on stderr (in rows); ``None``: when stderr is a terminal. Not used
         with ``backend="dask"`` (use Dask's own progress bar or dashboard).
 
     Returns
     -------
-    array
-        As :func:`evaluate_batches`: a 0-d array of the backend on the device, in the
-        floating dtype of ``y_pred`` (float32 for integer data), or the metric's dtype.
+    scalar or array
+        As :func:`evaluate_batches`: a reduced result is a NumPy scalar of ``y_pred``'s
+        floating dtype on the ``"numpy"`` backend (``np.float32`` for float32 and integer
+        data; the metric's dtype with ``metric``) and a 0-d array of the backend on the
+        device otherwise (lazy with ``"dask"``); ``reduction="none"`` gives the per-sample
+        losses (an ``ndarray`` on NumPy) or the ``out`` file as a read-only ``numpy.memmap``.
 
     Raises
     ------
     DataFileError
-        (a ``ValueError``) If a file is missing, not a ``.npy`` array, not real numeric,
-        0-d, or the shapes do not fit.
+        (a ``ValueError``, also ``kldiv.DataFileError``) If a file is missing, not a
+        ``.npy`` array, not real numeric, or the shapes do not fit.
+    ValueError
+        If an option is invalid, or ``out`` is an input (or a link to one), a directory,
+        not a regular file, or in a missing or unwritable directory.
+    TypeError
+        If ``batch_rows`` is not an integer (a bool, a float), or an input is not an array
+        (or a masked array, whose mask would be lost).
     ImportError
         If ``backend`` is not installed.
     RuntimeError
         If ``device`` is not available.
 
+{notes}
     Examples
     --------
     >>> import os, tempfile
@@ -692,8 +668,9 @@ def evaluate_files(
     >>> d = tempfile.mkdtemp()
     >>> np.save(os.path.join(d, "t.npy"), np.array([[0, 1], [0, 0]], dtype=np.float32))
     >>> np.save(os.path.join(d, "p.npy"), np.array([[.6, .4], [.4, .6]], dtype=np.float32))
-    >>> print(kldiv.evaluate_files(os.path.join(d, "t.npy"), os.path.join(d, "p.npy"), batch_rows=1))
-    0.45814306
+    >>> loss = kldiv.evaluate_files(os.path.join(d, "t.npy"), os.path.join(d, "p.npy"), batch_rows=1)
+    >>> print(loss, type(loss).__name__)
+    0.45814306 float32
     >>> print(kldiv.evaluate_files(os.path.join(d, "t.npy"), os.path.join(d, "p.npy"),
     ...                            sample_weight=[1, 0], metric=True, batch_rows=1))
     0.9162892
@@ -702,81 +679,68 @@ def evaluate_files(
     red = validate_reduction(reduction) if the_metric is None else Reduction.AUTO
     if out is not None and red != Reduction.NONE:
         raise ValueError("out= is for reduction='none' (the per-sample losses).")
-    if batch_rows is not None and (not isinstance(batch_rows, int) or batch_rows < 1):
-        raise ValueError(f"batch_rows must be a positive integer, got {batch_rows!r}.")
-    sources = [_open_source(y_true, "y_true"), _open_source(y_pred, "y_pred")]
+    if batch_rows is not None:
+        batch_rows = _count(batch_rows, "batch_rows", minimum=1)
+    progress = check_progress(progress)
+    name = backend_name(backend)
+    sources = [open_source(y_true, "y_true"), open_source(y_pred, "y_pred")]
     weight = None
-    if sample_weight is not None and not isinstance(sample_weight, (int, float)):
-        weight = _open_source(sample_weight, "sample_weight")
+    scalar_weight = None
+    if isinstance(sample_weight, (int, float)) and not isinstance(sample_weight, bool):
+        scalar_weight = sample_weight
+    elif sample_weight is not None:
+        weight = open_source(sample_weight, "sample_weight")
+    all_sources = [*sources, weight]
+    inputs = [(s.name if s.path is not None else s.label, s.path if s.path is not None else backing_file(s.array))
+              for s in all_sources if s is not None]
+    file_inputs = [(what, path) for what, path in inputs if path is not None]
+    if out is not None:
+        check_output(out, file_inputs)  # before anything is read or written
     layout = _layout(sources, weight)
-    _check_shapes(sources, weight, layout)
-    convert = _converter(backend, device)
-    convert(np.zeros((1,), dtype=np.float32))  # fail now if the device is not there
+    _check_shapes(sources, weight, scalar_weight, layout)
+    move = target(name, device)
     n = layout.n_rows
     if batch_rows is None:
-        widest = max(int(np.prod(s.shape[1:], dtype=np.int64)) * s.dtype.itemsize for s in sources)
+        widest = max(int(np.prod(s.shape[1:], dtype=np.int64)) * s.itemsize for s in sources)
         batch_rows = max(1, _BATCH_BYTES // max(widest, 1))
-    all_sources = [*sources, weight]
+    rows = batch_rows
 
-    if backend.lower() == "dask":
-        def lazy(s: _Source | None, sliced: bool) -> Any:
-            if s is None:
-                return sample_weight
-            if sliced:
-                return _dask_array(s, batch_rows)
-            return s.whole()
+    if name == "dask":
+        def lazy(s: Source | None, sliced: bool) -> Any:
+            return sample_weight if s is None else _dask_input(s, sliced, rows)
 
         yt, yp, sw = (lazy(s, sl) for s, sl in zip(all_sources, layout.sliced, strict=True))
         if the_metric is not None:
             the_metric.update_state(yt, yp, sw)
             return the_metric.result()
         if red == Reduction.NONE and out is not None:
-            xp, loss = _prep_loss(yt, yp)
-            return _store_blocks(reduce_loss(xp, loss, sw, reduction=Reduction.NONE), out)
-        from .losses import KLDivergence as Loss
+            return _store_blocks(_Loss(reduction=Reduction.NONE)(yt, yp, sample_weight=sw), out, file_inputs)
+        return _Loss(reduction=red)(yt, yp, sample_weight=sw)
 
-        return Loss(reduction=red)(yt, yp, sample_weight=sw)
+    count = 1 if n is None else len(range(0, max(n, 1), rows))
 
-    def stream(i: int) -> Iterator[Any]:
-        s, sliced = all_sources[i], layout.sliced[i]
-        if s is None:
-            yield from _repeat(sample_weight, n, batch_rows)
+    def stream(s: Source | None, sliced: bool) -> Generator[Any, None, None]:
+        if s is None:  # a number, or no weight (then unused)
+            for _ in range(count):
+                yield sample_weight
             return
         if n is None or not sliced:
-            whole = s.whole()
-            yield from _repeat(whole, n, batch_rows)
+            whole = move(s.whole())  # moved once, used by every batch
+            for _ in range(count):
+                yield whole
             return
-        for start in range(0, max(n, 1), batch_rows):
-            yield s.rows(start, min(start + batch_rows, n))
+        for start in range(0, max(n, 1), rows):
+            yield move(s.rows(start, min(start + rows, n)))
 
-    weights = stream(2) if sample_weight is not None else None
-    return evaluate_batches(
-        stream(0), stream(1), weights, reduction=red if the_metric is None else "auto",
-        metric=the_metric, out=out, progress=progress, total_rows=n,
-        convert=convert,
-    )
-
-
-def _repeat(x: Any, n: int | None, batch_rows: int) -> Iterator[Any]:
-    count = 1 if n is None else len(range(0, max(n, 1), batch_rows))
-    for _ in range(count):
-        yield x
-
-
-def _prep_loss(y_true: Any, y_pred: Any) -> tuple[Any, Any]:
-    prep = prepare(y_true, y_pred)
-    return prep.xp, compute(prep)
-
-
-def _store_blocks(loss: Any, out: PathLike) -> np.ndarray:
-    """Compute a lazy Dask per-sample loss block by block into a ``.npy`` file."""
-    writer = _NpyWriter(out)
+    streams: list[Generator[Any, None, None]] = [
+        stream(s, sl) for s, sl in zip(all_sources, layout.sliced, strict=True)
+    ]
     try:
-        for block in loss.to_delayed().ravel():
-            writer.write(np.asarray(block.compute()))
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
-    return np.load(os.fspath(out), mmap_mode="r")
+        return _evaluate(zip(*streams, strict=True), red=red, the_metric=the_metric, out=out,
+                         inputs=file_inputs, progress=progress, total_rows=n)
+    finally:
+        for gen in streams:  # release what they hold (whole inputs, mapped windows) now
+            gen.close()
 
+
+evaluate_files.__doc__ = (evaluate_files.__doc__ or "").replace("{notes}\n", _STREAMING_NOTES)

@@ -1,8 +1,10 @@
-"""``python -m kldiv compute``: the loss or the metric over two ``.npy`` files.
+"""``kldiv compute`` (also ``python -m kldiv compute``): the loss or the metric over two ``.npy`` files.
 
-Bad input (a missing file, not ``.npy``, non-numeric, 0-d, mismatched shapes, bad options)
-gets one line on stderr and exit status 2; a backend or device that is not there, or any
-other failure, one line and exit status 1. Never a traceback.
+Bad input (a missing file, not ``.npy``, non-numeric, shapes that do not fit, an output path
+that is an input or a directory, bad options) gets one line on stderr and exit status 2; a
+backend or device that is not there, or any other failure, one line and exit status 1; an
+interruption (Ctrl-C) exit status 130. Never a traceback. With ``--output``, an existing file
+is replaced only when the run succeeds.
 """
 
 from __future__ import annotations
@@ -21,21 +23,26 @@ PROG = "python -m kldiv compute"
 DESCRIPTION = """\
 The Keras KL divergence, sum(t * log(t / p), axis=-1) with t, p clipped to [1e-7, 1], over two
 .npy files of the same number of rows, read batch by batch (memory-mapped windows) so memory
-stays bounded whatever the files' size. Prints the result on stdout.
+stays bounded whatever the files' size. Prints the result on stdout. Files may be big-endian
+and of any real numeric dtype.
 
 With --reduction none the per-sample losses are written to --output (a .npy file, written
-batch by batch); a summary line is printed instead of the values.
+batch by batch to a temporary file beside it, renamed into place only when complete: a failed
+or interrupted run leaves an existing file untouched); a summary line is printed instead of
+the values.
 """
 
 EPILOG = """\
 examples:
-  python -m kldiv compute y_true.npy y_pred.npy
-  python -m kldiv compute y_true.npy y_pred.npy --reduction sum --sample-weight w.npy
-  python -m kldiv compute y_true.npy y_pred.npy --metric --backend torch --device cuda
-  python -m kldiv compute y_true.npy y_pred.npy --reduction none --output loss.npy
-  python -m kldiv compute y_true.npy y_pred.npy --backend dask --scheduler tcp://host:8786
+  {prog} y_true.npy y_pred.npy
+  {prog} y_true.npy y_pred.npy --reduction sum --sample-weight w.npy
+  {prog} y_true.npy y_pred.npy --metric --backend torch --device cuda
+  {prog} y_true.npy y_pred.npy --backend tensorflow --device gpu
+  {prog} y_true.npy y_pred.npy --reduction none --output loss.npy
+  {prog} y_true.npy y_pred.npy --backend dask --scheduler tcp://host:8786
 
-exit status: 0 success, 2 bad input or options, 1 other failure (backend/device missing, ...)
+exit status: 0 success, 2 bad input or options, 1 other failure (backend or device missing,
+...), 130 interrupted
 """
 
 
@@ -48,11 +55,11 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     from ._chunked import BACKENDS
     from ._reduction import Reduction
 
-    p = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+    p = _Parser(prog=prog, description=DESCRIPTION, epilog=EPILOG.format(prog=prog),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("y_true", help="the true distributions, a .npy file of shape (N, ..., C)")
     p.add_argument("y_pred", help="the predicted distributions, a .npy file (N, ..., C)")
@@ -64,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--metric", action="store_true",
                       help="the metric instead: kldiv.metrics.KLDivergence's weighted mean")
     p.add_argument("--backend", default="numpy", choices=BACKENDS, help="default: numpy")
-    p.add_argument("--device", help="e.g. cuda, cuda:1 (torch, cupy), gpu (jax); default: the backend's")
+    p.add_argument("--device", help="e.g. cuda, cuda:1 (torch, cupy), gpu (jax, tensorflow); "
+                                    "default: the backend's")
     p.add_argument("--batch-rows", type=int, metavar="N",
                    help="rows per batch (default: about 64 MiB of the widest input)")
     p.add_argument("--output", metavar="OUT.npy",
@@ -108,14 +116,10 @@ def _run(args: argparse.Namespace) -> str:
         raise _UsageError("--output is for --reduction none")
     if args.scheduler is not None and args.backend != "dask":
         raise _UsageError("--scheduler is for --backend dask")
-    if args.output is not None:
-        for src in (args.y_true, args.y_pred, args.sample_weight):
-            if src is not None and os.path.exists(src) and os.path.exists(args.output) \
-                    and os.path.samefile(src, args.output):
-                raise _UsageError(f"--output {args.output!r} would overwrite an input")
-        parent = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(parent):
-            raise _UsageError(f"--output: directory {parent!r} does not exist")
+    if args.backend == "tensorflow":
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    # --output (an input, a link to one, a directory, a missing directory): evaluate_files
+    # refuses it with a ValueError before anything is read or written (exit status 2).
 
     def evaluate() -> Any:
         result = evaluate_files(
@@ -141,11 +145,13 @@ def _run(args: argparse.Namespace) -> str:
     return _format(result)
 
 
-def compute_main(argv: list[str]) -> int:
-    """Run ``python -m kldiv compute`` with ``argv`` (the arguments after ``compute``).
+def compute_main(argv: list[str], *, prog: str = PROG) -> int:
+    """Run ``kldiv compute`` with ``argv`` (the arguments after ``compute``).
 
-    Returns the exit status: 0 on success, 2 for bad input or options (one line on stderr),
-    1 for any other failure (one line on stderr).
+    ``prog`` is the command as invoked (``kldiv compute`` or ``python -m kldiv compute``),
+    for the help and the error messages. Returns the exit status: 0 on success, 2 for bad
+    input or options (one line on stderr), 1 for a missing backend or device and any other
+    failure (one line on stderr), 130 when interrupted.
     """
     from ._chunked import DataFileError
 
@@ -155,15 +161,15 @@ def compute_main(argv: list[str]) -> int:
         return status
 
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(prog).parse_args(argv)
         print(_run(args))
     except _UsageError as exc:
-        return fail(2, f"{exc} (see '{PROG} --help')")
+        return fail(2, f"{exc} (see '{prog} --help')")
     except DataFileError as exc:
         return fail(2, str(exc))
     except (ValueError, TypeError) as exc:
         return fail(2, str(exc))
-    except ImportError as exc:
+    except (ImportError, RuntimeError) as exc:  # a backend or a device that is not there
         return fail(1, str(exc))
     except KeyboardInterrupt:
         return fail(130, "interrupted")

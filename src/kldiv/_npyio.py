@@ -1,0 +1,414 @@
+"""``.npy`` input and output for the streaming helpers.
+
+Reading: :func:`open_source` validates an input (a ``.npy`` path or an in-memory array)
+without reading its data; :meth:`Source.rows` maps just one window of rows at a time.
+
+Writing: :class:`NpyWriter` writes a ``.npy`` file batch after batch, in bounded memory,
+into a temporary file beside the target, and renames it into place only when every batch
+is written (:meth:`NpyWriter.commit`). A run that fails or is interrupted removes the
+temporary file and leaves whatever stood at the target untouched. :func:`check_output`
+refuses, before anything is written, a target that is a directory, not a regular file, or
+the same file as an input (also through a symbolic or hard link).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._namespace import _host_numpy, as_pred_array, dtype_kind, is_array
+
+__all__ = [
+    "DataFileError",
+    "NpyWriter",
+    "Source",
+    "backing_file",
+    "check_output",
+    "host_ready",
+    "open_source",
+    "refuse_input",
+    "to_host",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be used: missing, not ``.npy``, not numeric, or shapes that do not fit."""
+
+
+# --------------------------------------------------------------------------------------
+# Host-side conversion: byte order and dtypes the target library lacks
+# --------------------------------------------------------------------------------------
+
+
+def host_ready(a: np.ndarray, supported: Callable[[np.dtype[Any]], bool] | None = None) -> np.ndarray:
+    """``a`` in the machine's byte order and in a dtype the target library supports.
+
+    ``.npy`` files (and FITS data) may be big-endian, which torch, JAX, array-api-strict and
+    TensorFlow refuse; some libraries lack a dtype (array-api-strict has no float16, a
+    device may have no float64). Converting here, on the host, before the data moves, gives
+    the target exactly the values of the file. An unsupported dtype becomes float32 (float64
+    for 8-byte integers where the target has it): every value is cast to a floating dtype
+    by the loss anyway. Returns ``a`` itself when nothing needs to change.
+    """
+    dtype = a.dtype
+    target = dtype if dtype.isnative else dtype.newbyteorder("=")
+    if supported is not None and not supported(target):
+        candidates: list[np.dtype[Any]] = [np.dtype(np.float32), np.dtype(np.float64)]
+        if target.itemsize >= 8:  # 8-byte integers: float64 first, where there is one
+            candidates.reverse()
+        for candidate in candidates:
+            if supported(candidate):
+                target = candidate
+                break
+        else:
+            raise TypeError(f"the target library supports neither {dtype} nor float32/float64.")
+    return a if target == dtype else a.astype(target)
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """An input: an ``.npy`` file (read by row windows) or an in-memory array."""
+
+    label: str
+    shape: tuple[int, ...]
+    dtype: Any  # np.dtype for files and NumPy arrays; the library's dtype otherwise
+    kind: str  # "float", "int", "bool", ...
+    itemsize: int
+    path: str | None = None  # None: in memory (``array``)
+    offset: int = 0
+    fortran: bool = False
+    array: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.label if self.path is None else f"{self.label} file {self.path!r}"
+
+    def rows(self, start: int, stop: int) -> Any:
+        """Rows ``start:stop``: a NumPy array (a fresh mapping of just those rows) for a file,
+        a slice in the array's own library for an in-memory input."""
+        if self.path is None:
+            return self.array[start:stop, ...]  # a full index: array-API arrays need one
+        if self.fortran:
+            full = np.load(self.path, mmap_mode="r")
+            return np.array(full[start:stop])
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.itemsize
+        n = stop - start
+        if n == 0 or row_bytes == 0:
+            return np.empty((n, *self.shape[1:]), dtype=self.dtype)
+        window = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset + start * row_bytes,
+                           shape=(n, *self.shape[1:]))
+        return np.asarray(window)
+
+    def whole(self) -> Any:
+        if self.path is None:
+            return self.array
+        return np.asarray(np.load(self.path, mmap_mode="r"))
+
+
+def _itemsize(dtype: Any) -> int:
+    size = getattr(dtype, "itemsize", None)
+    if isinstance(size, int):
+        return size
+    try:
+        return int(np.dtype(str(dtype).rsplit(".", 1)[-1]).itemsize)
+    except TypeError:
+        return 4
+
+
+def open_source(x: Any, label: str) -> Source:
+    """Validate an input given as a ``.npy`` path or an array; never reads the data."""
+    if isinstance(x, (str, os.PathLike)):
+        return _open_file(os.fspath(x), label)
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{label} is a masked array, which evaluate_files cannot read by rows without "
+                        "dropping the mask: pass a.filled(...) or a.compressed(), or use the loss class.")
+    if isinstance(x, np.ndarray) and type(x) not in (np.ndarray, np.memmap):
+        x = np.asarray(x)  # np.matrix and other subclasses: plain rows
+    if not is_array(x):
+        try:
+            x = as_pred_array(x) if label == "y_pred" else np.asarray(x)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{label} could not be converted to an array: {exc}") from None
+        if isinstance(x, np.generic):
+            x = np.asarray(x)
+    kind = dtype_kind(x.dtype)
+    name = label
+    if kind == "complex":
+        raise DataFileError(f"{name} has complex dtype {x.dtype}; KL divergence needs real values.")
+    if kind not in ("float", "int", "bool"):
+        raise DataFileError(f"{name} has dtype {x.dtype}, which is not numeric.")
+    shape = tuple(int(d) for d in x.shape)
+    return Source(label, shape, x.dtype, kind, _itemsize(x.dtype), array=x)
+
+
+def _open_file(path: str, label: str) -> Source:
+    name = f"{label} file {path!r}"
+    if not os.path.exists(path):
+        raise DataFileError(f"{name} does not exist.")
+    if os.path.isdir(path):
+        raise DataFileError(f"{name} is a directory, not a .npy file.")
+    try:
+        mm = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0]
+        if "pickle" in msg:
+            msg = "not a .npy file (or one holding Python objects)"
+        raise DataFileError(f"{name} cannot be read as a .npy array: {msg}") from None
+    except (OSError, EOFError) as exc:
+        raise DataFileError(f"{name} cannot be read as a .npy array: {exc}") from None
+    if not isinstance(mm, np.ndarray):  # an .npz archive
+        close = getattr(mm, "close", None)
+        if close is not None:
+            close()
+        raise DataFileError(f"{name} is an .npz archive; save each array with numpy.save.")
+    shape, dtype = tuple(mm.shape), mm.dtype
+    offset = int(getattr(mm, "offset", 0))
+    fortran = bool(mm.flags.f_contiguous and not mm.flags.c_contiguous)
+    del mm
+    if dtype.kind == "c":
+        raise DataFileError(f"{name} has complex dtype {dtype}; KL divergence needs real values.")
+    if dtype.kind not in "biuf":
+        raise DataFileError(f"{name} has dtype {dtype}, which is not numeric.")
+    kind = {"b": "bool", "f": "float"}.get(dtype.kind, "int")
+    return Source(label, shape, dtype, kind, dtype.itemsize, path=path, offset=offset, fortran=fortran)
+
+
+def backing_file(x: Any) -> str | None:
+    """The file a NumPy array is memory-mapped from (``np.load(..., mmap_mode=...)``), if any."""
+    seen = 0
+    while isinstance(x, np.ndarray) and seen < 32:
+        filename = getattr(x, "filename", None) if isinstance(x, np.memmap) else None
+        if filename:
+            return os.fspath(filename)
+        x, seen = x.base, seen + 1
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_input(out: PathLike, target: str, what: str, path: str | None) -> None:
+    """Raise ``ValueError`` if ``path`` (an input) is the same file as ``target`` (the output)."""
+    if path is not None and _same_file(target, path):
+        raise ValueError(f"out={os.fspath(out)!r} is the same file as {what} {path!r}: writing it "
+                         "would overwrite an input. Choose another output path.")
+
+
+def check_output(out: PathLike, inputs: Iterable[tuple[str, str]] = ()) -> str:
+    """Validate the output path before anything is read or written; return the file to write.
+
+    ``inputs`` are ``(description, path)`` pairs. A symbolic link is followed: the file it
+    names is the one replaced (the link stays). Raises ``ValueError`` for a directory, an
+    existing path that is not a regular file (a device, a FIFO), a missing parent directory,
+    or a path that is the same file as an input (the same path, a symbolic or a hard link).
+    """
+    shown = os.fspath(out)
+    target = os.path.realpath(shown)
+    for what, path in inputs:
+        refuse_input(out, target, what, path)
+    if os.path.isdir(target):
+        raise ValueError(f"out={shown!r} is a directory; give a file path such as "
+                         f"{os.path.join(shown, 'loss.npy')!r}.")
+    if os.path.lexists(target) and not stat.S_ISREG(os.stat(target).st_mode):
+        raise ValueError(f"out={shown!r} exists and is not a regular file; it is not replaced.")
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise ValueError(f"out={shown!r}: directory {parent!r} does not exist.")
+    return target
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for every thread)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header NumPy writes for ``dtype`` and ``shape`` (format 1.0, else 2.0)."""
+    d = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    buf = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(buf, d)
+    except ValueError:  # more than 64 KiB of header
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buf, d)
+    return buf.getvalue()
+
+
+class NpyWriter:
+    """Write a ``.npy`` file batch after batch (the leading axis grows), in bounded memory.
+
+    Everything goes to a temporary file in the target's directory (created on construction);
+    :meth:`commit` completes the header, flushes the data to disk and renames the temporary
+    file over the target; :meth:`abort` (or leaving a ``with`` block by an exception)
+    removes it. The target is never opened for writing, so a failure at any point leaves a
+    file that was there untouched. The header is NumPy's own (``numpy.lib.format``).
+    """
+
+    def __init__(self, path: PathLike, inputs: Iterable[tuple[str, str]] = ()) -> None:
+        self.shown = os.fspath(path)
+        self.path = check_output(path, inputs)
+        self._tmp: str | None = None
+        self._f: Any = None
+        self._rows = 0
+        self._rest: tuple[int, ...] | None = None
+        self._dtype: np.dtype[Any] | None = None
+        self._scalar = False
+        self._header_len = 0
+        directory, base = os.path.split(self.path)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=directory)
+        except OSError as exc:
+            raise ValueError(f"cannot write out={self.shown!r}: {exc.strerror or exc}") from None
+        self._tmp = tmp
+        try:
+            self._f = os.fdopen(fd, "w+b")
+        except BaseException:
+            os.close(fd)
+            self.abort()
+            raise
+
+    def __enter__(self) -> NpyWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None or self._tmp is not None:
+            self.abort()
+
+    def write(self, arr: Any) -> None:
+        """Append a batch of per-sample losses (along the first axis)."""
+        arr = np.asarray(arr)
+        if arr.dtype.kind != "f" or arr.dtype.itemsize < 2:
+            arr = arr.astype(np.float32)  # bfloat16 and friends: .npy has no such dtype
+        if self._dtype is None:
+            self._dtype = np.dtype(arr.dtype).newbyteorder("=")
+            self._scalar = arr.ndim == 0
+            self._rest = tuple(arr.shape[1:])
+            head = _header(self._dtype, () if self._scalar else (0, *self._rest))
+            self._f.write(head)
+            self._header_len = len(head)
+        elif self._scalar or arr.ndim == 0 or tuple(arr.shape[1:]) != self._rest:
+            raise ValueError("per-sample losses of the batches do not stack along the first axis: "
+                             f"{(() if self._scalar else ('N', *(self._rest or ())))} then {arr.shape}.")
+        arr = np.ascontiguousarray(arr, dtype=self._dtype)
+        if arr.size:
+            self._f.write(arr.data)
+        self._rows += 1 if arr.ndim == 0 else arr.shape[0]
+
+    def _shape(self) -> tuple[int, ...]:
+        return () if self._scalar else (self._rows, *(self._rest or ()))
+
+    def commit(self) -> str:
+        """Complete the file and move it into place; return the path written."""
+        if self._tmp is None:
+            raise ValueError("this writer was already committed or aborted.")
+        try:
+            dtype = self._dtype if self._dtype is not None else np.dtype(np.float32)
+            head = _header(dtype, self._shape())
+            if self._dtype is None:  # no batch at all: an empty (0,) array
+                self._f.write(head)
+            elif len(head) == self._header_len:
+                self._f.seek(0)
+                self._f.write(head)
+            else:  # a NumPy without room for growth in its headers: copy behind a new header
+                self._rewrite(head)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            try:
+                mode = stat.S_IMODE(os.stat(self.path).st_mode)  # the replaced file's permissions
+            except FileNotFoundError:
+                mode = 0o666 & ~_umask()  # a new file's usual permissions (mkstemp gives 0o600)
+            os.chmod(self._tmp, mode)
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._tmp = None
+        _fsync_directory(os.path.dirname(self.path))
+        return self.path
+
+    def _rewrite(self, head: bytes) -> None:
+        assert self._tmp is not None
+        directory, base = os.path.split(self.path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=directory)
+        old, old_path = self._f, self._tmp
+        try:
+            new = os.fdopen(fd, "w+b")
+        except BaseException:
+            os.close(fd)
+            os.remove(tmp)
+            raise
+        self._f, self._tmp = new, tmp  # from here on, abort() removes the new one ...
+        try:
+            new.write(head)
+            old.seek(self._header_len)
+            shutil.copyfileobj(old, new, 2**20)
+        finally:
+            old.close()
+            with contextlib.suppress(OSError):  # ... and this removes the old one
+                os.remove(old_path)
+
+    def abort(self) -> None:
+        """Close and remove the temporary file; the target is left as it was. Idempotent."""
+        f, tmp = self._f, self._tmp
+        self._tmp = None
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
+    if sys.platform.startswith("win"):
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """Any array (of any library) as a NumPy array on the host."""
+    return x if isinstance(x, np.ndarray) else _host_numpy(x)
