@@ -180,3 +180,42 @@ def oracle(y_true: Any, y_pred: Any) -> np.ndarray:
     t = np.clip(np.asarray(y_true, dtype=np.float64), 1e-7, 1)
     p = np.clip(np.asarray(y_pred, dtype=np.float64), 1e-7, 1)
     return np.sum(t * np.log(t / p), axis=-1)
+
+
+# ------------------------------------------------------------------ test-run reporting
+# pyproject's addopts report failures and errors one per line (-rfExX) but not each skip: on
+# a CPU machine more than a hundred tests skip for a few reasons (no GPU, a peer library not
+# installed). The summary below gives one line per reason with its count; -rs (or -ra, e.g.
+# PYTEST_ADDOPTS=-rs) lists every skipped test instead, as pytest does.
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def skip_summary(reports: list[pytest.TestReport]) -> list[tuple[int, str]]:
+    """(count, reason) per distinct skip reason, the most frequent first."""
+    counts: dict[str, int] = {}
+    for report in reports:
+        reason = _skip_reason(report)
+        counts[reason] = counts.get(reason, 0) + 1
+    return sorted(((n, reason) for reason, n in counts.items()), key=lambda item: (-item[0], item[1]))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    reportchars = getattr(config.option, "reportchars", "") or ""
+    if "s" in reportchars or "a" in reportchars or "A" in reportchars:
+        return  # pytest lists each skipped test itself
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if r.skipped and not hasattr(r, "wasxfail")]
+    if not skipped:
+        return
+    lines = skip_summary(skipped)
+    terminalreporter.write_sep(
+        "=", f"{len(skipped)} skipped, {len(lines)} reasons (-rs lists each test)"
+    )
+    width = len(str(lines[0][0]))
+    for n, reason in lines:
+        terminalreporter.write_line(f"{n:>{width}} x {reason}")

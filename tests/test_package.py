@@ -5,8 +5,11 @@ from __future__ import annotations
 import doctest
 import importlib
 import os
+import re
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +68,69 @@ def test_docstring_examples(module: str) -> None:
 
 def test_version() -> None:
     assert isinstance(kldiv.__version__, str)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pytest_in(tmp_path: Path, test_code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run pytest on one test file with this project's configuration and conftest."""
+    (tmp_path / "test_it.py").write_text(textwrap.dedent(test_code))
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT),
+         "-p", "tests.conftest", "-p", "no:cacheprovider", str(tmp_path / "test_it.py"), *args],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+
+
+SKIPPING_TESTS = """
+    import pytest
+
+    @pytest.mark.parametrize("i", range(3))
+    def test_no_gpu(i):
+        pytest.skip("torch-cuda: no CUDA GPU on this machine")
+
+    @pytest.mark.parametrize("i", range(2))
+    def test_no_peer(i):
+        pytest.importorskip("kldiv_no_such_module_here")
+
+    def test_runs():
+        pass
+"""
+
+
+def test_skips_are_summarised_one_line_per_reason(tmp_path: Path) -> None:
+    out = _pytest_in(tmp_path, SKIPPING_TESTS)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "SKIPPED [" not in text, text  # no line per skipped test ...
+    assert "5 skipped, 2 reasons" in text, text  # ... but one per reason, with its count
+    assert "3 x torch-cuda: no CUDA GPU on this machine" in text, text
+    assert re.search(r"2 x could not import 'kldiv_no_such_module_here'", text), text
+
+
+def test_skip_details_on_request(tmp_path: Path) -> None:
+    out = _pytest_in(tmp_path, SKIPPING_TESTS, "-rs")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SKIPPED [3]" in out.stdout and "SKIPPED [2]" in out.stdout, out.stdout
+    assert "2 reasons" not in out.stdout
+
+
+def test_torch_jit_deprecation_is_filtered_only_in_torch(tmp_path: Path) -> None:
+    """torch.compile imports torch/utils/mkldnn.py, whose ``@torch.jit.script_method`` warns
+    14 times (torch 2.13): pyproject filters that warning there, and only there."""
+    pytest.importorskip("torch")
+    out = _pytest_in(tmp_path, """
+        import sys, warnings
+
+        def test_torch_own_code():
+            sys.modules.pop("torch.utils.mkldnn", None)
+            import torch.utils.mkldnn  # noqa: F401
+
+        def test_same_message_elsewhere_still_warns():
+            warnings.warn("`torch.jit.script_method` is deprecated.", DeprecationWarning)
+    """)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "torch/jit/_script.py" not in text, text
+    assert "1 warning" in text and "test_it.py" in text.split("warnings summary")[1], text
