@@ -173,7 +173,7 @@ def test_function_ranks_match_tf_keras_function(tf_keras: Any, t_shape: tuple, p
 
     t, p = _rank_inputs(t_shape, p_shape)
     for wrap in (np.asarray, tf.constant):
-        ref = _tf_result(lambda: tf_keras.losses.kld(wrap(t), wrap(p)))
+        ref = _tf_result(lambda wrap=wrap: tf_keras.losses.kld(wrap(t), wrap(p)))
         if ref is ValueError:
             with pytest.raises(ValueError, match=r"y_true of shape .* and y_pred of shape .* do not broadcast"):
                 kldiv.kld(t, p)
@@ -191,7 +191,9 @@ def test_class_ranks_match_tf_keras_class_on_tensors(tf_keras: Any, t_shape: tup
 
     t, p = _rank_inputs(t_shape, p_shape)
     for reduction in ("none", "sum"):
-        ref = _tf_result(lambda: tf_keras.losses.KLDivergence(reduction=reduction)(tf.constant(t), tf.constant(p)))
+        ref = _tf_result(
+            lambda reduction=reduction: tf_keras.losses.KLDivergence(reduction=reduction)(tf.constant(t), tf.constant(p))
+        )
         loss = kldiv.KLDivergence(reduction=reduction)
         if ref is ValueError:
             with pytest.raises(ValueError, match=r"y_true of shape .* and y_pred of shape .* do not broadcast"):

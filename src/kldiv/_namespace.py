@@ -29,8 +29,8 @@ __all__ = [
     "is_dask",
     "is_low_precision",
     "namespace_name",
-    "numpy_result",
     "native_namespace",
+    "numpy_result",
     "to_namespace",
 ]
 

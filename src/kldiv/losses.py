@@ -199,7 +199,7 @@ class KLDivergence:
     # With Keras loaded, the instance is also a keras.losses.Loss (see _with_keras_bases), so
     # that model.compile(loss=kldiv.KLDivergence()) calls it with the sample weights: from the
     # start when Keras was imported first, else at the first isinstance check (Keras' compile).
-    __class__ = keras_aware_class  # type: ignore[assignment]
+    __class__ = keras_aware_class
 
     def __new__(cls, *args: Any, **kwargs: Any) -> KLDivergence:
         bases = tuple(b for b in _keras_loss_bases() if not issubclass(cls, b))
