@@ -1,0 +1,426 @@
+"""The divergence from hidden states, without materialising the ``(tokens, V)`` logits.
+
+:func:`fused_linear_divergence` and its loss class :class:`FusedLinearDivergence`. This module
+validates, resolves the chunk size and the reduction's per-token weights, and dispatches:
+torch (:mod:`kldiv.backends.torch_fused`, with gradients), JAX
+(:mod:`kldiv.backends.jax_fused`, with gradients), and every other array-API library (NumPy,
+CuPy, ...) through the forward-only loop below. The per-chunk math is
+:mod:`kldiv._fused_linear_math`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from types import ModuleType
+from typing import Any
+
+from ._fused_linear_math import (
+    CHUNK_BUFFERS,
+    DIVERGENCES,
+    Plan,
+    auto_chunk_size,
+    available_memory,
+    chunk_terms,
+)
+from ._namespace import array_namespace, dtype_kind, get_device, is_array, namespace_name
+from ._reduction import Reduction, apply_sample_weight, validate_reduction
+
+__all__ = ["FusedLinearDivergence", "fused_linear_divergence"]
+
+BATCHMEAN = "batchmean"
+
+
+# ------------------------------------------------------------------------------ validation
+def _shape(shape: tuple[Any, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _real(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a real number, got {type(value).__name__}.")
+    return float(value)
+
+
+def validate_options(divergence: Any, beta: Any, temperature: Any, reduction: Any,
+                     chunk_size: Any) -> tuple[str, float, float, str, int | None]:
+    """Canonical ``(divergence, beta, temperature, reduction, chunk_size)``, or a clear error."""
+    if not isinstance(divergence, str) or divergence.lower() not in DIVERGENCES:
+        raise ValueError(
+            f"Invalid divergence {divergence!r}. Expected one of: "
+            + ", ".join(repr(d) for d in DIVERGENCES) + "."
+        )
+    divergence = divergence.lower()
+    beta = _real(beta, "beta")
+    if divergence == "js" and not 0.0 < beta < 1.0:
+        raise ValueError(
+            f"beta must be in the open interval (0, 1) for divergence='js', got {beta!r}: at 0 "
+            "and 1 the generalized Jensen-Shannon divergence vanishes. For KL(teacher || "
+            "student) (Liger's and TRL's beta=0) use divergence='kl'; for KL(student || "
+            "teacher) (their beta=1) use divergence='reverse_kl'."
+        )
+    temperature = _real(temperature, "temperature")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+    if isinstance(reduction, str) and reduction.lower() == BATCHMEAN:
+        reduction = BATCHMEAN
+    else:
+        try:
+            reduction = validate_reduction(reduction)
+        except ValueError:
+            raise ValueError(
+                f"Invalid reduction {reduction!r}. Expected one of: "
+                + ", ".join(repr(r) for r in (*Reduction.all(), BATCHMEAN)) + " or None."
+            ) from None
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+            raise TypeError(
+                f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}."
+            )
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+        chunk_size = int(chunk_size)
+    return divergence, beta, temperature, reduction, chunk_size
+
+
+def _arrays(named: dict[str, Any]) -> tuple[ModuleType, str]:
+    """The common namespace of the given arrays; TypeError for non-arrays, mixed libraries,
+    non-floating dtypes; ValueError for mixed devices."""
+    xp = lib = device = first = None
+    for what, x in named.items():
+        if x is None:
+            continue
+        if not is_array(x):
+            raise TypeError(f"{what} must be an array (NumPy, torch, JAX, CuPy, ...), "
+                            f"got {type(x).__name__}.")
+        x_xp = array_namespace(x)
+        x_lib = namespace_name(x_xp)
+        if xp is None:
+            xp, lib, device, first = x_xp, x_lib, get_device(x), what
+        elif x_lib != lib:
+            raise TypeError(f"All arrays must come from one library: {first} is {lib}, "
+                            f"{what} is {x_lib}.")
+        elif device is not None and get_device(x) is not None and \
+                str(get_device(x)) != str(device):  # a JAX tracer has no device
+            raise ValueError(f"All arrays must be on one device: {first} is on {device}, "
+                             f"{what} is on {get_device(x)}.")
+        if dtype_kind(x.dtype) != "float":
+            raise TypeError(f"{what} must have a floating dtype, got {x.dtype}.")
+    assert xp is not None and lib is not None
+    return xp, lib
+
+
+def _check_shapes(h: Any, w: Any, b: Any, tl: Any, th: Any, tw: Any, tb: Any) -> None:
+    if h.ndim < 1:
+        raise ValueError("student_hidden must have at least one axis (..., H), got a 0-d array.")
+    if w.ndim != 2 or w.shape[1] != h.shape[-1]:
+        raise ValueError(f"student_weight must have shape (V, H) = (V, {h.shape[-1]}) to match "
+                         f"student_hidden {_shape(tuple(h.shape))}; got {_shape(tuple(w.shape))}.")
+    v, tokens = w.shape[0], tuple(h.shape[:-1])
+    if b is not None and tuple(b.shape) != (v,):
+        raise ValueError(f"student_bias must have shape ({v},) (V of student_weight "
+                         f"{_shape(tuple(w.shape))}); got {_shape(tuple(b.shape))}.")
+    if (tl is None) == (th is None and tw is None):
+        raise ValueError("Give the teacher either as teacher_logits or as teacher_hidden with "
+                         "teacher_weight (and optionally teacher_bias), not both and not neither.")
+    if tl is not None:
+        if tb is not None:
+            raise ValueError("teacher_bias goes with teacher_hidden/teacher_weight, not with "
+                             "teacher_logits (add it to the logits).")
+        if tuple(tl.shape) != (*tokens, v):
+            raise ValueError(f"teacher_logits must have shape {_shape((*tokens, v))} (the tokens "
+                             f"of student_hidden {_shape(tuple(h.shape))} by V of student_weight "
+                             f"{_shape(tuple(w.shape))}); got {_shape(tuple(tl.shape))}.")
+        return
+    if th is None or tw is None:
+        raise ValueError("teacher_hidden and teacher_weight go together: give both "
+                         f"(got {'teacher_hidden' if th is not None else 'teacher_weight'} only).")
+    if th.ndim < 1 or tuple(th.shape[:-1]) != tokens:
+        raise ValueError(f"teacher_hidden must have shape {_shape((*tokens, 'H_t'))} (the tokens "
+                         f"of student_hidden {_shape(tuple(h.shape))}); got "
+                         f"{_shape(tuple(th.shape))}.")
+    if tw.ndim != 2 or tuple(tw.shape) != (v, th.shape[-1]):
+        raise ValueError(f"teacher_weight must have shape {_shape((v, th.shape[-1]))} (V of "
+                         f"student_weight, H_t of teacher_hidden {_shape(tuple(th.shape))}); "
+                         f"got {_shape(tuple(tw.shape))}.")
+    if tb is not None and tuple(tb.shape) != (v,):
+        raise ValueError(f"teacher_bias must have shape ({v},); got {_shape(tuple(tb.shape))}.")
+
+
+# ------------------------------------------------------------------------------- reductions
+def _weights(xp: ModuleType, h: Any, tokens: tuple[int, ...], sample_weight: Any,
+             dtype: Any) -> tuple[Any, Any]:
+    """``(w, w_flat)``: the sample weight as the loss classes apply it (Keras 2 rank rules)
+    to the per-token loss, and broadcast to one value per token (flat)."""
+    if sample_weight is None:
+        return None, None
+    dummy = xp.zeros(tokens, dtype=dtype, device=get_device(h))
+    _, w = apply_sample_weight(xp, dummy, sample_weight)
+    w_flat = xp.reshape(xp.broadcast_to(w, tokens), (-1,))
+    return w, w_flat
+
+
+def _scale(xp: ModuleType, reduction: str, tokens: tuple[int, ...], w_flat: Any, n: int,
+           dtype: Any, device: Any) -> Any:
+    """Per-token factors ``c`` with ``result = sum(loss * c)`` (``None`` for "none")."""
+    if reduction == Reduction.NONE:
+        return None
+    base = w_flat if w_flat is not None else xp.ones((n,), dtype=dtype, device=device)
+    if reduction == Reduction.SUM:
+        return base
+    if reduction == Reduction.MEAN_WITH_SAMPLE_WEIGHT and w_flat is not None:
+        denom = xp.sum(w_flat)
+        zero = denom == 0  # all masked: 0, with zero gradients
+        return xp.where(zero, xp.zeros_like(base), base / xp.where(zero, xp.ones_like(denom), denom))
+    if reduction == BATCHMEAN:
+        return base / (tokens[0] if tokens and tokens[0] else 1)
+    return base / max(n, 1)
+
+
+# -------------------------------------------------------------------------------- backends
+def _generic_forward(xp: ModuleType, h2: Any, w: Any, b: Any, teacher: dict[str, Any],
+                     plan: Plan, cd: Any) -> Any:
+    """Per-token losses through the array-API chunk math (NumPy, CuPy, ...): forward only."""
+    n = h2.shape[0]
+    w_t = xp.astype(w, cd).T
+    b_ = None if b is None else xp.astype(b, cd)
+    if "logits" not in teacher:
+        tw_t = xp.astype(teacher["weight"], cd).T
+        tb_ = None if teacher.get("bias") is None else xp.astype(teacher["bias"], cd)
+    losses = []
+    for i0 in range(0, n, plan.chunk_size):
+        i1 = min(n, i0 + plan.chunk_size)
+        s = xp.matmul(xp.astype(h2[i0:i1, ...], cd), w_t)
+        if b_ is not None:
+            s = s + b_
+        if "logits" in teacher:
+            t = xp.astype(teacher["logits"][i0:i1, ...], cd)
+        else:
+            t = xp.matmul(xp.astype(teacher["hidden"][i0:i1, ...], cd), tw_t)
+            if tb_ is not None:
+                t = t + tb_
+        if plan.temperature != 1.0:
+            s, t = s / plan.temperature, t / plan.temperature
+        losses.append(chunk_terms(xp, s, t, plan.divergence, plan.beta, False)[0])
+        del s, t
+    if not losses:
+        return xp.zeros((0,), dtype=cd, device=get_device(h2))
+    return xp.concat(losses) if len(losses) > 1 else losses[0]
+
+
+def _compute_dtype(xp: ModuleType, *arrays: Any) -> Any:
+    return xp.float64 if any(x is not None and x.dtype == xp.float64 for x in arrays) \
+        else xp.float32
+
+
+def fused_linear_divergence(
+    student_hidden: Any,
+    student_weight: Any,
+    teacher_logits: Any = None,
+    *,
+    teacher_hidden: Any = None,
+    teacher_weight: Any = None,
+    student_bias: Any = None,
+    teacher_bias: Any = None,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    sample_weight: Any = None,
+    reduction: str | None = "mean_with_sample_weight",
+    chunk_size: int | None = None,
+) -> Any:
+    """A divergence between teacher and student token distributions, from hidden states.
+
+    The student's logits are ``student_hidden @ student_weight.T (+ student_bias)``; they are
+    formed ``chunk_size`` tokens at a time and never all at once, nor are their
+    log-probabilities or their gradient, so memory grows with ``chunk_size x V`` and
+    ``V x H``, not with the number of tokens. Both sides' logits are divided by
+    ``temperature`` and log-softmaxed (stably, in float32 or wider), then
+
+    - ``"kl"``: ``KL(teacher || student) = sum p (log p - log q)``;
+    - ``"reverse_kl"``: ``KL(student || teacher) = sum q (log q - log p)``;
+    - ``"js"``: ``beta KL(P || M) + (1 - beta) KL(Q || M)``, ``M = beta P + (1 - beta) Q``,
+      ``P`` the teacher's distribution (Liger's and TRL's ``beta`` mean the same).
+
+    ``-inf`` logits are allowed (``0 log 0 = 0``). The result is not multiplied by
+    ``temperature**2`` (multiply it yourself for Hinton's scaling).
+
+    Parameters
+    ----------
+    student_hidden : array, shape (..., H)
+        The student's last hidden states; the leading axes are the tokens.
+    student_weight : array, shape (V, H)
+        The student's output projection (``lm_head.weight``).
+    teacher_logits : array, shape (..., V), optional
+        The teacher's logits. Or give ``teacher_hidden`` and ``teacher_weight`` instead.
+    teacher_hidden : array, shape (..., H_t), optional
+    teacher_weight : array, shape (V, H_t), optional
+    student_bias, teacher_bias : array, shape (V,), optional
+    divergence : {"kl", "reverse_kl", "js"}, default "kl"
+    beta : float, default 0.5
+        The Jensen-Shannon weight, in the open interval (0, 1) (``"js"`` only).
+    temperature : float, default 1.0
+        Divides both sides' logits; must be > 0.
+    sample_weight : array, optional
+        Per-token weights or a mask, e.g. ``labels != -100``, with the loss classes' rank
+        rules; constant (no gradient flows to it).
+    reduction : str or None, default "mean_with_sample_weight"
+        ``"mean_with_sample_weight"``: ``sum(loss * w) / sum(w)`` (the mean over unmasked
+        tokens; 0, with zero gradients, when all are masked); ``"sum"``; ``"auto"`` /
+        ``"sum_over_batch_size"`` / ``"mean"``: ``sum(loss * w)`` over the number of tokens;
+        ``"batchmean"``: ``sum(loss * w)`` over the size of the first token axis; ``"none"``
+        (or ``None``): ``loss * w`` per token, of shape ``student_hidden.shape[:-1]``.
+    chunk_size : int, optional
+        Tokens per chunk. By default the largest power of two whose chunk temporaries (five
+        to seven ``(chunk_size, V)`` float32 buffers) fit in ``min(free memory / 16, cap)``,
+        ``cap`` 128 MiB on CPU, 1 GiB on a GPU.
+
+    Returns
+    -------
+    array
+        In ``student_hidden``'s library, device and dtype (float16/bfloat16 inputs are
+        computed in float32 and the result rounded back).
+
+    Notes
+    -----
+    Gradients (torch autograd, ``jax.grad``/``jit``) flow to ``student_hidden``,
+    ``student_weight`` and ``student_bias``; the teacher's side is a constant (detached).
+    NumPy, CuPy and other array-API libraries compute the value only. Under
+    ``torch.compile`` the call is a graph break (it runs eagerly).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import kldiv
+    >>> rng = np.random.default_rng(0)
+    >>> hidden = rng.standard_normal((2, 3, 8)).astype(np.float32)   # (batch, time, H)
+    >>> weight = rng.standard_normal((50, 8)).astype(np.float32)     # (V, H)
+    >>> teacher = rng.standard_normal((2, 3, 50)).astype(np.float32)
+    >>> loss = kldiv.fused_linear_divergence(hidden, weight, teacher, chunk_size=4)
+    >>> loss.shape, loss.dtype
+    ((), dtype('float32'))
+    >>> kldiv.fused_linear_divergence(hidden, weight, teacher, reduction="none").shape
+    (2, 3)
+    """
+    divergence, beta, temperature, reduction, chunk_size = validate_options(
+        divergence, beta, temperature, reduction, chunk_size)
+    h, w, b = student_hidden, student_weight, student_bias
+    tl, th, tw, tb = teacher_logits, teacher_hidden, teacher_weight, teacher_bias
+    xp, lib = _arrays({"student_hidden": h, "student_weight": w, "student_bias": b,
+                       "teacher_logits": tl, "teacher_hidden": th, "teacher_weight": tw,
+                       "teacher_bias": tb})
+    if h is None or w is None:
+        raise TypeError("student_hidden and student_weight are required arrays.")
+    _check_shapes(h, w, b, tl, th, tw, tb)
+    tokens = tuple(int(d) for d in h.shape[:-1])
+    n, v, hid = math.prod(tokens), int(w.shape[0]), int(h.shape[-1])
+    cd = _compute_dtype(xp, h, w)
+    device = get_device(h)
+    if chunk_size is None:
+        on_gpu = lib == "cupy" or getattr(device, "type", None) == "cuda" or (
+            lib == "jax" and getattr(device, "platform", "cpu") != "cpu")
+        itemsize = 8 if cd == xp.float64 else 4
+        chunk_size = auto_chunk_size(n, v, itemsize=itemsize, buffers=CHUNK_BUFFERS[divergence],
+                                     on_gpu=on_gpu, available=available_memory(device))
+    plan = Plan(divergence, beta, temperature, max(1, min(chunk_size, max(n, 1))))
+    w_shaped, w_flat = _weights(xp, h, tokens, sample_weight, cd)
+    scale = _scale(xp, reduction, tokens, w_flat, n, cd, device)
+    h2 = xp.reshape(h, (n, hid))
+    if tl is not None:
+        teacher: dict[str, Any] = {"logits": xp.reshape(tl, (n, v))}
+    else:
+        teacher = {"hidden": xp.reshape(th, (n, int(th.shape[-1]))), "weight": tw, "bias": tb}
+    if lib == "torch":
+        from .backends import torch_fused
+
+        out = torch_fused.run(h2, w, b, teacher, plan, scale)
+    elif lib == "jax":
+        from .backends import jax_fused
+
+        out = jax_fused.run(h2, w, b, teacher, plan, scale)
+    else:
+        if not hasattr(xp, "matmul"):
+            raise TypeError(f"fused_linear_divergence does not support {lib} arrays.")
+        out = _generic_forward(xp, h2, w, b, teacher, plan, cd)
+        if scale is not None:
+            out = xp.sum(out * scale)
+    if reduction == Reduction.NONE:
+        out = xp.reshape(out, tokens)
+        if w_shaped is not None:
+            out = out * w_shaped
+    return xp.astype(out, h.dtype) if out.dtype != h.dtype else out
+
+
+class FusedLinearDivergence:
+    """Loss class of :func:`fused_linear_divergence`: options once, arrays per call.
+
+    Parameters
+    ----------
+    divergence : {"kl", "reverse_kl", "js"}, default "kl"
+    beta : float, default 0.5
+    temperature : float, default 1.0
+    reduction : str or None, default "mean_with_sample_weight"
+    chunk_size : int, optional
+    name : str, default "fused_linear_divergence"
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import kldiv
+    >>> rng = np.random.default_rng(0)
+    >>> hidden = rng.standard_normal((6, 8)).astype(np.float32)
+    >>> weight = rng.standard_normal((50, 8)).astype(np.float32)
+    >>> teacher = rng.standard_normal((6, 50)).astype(np.float32)
+    >>> loss_fn = kldiv.FusedLinearDivergence("js", beta=0.5, temperature=2.0)
+    >>> float(loss_fn(hidden, weight, teacher, sample_weight=[1, 1, 1, 1, 0, 0])) > 0
+    True
+    >>> loss_fn.get_config()["divergence"]
+    'js'
+    """
+
+    def __init__(self, divergence: str = "kl", *, beta: float = 0.5, temperature: float = 1.0,
+                 reduction: str | None = "mean_with_sample_weight",
+                 chunk_size: int | None = None, name: str = "fused_linear_divergence") -> None:
+        (self.divergence, self.beta, self.temperature, self.reduction,
+         self.chunk_size) = validate_options(divergence, beta, temperature, reduction, chunk_size)
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}.")
+        self.name = name
+
+    def __call__(self, student_hidden: Any, student_weight: Any, teacher_logits: Any = None, *,
+                 teacher_hidden: Any = None, teacher_weight: Any = None,
+                 student_bias: Any = None, teacher_bias: Any = None,
+                 sample_weight: Any = None) -> Any:
+        """The reduced (or per-token) divergence; see :func:`fused_linear_divergence`."""
+        return fused_linear_divergence(
+            student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
+            divergence=self.divergence, beta=self.beta, temperature=self.temperature,
+            sample_weight=sample_weight, reduction=self.reduction, chunk_size=self.chunk_size)
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments."""
+        return {"divergence": self.divergence, "beta": self.beta,
+                "temperature": self.temperature, "reduction": self.reduction,
+                "chunk_size": self.chunk_size, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> FusedLinearDivergence:
+        """Rebuild from :meth:`get_config` output; unknown keys raise ``TypeError``."""
+        config = dict(config)
+        unknown = set(config) - {"divergence", "beta", "temperature", "reduction",
+                                 "chunk_size", "name"}
+        if unknown:
+            raise TypeError(f"Unknown FusedLinearDivergence config keys: {sorted(unknown)}.")
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FusedLinearDivergence):
+            return NotImplemented
+        return self.get_config() == other.get_config()
+
+    __hash__ = None  # type: ignore[assignment]

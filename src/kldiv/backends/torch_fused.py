@@ -1,0 +1,282 @@
+"""PyTorch route of :func:`kldiv.fused_linear_divergence`: chunked, with gradients.
+
+The tokens are walked ``chunk_size`` rows at a time. For each chunk the student's logits
+``h_c @ W.T (+ b)`` and the teacher's (a slice of its logits, or its own matrix product) are
+formed in float32 (float64 for float64 inputs), the divergence and its gradient with respect
+to the logits are computed in place (:func:`chunk_terms_`, the in-place twin of
+:func:`kldiv._fused_linear_math.chunk_terms`), and the gradient is pushed through the two
+matrix products at once: ``dh_c = G @ W``, ``dW += G.T @ h_c``, ``db += G.sum(0)``. No more
+than one chunk of ``(rows, V)`` buffers exists at any time.
+
+Gradients are computed in the forward pass (the approach of Liger-Kernel's fused linear
+losses) when the result is reduced: the reduction's per-token weights are known then, so the
+backward only multiplies the stored gradients by the incoming scalar. Recomputing the chunks
+in the backward instead was measured slower on CPU and uses the same memory (see
+``benchmarks/fused_linear.py --grad-modes``), so it is used only where it must be: for
+``reduction="none"``, whose backward brings per-token weights that the weight gradient cannot
+take afterwards. ``GRAD_MODE = "recompute"`` forces it everywhere.
+
+On CUDA the per-chunk softmax, divergence and gradient run in one Triton kernel
+(:mod:`kldiv.backends.triton_fused`: online log-sum-exp over vocabulary blocks) beside
+cuBLAS's matrix products; half-precision operands are multiplied in their own dtype with
+float32 accumulation and float32 output. On CPU, half-precision inputs are converted to float32
+once (the weight: one ``V x H`` float32 copy).
+
+The whole route is opaque to ``torch.compile``: :func:`run` is wrapped in
+``torch.compiler.disable``, so a compiled model calls it eagerly across one graph break.
+Double backward (``create_graph=True``) is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from .._fused_linear_math import Plan
+
+__all__ = ["GRAD_MODE", "chunk_terms_", "run"]
+
+GRAD_MODE = "forward"
+"""``"forward"``: gradients computed in the forward pass (reduced results); ``"recompute"``:
+the backward recomputes every chunk."""
+
+FORCE_ROUTE: str | None = None
+"""Tests only: ``"triton"`` runs the Triton kernel on any device (CPU under
+``TRITON_INTERPRET=1``), ``"torch"`` the in-place torch ops on any device."""
+
+_HALF = (torch.float16, torch.bfloat16)
+_triton: ModuleType | bool | None = False  # False: not tried yet; None: not available
+
+
+def _triton_module() -> ModuleType | None:
+    global _triton
+    if _triton is False:
+        try:
+            from . import triton_fused
+        except Exception:  # ImportError, or a broken Triton install
+            _triton = None
+        else:
+            _triton = triton_fused
+    return _triton if isinstance(_triton, ModuleType) else None
+
+
+# ------------------------------------------------------------------------------ chunk math
+def _softmax_parts_(x: torch.Tensor) -> torch.Tensor:
+    """Turn ``x`` into its log-softmax in place; return its softmax (one ``exp`` pass)."""
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.sub(x, m).exp_()
+    z = e.sum(-1, keepdim=True)
+    e.div_(z)
+    x.sub_(m.add_(z.log_()))
+    return e
+
+
+def chunk_terms_(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float,
+                 need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row loss and ``d loss / d s`` of one chunk; ``s`` and ``t`` are overwritten.
+
+    Same definitions as :func:`kldiv._fused_linear_math.chunk_terms`; ``s`` and ``t`` are
+    the (temperature-divided) student and teacher logits, private buffers of the caller.
+    """
+    q = _softmax_parts_(s)  # s: log q
+    p = _softmax_parts_(t)  # t: log p
+    grad = None
+    if divergence == "kl":
+        t.sub_(s).mul_(p).masked_fill_(p == 0, 0.0)  # p (log p - log q), 0 log 0 = 0
+        loss = t.sum(-1)
+        if need_grad:
+            grad = q.sub_(p)
+    elif divergence == "reverse_kl":
+        del p
+        s.sub_(t)  # d = log q - log p
+        zero_q = q == 0
+        torch.mul(q, s, out=t).masked_fill_(zero_q, 0.0)
+        loss = t.sum(-1)
+        if need_grad:
+            grad = s.sub_(loss.unsqueeze(-1)).mul_(q).masked_fill_(zero_q, 0.0)
+    else:
+        lm = torch.add(t, math.log(beta))
+        a = torch.add(s, math.log1p(-beta))
+        torch.logaddexp(lm, a, out=lm)  # log m
+        torch.sub(s, lm, out=a)  # log q - log m
+        t.sub_(lm).mul_(p).masked_fill_(p == 0, 0.0)
+        del lm
+        loss = t.sum(-1).mul_(beta)
+        a.mul_(q).masked_fill_(q == 0, 0.0)  # q (log q - log m)
+        loss.add_(a.sum(-1), alpha=1 - beta)
+        if need_grad:
+            g = a.mul_(1 - beta)
+            grad = g.sub_(q.mul_(g.sum(-1, keepdim=True)))
+    return loss, grad
+
+
+# ------------------------------------------------------------------------------ chunk loop
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) \
+        else torch.float32
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in ``cd``; half operands (CUDA) are multiplied in their dtype with ``cd``
+    accumulation and output."""
+    if a.dtype == cd and b.dtype == cd:
+        return a @ b
+    lo = a.dtype if a.dtype != cd else b.dtype
+    a, b = a.to(lo), b.to(lo)
+    try:
+        return torch.mm(a, b, out_dtype=cd)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return (a @ b).to(cd)
+
+
+def _operand(x: torch.Tensor | None, cd: torch.dtype) -> torch.Tensor | None:
+    """``x`` as the matrix products take it: half stays half on CUDA (mixed-precision GEMM),
+    everything else is converted to the compute dtype once."""
+    if x is None or x.dtype == cd or (x.device.type == "cuda" and x.dtype in _HALF):
+        return x
+    return x.to(cd)
+
+
+def _route(h: torch.Tensor) -> str:
+    if FORCE_ROUTE is not None:
+        return FORCE_ROUTE
+    if h.device.type == "cuda" and h.dtype != torch.float64 and _triton_module() is not None:
+        return "triton"
+    return "torch"
+
+
+def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
+           teacher: tuple[Any, ...], plan: Plan, scale: torch.Tensor | None,
+           need: tuple[bool, bool, bool]) -> tuple[Any, ...]:
+    """``(loss, dh, dW, db)``: per-token losses and, where ``need``, the gradients of
+    ``sum(loss * scale)`` (``scale`` per token) in the compute dtype."""
+    cd = _compute_dtype(h2, W)
+    route = _route(h2) if cd != torch.float64 else "torch"
+    n, hid = h2.shape
+    v = W.shape[0]
+    dev = h2.device
+    W_ = _operand(W, cd)
+    b_ = None if b is None else b.to(cd)
+    t_w = _operand(teacher[2], cd) if teacher[0] == "hidden" else None
+    t_b = None if teacher[0] != "hidden" or teacher[3] is None else teacher[3].to(cd)
+    loss = torch.empty(n, dtype=cd, device=dev)
+    need_grad = scale is not None and any(need)
+    dh = torch.empty((n, hid), dtype=cd, device=dev) if need_grad and need[0] else None
+    dW = torch.zeros((v, hid), dtype=cd, device=dev) if need_grad and need[1] else None
+    db = torch.zeros(v, dtype=cd, device=dev) if need_grad and need[2] else None
+    temp = plan.temperature
+    for i0 in range(0, n, plan.chunk_size):
+        i1 = min(n, i0 + plan.chunk_size)
+        hc = _operand(h2[i0:i1], cd)
+        assert hc is not None and W_ is not None
+        s = _mm(hc, W_.T, cd)
+        if teacher[0] == "logits":
+            t = teacher[1][i0:i1]
+        else:
+            t = _mm(_operand(teacher[1][i0:i1], cd), t_w.T, cd)  # type: ignore[arg-type, union-attr]
+        if route == "triton":
+            tri = _triton_module()
+            assert tri is not None
+            sc = None if not need_grad else scale[i0:i1]  # type: ignore[index]
+            loss[i0:i1] = tri.chunk(s, t, b_, t_b, sc, plan, need_grad)
+            g = s if need_grad else None
+        else:
+            if b_ is not None:
+                s.add_(b_)
+            t = t.to(cd, copy=True) if teacher[0] == "logits" else t
+            if t_b is not None:
+                t.add_(t_b)
+            if temp != 1.0:
+                s.div_(temp)
+                t.div_(temp)
+            loss[i0:i1], g = chunk_terms_(s, t, plan.divergence, plan.beta, need_grad)
+            del t
+            if g is not None:
+                g.mul_((scale[i0:i1] / temp).unsqueeze(-1))  # type: ignore[index]
+        if g is not None:
+            if dh is not None:
+                dh[i0:i1] = _mm(g, W_, cd)
+            if dW is not None:
+                dW.add_(_mm(g.T, hc, cd))
+            if db is not None:
+                db.add_(g.sum(0))
+        del s, g
+    return loss, dh, dW, db
+
+
+# ---------------------------------------------------------------------------------- autograd
+def _cast(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return None if g is None or like is None else g.to(like.dtype)
+
+
+def _teacher(tl: Any, th: Any, tw: Any, tb: Any) -> tuple[Any, ...]:
+    return ("logits", tl.detach()) if tl is not None else \
+        ("hidden", th.detach(), tw.detach(), None if tb is None else tb.detach())
+
+
+class _ForwardGrads(torch.autograd.Function):
+    """``sum(loss * scale)``; the gradients are computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, h2: torch.Tensor, W: torch.Tensor, b: Any, tl: Any, th: Any,
+                tw: Any, tb: Any, scale: torch.Tensor, plan: Plan) -> torch.Tensor:
+        need = tuple(ctx.needs_input_grad[:3])
+        loss, dh, dW, db = chunks(h2.detach(), W.detach(), None if b is None else b.detach(),
+                                  _teacher(tl, th, tw, tb), plan, scale, need)
+        ctx.save_for_backward(_cast(dh, h2), _cast(dW, W), _cast(db, b))
+        return (loss * scale).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        grads = [None if g is None else g * grad.to(g.dtype) for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None, None, None)
+
+
+class _Recompute(torch.autograd.Function):
+    """Per-token losses; the backward recomputes every chunk with the incoming weights."""
+
+    @staticmethod
+    def forward(ctx: Any, h2: torch.Tensor, W: torch.Tensor, b: Any, tl: Any, th: Any,
+                tw: Any, tb: Any, plan: Plan) -> torch.Tensor:
+        ctx.save_for_backward(h2, W, b, tl, th, tw, tb)
+        ctx.plan = plan
+        loss = chunks(h2.detach(), W.detach(), None if b is None else b.detach(),
+                      _teacher(tl, th, tw, tb), plan, None, (False, False, False))[0]
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        h2, W, b, tl, th, tw, tb = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:3])
+        cd = _compute_dtype(h2, W)
+        _, dh, dW, db = chunks(h2, W, b, _teacher(tl, th, tw, tb), ctx.plan, grad.to(cd),
+                               need)
+        return (_cast(dh, h2), _cast(dW, W), _cast(db, b), None, None, None, None, None)
+
+
+@torch.compiler.disable
+def run(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, teacher: dict[str, Any],
+        plan: Plan, scale: torch.Tensor | None) -> torch.Tensor:
+    """Per-token losses (``scale is None``) or ``sum(loss * scale)``, in the compute dtype.
+
+    ``teacher`` holds ``logits`` (2-D) or ``hidden``/``weight``/``bias``; the teacher side
+    gets no gradient. Differentiable with respect to ``h2``, ``W`` and ``b``.
+    """
+    args = (teacher.get("logits"), teacher.get("hidden"), teacher.get("weight"),
+            teacher.get("bias"))
+    grad_wanted = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (h2, W, b))
+    if not grad_wanted:
+        with torch.no_grad():
+            loss = chunks(h2, W, b, _teacher(*args), plan, None, (False, False, False))[0]
+        return loss if scale is None else (loss * scale).sum()
+    if scale is not None and GRAD_MODE == "forward":
+        out: torch.Tensor = _ForwardGrads.apply(h2, W, b, *args, scale, plan)
+        return out
+    per_token: torch.Tensor = _Recompute.apply(h2, W, b, *args, plan)
+    return per_token if scale is None else (per_token * scale).sum()

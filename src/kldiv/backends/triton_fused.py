@@ -1,0 +1,153 @@
+"""Triton kernel for one chunk of :func:`kldiv.fused_linear_divergence` (CUDA route).
+
+The matrix products run on cuBLAS (:mod:`kldiv.backends.torch_fused`); this kernel does all
+the rest of a chunk in one launch, one program per token row, without any ``(rows, V)``
+temporary: it reads the student's logits (float32, written by the matrix product) and the
+teacher's (any float dtype and row stride: a slice of the caller's logits is read where it
+lies), adds the biases, divides by the temperature and
+
+1. finds both rows' log-sum-exp online over vocabulary blocks (a running max and a running
+   sum rescaled as the max grows, per lane, then combined);
+2. sums the divergence's terms (``0 log 0 = 0``) and, for the reverse KL and the
+   Jensen-Shannon divergence, the row constant of their gradient;
+3. overwrites the student's logits with ``d loss / d logits`` times the row's weight (the
+   caller's per-token scale divided by the temperature), ready for the gradient products.
+
+Forward KL's gradient ``q - p`` needs no row constant, so it is written during step 2.
+Runs on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter), which is how it is
+tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._fused_linear_math import Plan
+
+__all__ = ["chunk"]
+
+_DIV_CODES = {"kl": 0, "reverse_kl": 1, "js": 2}
+
+
+@triton.jit
+def _load_row(ptr, bias_ptr, cols, msk, temperature, HAS_BIAS: tl.constexpr):
+    x = tl.load(ptr + cols, mask=msk, other=float("-inf")).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + cols, mask=msk, other=0.0).to(tl.float32)
+    return x / temperature
+
+
+@triton.jit
+def _online_lse(ptr, bias_ptr, n_cols, temperature, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    d = tl.zeros([BLOCK], tl.float32)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + offs
+        x = _load_row(ptr, bias_ptr, cols, cols < n_cols, temperature, HAS_BIAS)
+        new_m = tl.maximum(m, x)
+        shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # all -inf so far: nothing to add
+        d = d * tl.exp(m - shift) + tl.exp(x - shift)
+        m = new_m
+    big = tl.max(m, axis=0)
+    big = tl.where(big == float("-inf"), 0.0, big)
+    return big + tl.log(tl.sum(d * tl.exp(m - big), axis=0))
+
+
+@triton.jit
+def _log_m(lp, lq, log_beta, log_1mb):
+    a = lp + log_beta
+    b = lq + log_1mb
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
+
+
+@triton.jit
+def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, n_cols, s_stride, t_stride,
+              temperature, beta, log_beta, log_1mb,
+              DIV: tl.constexpr, HAS_SB: tl.constexpr, HAS_TB: tl.constexpr,
+              NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    offs = tl.arange(0, BLOCK)
+    lse_s = _online_lse(s_row, sb_ptr, n_cols, temperature, HAS_SB, BLOCK)
+    lse_t = _online_lse(t_row, tb_ptr, n_cols, temperature, HAS_TB, BLOCK)
+    gscale = 0.0
+    if NEED_GRAD:
+        gscale = tl.load(scale_ptr + row).to(tl.float32) / temperature
+    acc = tl.zeros([BLOCK], tl.float32)
+    acc_g = tl.zeros([BLOCK], tl.float32)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + offs
+        msk = cols < n_cols
+        lq = _load_row(s_row, sb_ptr, cols, msk, temperature, HAS_SB) - lse_s
+        lp = _load_row(t_row, tb_ptr, cols, msk, temperature, HAS_TB) - lse_t
+        q = tl.exp(lq)
+        p = tl.exp(lp)
+        if DIV == 0:
+            acc += tl.where(p == 0.0, 0.0, p * (lp - lq))
+            if NEED_GRAD:
+                tl.store(s_row + cols, (q - p) * gscale, mask=msk)
+        elif DIV == 1:
+            acc += tl.where(q == 0.0, 0.0, q * (lq - lp))
+        else:
+            lm = _log_m(lp, lq, log_beta, log_1mb)
+            acc += beta * tl.where(p == 0.0, 0.0, p * (lp - lm))
+            gq = tl.where(q == 0.0, 0.0, q * (lq - lm))
+            acc += (1.0 - beta) * gq
+            acc_g += (1.0 - beta) * gq
+    loss = tl.sum(acc, axis=0)
+    tl.store(loss_ptr + row, loss)
+    if NEED_GRAD and DIV != 0:
+        row_const = loss
+        if DIV == 2:
+            row_const = tl.sum(acc_g, axis=0)
+        for c0 in range(0, n_cols, BLOCK):
+            cols = c0 + offs
+            msk = cols < n_cols
+            lq = _load_row(s_row, sb_ptr, cols, msk, temperature, HAS_SB) - lse_s
+            lp = _load_row(t_row, tb_ptr, cols, msk, temperature, HAS_TB) - lse_t
+            q = tl.exp(lq)
+            if DIV == 1:
+                g = tl.where(q == 0.0, 0.0, q * (lq - lp - row_const))
+            else:
+                lm = _log_m(lp, lq, log_beta, log_1mb)
+                g = tl.where(q == 0.0, 0.0, (1.0 - beta) * q * (lq - lm)) - q * row_const
+            tl.store(s_row + cols, g * gscale, mask=msk)
+
+
+def chunk(s: torch.Tensor, t: torch.Tensor, s_bias: torch.Tensor | None,
+          t_bias: torch.Tensor | None, scale: torch.Tensor | None, plan: Plan,
+          need_grad: bool) -> torch.Tensor:
+    """Per-row losses of one chunk; with ``need_grad``, ``s`` becomes the scaled gradient.
+
+    ``s``: the student's float32 logits ``(rows, V)`` without bias, contiguous rows (it is
+    overwritten). ``t``: the teacher's logits ``(rows, V)`` with unit column stride, any
+    float dtype. ``scale``: per-row weights of the loss (``need_grad`` only).
+    """
+    rows, v = s.shape
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    if s.stride(-1) != 1:
+        raise ValueError("the student's chunk must have contiguous rows")
+    loss = torch.empty(rows, dtype=torch.float32, device=s.device)
+    if rows == 0:
+        return loss
+    beta = plan.beta if plan.divergence == "js" else 0.5
+    dummy = s  # an unused pointer argument still needs a tensor
+    block = max(16, min(4096, triton.next_power_of_2(v)))
+    _fl_chunk[(rows,)](
+        s, t, s_bias if s_bias is not None else dummy, t_bias if t_bias is not None else dummy,
+        loss, scale if scale is not None else dummy, v, s.stride(0), t.stride(0),
+        float(plan.temperature), float(beta), math.log(beta), math.log1p(-beta),
+        DIV=_DIV_CODES[plan.divergence], HAS_SB=s_bias is not None, HAS_TB=t_bias is not None,
+        NEED_GRAD=bool(need_grad and scale is not None), BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
+    )
+    return loss

@@ -1,0 +1,596 @@
+"""kldiv.fused_linear_divergence / FusedLinearDivergence (issue 13): the divergence from hidden
+states, chunked, against the plain formula in float64 (values and gradients).
+
+The oracle materialises the logits and is written from the definitions (issue 12):
+temperature divides the logits, log-softmax, then KL(teacher || student), KL(student ||
+teacher) or the generalized Jensen-Shannon divergence, ``0 log 0 = 0``. It is written once
+against the array API, so the same code differentiates under torch autograd and ``jax.grad``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+from tests.conftest import BACKEND_FACTORIES
+
+from kldiv._fused_linear import FusedLinearDivergence, fused_linear_divergence
+from kldiv._fused_linear_math import auto_chunk_size
+
+DIVS = ["kl", "reverse_kl", "js"]
+BETA = 0.3
+TOKENS = (2, 5)  # 10 tokens: chunk sizes 3 and 4 do not divide them
+H, HT, V = 6, 5, 11
+
+
+# ------------------------------------------------------------------------------ the oracle
+def _lse(xp: Any, x: Any) -> Any:
+    m = xp.max(x, axis=-1, keepdims=True)
+    return m + xp.log(xp.sum(xp.exp(x - m), axis=-1, keepdims=True))
+
+
+def _xlogy(xp: Any, a: Any, d: Any) -> Any:
+    zero = a == 0  # the inner where keeps NaN (0 * inf) out of the gradient too
+    return xp.where(zero, xp.zeros_like(a), a * xp.where(zero, xp.zeros_like(d), d))
+
+
+def plain(xp: Any, h: Any, w: Any, b: Any, teacher: dict[str, Any], div: str, beta: float,
+          temp: float) -> Any:
+    """Per-token divergence with the logits materialised (float64 when the inputs are)."""
+    s = h @ w.T + (b if b is not None else 0)
+    if "logits" in teacher:
+        t = teacher["logits"]
+    else:
+        t = teacher["hidden"] @ teacher["weight"].T
+        if teacher.get("bias") is not None:
+            t = t + teacher["bias"]
+    s, t = s / temp, t / temp
+    lq, lp = s - _lse(xp, s), t - _lse(xp, t)
+    p, q = xp.exp(lp), xp.exp(lq)
+    if div == "kl":
+        return xp.sum(_xlogy(xp, p, lp - lq), axis=-1)
+    if div == "reverse_kl":
+        return xp.sum(_xlogy(xp, q, lq - lp), axis=-1)
+    ninf = -math.inf
+    both = (lp == ninf) & (lq == ninf)
+    a = xp.where(both, xp.zeros_like(lp), lp + math.log(beta))
+    c = xp.where(both, xp.zeros_like(lq), lq + math.log1p(-beta))
+    lm = xp.where(both, xp.full_like(lp, ninf), xp.logaddexp(a, c))
+    return beta * xp.sum(_xlogy(xp, p, lp - lm), axis=-1) + (1 - beta) * xp.sum(
+        _xlogy(xp, q, lq - lm), axis=-1)
+
+
+def reduce(xp: Any, per: Any, w: Any, reduction: str) -> Any:
+    """The loss classes' reductions (plus batchmean), from their definitions."""
+    lw = per if w is None else per * w
+    if reduction == "none":
+        return lw
+    total = xp.sum(lw)
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / per.shape[0]
+    if reduction == "mean_with_sample_weight" and w is not None:
+        return total / xp.sum(w * xp.ones_like(per))
+    return total / math.prod(per.shape)
+
+
+def _data(seed: int = 0, tokens: tuple[int, ...] = TOKENS, masked: str = "") -> dict[str, Any]:
+    """Float64 NumPy inputs. ``masked``: "both" / "teacher" / "student": -inf logits on some
+    vocabulary entries of those sides (where the divergence stays finite)."""
+    rng = np.random.default_rng(seed)
+    d = {"h": rng.standard_normal((*tokens, H)), "w": rng.standard_normal((V, H)) / 2,
+         "b": rng.standard_normal(V), "tl": 2 * rng.standard_normal((*tokens, V)),
+         "th": rng.standard_normal((*tokens, HT)), "tw": rng.standard_normal((V, HT)) / 2,
+         "tb": rng.standard_normal(V), "sw": rng.random(tokens)}
+    if masked in ("both", "student"):
+        d["b"][[1, 7]] = -np.inf
+    if masked in ("both", "teacher"):
+        d["tl"][..., [1, 7] if masked == "both" else [2, 4]] = -np.inf
+        d["tb"][[1, 7] if masked == "both" else [2, 4]] = -np.inf
+    return d
+
+
+def _teacher(d: dict[str, Any], form: str, conv: Any) -> dict[str, Any]:
+    if form == "logits":
+        return {"logits": conv(d["tl"])}
+    return {"hidden": conv(d["th"]), "weight": conv(d["tw"]), "bias": conv(d["tb"])}
+
+
+def _kwargs(teacher: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if "logits" in teacher:
+        return (teacher["logits"],), {}
+    return (), {"teacher_hidden": teacher["hidden"], "teacher_weight": teacher["weight"],
+                "teacher_bias": teacher["bias"]}
+
+
+def _call(h: Any, w: Any, b: Any, teacher: dict[str, Any], **kw: Any) -> Any:
+    args, tkw = _kwargs(teacher)
+    return fused_linear_divergence(h, w, *args, student_bias=b, **tkw, **kw)
+
+
+def _close(a: Any, b: Any, tol: float = 1e-10) -> None:
+    np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64),
+                               rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------------- torch
+@pytest.fixture
+def torch() -> Any:
+    return pytest.importorskip("torch")
+
+
+CASES = [(div, form, bias, temp, chunk) for div in DIVS for form in ("logits", "hidden")
+         for bias, temp, chunk in ((True, 1.0, 3), (False, 2.5, 4), (True, 0.7, None))]
+
+
+@pytest.mark.parametrize("div,form,bias,temp,chunk", CASES)
+def test_torch_values_and_gradients(torch: Any, div: str, form: str, bias: bool, temp: float,
+                                    chunk: int | None) -> None:
+    import array_api_compat
+
+    d = _data(1)
+    tt = torch.tensor
+    h, w, b = (tt(d[k], requires_grad=True) for k in ("h", "w", "b"))
+    teacher = _teacher(d, form, tt)
+    sw = tt(d["sw"])
+    out = _call(h, w, b if bias else None, teacher, divergence=div, beta=BETA, temperature=temp,
+                sample_weight=sw, chunk_size=chunk)
+    xp = array_api_compat.array_namespace(h)
+    ref = reduce(xp, plain(xp, h, w, b if bias else None, teacher, div, BETA, temp), sw,
+                 "mean_with_sample_weight")
+    _close(out.detach(), ref.detach())
+    assert out.dtype == torch.float64 and out.shape == ()
+    wrt = (h, w, b) if bias else (h, w)
+    got = torch.autograd.grad(out, wrt)
+    want = torch.autograd.grad(ref, wrt)
+    for g, e in zip(got, want, strict=True):
+        _close(g, e)
+    if not bias:
+        assert b.grad is None
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "sum_over_batch_size", "auto", "mean",
+                                       "mean_with_sample_weight", "batchmean"])
+@pytest.mark.parametrize("weight", ["none", "tokens", "rows", "scalar"])
+def test_torch_reductions_and_weights(torch: Any, reduction: str, weight: str) -> None:
+    """Every reduction, with per-token, per-row (Keras 2's rank rule: a (B,) weight scales
+    each row of a (B, T) loss) and scalar weights; 'none' gives per-token values."""
+    import array_api_compat
+
+    d = _data(2)
+    h, w = torch.tensor(d["h"], requires_grad=True), torch.tensor(d["w"], requires_grad=True)
+    teacher = _teacher(d, "logits", torch.tensor)
+    sw = {"none": None, "tokens": torch.tensor(d["sw"]), "rows": torch.tensor([0.3, 1.5]),
+          "scalar": 2.0}[weight]
+    out = _call(h, w, None, teacher, divergence="js", beta=BETA, sample_weight=sw,
+                reduction=reduction, chunk_size=3)
+    xp = array_api_compat.array_namespace(h)
+    wref = None if sw is None else (torch.tensor(sw) if weight == "scalar" else
+                                    sw[:, None] if weight == "rows" else sw)
+    ref = reduce(xp, plain(xp, h, w, None, teacher, "js", BETA, 1.0), wref, reduction)
+    assert tuple(out.shape) == (TOKENS if reduction == "none" else ())
+    _close(out.detach(), ref.detach())
+    cot = torch.rand(out.shape, dtype=out.dtype)
+    for g, e in zip(torch.autograd.grad(out, (h, w), cot), torch.autograd.grad(ref, (h, w), cot),
+                    strict=True):
+        _close(g, e)
+
+
+def test_torch_all_masked_is_zero_with_zero_gradients(torch: Any) -> None:
+    d = _data(3)
+    h, w, b = (torch.tensor(d[k], requires_grad=True) for k in ("h", "w", "b"))
+    out = _call(h, w, b, _teacher(d, "hidden", torch.tensor), sample_weight=torch.zeros(TOKENS))
+    assert float(out.detach()) == 0.0
+    for g in torch.autograd.grad(out, (h, w, b)):
+        assert torch.isfinite(g).all() and not g.any()
+
+
+@pytest.mark.parametrize("masked,divs", [("both", DIVS), ("teacher", ["kl", "js"]),
+                                         ("student", ["reverse_kl", "js"])])
+def test_torch_minus_inf_logits(torch: Any, masked: str, divs: list[str]) -> None:
+    """-inf logits (a masked vocabulary) on either side, where the divergence is finite:
+    values as the oracle's, gradients finite and equal to the oracle's."""
+    import array_api_compat
+
+    d = _data(4, masked=masked)
+    for div in divs:
+        for form in ("logits", "hidden"):
+            h, w, b = (torch.tensor(d[k], requires_grad=True) for k in ("h", "w", "b"))
+            teacher = _teacher(d, form, torch.tensor)
+            out = _call(h, w, b, teacher, divergence=div, beta=BETA, temperature=1.3,
+                        chunk_size=4)
+            xp = array_api_compat.array_namespace(h)
+            ref = plain(xp, h, w, b, teacher, div, BETA, 1.3).mean()
+            assert math.isfinite(float(out))
+            _close(out.detach(), ref.detach())
+            for g, e in zip(torch.autograd.grad(out, (h, w, b)),
+                            torch.autograd.grad(ref, (h, w, b)), strict=True):
+                assert torch.isfinite(g).all()
+                _close(g, e)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_torch_half_precision_in_float32(torch: Any, dtype: str) -> None:
+    """Half inputs: computed in float32, returned (value and gradients) in the input dtype."""
+    import array_api_compat
+
+    half = getattr(torch, dtype)
+    d = _data(5)
+    h, w = (torch.tensor(d[k]).to(half).requires_grad_() for k in ("h", "w"))
+    tl = torch.tensor(d["tl"]).to(half)
+    for reduction in ("mean_with_sample_weight", "none"):
+        out = fused_linear_divergence(h, w, tl, divergence="js", beta=BETA, chunk_size=3,
+                                      reduction=reduction)
+        assert out.dtype == half
+        h64, w64 = (x.detach().double().requires_grad_() for x in (h, w))
+        xp = array_api_compat.array_namespace(h64)
+        ref = plain(xp, h64, w64, None, {"logits": tl.double()}, "js", BETA, 1.0)
+        ref = ref.mean() if reduction != "none" else ref
+        # float32 arithmetic on half inputs: only the final rounding to half is lost
+        tol = {"float16": 2e-3, "bfloat16": 1.6e-2}[dtype]
+        np.testing.assert_allclose(out.detach().double().numpy(), ref.detach().numpy(),
+                                   rtol=tol, atol=1e-5)
+        cot = torch.ones(out.shape, dtype=out.dtype)
+        gh, gw = torch.autograd.grad(out, (h, w), cot)
+        eh, ew = torch.autograd.grad(ref, (h64, w64), cot.double())
+        assert gh.dtype == half and gw.dtype == half
+        for g, e in ((gh, eh), (gw, ew)):
+            np.testing.assert_allclose(g.double().numpy(), e.numpy(), rtol=4 * tol, atol=4 * tol *
+                                       float(e.abs().max()))
+
+
+def test_torch_gradient_modes_agree(torch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradients computed in the forward pass and recomputed in the backward are the same."""
+    from kldiv.backends import torch_fused
+
+    d = _data(6)
+    grads = {}
+    for mode in ("forward", "recompute"):
+        monkeypatch.setattr(torch_fused, "GRAD_MODE", mode)
+        h, w, b = (torch.tensor(d[k], requires_grad=True) for k in ("h", "w", "b"))
+        out = _call(h, w, b, _teacher(d, "hidden", torch.tensor), divergence="reverse_kl",
+                    sample_weight=torch.tensor(d["sw"]), chunk_size=4)
+        grads[mode] = torch.autograd.grad(out, (h, w, b))
+    for a, e in zip(grads["forward"], grads["recompute"], strict=True):
+        _close(a, e, 1e-12)
+
+
+def test_torch_teacher_is_constant(torch: Any) -> None:
+    d = _data(7)
+    h, w = torch.tensor(d["h"], requires_grad=True), torch.tensor(d["w"], requires_grad=True)
+    tl = torch.tensor(d["tl"], requires_grad=True)
+    th, tw = (torch.tensor(d[k], requires_grad=True) for k in ("th", "tw"))
+    for reduction in ("mean_with_sample_weight", "none"):
+        fused_linear_divergence(h, w, tl, reduction=reduction).sum().backward()
+        fused_linear_divergence(h, w, teacher_hidden=th, teacher_weight=tw,
+                                reduction=reduction).sum().backward()
+    assert tl.grad is None and th.grad is None and tw.grad is None
+    assert h.grad is not None and w.grad is not None
+
+
+def test_torch_chunk_size_bounds_every_chunk(torch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No chunk of logits has more than chunk_size rows, forward and backward."""
+    from kldiv.backends import torch_fused
+
+    rows: list[int] = []
+    real = torch_fused.chunk_terms_
+
+    def spy(s: Any, *args: Any) -> Any:
+        rows.append(s.shape[0])
+        return real(s, *args)
+
+    monkeypatch.setattr(torch_fused, "chunk_terms_", spy)
+    d = _data(8, tokens=(3, 7))
+    h = torch.tensor(d["h"], requires_grad=True)
+    out = fused_linear_divergence(h, torch.tensor(d["w"]), torch.tensor(d["tl"]), chunk_size=4,
+                                  reduction="none")
+    out.sum().backward()
+    assert rows == [4, 4, 4, 4, 4, 1] * 2  # 21 tokens: forward, then the backward's recompute
+
+
+def test_auto_chunk_size() -> None:
+    """Powers of two within the budget; independent of the token count once it is large."""
+    kw = {"itemsize": 4, "buffers": 7, "on_gpu": False}
+    big = auto_chunk_size(10**6, 32768, available=None, **kw)
+    assert big == 128 and big * 7 * 32768 * 4 <= 128 * 2**20
+    assert auto_chunk_size(10**7, 32768, available=None, **kw) == big
+    assert auto_chunk_size(50, 32768, available=None, **kw) == 50  # one chunk: all tokens
+    assert auto_chunk_size(10**6, 262144, available=None, **kw) == 16
+    assert auto_chunk_size(10**6, 32768, available=160 * 2**20, **kw) == 8  # 1/16 of free
+    assert auto_chunk_size(10**6, 10**9, available=None, **kw) == 1
+    assert auto_chunk_size(10**6, 128256, available=None, itemsize=4, buffers=5,
+                           on_gpu=True) == 256
+
+
+def test_torch_leading_axes_and_empty(torch: Any) -> None:
+    d = _data(9, tokens=(2, 3, 2))
+    h = torch.tensor(d["h"], requires_grad=True)
+    out = fused_linear_divergence(h, torch.tensor(d["w"]), torch.tensor(d["tl"]),
+                                  reduction="none", chunk_size=5)
+    assert tuple(out.shape) == (2, 3, 2)
+    empty = torch.zeros((0, 4, H), dtype=torch.float64, requires_grad=True)
+    tl = torch.zeros((0, 4, V), dtype=torch.float64)
+    w = torch.tensor(d["w"])
+    assert fused_linear_divergence(empty, w, tl, reduction="none").shape == (0, 4)
+    out = fused_linear_divergence(empty, w, tl)
+    assert float(out.detach()) == 0.0
+    out.backward()
+    assert empty.grad is not None and empty.grad.shape == empty.shape
+
+
+def test_torch_compile_graph_break(torch: Any) -> None:
+    """Under torch.compile the call is one graph break: same values and gradients."""
+    torch._dynamo.reset()
+    d = _data(10)
+    head = torch.nn.Linear(H, V, dtype=torch.float64)
+    tl = torch.tensor(d["tl"])
+
+    def step(x: Any) -> Any:
+        x = torch.tanh(x) * 2
+        return fused_linear_divergence(x, head.weight, tl, student_bias=head.bias,
+                                       divergence="js", chunk_size=3)
+
+    x = torch.tensor(d["h"])
+    eager = step(x)
+    ge = torch.autograd.grad(eager, (head.weight, head.bias))
+    compiled = torch.compile(step, backend="aot_eager")(x)
+    gc = torch.autograd.grad(compiled, (head.weight, head.bias))
+    _close(compiled.detach(), eager.detach(), 1e-12)
+    for a, e in zip(gc, ge, strict=True):
+        _close(a, e, 1e-12)
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------ JAX
+@pytest.fixture
+def jax() -> Any:
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    return jax
+
+
+@pytest.mark.parametrize("div,form,bias,temp,chunk", CASES)
+def test_jax_values_and_gradients(jax: Any, div: str, form: str, bias: bool, temp: float,
+                                  chunk: int | None) -> None:
+    jnp = jax.numpy
+    d = _data(11)
+    teacher = _teacher(d, form, jnp.asarray)
+    sw = jnp.asarray(d["sw"])
+
+    def ours(h: Any, w: Any, b: Any) -> Any:
+        return _call(h, w, b if bias else None, teacher, divergence=div, beta=BETA,
+                     temperature=temp, sample_weight=sw, chunk_size=chunk)
+
+    def ref(h: Any, w: Any, b: Any) -> Any:
+        return reduce(jnp, plain(jnp, h, w, b if bias else None, teacher, div, BETA, temp), sw,
+                      "mean_with_sample_weight")
+
+    args = tuple(jnp.asarray(d[k]) for k in ("h", "w", "b"))
+    _close(ours(*args), ref(*args))
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(*args)
+    want = jax.grad(ref, argnums=(0, 1, 2))(*args)
+    for g, e in zip(got, want, strict=True):
+        _close(g, e)
+    # per-token results: the backward rescans with the incoming cotangent
+    cot = jnp.asarray(np.random.default_rng(0).random(TOKENS))
+
+    def none(f: Any) -> Any:
+        return jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=(0, 1))
+
+    per = jax.jit(none(lambda h, w, b: _call(h, w, b if bias else None, teacher, divergence=div,
+                                               beta=BETA, temperature=temp, chunk_size=chunk,
+                                               reduction="none")))(*args)
+    per_ref = none(lambda h, w, b: plain(jnp, h, w, b if bias else None, teacher, div, BETA,
+                                         temp))(*args)
+    for g, e in zip(per, per_ref, strict=True):
+        _close(g, e)
+
+
+def test_jax_masks_half_and_minus_inf(jax: Any) -> None:
+    jnp = jax.numpy
+    d = _data(12, masked="both")
+    teacher = _teacher(d, "hidden", jnp.asarray)
+    args = tuple(jnp.asarray(d[k]) for k in ("h", "w", "b"))
+    # all masked: 0 with zero, finite gradients
+    g = jax.grad(lambda h, w, b: _call(h, w, b, teacher, sample_weight=jnp.zeros(TOKENS)),
+                 argnums=(0, 1, 2))(*args)
+    assert all(bool(jnp.all(x == 0)) for x in g)
+    for div in DIVS:
+        got = jax.grad(lambda h, w, b, div=div: _call(h, w, b, teacher, divergence=div,
+                                                     beta=BETA, chunk_size=4),
+                       argnums=(0, 1, 2))(*args)
+        want = jax.grad(lambda h, w, b, div=div: plain(jnp, h, w, b, teacher, div, BETA,
+                                                       1.0).mean(), argnums=(0, 1, 2))(*args)
+        for a, e in zip(got, want, strict=True):
+            assert bool(jnp.all(jnp.isfinite(a)))
+            _close(a, e)
+    h16 = args[0].astype(jnp.bfloat16)
+    out = _call(h16, args[1].astype(jnp.bfloat16), None, {"logits": jnp.asarray(d["tl"])},
+                divergence="kl", chunk_size=3)
+    assert out.dtype == jnp.bfloat16
+    ref = plain(jnp, h16.astype(jnp.float64), args[1].astype(jnp.bfloat16).astype(jnp.float64),
+                None, {"logits": jnp.asarray(d["tl"])}, "kl", BETA, 1.0).mean()
+    np.testing.assert_allclose(float(out), float(ref), rtol=1.6e-2)
+
+
+# ---------------------------------------------------------------------- forward-only libraries
+@pytest.mark.parametrize("name", ["numpy", "array_api_strict", "cupy"])
+@pytest.mark.parametrize("div", DIVS)
+def test_forward_only_libraries(name: str, div: str) -> None:
+    b_ = BACKEND_FACTORIES[name]()
+    d = _data(13, masked="both")
+    for form in ("logits", "hidden"):
+        teacher = _teacher(d, form, lambda a: b_.asarray(a, "float64"))
+        h, w, b = (b_.asarray(d[k], "float64") for k in ("h", "w", "b"))
+        for reduction, chunk in (("none", 3), ("batchmean", 4), ("mean_with_sample_weight", None)):
+            out = _call(h, w, b, teacher, divergence=div, beta=BETA, temperature=1.8,
+                        sample_weight=b_.asarray(d["sw"], "float64"), reduction=reduction,
+                        chunk_size=chunk)
+            assert b_.is_native(out)
+            ref = reduce(np, plain(np, d["h"], d["w"], d["b"], _teacher(d, form, np.asarray),
+                                   div, BETA, 1.8), d["sw"], reduction)
+            _close(b_.to_numpy(out), ref)
+    out32 = _call(b_.asarray(d["h"], "float32"), b_.asarray(d["w"], "float32"), None,
+                  {"logits": b_.asarray(d["tl"], "float32")}, chunk_size=3)
+    assert out32.dtype == b_.dtype("float32")
+
+
+# ---------------------------------------------------------------------------- validation
+def _np_inputs() -> dict[str, Any]:
+    d = _data(14)
+    return {"h": d["h"], "w": d["w"], "tl": d["tl"], "th": d["th"], "tw": d["tw"]}
+
+
+BAD = [
+    ({"w": np.zeros((V, H + 1))}, {}, ValueError, r"student_weight must have shape \(V, H\)"),
+    ({"w": np.zeros(V)}, {}, ValueError, r"student_weight must have shape"),
+    ({}, {"student_bias": np.zeros(V + 1)}, ValueError, r"student_bias must have shape \(11,\)"),
+    ({"tl": np.zeros((2, 5, V + 2))}, {}, ValueError, r"teacher_logits must have shape \(2, 5, 11\)"),
+    ({"tl": np.zeros((10, V))}, {}, ValueError, r"got \(10, 11\)"),
+    ({"tl": None}, {}, ValueError, "not both and not neither"),
+    ({}, {"teacher_hidden": "th", "teacher_weight": "tw"}, ValueError, "not both"),
+    ({"tl": None}, {"teacher_hidden": "th"}, ValueError, "go together"),
+    ({"tl": None}, {"teacher_hidden": np.zeros((2, 4, HT)), "teacher_weight": "tw"}, ValueError,
+     r"teacher_hidden must have shape \(2, 5, H_t\)"),
+    ({"tl": None}, {"teacher_hidden": "th", "teacher_weight": np.zeros((V, HT + 1))}, ValueError,
+     r"teacher_weight must have shape \(11, 5\)"),
+    ({}, {"teacher_bias": np.zeros(V)}, ValueError, "teacher_bias goes with teacher_hidden"),
+    ({}, {"divergence": "kld"}, ValueError, "Invalid divergence 'kld'"),
+    ({}, {"divergence": "js", "beta": 0.0}, ValueError, "open interval.*reverse_kl"),
+    ({}, {"divergence": "js", "beta": 1}, ValueError, "open interval"),
+    ({}, {"divergence": "js", "beta": 1.5}, ValueError, "open interval"),
+    ({}, {"beta": "half"}, TypeError, "beta must be a real number"),
+    ({}, {"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+    ({}, {"temperature": -1}, ValueError, "temperature"),
+    ({}, {"temperature": math.inf}, ValueError, "temperature"),
+    ({}, {"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+    ({}, {"chunk_size": 2.5}, TypeError, "chunk_size must be a positive int"),
+    ({}, {"chunk_size": True}, TypeError, "chunk_size"),
+    ({}, {"reduction": "avg"}, ValueError, "Invalid reduction 'avg'.*'batchmean'"),
+    ({"h": [[1.0] * H]}, {}, TypeError, "student_hidden must be an array"),
+    ({"h": np.zeros((2, 5, H), dtype=np.int64)}, {}, TypeError, "floating dtype"),
+    ({"h": np.array(1.0)}, {}, ValueError, "at least one axis"),
+    ({"h": np.float64(1.0)}, {}, TypeError, "student_hidden must be an array"),
+    ({}, {"sample_weight": np.ones(3)}, ValueError, "does not broadcast"),
+]
+
+
+@pytest.mark.parametrize("change,kwargs,exc,match", BAD)
+def test_validation(change: dict[str, Any], kwargs: dict[str, Any], exc: type, match: str) -> None:
+    x = {**_np_inputs(), **change}
+    kwargs = {k: x[v] if isinstance(v, str) and v in x else v for k, v in kwargs.items()}
+    with pytest.raises(exc, match=match):
+        fused_linear_divergence(x["h"], x["w"], x["tl"], **kwargs)
+
+
+def test_validation_mixed_libraries_and_devices(torch: Any) -> None:
+    x = _np_inputs()
+    with pytest.raises(TypeError, match="one library: student_hidden is torch, teacher_logits "
+                                        "is numpy"):
+        fused_linear_divergence(torch.tensor(x["h"]), torch.tensor(x["w"]), x["tl"])
+    with pytest.raises(TypeError, match="one library"):
+        fused_linear_divergence(torch.tensor(x["h"]), x["w"], torch.tensor(x["tl"]))
+    with pytest.raises(ValueError, match="one device"):
+        fused_linear_divergence(torch.tensor(x["h"]), torch.tensor(x["w"]),
+                                torch.tensor(x["tl"], device="meta"))
+
+
+# ----------------------------------------------------------------------------- loss class
+def test_loss_class_config_pickle_and_call() -> None:
+    loss = FusedLinearDivergence("js", beta=0.25, temperature=2.0, reduction="batchmean",
+                                 chunk_size=4, name="distill")
+    cfg = loss.get_config()
+    assert cfg == {"divergence": "js", "beta": 0.25, "temperature": 2.0,
+                   "reduction": "batchmean", "chunk_size": 4, "name": "distill"}
+    assert FusedLinearDivergence.from_config(cfg) == loss
+    assert pickle.loads(pickle.dumps(loss)) == loss
+    assert "FusedLinearDivergence(divergence='js'" in repr(loss)
+    assert FusedLinearDivergence() != loss
+    with pytest.raises(TypeError, match="Unknown FusedLinearDivergence config keys"):
+        FusedLinearDivergence.from_config({**cfg, "fn": "x"})
+    with pytest.raises(ValueError, match="open interval"):
+        FusedLinearDivergence("js", beta=1.0)
+    x = _np_inputs()
+    _close(loss(x["h"], x["w"], x["tl"], sample_weight=np.ones(TOKENS)),
+           fused_linear_divergence(x["h"], x["w"], x["tl"], divergence="js", beta=0.25,
+                                   temperature=2.0, reduction="batchmean",
+                                   sample_weight=np.ones(TOKENS)))
+    _close(loss(x["h"], x["w"], teacher_hidden=x["th"], teacher_weight=x["tw"]),
+           reduce(np, plain(np, x["h"], x["w"], None, {"hidden": x["th"], "weight": x["tw"]},
+                            "js", 0.25, 2.0), None, "batchmean"))
+
+
+# -------------------------------------------------------------------- Triton, interpreted
+_TRITON_SCRIPT = r"""
+import math, numpy as np, torch, triton
+from kldiv.backends import torch_fused, triton_fused
+from kldiv._fused_linear import fused_linear_divergence
+from tests.test_fused_linear import _data, _teacher, _call, plain, reduce, BETA, DIVS
+import array_api_compat
+torch_fused.FORCE_ROUTE = "triton"
+calls = []
+real_chunk = triton_fused.chunk
+def spy(*a, **k):
+    calls.append(1)
+    return real_chunk(*a, **k)
+triton_fused.chunk = spy
+for masked in ("", "both"):
+    d = _data(20, masked=masked)
+    for div in DIVS:
+        for form in ("logits", "hidden"):
+            for temp, chunk in ((1.0, 3), (1.9, 4)):
+                f32 = lambda a: torch.tensor(a, dtype=torch.float32)
+                h, w, b = (f32(d[k]).requires_grad_() for k in ("h", "w", "b"))
+                teacher = _teacher(d, form, f32)
+                sw = f32(d["sw"])
+                out = _call(h, w, b, teacher, divergence=div, beta=BETA, temperature=temp,
+                            sample_weight=sw, chunk_size=chunk)
+                got = torch.autograd.grad(out, (h, w, b))
+                d64 = [x.detach().double().requires_grad_() for x in (h, w, b)]
+                t64 = {k: None if v is None else v.double() for k, v in teacher.items()}
+                xp = array_api_compat.array_namespace(d64[0])
+                ref = reduce(xp, plain(xp, *d64, t64, div, BETA, temp), sw.double(),
+                             "mean_with_sample_weight")
+                want = torch.autograd.grad(ref, d64)
+                assert abs(float(out) - float(ref)) < 1e-5 * (1 + abs(float(ref))), (div, form)
+                for g, e in zip(got, want):
+                    assert torch.isfinite(g).all(), (div, form, masked)
+                    np.testing.assert_allclose(g.double().numpy(), e.numpy(), rtol=1e-4,
+                                               atol=1e-5)
+                per = _call(h, w, b, teacher, divergence=div, beta=BETA, temperature=temp,
+                            reduction="none", chunk_size=chunk)
+                per_ref = plain(xp, *d64, t64, div, BETA, temp)
+                np.testing.assert_allclose(per.detach().double().numpy(),
+                                           per_ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+# the kernel alone: a strided teacher slice in bfloat16, no gradient
+s = torch.randn(5, 300)
+t = torch.randn(5, 600, dtype=torch.bfloat16)[:, ::2]
+from kldiv._fused_linear_math import Plan, chunk_terms
+loss = triton_fused.chunk(s.clone(), t, None, None, None, Plan("js", 0.4, 1.0, 5), False)
+xp = array_api_compat.array_namespace(s)
+want = chunk_terms(xp, s.double(), t.double(), "js", 0.4, False)[0]
+np.testing.assert_allclose(loss.double().numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+assert len(calls) > 50, len(calls)  # the host code ran the kernel, not the torch ops
+print("TRITON-FUSED-OK")
+"""
+
+
+def test_triton_kernel_interpreted(torch: Any) -> None:
+    """The Triton route (kernel and host code) on CPU tensors in Triton's interpreter: values
+    and gradients of every divergence, both teacher forms, -inf logits, temperatures, chunk
+    sizes that do not divide the tokens. A subprocess: TRITON_INTERPRET is read at import."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "src"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0 and "TRITON-FUSED-OK" in proc.stdout, proc.stderr[-3000:]
