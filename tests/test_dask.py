@@ -11,6 +11,7 @@ import logging
 import os
 import resource
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -292,9 +293,15 @@ def test_local_cluster_16384x4096(cluster: Any, request: pytest.FixtureRequest) 
     print("\nkldiv dask LocalCluster memory:", json.dumps(figures))
     request.node.user_properties.append(("memory", figures))
     out = os.environ.get("KLDIV_DASK_MEMORY_REPORT")
-    if out:
-        with open(out, "w") as f:
-            json.dump(figures, f, indent=2)
+    if out:  # written beside the target and renamed: a failed write never leaves half a report
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".part")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(figures, f, indent=2)
+            os.replace(tmp, out)
+        except BaseException:
+            os.remove(tmp)
+            raise
     # Nothing big comes back to the client, and each worker stays well inside its limit.
     assert client_growth < 100 * mib
     assert all(v < 1024 * mib for v in worker_peaks.values())
@@ -313,3 +320,54 @@ def test_cli_on_an_existing_cluster(cluster: Any, tmp_path: Any, capsys: pytest.
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     np.testing.assert_allclose(float(captured.out), KLDivergence(reduction="sum")(t, p), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("ts", "ps", "ws"),
+    [
+        ((12, 1), (12,), None),  # one sample of 12 classes, for the loss class
+        ((12, 4, 1), (12, 4), (12,)),
+        ((4,), (12, 4), (12, 1)),
+        ((), (12, 4), None),
+        ((12, 2, 12, 4), (12, 2, 12, 4), (12,)),  # weight of rank r - 2: broadcast on the last axis
+        ((0, 4), (0, 4), (0,)),
+    ],
+)
+@pytest.mark.parametrize("reduction", ["auto", "sum", "none", "mean_with_sample_weight"])
+def test_evaluate_files_with_dask_follows_the_loss_class(tmp_path: Any, ts: tuple[int, ...], ps: tuple[int, ...],
+                                                         ws: tuple[int, ...] | None, reduction: str) -> None:
+    """backend="dask": lazy, and what the loss class gives on the whole arrays, whatever the ranks."""
+    rng = np.random.default_rng(len(ts) + len(ps))
+    t = rng.random(ts).astype(np.float32)
+    p = rng.random(ps).astype(np.float32)
+    w = None if ws is None else rng.random(ws).astype(np.float32)
+    np.save(tmp_path / "t.npy", t.astype(">f4"))  # big-endian on the way, too
+    np.save(tmp_path / "p.npy", p)
+    for y_true, y_pred in ((tmp_path / "t.npy", tmp_path / "p.npy"),
+                           (da.from_array(t.astype(">f4")), da.from_array(p, chunks=5))):
+        with dask.config.set(scheduler=_no_compute):
+            out = kldiv.evaluate_files(y_true, y_pred, sample_weight=w, backend="dask", batch_rows=5,
+                                       reduction=reduction)
+        assert isinstance(out, da.Array)
+        got = out.compute()
+        expected = KLDivergence(reduction=reduction)(t, p, sample_weight=w)
+        assert np.asarray(got).dtype == np.float32 and np.shape(got) == np.shape(expected)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_evaluate_files_with_dask_writes_out_safely(tmp_path: Any) -> None:
+    """backend="dask", out=: the output is written block by block to a temporary file and
+    renamed into place; an input as out= is refused before anything runs."""
+    t, p = _data(rows=30)
+    np.save(tmp_path / "t.npy", t)
+    np.save(tmp_path / "p.npy", p)
+    got = kldiv.evaluate_files(tmp_path / "t.npy", tmp_path / "p.npy", backend="dask", batch_rows=7,
+                               reduction="none", out=tmp_path / "o.npy")
+    assert isinstance(got, np.memmap)
+    np.testing.assert_allclose(got, kldiv.kld(t, p), rtol=1e-6)
+    del got
+    with pytest.raises(ValueError, match="overwrite an input"):
+        kldiv.evaluate_files(tmp_path / "t.npy", tmp_path / "p.npy", backend="dask", reduction="none",
+                             out=tmp_path / "t.npy")
+    assert np.array_equal(np.load(tmp_path / "t.npy"), t)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["o.npy", "p.npy", "t.npy"]

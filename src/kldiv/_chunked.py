@@ -206,6 +206,8 @@ def _zip_batches(
 
 
 def _resolve_metric(metric: KLDivergence | bool | None, reduction: str | None) -> KLDivergence | None:
+    if isinstance(metric, np.bool_):
+        metric = bool(metric)
     if metric is None or metric is False:
         return None
     if reduction not in ("auto", Reduction.AUTO):
@@ -674,6 +676,8 @@ def evaluate_files(
     >>> print(kldiv.evaluate_files(os.path.join(d, "t.npy"), os.path.join(d, "p.npy"),
     ...                            sample_weight=[1, 0], metric=True, batch_rows=1))
     0.9162892
+    >>> import shutil
+    >>> shutil.rmtree(d)
     """
     the_metric = _resolve_metric(metric, reduction)
     red = validate_reduction(reduction) if the_metric is None else Reduction.AUTO

@@ -144,7 +144,7 @@ def open_source(x: Any, label: str) -> Source:
     if not is_array(x):
         try:
             x = as_pred_array(x) if label == "y_pred" else np.asarray(x)
-        except (TypeError, ValueError) as exc:
+        except ValueError as exc:  # (as_pred_array raises its own TypeError)
             raise TypeError(f"{label} could not be converted to an array: {exc}") from None
         if isinstance(x, np.generic):
             x = np.asarray(x)
