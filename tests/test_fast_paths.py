@@ -13,6 +13,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 import tracemalloc
 from typing import Any
 
@@ -199,6 +200,88 @@ def test_numpy_scratch_memory_is_bounded() -> None:
     budget = 2 * numpy_.BLOCK_BYTES * (numpy_._n_threads() + 1) + (1 << 20)
     assert peak - out.nbytes <= budget
     assert peak - out.nbytes <= 64 << 20
+
+
+def _threaded_inputs(monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs that take the threaded path (4 threads, whatever the number of CPUs)."""
+    monkeypatch.setattr(numpy_, "_n_threads", lambda: 4)
+    t, p = _inputs((600, 300), (600, 300))
+    assert t.size >= numpy_.MIN_PARALLEL
+    return t, p
+
+
+def test_numpy_threaded_call_needs_no_live_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool whose workers never run (what a forked child inherits): the calling thread does
+    every chunk itself instead of waiting forever."""
+    t, p = _threaded_inputs(monkeypatch)
+    dead = numpy_._Pool()
+    dead.threads = [object()] * 3  # type: ignore[list-item]  # "workers" that never take a job
+    monkeypatch.setattr(numpy_, "_pool", dead)
+    assert np.array_equal(kldiv.kl_divergence(t, p), _generic(t, p))
+    assert dead.jobs.qsize() == 3  # the job was offered to the three "workers"
+
+
+def test_numpy_threaded_call_when_no_thread_can_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interpreter shutdown (no thread can be started): the call runs serially."""
+    t, p = _threaded_inputs(monkeypatch)
+    monkeypatch.setattr(numpy_, "_pool", None)
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    with monkeypatch.context() as m:
+        m.setattr(threading.Thread, "start", refuse)
+        out = kldiv.kl_divergence(t, p)
+    assert np.array_equal(out, _generic(t, p))
+    assert numpy_._pool is not None and numpy_._pool.threads == []
+
+
+def test_numpy_threaded_call_reports_worker_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    t, p = _threaded_inputs(monkeypatch)
+    real = numpy_._forward_rows
+    caller = threading.get_ident()
+
+    def flaky(full: list[Any], rows: list[Any], r0: int, r1: int) -> None:
+        if threading.get_ident() != caller:
+            raise MemoryError("from a worker")
+        real(full, rows, r0, r1)
+
+    monkeypatch.setattr(numpy_, "_forward_rows", flaky)
+    monkeypatch.setattr(numpy_, "_pool", None)
+    numpy_._get_pool(3)
+    for _ in range(20):  # until a worker has taken a chunk (the caller may take them all)
+        try:
+            kldiv.kl_divergence(t, p)
+        except MemoryError as exc:
+            assert "from a worker" in str(exc)
+            break
+    else:
+        pytest.fail("no worker ever ran a chunk")
+    monkeypatch.setattr(numpy_, "_forward_rows", real)
+    assert np.array_equal(kldiv.kl_divergence(t, p), _generic(t, p))  # the pool still works
+
+
+def test_numpy_reentrant_call_gets_fresh_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call made while this thread's scratch is in use (a signal handler, ``__del__``)
+    allocates its own buffers instead of overwriting the outer frame's."""
+    t, p = _inputs((64, 1000), (64, 1000), seed=1)
+    t2, p2 = _inputs((64, 1000), (64, 1000), seed=2)
+    monkeypatch.setattr(numpy_, "BLOCK_BYTES", 64 * 1000 * 8)  # one block: one scratch set
+    want, want2 = _generic(t, p), _generic(t2, p2)
+    inner: list[Any] = []
+    real_terms = numpy_._terms
+
+    def reenter(*args: Any) -> Any:
+        terms = real_terms(*args)  # in the scratch buffers
+        if not inner:  # between the outer frame's terms and its row sums: call again
+            inner.append(None)
+            inner[0] = kldiv.kl_divergence(t2, p2)
+        return terms
+
+    monkeypatch.setattr(numpy_, "_terms", reenter)
+    out = kldiv.kl_divergence(t, p)
+    assert np.array_equal(inner[0], want2)
+    assert np.array_equal(out, want)
 
 
 # -------------------------------------------------------------------------------------- torch
@@ -390,6 +473,28 @@ for dtype, tol in ((torch.float32, 2e-4), (torch.float64, 1e-10)):
         for x, y in zip(*res):
             assert x.shape == y.shape and torch.isfinite(x).all()
             torch.testing.assert_close(x, y, rtol=tol, atol=tol * float(y.abs().max()))
+
+# autograd contracts on the Triton route: values at call time, forward AD, batched backward
+import torch.autograd.forward_ad as fwad
+def gen(a, b):
+    with kldiv.use_generic():
+        return kldiv.kld(a, b)
+t = torch.tensor(rng.uniform(0.0, 1.0, (16, 37))); p = torch.tensor(rng.uniform(0.0, 1.0, (16, 37)))
+buf = t.numpy().copy()
+yp = p.clone().requires_grad_()
+out = torch_.fused(torch.from_numpy(buf), yp, "triton")
+buf[:] = 0.5                                     # refilled before backward
+(g,) = torch.autograd.grad(out.sum(), yp)
+ref = p.clone().requires_grad_()
+torch.testing.assert_close(g, torch.autograd.grad(gen(t, ref).sum(), ref)[0])
+dp = torch.randn_like(p)
+with fwad.dual_level():
+    tan = fwad.unpack_dual(torch_.fused(t, fwad.make_dual(p, dp), "triton")).tangent
+torch.testing.assert_close(tan, torch.func.jvp(lambda b: gen(t, b), (p,), (dp,))[1])
+yp = p.clone().requires_grad_()
+eye = torch.eye(16, dtype=torch.float64)
+(gb,) = torch.autograd.grad(torch_.fused(t, yp, "triton"), yp, eye, is_grads_batched=True)
+torch.testing.assert_close(gb, torch.autograd.functional.jacobian(lambda b: gen(t, b), p))
 print("TRITON-OK")
 """
 

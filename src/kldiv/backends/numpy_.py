@@ -15,19 +15,37 @@ row longer than the scratch budget is split along NumPy's own pairwise tree (see
 :func:`_pairwise_split`), so the sum is still the same to the last bit, and the extra memory
 stays bounded for every input size.
 
-Extra peak memory (the output excluded): ``2 * BLOCK_BYTES`` per worker thread (three
-buffers and a boolean mask in the backward pass used by the PyTorch CPU path), i.e. at most
-``3.25 * 1 MiB * MAX_THREADS = 26 MiB``, whatever the input size.
+The parallel machinery is built to survive what a library cannot control:
+
+- **Caller runs.** A call cuts its rows into chunks that the calling thread and the pool's
+  workers claim one at a time; the calling thread keeps claiming until none is left, then
+  waits only for chunks a worker has already started. A call therefore never waits on a
+  worker that does not exist or never wakes: the pool is an accelerator, not a dependency.
+- **Fork.** ``os.register_at_fork`` drops the inherited pool, lock and thread-local scratch
+  in the child, which makes its own pool on its next threaded call (``multiprocessing`` with
+  the fork start method, torch ``DataLoader`` workers).
+- **Interpreter shutdown.** When no worker thread can be started (in an ``atexit`` handler,
+  during finalization) the call runs serially in the calling thread. The workers are daemon
+  threads that only ever wait for work, so they never delay the exit.
+- **Re-entry.** Scratch buffers are taken out of their per-thread slot while a frame uses
+  them; a re-entrant call in the same thread (a signal handler, a ``__del__``) finds the slot
+  empty and allocates its own, and never waits for a lock an outer frame holds.
+
+Extra peak memory (the output excluded): ``2 * BLOCK_BYTES`` per thread working on the call
+(three buffers and a boolean mask in the backward pass used by the PyTorch CPU path), i.e. at
+most ``3.25 * 1 MiB * MAX_THREADS = 26 MiB``, whatever the input size (plus as much again for
+each call that re-enters one of these threads, e.g. from a signal handler).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -53,9 +71,109 @@ CHUNKS_PER_THREAD = 4
 """Row ranges per worker thread (dynamic load balancing)."""
 _PW_UNROLL = 8  # NumPy's pairwise summation splits at multiples of its unroll factor
 
-_pool: ThreadPoolExecutor | None = None
+_Work = Callable[[list[Any], list[Any], int, int], None]
+
+
+class _Job:
+    """One threaded call: ``chunks`` row ranges claimed one by one by whichever thread asks."""
+
+    __slots__ = ("args", "bounds", "done", "error", "lock", "next", "pending")
+
+    def __init__(self, work: _Work, full: list[Any], rows: list[Any], bounds: list[int]) -> None:
+        self.args: tuple[_Work, list[Any], list[Any]] | None = (work, full, rows)
+        self.bounds = bounds
+        self.next = 0
+        self.pending = len(bounds) - 1
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def _claim(self) -> tuple[_Work, list[Any], list[Any], int, int] | None:
+        with self.lock:
+            i, args = self.next, self.args
+            if args is None or i >= len(self.bounds) - 1:
+                return None
+            self.next = i + 1
+        return (*args, self.bounds[i], self.bounds[i + 1])
+
+    def _finish(self, error: BaseException | None) -> None:
+        with self.lock:
+            if error is not None and self.error is None:
+                self.error = error
+            self.pending -= 1
+            if self.pending == 0:
+                self.args = None  # the arrays are not kept alive by a job left in the queue
+                self.done.set()
+
+    def work_on(self) -> None:
+        """Run chunks until none is left to claim (pool workers)."""
+        while (claimed := self._claim()) is not None:
+            work, full, rows, r0, r1 = claimed
+            try:
+                work(full, rows, r0, r1)
+            except BaseException as exc:  # reported to the caller by ``run``
+                self._finish(exc)
+            else:
+                self._finish(None)
+
+    def run(self) -> None:
+        """The calling thread: run chunks too, then wait for those the workers started."""
+        try:
+            while (claimed := self._claim()) is not None:
+                work, full, rows, r0, r1 = claimed
+                work(full, rows, r0, r1)
+                self._finish(None)
+        except BaseException:
+            with self.lock:  # e.g. KeyboardInterrupt: stop handing out chunks
+                self.next = len(self.bounds)
+                self.args = None
+            raise
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class _Pool:
+    """Daemon worker threads that take :class:`_Job` objects from a queue."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+
+    def grow(self, n_workers: int) -> None:
+        """Start workers up to ``n_workers``; raises ``RuntimeError`` when no thread can be
+        started (interpreter shutdown), keeping those already started."""
+        while len(self.threads) < n_workers:
+            th = threading.Thread(target=self._worker, name=f"kldiv-numpy-{len(self.threads)}",
+                                  daemon=True)
+            th.start()
+            self.threads.append(th)
+
+    def _worker(self) -> None:
+        while True:
+            self.jobs.get().work_on()
+
+    def submit(self, job: _Job, n: int) -> None:
+        """Offer ``job`` to at most ``n`` workers."""
+        for _ in range(min(n, len(self.threads))):
+            self.jobs.put(job)
+
+
+_pool: _Pool | None = None
 _pool_lock = threading.Lock()
 _local = threading.local()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child inherits the pool object but none of its threads: start afresh."""
+    global _pool, _pool_lock, _local
+    _pool = None
+    _pool_lock = threading.Lock()
+    _local = threading.local()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _n_threads() -> int:
@@ -66,25 +184,63 @@ def _n_threads() -> int:
     return max(1, min(n, MAX_THREADS))
 
 
-def _get_pool() -> ThreadPoolExecutor:
+def _get_pool(n_workers: int) -> _Pool | None:
+    """The worker pool with (where it can) ``n_workers`` workers, or ``None``.
+
+    Never blocks: when the pool is being made or grown by another thread, or by an outer
+    frame of this one (a signal handler's call), the pool as it is (or none) is returned and
+    the calling thread does the rest of the work itself. When no thread can be started
+    (interpreter shutdown) the pool keeps the workers it has, possibly none.
+    """
     global _pool
-    if _pool is None:
-        with _pool_lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(
-                    max_workers=_n_threads(), thread_name_prefix="kldiv-numpy"
-                )
-    return _pool
+    pool = _pool
+    if pool is not None and len(pool.threads) >= n_workers:
+        return pool
+    lock = _pool_lock
+    if not lock.acquire(blocking=False):
+        return pool
+    try:
+        if _pool is None:
+            _pool = _Pool()
+        # RuntimeError: "can't start new thread" / "... at interpreter shutdown"
+        with contextlib.suppress(RuntimeError):
+            _pool.grow(n_workers)
+        return _pool
+    finally:
+        lock.release()
 
 
-def _scratch(dtype: np.dtype[Any], n: int, k: int = 2) -> list[np.ndarray]:
-    """``k`` reusable per-thread scratch buffers of ``n`` elements of ``dtype``."""
-    key = (dtype.str, n, k)
-    cached = getattr(_local, "bufs", None)
-    if cached is None or cached[0] != key:
-        cached = (key, [np.empty(n, dtype) for _ in range(k)])
-        _local.bufs = cached
-    return cached[1]
+def _take_scratch(dtype: np.dtype[Any], n: int, k: int, mask: bool) -> list[np.ndarray]:
+    """``k`` scratch buffers of ``n`` elements of ``dtype`` (and a boolean one if ``mask``).
+
+    Taken out of this thread's slot (or freshly allocated if the slot is empty because an
+    outer frame of this thread holds them, or holds others); give them back with
+    :func:`_give_scratch`. Taking and giving back are single atomic steps, so a signal handler
+    that interrupts a call never gets buffers that the interrupted frame is using.
+    """
+    key = (dtype.str, n, k, mask)
+    slot: list[tuple[Any, list[np.ndarray]]] | None = getattr(_local, "slot", None)
+    if slot is None:
+        slot = _local.slot = []
+    try:
+        cached_key, bufs = slot.pop()
+    except IndexError:
+        pass
+    else:
+        if cached_key == key:
+            return bufs
+    bufs = [np.empty(n, dtype) for _ in range(k)]
+    if mask:
+        bufs.append(np.empty(n, dtype=bool))
+    return bufs
+
+
+def _give_scratch(dtype: np.dtype[Any], n: int, k: int, mask: bool,
+                  bufs: list[np.ndarray]) -> None:
+    """Put ``bufs`` back into this thread's slot (one set is kept, as a cache)."""
+    slot = getattr(_local, "slot", None)
+    if slot is not None and not slot:
+        slot.append(((dtype.str, n, k, mask), bufs))
 
 
 def _rows_view(x: np.ndarray, cols: int) -> np.ndarray | None:
@@ -119,13 +275,14 @@ def _block_rows(t2: np.ndarray, p2: np.ndarray, out1: np.ndarray, r0: int, r1: i
     cols = t2.shape[1]
     elems = max(BLOCK_BYTES // t2.dtype.itemsize, cols)
     step = max(1, elems // cols)
-    st, sp = _scratch(t2.dtype, step * cols)
+    st, sp = bufs = _take_scratch(t2.dtype, step * cols, 2, False)
     for a in range(r0, r1, step):
         b = min(a + step, r1)
         n = (b - a) * cols
         tb = st[:n].reshape(b - a, cols)
         pb = sp[:n].reshape(b - a, cols)
         np.add.reduce(_terms(t2[a:b], p2[a:b], tb, pb), axis=-1, out=out1[a:b])
+    _give_scratch(t2.dtype, step * cols, 2, False, bufs)
 
 
 def _pairwise_split(t1: np.ndarray, p1: np.ndarray, lo: int, n: int, leaf: int) -> Any:
@@ -137,8 +294,10 @@ def _pairwise_split(t1: np.ndarray, p1: np.ndarray, lo: int, n: int, leaf: int) 
     the same result to the last bit while only a leaf is ever held in memory.
     """
     if n <= leaf:
-        st, sp = _scratch(t1.dtype, leaf)
-        return np.add.reduce(_terms(t1[lo:lo + n], p1[lo:lo + n], st[:n], sp[:n]))
+        st, sp = bufs = _take_scratch(t1.dtype, leaf, 2, False)
+        total = np.add.reduce(_terms(t1[lo:lo + n], p1[lo:lo + n], st[:n], sp[:n]))
+        _give_scratch(t1.dtype, leaf, 2, False, bufs)
+        return total
     n2 = n // 2
     n2 -= n2 % _PW_UNROLL
     return _pairwise_split(t1, p1, lo, n2, leaf) + _pairwise_split(t1, p1, lo + n2, n - n2, leaf)
@@ -171,8 +330,8 @@ def _backward_rows(full: list[np.ndarray | None], rows: list[np.ndarray | None],
     cols = t2.shape[1]
     elems = max(BLOCK_BYTES // t2.dtype.itemsize, 256)
     step, chunk = (max(1, elems // cols), cols) if cols <= elems else (1, elems)
-    tb_, pb_, rb_ = _scratch(t2.dtype, step * chunk, 3)
-    mb_ = _scratch_mask(step * chunk)
+    bufs = _take_scratch(t2.dtype, step * chunk, 3, True)
+    tb_, pb_, rb_, mb_ = bufs
     for a in range(r0, r1, step):
         b = min(a + step, r1)
         gcol = g1[a:b, None]
@@ -198,17 +357,7 @@ def _backward_rows(full: list[np.ndarray | None], rows: list[np.ndarray | None],
                 np.multiply(rb, gcol, out=dst)
                 np.not_equal(tb, t_src, out=mb)
                 np.copyto(dst, 0, where=mb)
-
-
-def _scratch_mask(n: int) -> np.ndarray:
-    mask = getattr(_local, "mask", None)
-    if mask is None or mask.shape[0] != n:
-        mask = np.empty(n, dtype=bool)
-        _local.mask = mask
-    return mask
-
-
-_Work = Callable[[list[Any], list[Any], int, int], None]
+    _give_scratch(t2.dtype, step * chunk, 3, True, bufs)
 
 
 def _run_2d(work: _Work, full: list[Any], rows: list[Any]) -> None:
@@ -222,10 +371,11 @@ def _run_2d(work: _Work, full: list[Any], rows: list[Any]) -> None:
     # remaining chunks to the others instead of holding up the whole call
     chunks = min(nrows, threads * CHUNKS_PER_THREAD)
     bounds = [nrows * i // chunks for i in range(chunks + 1)]
-    pool = _get_pool()
-    futures = [pool.submit(work, full, rows, bounds[i], bounds[i + 1]) for i in range(chunks)]
-    for f in futures:
-        f.result()
+    job = _Job(work, full, rows, bounds)
+    pool = _get_pool(threads - 1)  # the calling thread is the last of ``threads``
+    if pool is not None:
+        pool.submit(job, threads - 1)
+    job.run()
 
 
 def _run(work: _Work, full: list[Any], rows: list[Any]) -> None:

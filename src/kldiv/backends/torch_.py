@@ -19,8 +19,18 @@ Routes, by device:
   TorchScript tracing: ``NotImplemented``, so that the generic array-API formula is what
   gets traced or transformed.
 
-A second derivative (``create_graph=True``) is computed with differentiable torch ops, so
-double backward works too.
+Autograd contracts:
+
+- The gradient uses the inputs' values *at call time*. An input saved for backward is either
+  a tensor that autograd versions (changing it in place before ``backward()`` raises torch's
+  usual "modified by an inplace operation" error), or a private copy: tensors over memory
+  torch does not own (a NumPy ``y_true`` converted without a copy, ``torch.from_numpy``,
+  DLPack) can be rewritten behind the version counter's back (a reused loader buffer), so
+  they are copied when a gradient will be needed.
+- Forward-mode AD (``torch.autograd.forward_ad``): :meth:`_KLDivergence.jvp`.
+- A second derivative (``create_graph=True``), batched backward
+  (``autograd.grad(..., is_grads_batched=True)``, ``jacobian(..., vectorize=True)``) and
+  forward-over-reverse run the backward with differentiable torch ops.
 """
 
 from __future__ import annotations
@@ -65,6 +75,38 @@ def _tracing() -> bool:
         return True
     functorch = getattr(torch._C, "_functorch", None)
     return functorch is not None and functorch.peek_interpreter_stack() is not None
+
+
+def _batched(*xs: torch.Tensor) -> bool:
+    """True when a tensor is batched by vmap (``torch.func.vmap``, or the legacy vmap that
+    ``autograd.grad(..., is_grads_batched=True)`` runs the backward under)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is None:  # pragma: no cover - very old torch
+        return False
+    checks = [getattr(functorch, name, None)
+              for name in ("is_batchedtensor", "is_legacy_batchedtensor")]
+    return any(check(x) for check in checks if check is not None for x in xs)
+
+
+def _has_tangent(*xs: torch.Tensor) -> bool:
+    """True when a tensor carries a forward-mode AD tangent (``torch.autograd.forward_ad``)."""
+    fwad = torch.autograd.forward_ad
+    if getattr(fwad, "_current_level", 0) < 0:  # no dual level entered: nothing to look up
+        return False
+    return any(fwad.unpack_dual(x).tangent is not None for x in xs)
+
+
+def _private(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a copy of it when its memory is not torch's own.
+
+    Autograd's version counter sees every in-place change made through torch, so a tensor
+    saved for backward that is changed afterwards raises torch's in-place error. Memory that
+    torch did not allocate (NumPy arrays converted without a copy, ``torch.from_numpy``,
+    DLPack capsules, ``torch.frombuffer``: the storages torch cannot resize) can be rewritten
+    by its owner without torch knowing, so the values at call time are kept in a copy
+    (``clone`` is differentiable: the gradient still reaches ``x``).
+    """
+    return x if x.untyped_storage().resizable() else x.clone()
 
 
 def _as_rows(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -116,36 +158,51 @@ _ROUTES = {
 }
 
 
-def _torch_grads(y_true: torch.Tensor, y_pred: torch.Tensor, grad: torch.Tensor,
-                 need_t: bool, need_p: bool) -> tuple[Any, Any]:
-    """The same gradients with differentiable torch ops (for ``create_graph=True``)."""
+def _partials(y_true: torch.Tensor, y_pred: torch.Tensor,
+              need_t: bool, need_p: bool) -> tuple[Any, Any]:
+    """Element-wise ``d loss / d t`` and ``d loss / d p`` (broadcast shape), with
+    differentiable torch ops: ``log(t / p) + 1`` and ``-t / p`` inside the clip range, 0
+    outside it (and for NaN)."""
     t = y_true.clamp(EPSILON, 1.0)
     p = y_pred.clamp(EPSILON, 1.0)
     r = t / p
-    g = grad.unsqueeze(-1)
     zero = torch.zeros((), dtype=r.dtype, device=r.device)
-    gt = torch.where(t == y_true, (torch.log(r) + 1.0) * g, zero) if need_t else None
-    gp = torch.where(p == y_pred, -r * g, zero) if need_p else None
-    return gt, gp
+    dt = torch.where(t == y_true, torch.log(r) + 1.0, zero) if need_t else None
+    dp = torch.where(p == y_pred, -r, zero) if need_p else None
+    return dt, dp
+
+
+def _torch_grads(y_true: torch.Tensor, y_pred: torch.Tensor, grad: torch.Tensor,
+                 need_t: bool, need_p: bool) -> tuple[Any, Any]:
+    """The gradients with differentiable torch ops (double backward, batched backward,
+    forward-over-reverse)."""
+    dt, dp = _partials(y_true, y_pred, need_t, need_p)
+    g = grad.unsqueeze(-1)
+    return (None if dt is None else dt * g), (None if dp is None else dp * g)
 
 
 class _KLDivergence(torch.autograd.Function):
     """``sum(t * log(t / p), -1)`` with a fused forward and a fused backward."""
 
     @staticmethod
-    def forward(ctx: Any, y_true: torch.Tensor, y_pred: torch.Tensor,
-                route: str) -> torch.Tensor:
+    def forward(y_true: torch.Tensor, y_pred: torch.Tensor, route: str) -> torch.Tensor:
         out = _ROUTES[route][0](y_true, y_pred)
         assert out is not None  # routes are checked before ``apply``
-        ctx.save_for_backward(y_true, y_pred)
-        ctx.route = route
         return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        y_true, y_pred, route = inputs
+        ctx.save_for_backward(y_true, y_pred)
+        ctx.save_for_forward(y_true, y_pred)
+        ctx.route = route
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         y_true, y_pred = ctx.saved_tensors
         need_t, need_p = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
+        if (torch.is_grad_enabled()  # create_graph=True: keep the backward differentiable
+                or _tracing() or _batched(grad) or _has_tangent(y_true, y_pred, grad)):
             gt, gp = _torch_grads(y_true, y_pred, grad, need_t, need_p)
         else:
             gt, gp = _ROUTES[ctx.route][1](y_true, y_pred, grad, need_t, need_p)
@@ -154,6 +211,17 @@ class _KLDivergence(torch.autograd.Function):
         if gp is not None and gp.shape != y_pred.shape:
             gp = gp.sum_to_size(y_pred.shape)
         return gt, gp, None
+
+    @staticmethod
+    def jvp(ctx: Any, t_dot: Any, p_dot: Any, _route_dot: Any) -> torch.Tensor:
+        """Forward-mode AD: ``sum(d loss/dt * t_dot + d loss/dp * p_dot, -1)``."""
+        y_true, y_pred = ctx.saved_tensors
+        dt, dp = _partials(y_true, y_pred, t_dot is not None, p_dot is not None)
+        terms = None if dt is None else dt * t_dot
+        if dp is not None:
+            terms = dp * p_dot if terms is None else terms + dp * p_dot
+        assert terms is not None  # jvp is only called for an input with a tangent
+        return terms.sum(-1)
 
 
 def _route(y_true: Any, y_pred: Any) -> str | None:
@@ -187,7 +255,11 @@ def fused(y_true: torch.Tensor, y_pred: torch.Tensor, route: str) -> torch.Tenso
     if route == "triton" and _triton_module() is None:
         return None
     if torch.is_grad_enabled() and (y_true.requires_grad or y_pred.requires_grad):
-        out: torch.Tensor = _KLDivergence.apply(y_true, y_pred, route)
+        # saved for backward: the values at call time (see ``_private``)
+        out: torch.Tensor = _KLDivergence.apply(_private(y_true), _private(y_pred), route)
+        return out
+    if _has_tangent(y_true, y_pred):  # forward-mode AD only: ``jvp`` runs right away
+        out = _KLDivergence.apply(y_true, y_pred, route)
         return out
     return _ROUTES[route][0](y_true, y_pred)
 
@@ -211,6 +283,8 @@ def kl_divergence(y_true: Any, y_pred: Any) -> Any:
     """
     route = _route(y_true, y_pred)
     if route is None or _tracing():
+        return NotImplemented
+    if route != "native" and _batched(y_true, y_pred):  # the legacy vmap (not torch.func)
         return NotImplemented
     if route == "native":
         # Small inputs, or no fused kernel for this device: the generic kernel with torch's
