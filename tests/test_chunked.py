@@ -664,6 +664,11 @@ def test_streaming_sum_is_the_float64_sum_rounded_once() -> None:
     assert abs(float(streamed) - exact) <= abs(float(whole) - exact)
     mean = kldiv.evaluate_batches(_batches(t, 999), _batches(p, 999))
     assert abs(float(mean) - exact / len(t)) <= 0.5 * float(np.spacing(np.float32(exact / len(t)))) * (1 + 1e-6)
+    # weighted: float32 loss x float32 weight is exact in float64, so the same holds
+    w = rng.random(len(t)).astype(np.float32)
+    exact_w = math.fsum(per_sample.astype(np.float64) * w.astype(np.float64))
+    streamed_w = kldiv.evaluate_batches(_batches(t, 999), _batches(p, 999), _batches(w, 999), reduction="sum")
+    assert abs(float(streamed_w) - exact_w) <= 0.5 * float(np.spacing(np.float32(exact_w))) * (1 + 1e-6)
 
 
 # -- TensorFlow ------------------------------------------------------------------------------------

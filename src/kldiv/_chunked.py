@@ -303,18 +303,21 @@ _STREAMING_NOTES = """\
     Notes
     -----
     **Sums are kept in float64** (where the library has it on the device; else float32 with
-    Neumaier compensated summation). Each batch's per-sample losses are computed exactly
-    as the loss class computes them (in ``y_pred``'s dtype, float32 for float16/bfloat16),
-    cast to float64, weighted and summed; the batch totals are added in float64, divided in
-    float64 for the means, and the result is rounded once to ``y_pred``'s floating dtype.
-    So a reduced result is the float32 value nearest to the exact weighted sum (or mean) of
-    the class' float32 per-sample losses, up to the float64 rounding, about ``N * 2**-53``
-    relative, far below float32's resolution: it is correctly rounded except when the exact
-    value lies within that distance of a float32 rounding boundary. The loss class (like
-    Keras) sums those losses in float32, with a relative error of up to about
-    ``log2(N) * 2**-24`` for NumPy's pairwise summation, so for float32 data the two can
-    differ in the last digit or two, the streamed one being the closer to the exact value.
-    For float64 data both are float64 sums and agree to within float64 rounding.
+    Neumaier compensated summation). Each batch's per-sample losses are computed exactly as
+    the loss class computes them (in ``y_pred``'s dtype; in float32 for float16/bfloat16),
+    then cast to float64 and weighted there (the sample weights are cast to float64, where
+    the class casts them to the loss' dtype) and summed; the batch totals are added in
+    float64, the means divided in float64, and the result is rounded once to ``y_pred``'s
+    floating dtype. So a reduced result is the exact weighted sum (or mean) of the class'
+    per-sample losses, rounded once, up to float64 rounding (about ``N * 2**-53`` of the sum
+    of the absolute values, far below float32's resolution): for float32 data it is the
+    float32 nearest the exact value except when that value lies within the float64 error of
+    a rounding boundary. The loss class, like Keras, weights and sums in float32, with an
+    error of up to about ``log2(N) * 2**-24`` relative for NumPy's pairwise summation, so
+    for float32 data a ``"sum"`` or a mean can differ from the class' in the last digit or
+    two, and the streamed one is never the farther from the exact value. For float64 data
+    both are float64 sums and agree to within float64 rounding.
+
 """
 
 
