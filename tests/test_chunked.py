@@ -494,15 +494,19 @@ def _in_memory(kind: str, a: np.ndarray) -> Any:
         return xps.asarray(a)
     if kind == "matrix":
         return np.asmatrix(a)
+    if kind == "tensorflow":
+        tf = pytest.importorskip("tensorflow")
+        return tf.constant(a)
     return a
 
 
-IN_MEMORY = ["numpy", "list", "memmap", "torch", "torch_grad", "jax", "dask", "array_api_strict", "matrix"]
+IN_MEMORY = ["numpy", "list", "memmap", "torch", "torch_grad", "jax", "dask", "array_api_strict", "matrix",
+             "tensorflow"]
 
 
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 @pytest.mark.parametrize("kind", IN_MEMORY)
-@pytest.mark.parametrize("target", ["numpy", "torch", "jax", "dask", "array_api_strict"])
+@pytest.mark.parametrize("target", ["numpy", "torch", "jax", "dask", "array_api_strict", "tensorflow"])
 def test_evaluate_files_in_memory_inputs(tmp_path: Path, kind: str, target: str) -> None:
     pytest.importorskip({"numpy": "numpy", "dask": "dask.array"}.get(target, target))
     t, p, w = _data(rows=30, classes=5)
