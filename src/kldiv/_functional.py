@@ -190,18 +190,25 @@ def kl_divergence(y_true: Any, y_pred: Any, /) -> Any:
         The per-sample loss, of shape ``broadcast(y_true, y_pred).shape[:-1]``: an array of
         ``y_pred``'s library on its device, with its floating dtype (integer and bool
         ``y_pred`` give float32; float16/bfloat16 are computed in float32 and rounded back).
-        A Dask input gives a lazy Dask array.
+        On NumPy a 0-d result (1-d inputs) is a NumPy scalar, as NumPy's own reductions
+        give. A Dask input gives a lazy Dask array.
 
     Raises
     ------
     TypeError
-        If ``y_true`` cannot be cast to ``y_pred``'s dtype (strings, objects, complex), or an
-        input is not an array.
+        If ``y_true`` cannot be cast to ``y_pred``'s dtype (strings, objects, complex), an
+        input is not an array, or it is a sparse array.
     ValueError
-        If an input is 0-d (it has no class axis) or the shapes do not broadcast.
+        If both inputs are 0-d (there is no class axis) or the shapes do not broadcast (the
+        message names the shapes as given).
 
     Notes
     -----
+    The inputs broadcast as given, like ``tf.keras.losses.kld`` and
+    ``keras.losses.kl_divergence``: ``y_true`` of shape ``(3, 1)`` against ``y_pred`` of shape
+    ``(3,)`` gives shape ``(3,)``. Keras' rank squeeze (a trailing axis of 1 dropped when the
+    ranks differ by one) belongs to the loss class, :class:`kldiv.KLDivergence`.
+
     Values outside ``[0, 1]`` are clipped silently, as in Keras; NaN propagates. The
     gradient is that of the formula inside the clip range and 0 for clipped elements, and is
     finite for zeros in either input.
@@ -210,10 +217,12 @@ def kl_divergence(y_true: Any, y_pred: Any, /) -> Any:
     --------
     >>> import numpy as np
     >>> import kldiv
-    >>> print(kldiv.kl_divergence([.4, .9, .2], [.5, .8, .12]))
-    0.11891246
+    >>> kldiv.kl_divergence([.4, .9, .2], [.5, .8, .12])
+    np.float32(0.11891246)
     >>> kldiv.kld(np.array([[0., 1.], [0., 0.]]), np.array([[.6, .4], [.4, .6]]))
     array([ 9.16289171e-01, -3.08090749e-06])
+    >>> kldiv.kld(np.full((3, 1), 0.5), np.full(3, 0.25)).shape   # broadcast, no squeeze
+    (3,)
     """
     return numpy_result(compute(prepare(y_true, y_pred, squeeze=False)))
 

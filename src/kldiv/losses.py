@@ -177,9 +177,27 @@ class KLDivergence:
         by the sum of the weights. See :class:`Reduction`.
     name : str, default "kl_divergence"
         The loss' name (Keras uses it to label logs).
-    dtype : dtype or str, optional
-        If given, the result is cast to this dtype of the result's library (Keras 3's ``dtype``
-        argument). By default the result has ``y_pred``'s floating dtype.
+    dtype : str or dtype, optional
+        If given, the result is cast to the dtype of this name in the result's library (Keras
+        3's ``dtype`` argument): ``"float16"``, ``"bfloat16"``, ``"float32"``, ``"float64"``,
+        a Keras ``"mixed_float16"``/``"mixed_bfloat16"`` policy, or any library's floating
+        dtype object (``np.float64``, ``torch.float64``, ...), stored as its name. NumPy's
+        bfloat16 is ``ml_dtypes``'. By default the result has ``y_pred``'s floating dtype.
+
+    Notes
+    -----
+    Before the kernel, Keras 2's ``squeeze_or_expand_dimensions`` applies: when the ranks of
+    ``y_true`` and ``y_pred`` differ by one and the larger has a trailing axis of 1, that axis
+    is dropped (``(3, 1)`` against ``(3,)`` is one sample of 3 classes). The function
+    :func:`kldiv.kl_divergence` broadcasts instead, as Keras' function does.
+
+    On NumPy a reduced result is a NumPy scalar of the result dtype (``np.float32`` for
+    float32 inputs) for every reduction, also for an empty batch or a zero weight sum; an
+    unreduced one is an ndarray. Other libraries return their 0-d array.
+
+    Made before Keras (or tf_keras) is imported, an instance becomes a Keras ``Loss`` the
+    first time Keras checks ``isinstance(loss, keras.losses.Loss)``, so the order of the
+    imports does not matter.
 
     Examples
     --------
@@ -188,10 +206,10 @@ class KLDivergence:
     >>> y_true = np.array([[0, 1], [0, 0]], dtype=np.float32)
     >>> y_pred = np.array([[0.6, 0.4], [0.4, 0.6]], dtype=np.float32)
     >>> kl = kldiv.KLDivergence()
-    >>> round(float(kl(y_true, y_pred)), 6)
-    0.458143
-    >>> round(float(kl(y_true, y_pred, sample_weight=[0.8, 0.2])), 6)
-    0.366515
+    >>> kl(y_true, y_pred)
+    np.float32(0.45814306)
+    >>> kl(y_true, y_pred, sample_weight=[0.8, 0.2])
+    np.float32(0.3665154)
     >>> kldiv.KLDivergence(reduction="none")(y_true, y_pred)
     array([ 9.1628921e-01, -3.0809074e-06], dtype=float32)
     """
