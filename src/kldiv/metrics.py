@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import _keras
 from ._functional import (
     KLD,
     Prepared,
@@ -227,19 +228,50 @@ def safe_divide(xp: ModuleType, num: Any, den: Any) -> Any:
 def _dtype_name(dtype: Any) -> str:
     if dtype is None:
         return "float32"
+    given = dtype
     if isinstance(dtype, dict):  # Keras 3 DTypePolicy config
         dtype = dtype.get("config", {}).get("name", "float32")
+    elif isinstance(getattr(dtype, "compute_dtype", None), str):  # a Keras DTypePolicy
+        dtype = dtype.compute_dtype
     if isinstance(dtype, str):
         name = dtype
     else:
         try:
             name = np.dtype(dtype).name
         except TypeError:
-            name = str(dtype).rsplit(".", 1)[-1]
+            # torch.float64 -> "float64"; TensorFlow's DType has a .name
+            attr = getattr(dtype, "name", None)
+            name = attr if isinstance(attr, str) else str(dtype).rsplit(".", 1)[-1]
     name = name.lower().removeprefix("mixed_")
     if name not in _FLOAT_NAMES:
-        raise ValueError(f"Metric dtype must be one of {', '.join(_FLOAT_NAMES)}; got {dtype!r}.")
+        raise ValueError(
+            f"{_METRIC} dtype must be one of {', '.join(_FLOAT_NAMES)} (or a Keras 'mixed_...' "
+            f"policy); got {given!r}."
+        )
     return name
+
+
+_METRIC = "kldiv.metrics.KLDivergence"
+
+
+def _qualified(tp: type) -> str:
+    """``module.QualName`` of a class (``kldiv.losses.KLDivergence``, ``numpy.ndarray``, ``int``)."""
+    plain = getattr(tp, "_kldiv_class", tp)  # a Keras-aware class: its kldiv class
+    module = getattr(plain, "__module__", "") or ""
+    name = getattr(plain, "__qualname__", getattr(plain, "__name__", repr(plain)))
+    return name if module == "builtins" else f"{module}.{name}"
+
+
+def _restore_metric(cls: Any, config: dict[str, Any], mode: str | None, state: Any) -> Any:
+    """Unpickle (or deep-copy) a metric: constructed anew, so it is Keras-aware exactly when a
+    Keras is loaded here, then given its state (Keras variables' values become kldiv's own
+    NumPy float64 state in a process without Keras)."""
+    obj = cls.from_config(config)
+    if mode == "keras" and not hasattr(obj, "_kldiv_keras_engine"):
+        total, count = (np.asarray(v, dtype=np.float64) for v in state)
+        mode, state = "plain", (RunningSum(total, False), RunningSum(count, False))
+    obj._kldiv_set_state(mode, state)
+    return obj
 
 
 # --------------------------------------------------------------------------------------
@@ -318,13 +350,32 @@ class KLDivergence:
     0.45814306
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> KLDivergence:
+        # With a Keras loaded, the instance is also a keras.metrics.Metric (see kldiv._keras),
+        # so that model.compile(metrics=[kldiv.metrics.KLDivergence()]) uses it as one.
+        made = _keras.metric_class(cls)
+        if made is not None:
+            return made.__new__(made, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, name: str = "kullback_leibler_divergence", dtype: Any = None) -> None:
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}.")
+        self._check_name(name)
         self.name = name
-        self.dtype = _dtype_name(dtype)
+        self.dtype = self._normalize_dtype(dtype)
         self._total: RunningSum | None = None
         self._count: RunningSum | None = None
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"{_METRIC} name must be a str, got {_qualified(type(name))}.")
+
+    _normalize_dtype = staticmethod(_dtype_name)
+
+    def _describe(self) -> str:
+        """``kldiv.metrics.KLDivergence(name=...)``: unambiguous in messages (the loss class is
+        also called ``KLDivergence``)."""
+        return f"{_qualified(type(self))}{repr(self)[len(type(self).__name__):]}"
 
     # -- state ---------------------------------------------------------------------------
 
@@ -367,7 +418,7 @@ class KLDivergence:
                 count = sums.xp.zeros_like(total) + count
             self._count = RunningSum(count, compensated)
             return
-        check_same_place(self._total.value, total, what="update_state", owner=repr(self))
+        check_same_place(self._total.value, total, what="update_state", owner=self._describe())
         self._total.add(total)
         self._count.add(count)
 
@@ -405,14 +456,19 @@ class KLDivergence:
         Raises
         ------
         TypeError
-            If an argument is not a ``kldiv.metrics.KLDivergence`` or holds another library.
+            If an argument is not a ``kldiv.metrics.KLDivergence`` (the message names the fully
+            qualified class: the loss ``kldiv.losses.KLDivergence`` is not a metric), holds
+            another library, or holds its state in Keras variables.
         ValueError
             If a state is on another device.
         """
+        self._check_mergeable(others)
         for other in others:
-            if not isinstance(other, KLDivergence):
+            if getattr(other, "_kldiv_mode", None) == "keras":
                 raise TypeError(
-                    f"merge_state takes kldiv.metrics.KLDivergence metrics, got {type(other).__name__}."
+                    f"merge_state cannot add the Keras variables of {other._describe()} to "
+                    f"{self._describe()}, which accumulates outside Keras. Merge metrics that "
+                    "were updated the same way."
                 )
         for other in others:
             if other._total is None or other._count is None:
@@ -420,13 +476,31 @@ class KLDivergence:
             if self._total is None or self._count is None:
                 self._total, self._count = other._total.copy(), other._count.copy()
                 continue
-            check_same_place(self._total.value, other._total.value, what=f"merge_state({other!r})",
-                             owner=repr(self))
+            check_same_place(self._total.value, other._total.value,
+                             what=f"merge_state({other._describe()})", owner=self._describe())
             self._total.merge(other._total)
             self._count.merge(other._count)
 
+    @staticmethod
+    def _check_mergeable(others: tuple[Any, ...]) -> None:
+        for other in others:
+            if not isinstance(other, KLDivergence):
+                hint = (" (a loss, not a metric)" if _qualified(type(other)) == "kldiv.losses.KLDivergence"
+                        else "")
+                raise TypeError(
+                    f"merge_state takes {_METRIC} metrics, got {_qualified(type(other))}{hint}."
+                )
+
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
-        """Keras' ``Metric.__call__``: :meth:`update_state`, then return :meth:`result`."""
+        """Keras' ``Metric.__call__``: :meth:`update_state`, then return :meth:`result`.
+
+        Called by a Keras ``MeanMetricWrapper`` that wraps this metric (``compile`` does that
+        with a metric created before Keras was imported), it returns the per-sample KL
+        divergence instead, which is what the wrapper averages: Keras then computes this
+        metric's running mean in its own variables.
+        """
+        if _keras.called_by_keras_wrapper(self):
+            return _keras.per_sample_kl_divergence(y_true, y_pred)
         self.update_state(y_true, y_pred, sample_weight)
         return self.result()
 
@@ -446,12 +520,28 @@ class KLDivergence:
         config = dict(config)
         fn = config.pop("fn", None)
         if fn is not None and fn not in {"kl_divergence", "kld", "KLD", "kullback_leibler_divergence"}:
-            raise ValueError(f"config names function {fn!r}, not the KL divergence.")
+            raise ValueError(f"{_METRIC} config names function {fn!r}, not the KL divergence.")
         unknown = set(config) - {"name", "dtype"}
         if unknown:
-            raise TypeError(f"Unknown KLDivergence metric config keys: {sorted(unknown)}.")
+            raise TypeError(f"Unknown {_METRIC} config keys: {sorted(unknown)}.")
         return cls(**config)
 
     def __repr__(self) -> str:
         where = "" if self._total is None else f", state on {self.library}:{self.device}"
         return f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype!r}{where})"
+
+    # -- pickling --------------------------------------------------------------------------
+
+    def _kldiv_state(self) -> tuple[str | None, Any]:
+        if self._total is None or self._count is None:
+            return None, None
+        return "plain", (self._total.copy(), self._count.copy())
+
+    def _kldiv_set_state(self, mode: str | None, state: Any) -> None:
+        if mode == "plain":
+            self._total, self._count = state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt through the constructor, so that it is Keras-aware exactly when the
+        # unpickling process has a Keras loaded (see __new__).
+        return (_restore_metric, (type(self), self.get_config(), *self._kldiv_state()))

@@ -1,0 +1,430 @@
+"""Keras interop for the metric: a ``kldiv.metrics.KLDivergence`` that is a ``keras.metrics.Metric``.
+
+kldiv never imports Keras: everything here looks in ``sys.modules``. When a metric is created
+while a Keras is loaded, :func:`metric_class` gives the class it is made of: kldiv's metric
+class that also subclasses that Keras' ``MeanMetricWrapper`` (so ``model.compile(metrics=[...])``
+takes it as a metric, and Keras' logs, callbacks and saving see a Keras metric).
+
+Such a metric has two engines, because Keras being loaded does not mean Keras is using it
+(``import tensorflow`` loads Keras 3, for instance):
+
+- **Keras' own**: state in Keras variables, updated with ``assign_add`` (stateless under JAX
+  tracing, graph-safe under ``tf.function``), exactly ``keras.metrics.KLDivergence``'s
+  ``MeanMetricWrapper`` arithmetic with kldiv's per-sample function. Used once Keras drives the
+  metric: an update under a Keras stateless or symbolic scope (``compile``'s symbolic build on
+  every Keras 3 backend, the JAX trainer's stateless steps), with TensorFlow graph tensors or
+  Keras symbolic tensors, or any ``stateless_*`` call. From then on the metric stays a Keras
+  metric (Keras keeps references to its variables).
+- **kldiv's own** (:class:`kldiv.metrics.KLDivergence` without Keras): state in the inputs'
+  library and device, float64 accumulation. Used for updates outside Keras, until Keras drives
+  the metric.
+
+A metric created before any Keras was imported is a plain kldiv metric. Keras' ``compile``
+wraps a callable that is not a ``Metric`` in its own ``MeanMetricWrapper``, which calls it as
+``fn(y_true, y_pred)`` for per-sample values: :func:`called_by_keras_wrapper` recognises that
+caller, and the metric then answers with the per-sample KL divergence, so Keras' wrapper
+computes the same running mean (in Keras variables) either way.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import FrameType, ModuleType
+from typing import Any
+
+from ._functional import kl_divergence
+from ._namespace import get_device
+
+__all__ = ["called_by_keras_wrapper", "keras_driven", "loaded_keras", "metric_class"]
+
+
+# ---- which Keras ----------------------------------------------------------------------------
+
+
+def _usable(module: ModuleType | None) -> bool:
+    metrics = getattr(module, "metrics", None)
+    return isinstance(getattr(metrics, "MeanMetricWrapper", None), type)
+
+
+def loaded_keras() -> tuple[ModuleType, int] | None:
+    """The loaded Keras a new metric subclasses, and its major version; ``None`` without one.
+
+    tf-keras (``tf_keras``, tf.keras 2 as ``tf.keras`` with ``TF_USE_LEGACY_KERAS=1``) is only
+    ever loaded by a user who chose it, while Keras 3 is also loaded by ``import tensorflow``:
+    with both loaded, tf-keras wins. A metric handed to the other Keras still works (see
+    :func:`called_by_keras_wrapper`).
+    """
+    tf_keras = sys.modules.get("tf_keras")
+    if _usable(tf_keras):
+        assert tf_keras is not None
+        return tf_keras, 2
+    keras = sys.modules.get("keras")
+    if _usable(keras):
+        assert keras is not None
+        version = str(getattr(keras, "__version__", "3"))
+        major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 3
+        return keras, major
+    return None
+
+
+def _wrapper_classes() -> tuple[type, ...]:
+    return tuple(
+        sys.modules[name].metrics.MeanMetricWrapper
+        for name in ("keras", "tf_keras")
+        if _usable(sys.modules.get(name))
+    )
+
+
+def called_by_keras_wrapper(metric: object, depth: int = 8) -> bool:
+    """True when a Keras ``MeanMetricWrapper`` whose function is ``metric`` is calling it.
+
+    That is how ``compile`` uses a metric object that is not a ``Metric`` of its Keras (one
+    created before Keras was imported, or one made for the other Keras): it wraps the object
+    and calls it as ``fn(y_true, y_pred)`` for per-sample values. Looks at most ``depth``
+    frames up (tf.keras calls through autograph's wrappers); costs nothing without Keras.
+    """
+    wrappers = _wrapper_classes()
+    if not wrappers:
+        return False
+    frame: FrameType | None = sys._getframe(2)  # the caller of metric.__call__
+    for _ in range(depth):
+        if frame is None:
+            return False
+        caller = frame.f_locals.get("self")
+        if isinstance(caller, wrappers) and getattr(caller, "_fn", None) is metric:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def keras_driven(*arrays: Any) -> bool:
+    """True when Keras drives the call: a Keras stateless or symbolic scope, a TensorFlow graph
+    being built, or a symbolic (Keras or TensorFlow graph) tensor among ``arrays``.
+
+    A metric's state cannot be plain arrays there: they would be tracers, meta tensors or graph
+    tensors that outlive their trace.
+    """
+    backend = sys.modules.get("keras.src.backend")
+    if backend is not None:
+        try:
+            if backend.in_stateless_scope() or backend.in_symbolic_scope():
+                return True
+        except Exception:  # another Keras 3 layout: fall through to the tensor checks
+            pass
+    tf = sys.modules.get("tensorflow")
+    if tf is not None:
+        try:
+            if not tf.executing_eagerly():
+                return True
+        except Exception:
+            pass
+    symbolic = tuple(
+        t
+        for t in (
+            getattr(sys.modules.get("keras"), "KerasTensor", None),
+            getattr(sys.modules.get("tf_keras.src.engine.keras_tensor"), "KerasTensor", None),
+        )
+        if isinstance(t, type)
+    )
+    return bool(symbolic) and any(isinstance(a, symbolic) for a in arrays)
+
+
+# ---- the per-sample function Keras' MeanMetricWrapper averages ---------------------------------
+
+
+def per_sample_kl_divergence(y_true: Any, y_pred: Any) -> Any:
+    """``kldiv.kl_divergence`` on Keras' tensors: what ``MeanMetricWrapper`` averages."""
+    return kl_divergence(y_true, y_pred)
+
+
+# ---- the Keras-aware metric class ------------------------------------------------------------
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def metric_class(cls: type) -> type | None:
+    """``cls`` (kldiv's metric class) made a subclass of the loaded Keras' ``MeanMetricWrapper``.
+
+    ``None`` without a loaded Keras, or when ``cls`` already is such a class. The class has
+    ``cls``'s name, module and docstring, and is cached per (``cls``, Keras).
+    """
+    if getattr(cls, "_kldiv_keras", None) is not None:
+        return None
+    found = loaded_keras()
+    if found is None:
+        return None
+    module, major = found
+    base = module.metrics.MeanMetricWrapper
+    made = _CLASSES.get((cls, base))
+    if made is None:
+        mixin = _Keras3Metric if major >= 3 else _Keras2Metric
+        namespace = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "_kldiv_class": cls,
+            "_kldiv_keras": module,
+        }
+        made = _CLASSES[(cls, base)] = type(cls.__name__, (mixin, base, cls), namespace)
+    return made
+
+
+class _KerasMetric:
+    """What the Keras-aware metric adds to Keras' ``MeanMetricWrapper`` and kldiv's metric.
+
+    The MRO is ``(this, Keras' MeanMetricWrapper ..., kldiv's metric class)``: the methods here
+    choose an engine and call Keras' (through ``super()``) or kldiv's (through ``_kldiv_class``).
+    ``_kldiv_mode`` is ``None`` (no state), ``"plain"`` (kldiv's state) or ``"keras"`` (for good).
+    """
+
+    _kldiv_class: Any  # kldiv's metric class (set on the made class)
+    _kldiv_keras: ModuleType  # the Keras module (set on the made class)
+    _kldiv_mode: str | None
+    _total: Any
+    _count: Any
+    name: str
+
+    def __init__(self, name: str = "kullback_leibler_divergence", dtype: Any = None) -> None:
+        plain = self._kldiv_class
+        plain._check_name(name)
+        self._kldiv_keras_init(name=name, dtype=plain._normalize_dtype(dtype))
+        self._kldiv_mode = None
+        self._total = None
+        self._count = None
+
+    # -- flavour hooks (Keras 3 / Keras 2) -----------------------------------------------------
+
+    def _kldiv_keras_init(self, name: str, dtype: str) -> None:
+        raise NotImplementedError
+
+    def _kldiv_keras_result(self) -> Any:
+        return super().result()  # type: ignore[misc]
+
+    def _kldiv_keras_library(self) -> str:
+        raise NotImplementedError
+
+    # -- engine choice ---------------------------------------------------------------------------
+
+    def _kldiv_to_keras(self) -> None:
+        """Keras drives the metric from now on; kldiv's own state (if any) is dropped, as Keras
+        resets its metrics before it fits or evaluates."""
+        if self._kldiv_mode != "keras":
+            self._kldiv_mode = "keras"
+            self._total = self._count = None
+
+    def _kldiv_keras_engine(self, *arrays: Any) -> bool:
+        if self._kldiv_mode == "keras":
+            return True
+        if keras_driven(*arrays):
+            self._kldiv_to_keras()
+            return True
+        return False
+
+    # -- the metric API --------------------------------------------------------------------------
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        if self._kldiv_keras_engine(y_true, y_pred, sample_weight):
+            return super().update_state(y_true, y_pred, sample_weight=sample_weight)  # type: ignore[misc]
+        self._kldiv_class.update_state(self, y_true, y_pred, sample_weight)
+        self._kldiv_mode = "plain"
+        return None
+
+    def result(self) -> Any:
+        if self._kldiv_keras_engine():
+            return self._kldiv_keras_result()
+        return self._kldiv_class.result(self)
+
+    def reset_state(self) -> None:
+        if self._kldiv_keras_engine():
+            super().reset_state()  # type: ignore[misc]
+            return
+        self._kldiv_class.reset_state(self)
+        self._kldiv_mode = None
+
+    def reset_states(self) -> None:
+        self.reset_state()
+
+    reset_states._is_default = True  # type: ignore[attr-defined]  # tf.keras: not an override
+
+    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        if called_by_keras_wrapper(self):
+            return per_sample_kl_divergence(y_true, y_pred)
+        if self._kldiv_keras_engine(y_true, y_pred, sample_weight):
+            return super().__call__(y_true, y_pred, sample_weight=sample_weight)  # type: ignore[misc]
+        self.update_state(y_true, y_pred, sample_weight)
+        return self.result()
+
+    @property
+    def variables(self) -> list[Any]:
+        if self._kldiv_mode == "keras":
+            return list(super().variables)  # type: ignore[misc]
+        return self._kldiv_class.variables.fget(self)
+
+    @property
+    def library(self) -> str | None:
+        if self._kldiv_mode == "keras":
+            return self._kldiv_keras_library()
+        return self._kldiv_class.library.fget(self)
+
+    @property
+    def device(self) -> Any:
+        if self._kldiv_mode == "keras":
+            try:
+                return get_device(self._kldiv_keras_values()[0])
+            except Exception:
+                return None
+        return self._kldiv_class.device.fget(self)
+
+    def _kldiv_keras_values(self) -> list[Any]:
+        """The current values of the Keras variables ``[total, count]``, as tensors."""
+        return [getattr(v, "value", v) for v in super().variables]  # type: ignore[misc]
+
+    def merge_state(self, *others: Any) -> Any:
+        """Add other metrics' states. Keras 2's form, one list of metrics, is accepted too."""
+        if len(others) == 1 and isinstance(others[0], (list, tuple)):
+            others = tuple(others[0])
+        plain = self._kldiv_class
+        plain._check_mergeable(others)
+        keras_held = [o for o in others if getattr(o, "_kldiv_mode", None) == "keras"]
+        plain_held = [o for o in others if getattr(o, "_total", None) is not None]
+        if self._kldiv_mode != "keras" and not keras_held:
+            return plain.merge_state(self, *others)
+        if plain_held or (self._kldiv_mode == "plain"):
+            raise TypeError(
+                f"merge_state cannot add state accumulated outside Keras to state held in Keras "
+                f"variables: {plain._describe(self)} and "
+                f"{', '.join(plain._describe(o) for o in (*plain_held, *keras_held))}. "
+                "Merge metrics that were updated the same way."
+            )
+        self._kldiv_to_keras()
+        mine = list(super().variables)  # type: ignore[misc]
+        for other in keras_held:
+            if type(other) is not type(self):
+                raise TypeError(
+                    f"merge_state cannot add the Keras variables of {plain._describe(other)} "
+                    f"(a {other._kldiv_keras.__name__} metric) to {plain._describe(self)} "
+                    f"(a {self._kldiv_keras.__name__} metric)."
+                )
+            for mine_v, theirs in zip(mine, other._kldiv_keras_values(), strict=True):
+                mine_v.assign_add(theirs)
+        return None
+
+    # -- config, copies, repr --------------------------------------------------------------------
+
+    def get_config(self) -> dict[str, Any]:
+        return self._kldiv_class.get_config(self)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Any:
+        return cls._kldiv_class.from_config.__func__(cls, config)
+
+    def _kldiv_state(self) -> tuple[str | None, Any]:
+        if self._kldiv_mode == "keras":
+            import numpy as np
+
+            return "keras", [np.asarray(self._kldiv_keras_numpy(v)) for v in super().variables]  # type: ignore[misc]
+        if self._total is None:
+            return None, None
+        return "plain", (self._total.copy(), self._count.copy())
+
+    def _kldiv_keras_numpy(self, variable: Any) -> Any:
+        raise NotImplementedError
+
+    def _kldiv_set_state(self, mode: str | None, state: Any) -> None:
+        if mode == "keras":
+            self._kldiv_to_keras()
+            for v, value in zip(super().variables, state, strict=True):  # type: ignore[misc]
+                v.assign(value)
+        elif mode == "plain":
+            self._total, self._count = state
+            self._kldiv_mode = "plain"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from . import metrics
+
+        return (metrics._restore_metric, (self._kldiv_class, self.get_config(), *self._kldiv_state()))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        from . import metrics
+
+        new = metrics._restore_metric(self._kldiv_class, self.get_config(), *self._kldiv_state())
+        memo[id(self)] = new
+        return new
+
+    def __repr__(self) -> str:
+        if self._kldiv_mode == "keras":
+            return (f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype!r}, "  # type: ignore[attr-defined]
+                    f"state in {self._kldiv_keras.__name__} variables)")
+        return self._kldiv_class.__repr__(self)
+
+    __str__ = __repr__
+
+
+class _Keras3Metric(_KerasMetric):
+    """Keras 3: ``stateless_*`` calls (the JAX trainer) and its scopes drive the metric."""
+
+    def _kldiv_keras_init(self, name: str, dtype: str) -> None:
+        super(_KerasMetric, self).__init__(fn=per_sample_kl_divergence, name=name, dtype=dtype)  # type: ignore[call-arg]
+        self._direction = "down"  # a divergence: lower is better (EarlyStopping's "auto" mode)
+
+    def _kldiv_keras_library(self) -> str:
+        return str(self._kldiv_keras.backend.backend())
+
+    def _kldiv_keras_numpy(self, variable: Any) -> Any:
+        return self._kldiv_keras.ops.convert_to_numpy(variable)
+
+    # Before Keras has used it, the metric's ``variables`` are kldiv's (none yet): a custom JAX
+    # loop that read them then passes an empty list, which stands for the zero Keras state.
+
+    def _kldiv_stateless_variables(self, metric_variables: Any) -> Any:
+        self._kldiv_to_keras()
+        if metric_variables is not None and len(metric_variables) == 0:
+            return [v.value for v in super().variables]
+        return metric_variables
+
+    def stateless_update_state(self, metric_variables: Any, *args: Any, **kwargs: Any) -> Any:
+        metric_variables = self._kldiv_stateless_variables(metric_variables)
+        return super().stateless_update_state(metric_variables, *args, **kwargs)  # type: ignore[misc]
+
+    def stateless_result(self, metric_variables: Any) -> Any:
+        metric_variables = self._kldiv_stateless_variables(metric_variables)
+        return super().stateless_result(metric_variables)  # type: ignore[misc]
+
+    def stateless_reset_state(self) -> Any:
+        self._kldiv_to_keras()
+        return super().stateless_reset_state()  # type: ignore[misc]
+
+
+class _Keras2Metric(_KerasMetric):
+    """tf.keras (Keras 2, ``tf_keras``): TensorFlow graphs (``tf.function``) drive the metric."""
+
+    def _kldiv_keras_init(self, name: str, dtype: str) -> None:
+        tf = sys.modules["tensorflow"]
+        fn = tf.autograph.experimental.do_not_convert(per_sample_kl_divergence)
+        super(_KerasMetric, self).__init__(fn=fn, name=name, dtype=dtype)  # type: ignore[call-arg]
+        # tf.keras' Metric.__new__ put wrapped update_state/result on the instance; the
+        # methods of the class choose the engine (and wrap Keras' result below).
+        for attr in ("update_state", "result"):
+            self.__dict__.pop(attr, None)
+
+    def _kldiv_keras_result(self) -> Any:
+        tf = sys.modules["tensorflow"]
+        # what tf.keras' result wrapper does outside a merge call: read the (sync-on-read)
+        # variables across replicas, and order the read after the updates
+        with tf.__internal__.distribute.variable_sync_on_read_context():
+            return tf.identity(super()._kldiv_keras_result())
+
+    def _kldiv_keras_engine(self, *arrays: Any) -> bool:
+        # tf.keras only ever runs on TensorFlow, and is loaded only by a user who chose it:
+        # TensorFlow tensors (tf.keras' eager fit, run_eagerly=True, included) go to its engine
+        if self._kldiv_mode != "keras":
+            tf = sys.modules["tensorflow"]
+            if any(isinstance(a, (tf.Tensor, tf.Variable)) for a in arrays):
+                self._kldiv_to_keras()
+        return super()._kldiv_keras_engine(*arrays)
+
+    def _kldiv_keras_library(self) -> str:
+        return "tensorflow"
+
+    def _kldiv_keras_numpy(self, variable: Any) -> Any:
+        return variable.numpy()
