@@ -214,7 +214,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     lines = skip_summary(skipped)
     terminalreporter.write_sep(
-        "=", f"{len(skipped)} skipped, {len(lines)} reasons (-rs lists each test)"
+        "=", f"{len(skipped)} skipped, {len(lines)} reason{'s' * (len(lines) > 1)} (-rs lists each test)"
     )
     width = len(str(lines[0][0]))
     for n, reason in lines:
