@@ -10,8 +10,11 @@ an array of it is passed in.
 """
 
 from . import backends, losses, metrics
-from ._chunked import evaluate_batches, evaluate_files
+from ._chunked import DataFileError, evaluate_batches, evaluate_files
+from ._estimator_loss import KLEstimator
+from ._estimators import kl_estimate
 from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
+from ._fused_linear import FusedLinearDivergence, fused_linear_divergence
 from ._kernel import EPSILON
 from ._reduction import Reduction
 from .backends import use_generic
@@ -22,13 +25,18 @@ __version__ = "0.1.0"
 __all__ = [
     "EPSILON",
     "KLD",
+    "DataFileError",
+    "FusedLinearDivergence",
     "KLDivergence",
+    "KLEstimator",
     "Reduction",
     "__version__",
     "backends",
     "evaluate_batches",
     "evaluate_files",
+    "fused_linear_divergence",
     "kl_divergence",
+    "kl_estimate",
     "kld",
     "kullback_leibler_divergence",
     "losses",
