@@ -64,6 +64,10 @@ def broadcast_shapes(a: tuple[Any, ...], b: tuple[Any, ...], *, what: str) -> tu
     return tuple(reversed(out))
 
 
+def _given(shapes: tuple[tuple[Any, ...], tuple[Any, ...]]) -> str:
+    return f"y_true of shape {_shape_str(shapes[0])} and y_pred of shape {_shape_str(shapes[1])}"
+
+
 def _squeeze_last(xp: ModuleType, x: Any) -> Any:
     return xp.reshape(x, tuple(x.shape[:-1]))
 
@@ -109,27 +113,33 @@ def prepare(y_true: Any, y_pred: Any, *, squeeze: bool = True) -> Prepared:
     y_true = to_namespace(y_true, xp, device, compute_dtype, what="y_true")
 
     given = (tuple(y_true.shape), tuple(y_pred.shape))
-    squeezed = ""
+    squeezed = ""  # which input lost its trailing axis (messages are built only on errors:
+    # formatting symbolic shapes would break a torch.compile graph)
     if squeeze:
         # Keras 2's squeeze_or_expand_dimensions: ranks differing by one with a trailing axis
         # of 1 on the larger -> that axis is squeezed.
         if y_true.ndim == y_pred.ndim + 1 and y_true.shape[-1] == 1:
             y_true = _squeeze_last(xp, y_true)
-            squeezed = f"y_true's trailing axis of 1 squeezed, giving {_shape_str(tuple(y_true.shape))}"
+            squeezed = "y_true"
         elif y_pred.ndim == y_true.ndim + 1 and y_pred.shape[-1] == 1:
             y_pred = _squeeze_last(xp, y_pred)
-            squeezed = f"y_pred's trailing axis of 1 squeezed, giving {_shape_str(tuple(y_pred.shape))}"
+            squeezed = "y_pred"
 
-    described = f"y_true of shape {_shape_str(given[0])} and y_pred of shape {_shape_str(given[1])}"
     if y_true.ndim == 0 and y_pred.ndim == 0:
         # A scalar broadcasts against an array (Python scalars are accepted), but with no
         # array at all there is no class axis to sum over.
-        raise ValueError(f"kl_divergence needs a class axis (an input of at least 1-d); got {described}.")
+        raise ValueError(
+            f"kl_divergence needs a class axis (an input of at least 1-d); got {_given(given)}."
+        )
     try:
         broadcast_shapes(tuple(y_true.shape), tuple(y_pred.shape), what="y_true and y_pred")
     except ValueError:
-        note = f" (after Keras' rank rule for losses and metrics: {squeezed})" if squeezed else ""
-        raise ValueError(f"{described} do not broadcast{note}.") from None
+        note = ""
+        if squeezed:
+            now = tuple((y_true if squeezed == "y_true" else y_pred).shape)
+            note = (f" (after Keras' rank rule for losses and metrics: {squeezed}'s trailing axis "
+                    f"of 1 squeezed, giving {_shape_str(now)})")
+        raise ValueError(f"{_given(given)} do not broadcast{note}.") from None
     return Prepared(xp, y_true, y_pred, out_dtype, device)
 
 
