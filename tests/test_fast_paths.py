@@ -396,6 +396,26 @@ def test_torch_no_grad_parameter_and_one_sided_grad(torch_spy: list[str]) -> Non
     _close(yp.grad.numpy(), ref.grad.numpy(), np.float64)
 
 
+def test_torch_saves_own_tensors_without_copies(torch_spy: list[str]) -> None:
+    """Only memory torch does not own is copied for backward; the CPU route reads tensors
+    through DLPack, which (unlike ``Tensor.numpy()``) leaves them looking torch-owned, so a
+    tensor used again is not copied on every later call."""
+    torch = _torch()
+    torch_ = importlib.import_module("kldiv.backends.torch_")
+    t, p = _inputs((64, 100), (64, 100), special=False)
+    yt, yp = torch.tensor(t), torch.tensor(p, requires_grad=True)
+    for _ in range(2):
+        kldiv.kld(yt, yp).sum().backward()
+        with torch.no_grad():
+            kldiv.kld(yt, yp)
+    assert torch_spy == ["numpy"] * 4
+    assert torch_._private(yt) is yt and torch_._private(yp) is yp
+    external = torch.from_numpy(t)
+    copy = torch_._private(external)
+    assert copy is not external and copy.data_ptr() != external.data_ptr()
+    assert torch.equal(copy, external)
+
+
 def test_torch_double_backward(torch_spy: list[str]) -> None:
     torch = _torch()
     t, p = _inputs((64, 100), (64, 100), special=False)

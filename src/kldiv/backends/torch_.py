@@ -38,7 +38,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from .._kernel import kl_divergence_generic
 
@@ -77,15 +79,20 @@ def _tracing() -> bool:
     return functorch is not None and functorch.peek_interpreter_stack() is not None
 
 
+_BATCHED_CHECKS = tuple(
+    check for check in (getattr(getattr(torch._C, "_functorch", None), name, None)
+                        for name in ("is_batchedtensor", "is_legacy_batchedtensor"))
+    if check is not None)
+
+
 def _batched(*xs: torch.Tensor) -> bool:
     """True when a tensor is batched by vmap (``torch.func.vmap``, or the legacy vmap that
     ``autograd.grad(..., is_grads_batched=True)`` runs the backward under)."""
-    functorch = getattr(torch._C, "_functorch", None)
-    if functorch is None:  # pragma: no cover - very old torch
-        return False
-    checks = [getattr(functorch, name, None)
-              for name in ("is_batchedtensor", "is_legacy_batchedtensor")]
-    return any(check(x) for check in checks if check is not None for x in xs)
+    for x in xs:
+        for check in _BATCHED_CHECKS:
+            if check(x):
+                return True
+    return False
 
 
 def _has_tangent(*xs: torch.Tensor) -> bool:
@@ -116,10 +123,35 @@ def _as_rows(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- routes
+class _Capsule:
+    """A DLPack capsule as the object that ``np.from_dlpack`` takes (CPU memory)."""
+
+    __slots__ = ("capsule",)
+
+    def __init__(self, capsule: Any) -> None:
+        self.capsule = capsule
+
+    def __dlpack__(self, stream: Any = None, **kwargs: Any) -> Any:
+        return self.capsule
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU
+
+
+def _host(x: torch.Tensor) -> np.ndarray:
+    """A read-only NumPy view of the CPU tensor ``x``, without copying.
+
+    Through DLPack rather than ``Tensor.numpy()``: ``numpy()`` marks the tensor's storage as
+    not resizable for good, which :func:`_private` reads as "memory torch does not own", so
+    every later call with that tensor would copy it.
+    """
+    return np.from_dlpack(_Capsule(to_dlpack(x.detach())))
+
+
 def _np_forward(y_true: torch.Tensor, y_pred: torch.Tensor) -> torch.Tensor | None:
     from . import numpy_
 
-    out = numpy_.forward(y_true.detach().numpy(), y_pred.detach().numpy())
+    out = numpy_.forward(_host(y_true), _host(y_pred))
     return None if out is None else torch.from_numpy(out)
 
 
@@ -127,8 +159,8 @@ def _np_backward(y_true: torch.Tensor, y_pred: torch.Tensor, grad: torch.Tensor,
                  need_t: bool, need_p: bool) -> tuple[Any, Any]:
     from . import numpy_
 
-    gt, gp = numpy_.backward(y_true.detach().numpy(), y_pred.detach().numpy(),
-                             grad.detach().numpy(), need_t, need_p)
+    gt, gp = numpy_.backward(_host(y_true), _host(y_pred), grad.detach().numpy(),
+                             need_t, need_p)
     return (None if gt is None else torch.from_numpy(gt),
             None if gp is None else torch.from_numpy(gp))
 
@@ -184,18 +216,18 @@ def _torch_grads(y_true: torch.Tensor, y_pred: torch.Tensor, grad: torch.Tensor,
 class _KLDivergence(torch.autograd.Function):
     """``sum(t * log(t / p), -1)`` with a fused forward and a fused backward."""
 
+    # The forward takes ``ctx`` (no ``setup_context``): with ``setup_context`` torch binds the
+    # arguments with ``inspect.signature`` on every ``apply`` (tens of microseconds), and the
+    # functorch transforms that need it never reach this class (see ``_tracing``).
     @staticmethod
-    def forward(y_true: torch.Tensor, y_pred: torch.Tensor, route: str) -> torch.Tensor:
+    def forward(ctx: Any, y_true: torch.Tensor, y_pred: torch.Tensor,
+                route: str) -> torch.Tensor:
         out = _ROUTES[route][0](y_true, y_pred)
         assert out is not None  # routes are checked before ``apply``
-        return out
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        y_true, y_pred, route = inputs
         ctx.save_for_backward(y_true, y_pred)
         ctx.save_for_forward(y_true, y_pred)
         ctx.route = route
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
