@@ -254,8 +254,10 @@ def test_monte_carlo_k1_and_k3_are_unbiased(backend: Backend) -> None:
 
 def _grad_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lp, ref = _logprobs((3, 8), seed=5)
-    lp[0, :6] = [-30.0, -25.0, -0.2, 0.0, -1e-7, -6.0]  # d far beyond the clamps, and tiny
-    ref[0, :6] = [0.0, -1.0, -0.2, -20.0, 0.0, -40.0]
+    # d far beyond the clamps, 0, tiny, and exactly on a bound (d = 20, -5; k1 = 2): the
+    # gradient is the formula's on the closed interval, on every library
+    lp[0, :] = [-30.0, -25.0, -0.2, 0.0, -1e-7, -6.0, -5.0, -1.0]
+    ref[0, :] = [0.0, -1.0, -0.2, -20.0, 0.0, -40.0, 0.0, -3.0]
     cot = np.random.default_rng(6).uniform(0.5, 2.0, size=lp.shape)  # upstream gradient
     return lp, ref, cot
 
