@@ -190,27 +190,29 @@ _ROUTES = {
 }
 
 
-def _partials(y_true: torch.Tensor, y_pred: torch.Tensor,
-              need_t: bool, need_p: bool) -> tuple[Any, Any]:
-    """Element-wise ``d loss / d t`` and ``d loss / d p`` (broadcast shape), with
-    differentiable torch ops: ``log(t / p) + 1`` and ``-t / p`` inside the clip range, 0
-    outside it (and for NaN)."""
+def _times_partials(y_true: torch.Tensor, y_pred: torch.Tensor,
+                    vt: Any, vp: Any) -> tuple[Any, Any]:
+    """``vt * d loss/dt`` and ``vp * d loss/dp`` element-wise (broadcast shape; ``None``
+    where ``vt``/``vp`` is ``None``), with differentiable torch ops.
+
+    The partials are ``log(t / p) + 1`` and ``-t / p`` inside the clip range; outside it (and
+    for NaN) the product is 0 whatever ``v`` is (even inf or NaN), as through ``clamp``.
+    """
     t = y_true.clamp(EPSILON, 1.0)
     p = y_pred.clamp(EPSILON, 1.0)
     r = t / p
     zero = torch.zeros((), dtype=r.dtype, device=r.device)
-    dt = torch.where(t == y_true, torch.log(r) + 1.0, zero) if need_t else None
-    dp = torch.where(p == y_pred, -r, zero) if need_p else None
-    return dt, dp
+    gt = None if vt is None else torch.where(t == y_true, (torch.log(r) + 1.0) * vt, zero)
+    gp = None if vp is None else torch.where(p == y_pred, -r * vp, zero)
+    return gt, gp
 
 
 def _torch_grads(y_true: torch.Tensor, y_pred: torch.Tensor, grad: torch.Tensor,
                  need_t: bool, need_p: bool) -> tuple[Any, Any]:
     """The gradients with differentiable torch ops (double backward, batched backward,
     forward-over-reverse)."""
-    dt, dp = _partials(y_true, y_pred, need_t, need_p)
     g = grad.unsqueeze(-1)
-    return (None if dt is None else dt * g), (None if dp is None else dp * g)
+    return _times_partials(y_true, y_pred, g if need_t else None, g if need_p else None)
 
 
 class _KLDivergence(torch.autograd.Function):
@@ -248,10 +250,8 @@ class _KLDivergence(torch.autograd.Function):
     def jvp(ctx: Any, t_dot: Any, p_dot: Any, _route_dot: Any) -> torch.Tensor:
         """Forward-mode AD: ``sum(d loss/dt * t_dot + d loss/dp * p_dot, -1)``."""
         y_true, y_pred = ctx.saved_tensors
-        dt, dp = _partials(y_true, y_pred, t_dot is not None, p_dot is not None)
-        terms = None if dt is None else dt * t_dot
-        if dp is not None:
-            terms = dp * p_dot if terms is None else terms + dp * p_dot
+        dt, dp = _times_partials(y_true, y_pred, t_dot, p_dot)
+        terms = dp if dt is None else dt if dp is None else dt + dp
         assert terms is not None  # jvp is only called for an input with a tangent
         return terms.sum(-1)
 
