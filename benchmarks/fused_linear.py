@@ -179,7 +179,8 @@ def targets(rows: list[dict[str, Any]], n: int) -> list[str]:
     """The issue's targets at the headline shape, met or missed, with the numbers."""
     out = []
     for div in ("js", "kl"):
-        get = {r["impl"]: r for r in rows if r["div"] == div and r["n"] == n and "error" not in r}
+        get = {r["impl"]: r for r in rows if r["div"] == div and r["n"] == n and
+               "error" not in r and not r.get("curve") and r.get("median_s") is not None}
         k, p = get.get("kldiv"), get.get("plain")
         if k and p:
             mem = p["peak_mib"] / max(k["peak_mib"], 1e-9)
@@ -270,12 +271,13 @@ def main(argv: list[str] | None = None) -> int:
                 row["curve"] = True
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    summary = targets(rows, n)
     meta = {"python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "quick": args.quick, "beta": BETA,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "method": "VmHWM - VmRSS around one forward+backward call after a warm-up, "
                       "fresh subprocess per case, MALLOC_MMAP_THRESHOLD_=65536"}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")  # first: kept
+    summary = targets(rows, n)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1) + "\n")
     print(f"wrote {out}")
     if plot(rows, out.with_suffix(".png")):

@@ -208,6 +208,17 @@ def _generic_forward(xp: ModuleType, h2: Any, w: Any, b: Any, teacher: dict[str,
     return xp.concat(losses) if len(losses) > 1 else losses[0]
 
 
+def _constant(lib: str, x: Any) -> Any:
+    """``x`` cut off from differentiation (sample weights are constants)."""
+    if lib == "torch":
+        return x.detach()
+    if lib == "jax":
+        from jax import lax
+
+        return lax.stop_gradient(x)
+    return x
+
+
 def _compute_dtype(xp: ModuleType, *arrays: Any) -> Any:
     return xp.float64 if any(x is not None and x.dtype == xp.float64 for x in arrays) \
         else xp.float32
@@ -273,7 +284,7 @@ def fused_linear_divergence(
     chunk_size : int, optional
         Tokens per chunk. By default the largest power of two whose chunk temporaries (five
         to seven ``(chunk_size, V)`` float32 buffers) fit in ``min(free memory / 16, cap)``,
-        ``cap`` 128 MiB on CPU, 1 GiB on a GPU.
+        ``cap`` 256 MiB on CPU, 1 GiB on a GPU.
 
     Returns
     -------
@@ -347,7 +358,7 @@ def fused_linear_divergence(
     if reduction == Reduction.NONE:
         out = xp.reshape(out, tokens)
         if w_shaped is not None:
-            out = out * w_shaped
+            out = out * _constant(lib, w_shaped)
     return xp.astype(out, h.dtype) if out.dtype != h.dtype else out
 
 

@@ -64,49 +64,68 @@ def _triton_module() -> ModuleType | None:
 
 
 # ------------------------------------------------------------------------------ chunk math
-def _softmax_parts_(x: torch.Tensor) -> torch.Tensor:
-    """Turn ``x`` into its log-softmax in place; return its softmax (one ``exp`` pass)."""
-    m = x.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.sub(x, m).exp_()
-    z = e.sum(-1, keepdim=True)
-    e.div_(z)
-    x.sub_(m.add_(z.log_()))
-    return e
+SPARE_BUFFERS = {"kl": 2, "reverse_kl": 2, "js": 4}
+"""``(rows, V)`` buffers :func:`chunk_terms_` needs beside the two logits."""
+
+
+class Workspace:
+    """The chunk's ``(rows, V)`` buffers, allocated once per call and reused by every chunk:
+    fresh multi-MiB allocations per chunk cost page faults (glibc returns such blocks to the
+    system), and the count of live buffers stays fixed."""
+
+    def __init__(self, rows: int, v: int, n_float: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.floats = [torch.empty((rows, v), dtype=dtype, device=device)
+                       for _ in range(n_float)]
+        self.mask = torch.empty((rows, v), dtype=torch.bool, device=device)
+
+    def take(self, rows: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return [b[:rows] for b in self.floats], self.mask[:rows]
 
 
 def chunk_terms_(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float,
-                 need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row loss and ``d loss / d s`` of one chunk; ``s`` and ``t`` are overwritten.
+                 need_grad: bool, spare: list[torch.Tensor] | None = None,
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row loss and ``d loss / d s`` of one chunk; every buffer is overwritten.
 
     Same definitions as :func:`kldiv._fused_linear_math.chunk_terms`; ``s`` and ``t`` are
-    the (temperature-divided) student and teacher logits, private buffers of the caller.
+    the (temperature-divided) student and teacher logits, private buffers of the caller;
+    ``spare`` holds ``SPARE_BUFFERS[divergence]`` more of their shape (allocated when
+    ``None``), ``mask`` a boolean one. The gradient is returned in one of these buffers.
     """
-    q = _softmax_parts_(s)  # s: log q
-    p = _softmax_parts_(t)  # t: log p
+    if spare is None:
+        spare = [torch.empty_like(s) for _ in range(SPARE_BUFFERS[divergence])]
+    if mask is None:
+        mask = torch.empty(s.shape, dtype=torch.bool, device=s.device)
+    lq, lp = spare[0], spare[1]
+    torch.log_softmax(s, -1, out=lq)  # one fused kernel (max, sum of exp, shift) per side
+    torch.log_softmax(t, -1, out=lp)
+    q = torch.exp(lq, out=s)
     grad = None
     if divergence == "kl":
-        t.sub_(s).mul_(p).masked_fill_(p == 0, 0.0)  # p (log p - log q), 0 log 0 = 0
-        loss = t.sum(-1)
+        p = torch.exp(lp, out=t)
+        d = torch.sub(lp, lq, out=lq).mul_(p)  # p (log p - log q), with 0 log 0 = 0:
+        d.masked_fill_(torch.eq(p, 0, out=mask), 0.0)
+        loss = d.sum(-1)
         if need_grad:
             grad = q.sub_(p)
     elif divergence == "reverse_kl":
-        del p
-        s.sub_(t)  # d = log q - log p
-        zero_q = q == 0
-        torch.mul(q, s, out=t).masked_fill_(zero_q, 0.0)
-        loss = t.sum(-1)
+        d = lq.sub_(lp)  # log q - log p
+        torch.eq(q, 0, out=mask)
+        terms = torch.mul(q, d, out=lp).masked_fill_(mask, 0.0)
+        loss = terms.sum(-1)
         if need_grad:
-            grad = s.sub_(loss.unsqueeze(-1)).mul_(q).masked_fill_(zero_q, 0.0)
+            grad = d.sub_(loss.unsqueeze(-1)).mul_(q).masked_fill_(mask, 0.0)
     else:
-        lm = torch.add(t, math.log(beta))
-        a = torch.add(s, math.log1p(-beta))
+        p = torch.exp(lp, out=t)
+        lm, a = spare[2], spare[3]
+        torch.add(lp, math.log(beta), out=lm)
+        torch.add(lq, math.log1p(-beta), out=a)
         torch.logaddexp(lm, a, out=lm)  # log m
-        torch.sub(s, lm, out=a)  # log q - log m
-        t.sub_(lm).mul_(p).masked_fill_(p == 0, 0.0)
-        del lm
-        loss = t.sum(-1).mul_(beta)
-        a.mul_(q).masked_fill_(q == 0, 0.0)  # q (log q - log m)
+        torch.sub(lq, lm, out=a)  # log q - log m
+        lp.sub_(lm).mul_(p).masked_fill_(torch.eq(p, 0, out=mask), 0.0)
+        loss = lp.sum(-1).mul_(beta)
+        a.mul_(q).masked_fill_(torch.eq(q, 0, out=mask), 0.0)  # q (log q - log m)
         loss.add_(a.sum(-1), alpha=1 - beta)
         if need_grad:
             g = a.mul_(1 - beta)
@@ -122,15 +141,15 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 def _mm(a: torch.Tensor, b: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
     """``a @ b`` in ``cd``; half operands (CUDA) are multiplied in their dtype with ``cd``
-    accumulation and output."""
+    accumulation and output (``torch.mm(..., out_dtype=)``; where torch has no such kernel,
+    the operands are converted to ``cd`` for the product, never the output rounded)."""
     if a.dtype == cd and b.dtype == cd:
         return a @ b
     lo = a.dtype if a.dtype != cd else b.dtype
-    a, b = a.to(lo), b.to(lo)
     try:
-        return torch.mm(a, b, out_dtype=cd)
+        return torch.mm(a.to(lo), b.to(lo), out_dtype=cd)
     except (RuntimeError, TypeError, NotImplementedError):
-        return (a @ b).to(cd)
+        return a.to(cd) @ b.to(cd)
 
 
 def _operand(x: torch.Tensor | None, cd: torch.dtype) -> torch.Tensor | None:
@@ -169,15 +188,30 @@ def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
     dW = torch.zeros((v, hid), dtype=cd, device=dev) if need_grad and need[1] else None
     db = torch.zeros(v, dtype=cd, device=dev) if need_grad and need[2] else None
     temp = plan.temperature
+    ws = None
+    if route == "torch" and W_ is not None and W_.dtype == cd and (
+            t_w is None or t_w.dtype == cd):
+        ws = Workspace(min(plan.chunk_size, n), v, 2 + SPARE_BUFFERS[plan.divergence], cd, dev)
     for i0 in range(0, n, plan.chunk_size):
         i1 = min(n, i0 + plan.chunk_size)
         hc = _operand(h2[i0:i1], cd)
         assert hc is not None and W_ is not None
-        s = _mm(hc, W_.T, cd)
-        if teacher[0] == "logits":
-            t = teacher[1][i0:i1]
+        bufs: list[torch.Tensor] = []
+        mask: torch.Tensor | None = None
+        if ws is not None:  # the torch-ops route: products written into the workspace
+            bufs, mask = ws.take(i1 - i0)
+            s, t = bufs[0], bufs[1]
+            torch.mm(hc, W_.T, out=s)
+            if teacher[0] == "logits":
+                t.copy_(teacher[1][i0:i1])
+            else:
+                torch.mm(_operand(teacher[1][i0:i1], cd), t_w.T, out=t)  # type: ignore[arg-type, union-attr]
         else:
-            t = _mm(_operand(teacher[1][i0:i1], cd), t_w.T, cd)  # type: ignore[arg-type, union-attr]
+            s = _mm(hc, W_.T, cd)
+            if teacher[0] == "logits":
+                t = teacher[1][i0:i1]
+            else:
+                t = _mm(_operand(teacher[1][i0:i1], cd), t_w.T, cd)  # type: ignore[arg-type, union-attr]
         if route == "triton":
             tri = _triton_module()
             assert tri is not None
@@ -185,26 +219,33 @@ def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
             loss[i0:i1] = tri.chunk(s, t, b_, t_b, sc, plan, need_grad)
             g = s if need_grad else None
         else:
+            if ws is None and teacher[0] == "logits":
+                t = t.to(cd, copy=True)
             if b_ is not None:
                 s.add_(b_)
-            t = t.to(cd, copy=True) if teacher[0] == "logits" else t
             if t_b is not None:
                 t.add_(t_b)
             if temp != 1.0:
                 s.div_(temp)
                 t.div_(temp)
-            loss[i0:i1], g = chunk_terms_(s, t, plan.divergence, plan.beta, need_grad)
-            del t
+            loss[i0:i1], g = chunk_terms_(s, t, plan.divergence, plan.beta, need_grad,
+                                          bufs[2:] or None, mask)
             if g is not None:
                 g.mul_((scale[i0:i1] / temp).unsqueeze(-1))  # type: ignore[index]
         if g is not None:
             if dh is not None:
-                dh[i0:i1] = _mm(g, W_, cd)
+                if W_.dtype == cd:
+                    torch.mm(g, W_, out=dh[i0:i1])
+                else:
+                    dh[i0:i1] = _mm(g, W_, cd)
             if dW is not None:
-                dW.add_(_mm(g.T, hc, cd))
+                if hc.dtype == cd:  # in place: no (V, H) temporary per chunk
+                    dW.addmm_(g.T, hc)
+                else:
+                    dW.add_(_mm(g.T, hc, cd))
             if db is not None:
                 db.add_(g.sum(0))
-        del s, g
+        del s, t, g
     return loss, dh, dW, db
 
 
@@ -269,6 +310,7 @@ def run(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, teacher: dict
     """
     args = (teacher.get("logits"), teacher.get("hidden"), teacher.get("weight"),
             teacher.get("bias"))
+    scale = None if scale is None else scale.detach()  # sample weights are constants
     grad_wanted = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (h2, W, b))
     if not grad_wanted:
