@@ -1,0 +1,209 @@
+"""The divergence family: one :class:`Divergence` record per member, and its generic kernel.
+
+A member's generic kernel takes two arrays of natural-log probabilities ``lp`` (from
+``y_true``: the distribution P) and ``lq`` (from ``y_pred``: Q), already in one namespace,
+device and floating dtype and broadcastable, and returns the per-row divergence summed over
+the last axis. It is written once against the array API standard, so it runs on NumPy,
+array-api-strict, PyTorch, JAX, Dask, CuPy and TensorFlow (through kldiv's namespace shim).
+
+Zeros follow ``0 * log 0 = 0``: an entry with ``lp = -inf`` (a probability of exactly 0)
+contributes 0 to the value and 0 to the gradient of both inputs. The kernels use the
+"double where": the undefined operand (``-inf - (-inf)``, ``0 * inf``) is replaced by a safe
+value *before* the arithmetic, and the result selected after, so that autograd (torch, JAX,
+TensorFlow) never multiplies a zero cotangent by an infinite local derivative (the NaN
+gradients of optax#1786 and pytorch#89558). ``lq = -inf`` where ``lp > -inf`` gives ``+inf``,
+the mathematically right value.
+
+Members (``beta`` is the only parameter so far):
+
+- ``kl``: ``KL(P || Q) = sum p (lp - lq)``;
+- ``reverse_kl``: ``KL(Q || P) = sum q (lq - lp)``;
+- ``js``: ``beta KL(P || M) + (1 - beta) KL(Q || M)`` with ``M = beta P + (1 - beta) Q``,
+  ``log M = logaddexp(log beta + lp, log1p(-beta) + lq)``; ``0 < beta < 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, ModuleType
+from typing import Any
+
+from ._spaces import _real
+
+__all__ = ["JS", "KL", "MEMBERS", "REVERSE_KL", "Divergence", "get", "js_parts", "js_terms",
+           "kl_terms"]
+
+_INF = math.inf
+
+
+def kl_terms(xp: ModuleType, la: Any, lb: Any) -> Any:
+    """``sum(exp(la) * (la - lb), axis=-1)`` with ``0 * log 0 = 0``: ``KL(A || B)`` from logs.
+
+    ``la = -inf`` contributes 0 (to the gradient too); ``lb = -inf`` where ``la > -inf``
+    gives ``+inf``, also when ``exp(la)`` underflows to 0 (``0 * inf`` would be NaN).
+    """
+    zero = la == -_INF
+    la = xp.where(zero, 0.0, la)  # safe: exp(la) * (la - lb) is finite or +inf, never NaN
+    pa = xp.exp(la)
+    d = la - lb
+    # p == 0 only by underflow here (or on the masked entries, selected away below): the
+    # term is then 0, except against lb = -inf where the divergence is infinite
+    term = xp.where(pa == 0.0, xp.where(d == _INF, d, 0.0), pa * d)
+    return xp.sum(xp.where(zero, 0.0, term), axis=-1)
+
+
+def js_parts(xp: ModuleType, lp: Any, lq: Any, beta: float) -> tuple[Any, Any]:
+    """``(KL(P || M), KL(Q || M))`` per row, ``M = beta P + (1 - beta) Q``, from logs.
+
+    ``log M`` is a ``logaddexp``, taken on safe operands only: where ``lp = -inf`` it is
+    ``log1p(-beta) + lq`` (and symmetrically), so that no ``-inf`` reaches ``logaddexp``
+    (whose derivative at ``-inf`` is NaN in torch and misplaced in JAX). ``M`` is positive
+    wherever P or Q is, so both are finite whenever the inputs are.
+    """
+    log_b, log_1mb = math.log(beta), math.log1p(-beta)
+    zp = lp == -_INF
+    zq = lq == -_INF
+    lp = xp.where(zp, 0.0, lp)
+    lq = xp.where(zq, 0.0, lq)
+    sp = lp + log_b
+    sq = lq + log_1mb
+    lm = xp.where(zp, sq, xp.where(zq, sp, xp.logaddexp(sp, sq)))
+    kl_pm = xp.sum(xp.where(zp, 0.0, xp.exp(lp) * (lp - lm)), axis=-1)
+    kl_qm = xp.sum(xp.where(zq, 0.0, xp.exp(lq) * (lq - lm)), axis=-1)
+    return kl_pm, kl_qm
+
+
+def js_terms(xp: ModuleType, lp: Any, lq: Any, beta: float) -> Any:
+    """``beta KL(P || M) + (1 - beta) KL(Q || M)`` per row (:func:`js_parts`)."""
+    kl_pm, kl_qm = js_parts(xp, lp, lq, beta)
+    return beta * kl_pm + (1.0 - beta) * kl_qm
+
+
+def _forward_kl(xp: ModuleType, lp: Any, lq: Any) -> Any:
+    return kl_terms(xp, lp, lq)
+
+
+def _reverse_kl(xp: ModuleType, lp: Any, lq: Any) -> Any:
+    return kl_terms(xp, lq, lp)
+
+
+def _js(xp: ModuleType, lp: Any, lq: Any, *, beta: float) -> Any:
+    return js_terms(xp, lp, lq, beta)
+
+
+def _swap(y_true: Any, y_pred: Any) -> tuple[Any, Any]:
+    return y_pred, y_true
+
+
+def _same(y_true: Any, y_pred: Any) -> tuple[Any, Any]:
+    return y_true, y_pred
+
+
+def _validate_beta(beta: Any) -> float:
+    b = _real(beta, "beta")
+    if b == 0.0:
+        raise ValueError(
+            "beta=0: the generalized Jensen-Shannon divergence vanishes identically at beta=0 "
+            "(M = Q). TRL's and Liger's beta=0 special case is the forward KL: use "
+            "kldiv.kl_divergence(y_true, y_pred, inputs=...) instead."
+        )
+    if b == 1.0:
+        raise ValueError(
+            "beta=1: the generalized Jensen-Shannon divergence vanishes identically at beta=1 "
+            "(M = P). TRL's and Liger's beta=1 special case is the reverse KL: use "
+            "kldiv.reverse_kl_divergence(y_true, y_pred, inputs=...) instead."
+        )
+    if not 0.0 < b < 1.0:  # also NaN
+        raise ValueError(
+            f"beta must lie in the open interval (0, 1), got {beta!r}. For the limits use "
+            "kldiv.kl_divergence (TRL's beta=0) or kldiv.reverse_kl_divergence (beta=1)."
+        )
+    return b
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One member of the divergence family.
+
+    Attributes
+    ----------
+    name : str
+        The public function's name, e.g. ``"reverse_kl_divergence"``.
+    op : str
+        The name fast paths are looked up by, per library: ``"kl"``, ``"reverse_kl"``, ``"js"``.
+    kernel : callable
+        ``kernel(xp, lp, lq, **params)``: the generic per-row divergence of log-probabilities
+        ``lp`` (``y_true``'s P) and ``lq`` (``y_pred``'s Q).
+    keras_probs : callable or None
+        For members that are a Keras KL on probabilities with ``inputs="probs"``: maps
+        ``(y_true, y_pred)`` to the Keras KL's ``(y_true, y_pred)`` (as given, or swapped for the
+        reverse KL), so that ``"probs"`` runs ``kl_divergence``'s own code and fast paths, bit
+        for bit. ``None``: ``"probs"`` inputs go through ``log(clip(x, 1e-7, 1))`` and
+        :attr:`kernel`.
+    aliases : tuple of str
+        Other public names of the function.
+    params : mapping
+        Parameter name -> validator (returns the canonical value or raises).
+    """
+
+    name: str
+    op: str
+    kernel: Callable[..., Any]
+    keras_probs: Callable[[Any, Any], tuple[Any, Any]] | None = None
+    aliases: tuple[str, ...] = ()
+    params: Mapping[str, Callable[[Any], Any]] = field(default_factory=lambda: MappingProxyType({}))
+
+    def bind(self, **params: Any) -> dict[str, Any]:
+        """The parameters, validated: every declared one given, no other."""
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise TypeError(f"{self.name} got unexpected parameter(s) {sorted(unknown)}.")
+        missing = set(self.params) - set(params)
+        if missing:
+            raise TypeError(f"{self.name} is missing parameter(s) {sorted(missing)}.")
+        return {key: check(params[key]) for key, check in self.params.items()}
+
+    def generic(self, xp: ModuleType, lp: Any, lq: Any, **params: Any) -> Any:
+        """The generic kernel on log-probabilities (``params`` already bound)."""
+        return self.kernel(xp, lp, lq, **params)
+
+
+KL = Divergence(
+    name="kl_divergence",
+    op="kl",
+    kernel=_forward_kl,
+    keras_probs=_same,
+    aliases=("kld", "KLD", "kullback_leibler_divergence"),
+)
+REVERSE_KL = Divergence(
+    name="reverse_kl_divergence",
+    op="reverse_kl",
+    kernel=_reverse_kl,
+    keras_probs=_swap,
+)
+JS = Divergence(
+    name="js_divergence",
+    op="js",
+    kernel=_js,
+    aliases=("jensen_shannon_divergence",),
+    params=MappingProxyType({"beta": _validate_beta}),
+)
+
+MEMBERS: Mapping[str, Divergence] = MappingProxyType(
+    {name: d for d in (KL, REVERSE_KL, JS) for name in (d.name, d.op, *d.aliases)}
+)
+"""Every member by its name, op name and aliases."""
+
+
+def get(name: str | Divergence) -> Divergence:
+    """The member called ``name`` (a name, op name or alias), or ``name`` itself if a record."""
+    if isinstance(name, Divergence):
+        return name
+    try:
+        return MEMBERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown divergence {name!r}; expected one of {', '.join(sorted(MEMBERS))}."
+        ) from None

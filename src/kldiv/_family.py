@@ -1,0 +1,308 @@
+"""The divergence family's functions: KL from any input space, reverse KL, Jensen-Shannon.
+
+Every call validates its options first (``inputs``, ``temperature``, ``beta``), then brings
+``y_true`` to ``y_pred``'s library, device and dtype exactly as :func:`kldiv.kl_divergence`
+does (:func:`kldiv._functional.prepare`: float16/bfloat16 computed in float32 and returned in
+the input dtype), then runs, in that library and on that device:
+
+1. for a member that is a Keras KL on probabilities (forward or reverse) with
+   ``inputs="probs"``: the Keras KL's own code and fast paths, bit for bit;
+2. else the fast path registered for ``(library, op)``, if any, unless switched off with
+   :func:`kldiv.use_generic` / ``KLDIV_GENERIC=1``; a fast path may decline a call by
+   returning ``NotImplemented``;
+3. else the member's generic array-API kernel on the inputs brought to log space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import MappingProxyType, ModuleType
+from typing import Any
+
+import numpy as np
+
+from . import _divergence
+from ._divergence import JS, KL, REVERSE_KL, Divergence
+from ._functional import Prepared, _shape_str, compute, kl_divergence, prepare
+from ._namespace import device_scope, namespace_name, torch_compiling
+from ._spaces import parse_inputs, to_log_space, validate_temperature
+from .backends import generic_forced
+
+__all__ = [
+    "Call",
+    "compute_family",
+    "fast_path",
+    "jensen_shannon_divergence",
+    "js_divergence",
+    "kl_divergence_family",
+    "prepare_family",
+    "resolve",
+    "reverse_kl_divergence",
+]
+
+FAST_PATHS: dict[str, str] = {
+    "numpy": "kldiv.backends.numpy_family",
+    "torch": "kldiv.backends.torch_family",
+    "jax": "kldiv.backends.jax_family",
+}
+"""Library short name -> module whose functions, named by op, are the family's fast paths."""
+
+KERNEL_NAMESPACES: dict[str, str] = {"tensorflow": "kldiv.backends.tensorflow_family"}
+"""Library -> module whose ``namespace`` extends kldiv's shim with what the kernels call."""
+
+_QUIET = functools.partial(np.errstate, invalid="ignore", divide="ignore", over="ignore")
+_LOADED: dict[tuple[str, str], Callable[..., Any] | None] = {}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One member with its options resolved and validated (nothing array-dependent)."""
+
+    divergence: Divergence
+    spaces: tuple[str, str]
+    temperature: float = 1.0
+    params: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def keras_route(self) -> bool:
+        """True when the Keras KL's own code computes this call (``"probs"`` inputs)."""
+        return self.spaces == ("probs", "probs") and self.divergence.keras_probs is not None
+
+
+def resolve(divergence: Divergence | str, *, inputs: Any = "probs", temperature: Any = 1.0,
+            **params: Any) -> Call:
+    """Validate a member's options: ``ValueError``/``TypeError`` naming what is wrong."""
+    div = _divergence.get(divergence)
+    spaces = parse_inputs(inputs)
+    t = validate_temperature(temperature, spaces)
+    return Call(div, spaces, t, MappingProxyType(div.bind(**params)))
+
+
+def prepare_family(y_true: Any, y_pred: Any, *, squeeze: bool = False) -> Prepared:
+    """:func:`kldiv._functional.prepare`: the functions broadcast as given (``squeeze=False``,
+    like ``kl_divergence``); the loss classes pass ``squeeze=True`` (Keras' rank rule)."""
+    return prepare(y_true, y_pred, squeeze=squeeze)
+
+
+def fast_path(library: str, op: str) -> Callable[..., Any] | None:
+    """The family's fast path for ``(library, op)``, or ``None`` (none, or switched off)."""
+    if generic_forced():
+        return None
+    key = (library, op)
+    try:
+        return _LOADED[key]
+    except KeyError:
+        pass
+    module = FAST_PATHS.get(library)
+    fn = None
+    if module is not None:
+        fn = getattr(importlib.import_module(module), op, None)
+    _LOADED[key] = fn
+    return fn
+
+
+def _kernel_namespace(library: str, xp: ModuleType) -> ModuleType:
+    if torch_compiling() and library == "torch":
+        # dynamo traces torch's own functions (array-api-compat's wrappers hold Python checks
+        # that break the graph), through a small adapter with the array API's signatures
+        from .backends import torch_family
+
+        return torch_family.array_api
+    module = KERNEL_NAMESPACES.get(library)
+    if module is None:
+        return xp
+    ns: ModuleType = importlib.import_module(module).namespace
+    return ns
+
+
+def _check_class_axes(call: Call, prep: Prepared) -> None:
+    """A logits input must hold the whole class axis: softmax over a broadcast axis of 1 is
+    not the softmax of the broadcast logits."""
+    shapes = (tuple(prep.y_true.shape), tuple(prep.y_pred.shape))
+    classes = [s[-1] if s else 1 for s in shapes]
+    full = None
+    for c in classes:
+        if c is not None and c == c and c != 1:  # known (not None, not NaN), not broadcast
+            full = c
+    for what, space, shape, c in zip(("y_true", "y_pred"), call.spaces, shapes, classes, strict=True):
+        if space == "logits" and full is not None and c != full and c == 1:
+            raise ValueError(
+                f"{what} holds logits of shape {_shape_str(shape)}: its class (last) axis must "
+                f"have the full size {full}, not broadcast against the other input "
+                f"(y_true of shape {_shape_str(shapes[0])}, y_pred of shape {_shape_str(shapes[1])})."
+            )
+
+
+def compute_family(call: Call, prep: Prepared, *, cast: bool = True) -> Any:
+    """The per-row divergence of prepared inputs (``cast=False``: in the compute dtype)."""
+    if call.keras_route:
+        a, b = call.divergence.keras_probs(prep.y_true, prep.y_pred)  # type: ignore[misc]
+        return compute(prep._replace(y_true=a, y_pred=b), cast=cast)
+    _check_class_axes(call, prep)
+    scope = device_scope(prep.xp, prep.device)
+    if scope is None:
+        return _compute(call, prep, cast)
+    with scope:
+        return _compute(call, prep, cast)
+
+
+def _compute(call: Call, prep: Prepared, cast: bool) -> Any:
+    xp = prep.xp
+    library = namespace_name(xp)
+    kxp = _kernel_namespace(library, xp)
+    fast = None if torch_compiling() else fast_path(library, call.divergence.op)
+    loss = NotImplemented
+    if fast is not None:
+        loss = fast(prep.y_true, prep.y_pred, spaces=call.spaces,
+                    temperature=call.temperature, **call.params)
+    if loss is NotImplemented:
+        # NumPy would warn about the 0 * inf and -inf - (-inf) that the kernels compute on
+        # purpose and then select away
+        quiet = _QUIET() if library == "numpy" else contextlib.nullcontext()
+        with quiet:
+            lp = to_log_space(kxp, prep.y_true, call.spaces[0], call.temperature)
+            lq = to_log_space(kxp, prep.y_pred, call.spaces[1], call.temperature)
+            loss = call.divergence.generic(kxp, lp, lq, **call.params)
+    if cast and loss.dtype != prep.out_dtype:
+        loss = xp.astype(loss, prep.out_dtype)
+    return loss
+
+
+def evaluate(call: Call, y_true: Any, y_pred: Any) -> Any:
+    """Prepare and compute one resolved call (the functions' common body)."""
+    if call.keras_route and call.divergence is KL:
+        return kl_divergence(y_true, y_pred)  # today's code path, unchanged
+    return compute_family(call, prepare_family(y_true, y_pred))
+
+
+def kl_divergence_family(y_true: Any, y_pred: Any, /, *, inputs: Any = "probs",
+                         temperature: Any = 1.0) -> Any:
+    """``KL(P || Q)`` from any input space (the body of ``kl_divergence(..., inputs=...)``).
+
+    ``inputs="probs"`` runs :func:`kldiv.kl_divergence`'s own code, unchanged. See
+    :func:`reverse_kl_divergence` for the parameters.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kldiv._family import kl_divergence_family
+    >>> logits_t = np.array([[2.0, 1.0, -np.inf]])
+    >>> logits_s = np.array([[1.0, 1.0, 0.0]])
+    >>> kl_divergence_family(logits_t, logits_s, inputs="logits").round(6)
+    array([0.241058])
+    """
+    return evaluate(resolve(KL, inputs=inputs, temperature=temperature), y_true, y_pred)
+
+
+def reverse_kl_divergence(y_true: Any, y_pred: Any, /, *, inputs: Any = "probs",
+                          temperature: Any = 1.0) -> Any:
+    """The reverse Kullback-Leibler divergence ``KL(Q || P)``, summed over the last axis.
+
+    P comes from ``y_true`` (the teacher, the data), Q from ``y_pred`` (the student, the
+    model): ``sum(q * (log q - log p), axis=-1)``, mode-seeking where the forward KL
+    :func:`kldiv.kl_divergence` is mass-covering.
+
+    Parameters
+    ----------
+    y_true : array_like
+        P, shape ``(..., C)``: any supported library, a list or a number; converted to
+        ``y_pred``'s library, device and dtype.
+    y_pred : array_like
+        Q, broadcastable with ``y_true``; its library and device are where the computation
+        runs.
+    inputs : {"probs", "log_probs", "logits"} or pair of them, default "probs"
+        The space of both inputs, or ``(y_true's, y_pred's)``:
+
+        - ``"probs"``: probabilities, clipped to ``[1e-7, 1]`` as Keras does;
+          ``sum(q * log(q / p))`` on the clipped values, i.e. exactly
+          ``kl_divergence(y_pred, y_true)`` computed in ``y_pred``'s library;
+        - ``"log_probs"``: natural-log probabilities, not clipped; ``-inf`` is a probability
+          of 0 (``0 * log 0 = 0``, also for the gradient);
+        - ``"logits"``: unnormalised logits, divided by ``temperature`` and log-softmaxed over
+          the last axis (stably; in float32 for half precision). ``-inf`` logits (a masked
+          vocabulary entry) are allowed; a row of all ``-inf`` is the zero measure (it
+          contributes as all-zero probabilities), never NaN.
+    temperature : float, default 1.0
+        Divides logits; > 0, and only with ``"logits"`` inputs. The result is *not* multiplied
+        by ``temperature ** 2`` (Hinton's scaling: multiply it yourself).
+
+    Returns
+    -------
+    array
+        The per-sample divergence, of shape ``broadcast(y_true, y_pred).shape[:-1]``, in
+        ``y_pred``'s library, device and floating dtype. ``+inf`` where Q > 0 and P = 0
+        (a ``-inf`` log-probability or logit of ``y_true``).
+
+    Raises
+    ------
+    TypeError
+        For an input that is not an array (or castable), or ``inputs``/``temperature`` of the
+        wrong type.
+    ValueError
+        For an unknown input space, a temperature that is not > 0 or is given without logits,
+        shapes that do not broadcast, or logits whose class axis would be broadcast.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import kldiv
+    >>> p = np.array([0.7, 0.2, 0.1])
+    >>> q = np.array([0.5, 0.25, 0.25])
+    >>> round(float(kldiv._family.reverse_kl_divergence(p, q)), 6)
+    0.092998
+    >>> lp, lq = np.log(p), np.log(q)
+    >>> round(float(kldiv._family.reverse_kl_divergence(lp, lq, inputs="log_probs")), 6)
+    0.092998
+    """
+    return evaluate(resolve(REVERSE_KL, inputs=inputs, temperature=temperature), y_true, y_pred)
+
+
+def js_divergence(y_true: Any, y_pred: Any, /, *, beta: Any = 0.5, inputs: Any = "probs",
+                  temperature: Any = 1.0) -> Any:
+    """The generalized Jensen-Shannon divergence, summed over the last axis.
+
+    ``beta * KL(P || M) + (1 - beta) * KL(Q || M)`` with ``M = beta * P + (1 - beta) * Q``,
+    P from ``y_true`` and Q from ``y_pred``; ``log M`` is computed in log space
+    (``logaddexp(log(beta) + log p, log1p(-beta) + log q)``). Bounded (by
+    ``-beta log(beta) - (1 - beta) log(1 - beta)``, ``log 2`` at ``beta = 0.5``) and finite
+    even where P or Q is 0. The GKD paper's JSD(beta); TRL's ``generalized_jsd_loss`` and
+    Liger-Kernel's JSD with the same ``beta`` (teacher P = ``y_true``) for ``0 < beta < 1``.
+
+    Parameters
+    ----------
+    y_true, y_pred, inputs, temperature
+        As for :func:`reverse_kl_divergence`. With ``"probs"`` both inputs are clipped to
+        ``[1e-7, 1]`` (not renormalised) and their logarithms used.
+    beta : float, default 0.5
+        The weight of P in the mixture, in the open interval (0, 1). At 0 and 1 the divergence
+        vanishes identically: TRL's and Liger's ``beta=0`` / ``beta=1`` special cases are
+        :func:`kldiv.kl_divergence` / :func:`reverse_kl_divergence`, and asking for them here
+        is a ``ValueError`` that says so.
+
+    Returns
+    -------
+    array
+        The per-sample divergence, shape ``broadcast(y_true, y_pred).shape[:-1]``, in
+        ``y_pred``'s library, device and floating dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import kldiv
+    >>> p = np.array([1.0, 0.0])
+    >>> q = np.array([0.0, 1.0])
+    >>> round(float(kldiv._family.js_divergence(p, q)), 4)  # disjoint supports: log 2
+    0.6931
+    >>> logits = np.array([[0.0, 0.0, -np.inf]])
+    >>> kldiv._family.js_divergence(logits, logits, inputs="logits", beta=0.3)
+    array([0.])
+    """
+    call = resolve(JS, inputs=inputs, temperature=temperature, beta=beta)
+    return evaluate(call, y_true, y_pred)
+
+
+jensen_shannon_divergence = js_divergence

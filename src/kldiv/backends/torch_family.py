@@ -1,0 +1,354 @@
+"""PyTorch fast path of the divergence family: log-softmax fused with the divergence.
+
+The eager formula (``log_softmax`` of each side, then ``F.kl_div``) materialises several
+full-size tensors and autograd keeps them for the backward pass. Here one
+``autograd.Function`` works a block of rows at a time (about :data:`BLOCK_ELEMENTS` elements,
+so that a block's temporaries stay in cache on CPU): per block, torch's fused
+``log_softmax`` (one pass for the log-sum-exp, one for the output) and one pass of terms;
+only per-row values are kept (the divergence, the mass of P, the two halves of the JSD). The
+backward pass recomputes each block's (log-)probabilities from the saved inputs and writes
+the gradient straight into its output: the only full-size tensor is the gradient itself.
+The closed forms, with ``lp``/``lq`` the log-probabilities, ``p``/``q`` the
+probabilities, ``T`` the temperature and ``g`` the incoming per-row gradient:
+
+- ``kl`` = ``sum p (lp - lq)``: w.r.t. ``lq``: ``-p``; w.r.t. ``lp``: ``p (lp - lq + 1)``.
+- ``js`` with ``lm = log(beta p + (1 - beta) q)``: w.r.t. ``lp``: ``beta p (lp - lm)``;
+  w.r.t. ``lq``: ``(1 - beta) q (lq - lm)`` (the ``+1`` terms cancel through ``M``).
+- ``reverse_kl`` is ``kl`` with the sides swapped.
+- a logits side ``x`` (``l = log_softmax(x / T)``) takes ``(G - softmax * sum(G)) / T``
+  of its log-space gradient ``G``; for the forward KL that is ``(q - p) / T`` for the
+  student and ``p ((lp - lq) - KL) / T`` for the teacher, and for the JSD
+  ``beta p ((lp - lm) - KL(P||M)) / T`` and ``(1 - beta) q ((lq - lm) - KL(Q||M)) / T``.
+
+Entries with probability 0 (``-inf``) contribute 0 to the value and to every gradient. A
+block with a row of all ``-inf`` logits (or NaN) is computed, forward and backward, by the
+generic formula instead, which defines such rows (the zero measure; NaN propagates). A
+``"probs"`` side is brought to ``log(clamp(x, 1e-7, 1))`` with ordinary torch ops first (its
+gradient is autograd's). The same code runs on CUDA with larger blocks (kernel launches cost
+more there than cache misses). Tracing (``torch.compile``, ``torch.func``, TorchScript),
+tensor subclasses, other dtypes and empty inputs return ``NotImplemented``: the generic
+kernel runs. A second derivative (``create_graph=True``) is computed by autograd through the
+generic formula.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Any
+
+import torch
+
+from .._divergence import MEMBERS, js_parts, kl_terms
+from .._kernel import EPSILON
+from .._spaces import to_log_space
+from .torch_ import _tracing
+
+__all__ = ["BLOCK_ELEMENTS", "array_api", "js", "kl", "reverse_kl"]
+
+BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 24}
+"""Elements of one block of rows, per device type (others use the CUDA size)."""
+
+_FLOATS = (torch.float32, torch.float64)
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_INF = math.inf
+
+
+# ------------------------------------------------------------------ array-API adapter (tracing)
+def _max(x: torch.Tensor, /, *, axis: Any = None, keepdims: bool = False) -> torch.Tensor:
+    return torch.amax(x, dim=() if axis is None else axis, keepdim=keepdims)
+
+
+def _sum(x: torch.Tensor, /, *, axis: Any = None, keepdims: bool = False,
+         dtype: Any = None) -> torch.Tensor:
+    if axis is None:
+        return torch.sum(x, dtype=dtype)
+    return torch.sum(x, dim=axis, keepdim=keepdims, dtype=dtype)
+
+
+def _astype(x: torch.Tensor, dtype: Any, /, *, copy: bool = True) -> torch.Tensor:
+    return x.to(dtype)
+
+
+def _build_array_api() -> types.ModuleType:
+    ns = types.ModuleType(
+        "kldiv.backends.torch_family.array_api",
+        "torch's own functions under the array API names the family's kernels call.",
+    )
+    for name, fn in {"exp": torch.exp, "log": torch.log, "logaddexp": torch.logaddexp,
+                     "where": torch.where, "clip": torch.clamp, "max": _max, "sum": _sum,
+                     "astype": _astype}.items():
+        setattr(ns, name, fn)
+    ns.__kldiv_name__ = "torch"  # type: ignore[attr-defined]
+    return ns
+
+
+array_api = _build_array_api()
+"""torch's own functions, array-API spelled: what dynamo traces the generic kernel with."""
+
+
+# ------------------------------------------------------------------------------ block math
+def _log(x: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    """A block in log space: ``log_softmax(x / T)`` (torch's fused kernel) for logits, ``x``
+    itself for log-probabilities. A row of all ``-inf`` logits gives NaN here: such blocks
+    take the generic route (see :func:`_forward`)."""
+    if kind == "log_probs":
+        return x
+    return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
+
+
+def _prob(x: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    if kind == "log_probs":
+        return torch.exp(x)
+    return torch.softmax(x / temperature if temperature != 1.0 else x, dim=-1)
+
+
+class _Plan:
+    """One call's constants: the op, the sides' kinds, the temperature, ``beta``."""
+
+    __slots__ = ("beta", "kinds", "op", "temperature")
+
+    def __init__(self, op: str, kinds: tuple[str, str], temperature: float, beta: float) -> None:
+        self.op, self.kinds, self.temperature, self.beta = op, kinds, temperature, beta
+
+
+def _step(a: torch.Tensor) -> int:
+    c = a.shape[-1]
+    return max(1, BLOCK_ELEMENTS.get(a.device.type, BLOCK_ELEMENTS["cuda"]) // max(c, 1))
+
+
+def _forward(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> tuple[Any, ...]:
+    """Per-row value and what the backward pass needs: ``(value, r1, r2, generic_blocks)``.
+
+    ``r1, r2`` are ``(KL, mass of P or None)`` for ``kl`` and ``(KL(P||M), KL(Q||M))`` for
+    ``js``. A block whose rows come out NaN (a row of all ``-inf`` logits, or NaN inputs) is
+    recomputed with the generic formula, which defines those rows exactly; its start is
+    listed in ``generic_blocks`` so that the backward pass does the same.
+    """
+    n, _ = a.shape
+    T = plan.temperature
+    r1 = torch.empty(n, dtype=a.dtype, device=a.device)
+    r2 = torch.empty_like(r1) if plan.op == "js" or plan.kinds[0] == "log_probs" else None
+    generic_blocks: set[int] = set()
+    step = _step(a)
+    if plan.op == "js":
+        log_b, log_1mb = math.log(plan.beta), math.log1p(-plan.beta)
+    for r0 in range(0, n, step):
+        s = slice(r0, min(n, r0 + step))
+        la = _log(a[s], plan.kinds[0], T)
+        lb = _log(b[s], plan.kinds[1], T)
+        pa = torch.exp(la)
+        if plan.op == "kl":
+            d = la - lb
+            # pa == 0: a -inf entry (0) or an underflow (0; +inf against lb = -inf)
+            t = torch.where(pa == 0.0, torch.where(d == _INF, d, 0.0), pa * d)
+            torch.sum(t, dim=-1, out=r1[s])
+            if r2 is not None:
+                torch.sum(pa, dim=-1, out=r2[s])
+        else:
+            assert r2 is not None
+            lm = torch.logaddexp(la + log_b, lb + log_1mb)
+            torch.sum((pa * (la - lm)).masked_fill_(pa == 0.0, 0.0), dim=-1, out=r1[s])
+            pb = torch.exp(lb)
+            torch.sum((pb * (lb - lm)).masked_fill_(pb == 0.0, 0.0), dim=-1, out=r2[s])
+        # NaN rows, and logits rows whose log-softmax is NaN (all -inf, or a NaN logit: NaN
+        # reaches every entry through the row maximum, so the first column tells)
+        checks = [r1[s]] if r2 is None else [r1[s], r2[s]]
+        checks += [x[:, 0] for x, kind in ((la, plan.kinds[0]), (lb, plan.kinds[1]))
+                   if kind == "logits"]
+        if bool(torch.isnan(torch.stack(checks)).any()):
+            generic_blocks.add(r0)
+            _generic_block(plan, a[s], b[s], r1[s], None if r2 is None else r2[s])
+    if plan.op == "kl":
+        value = r1
+    else:
+        assert r2 is not None
+        value = torch.add(r1 * plan.beta, r2, alpha=1.0 - plan.beta)
+    return value, r1, r2, generic_blocks
+
+
+def _generic_block(plan: _Plan, a: torch.Tensor, b: torch.Tensor, r1: torch.Tensor,
+                   r2: torch.Tensor | None) -> None:
+    """The rows of one block by the generic formula, written into ``r1`` (and ``r2``)."""
+    lp = to_log_space(array_api, a, plan.kinds[0], plan.temperature)
+    lq = to_log_space(array_api, b, plan.kinds[1], plan.temperature)
+    if plan.op == "kl":
+        r1.copy_(kl_terms(array_api, lp, lq))
+        if r2 is not None:
+            r2.copy_(torch.sum(torch.exp(lp), dim=-1))
+    else:
+        assert r2 is not None
+        kl_pm, kl_qm = js_parts(array_api, lp, lq, plan.beta)
+        r1.copy_(kl_pm)
+        r2.copy_(kl_qm)
+
+
+def _backward(plan: _Plan, a: torch.Tensor, b: torch.Tensor, rows: tuple[Any, ...],
+              grad: torch.Tensor, need_a: bool, need_b: bool) -> tuple[Any, Any]:
+    """The closed-form gradients (module docstring), one block of rows at a time."""
+    r1, r2, generic_blocks = rows
+    n, _ = a.shape
+    T = plan.temperature
+    ga = torch.empty_like(a, memory_format=torch.contiguous_format) if need_a else None
+    gb = torch.empty_like(b, memory_format=torch.contiguous_format) if need_b else None
+    logits_a, logits_b = (k == "logits" for k in plan.kinds)
+    beta = plan.beta
+    if plan.op == "js":
+        log_b, log_1mb = math.log(beta), math.log1p(-beta)
+    step = _step(a)
+    for r0 in range(0, n, step):
+        s = slice(r0, min(n, r0 + step))
+        g = grad[s].unsqueeze(-1)
+        if r0 in generic_blocks:
+            _generic_block_grad(plan, a[s], b[s], grad[s], None if ga is None else ga[s],
+                                None if gb is None else gb[s])
+            continue
+        if plan.op == "kl":
+            kl_ = r1[s].unsqueeze(-1)
+            mass = 1.0 if r2 is None else r2[s].unsqueeze(-1)  # P from logits sums to 1
+            if ga is not None:
+                la = _log(a[s], plan.kinds[0], T)
+                lb = _log(b[s], plan.kinds[1], T)
+                pa = torch.exp(la)
+                # G = p (lp - lq + 1), sum(G) = KL + mass: (G - p sum G) = p (lp - lq + 1 - KL - mass)
+                shift = (1.0 - kl_ - mass) if logits_a else 1.0
+                t = (pa * (la - lb + shift)).masked_fill_(pa == 0.0, 0.0)
+                _finish(t, g, logits_a, T, out=ga[s])
+            if gb is not None:
+                pa = _prob(a[s], plan.kinds[0], T)
+                # G = -p, sum(G) = -mass: (G - q sum G) = q mass - p
+                if logits_b:
+                    q = _prob(b[s], "logits", T)
+                    t = (q if r2 is None else q.mul_(mass)).sub_(pa)
+                else:
+                    t = pa.neg_()
+                _finish(t, g, logits_b, T, out=gb[s])
+        else:
+            assert r2 is not None
+            la = _log(a[s], plan.kinds[0], T)
+            lb = _log(b[s], plan.kinds[1], T)
+            lm = torch.logaddexp(la + log_b, lb + log_1mb)
+            if ga is not None:
+                pa = torch.exp(la)
+                shift = r1[s].unsqueeze(-1) if logits_a else 0.0
+                t = (pa * (la - lm - shift)).masked_fill_(pa == 0.0, 0.0).mul_(beta)
+                _finish(t, g, logits_a, T, out=ga[s])
+            if gb is not None:
+                pb = torch.exp(lb)
+                shift = r2[s].unsqueeze(-1) if logits_b else 0.0
+                t = (pb * (lb - lm - shift)).masked_fill_(pb == 0.0, 0.0).mul_(1.0 - beta)
+                _finish(t, g, logits_b, T, out=gb[s])
+    return ga, gb
+
+
+def _finish(t: torch.Tensor, g: torch.Tensor, logits: bool, temperature: float,
+            out: torch.Tensor) -> None:
+    """``out = t * g`` (``/ T`` on a logits side)."""
+    if logits and temperature != 1.0:
+        g = g / temperature
+    torch.mul(t, g, out=out)
+
+
+def _generic_rows(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The generic formula with differentiable torch ops."""
+    lp = to_log_space(array_api, a, plan.kinds[0], plan.temperature)
+    lq = to_log_space(array_api, b, plan.kinds[1], plan.temperature)
+    div = MEMBERS[plan.op]
+    params = {"beta": plan.beta} if plan.op == "js" else {}
+    out: torch.Tensor = div.generic(array_api, lp, lq, **params)
+    return out
+
+
+def _generic_block_grad(plan: _Plan, a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor,
+                        ga: torch.Tensor | None, gb: torch.Tensor | None) -> None:
+    """One block's gradients by autograd through the generic formula (rows the closed forms
+    do not cover: all ``-inf`` logits, NaN)."""
+    with torch.enable_grad():
+        x = a.detach().requires_grad_(ga is not None)
+        y = b.detach().requires_grad_(gb is not None)
+        wanted = [v for v in (x, y) if v.requires_grad]
+        grads = iter(torch.autograd.grad(_generic_rows(plan, x, y), wanted, grad))
+    if ga is not None:
+        ga.copy_(next(grads))
+    if gb is not None:
+        gb.copy_(next(grads))
+
+
+class _Fused(torch.autograd.Function):
+    """Per-row divergence of two ``(rows, classes)`` tensors, fused forward and backward."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        value, r1, r2, generic_blocks = _forward(plan, a, b)
+        ctx.plan = plan
+        ctx.rows = (r1, r2, generic_blocks)
+        ctx.save_for_backward(a, b)
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        a, b = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            with torch.enable_grad():
+                wanted = [x for x, need in ((a, need_a), (b, need_b)) if need]
+                grads = iter(torch.autograd.grad(_generic_rows(ctx.plan, a, b), wanted, grad,
+                                                 create_graph=True))
+            return (next(grads) if need_a else None, next(grads) if need_b else None, None)
+        ga, gb = _backward(ctx.plan, a, b, ctx.rows, grad, need_a, need_b)
+        return ga, gb, None
+
+
+def _accepts(y_true: Any, y_pred: Any) -> bool:
+    if type(y_pred) not in _TENSOR_TYPES or type(y_true) not in _TENSOR_TYPES:
+        return False
+    dtype = y_pred.dtype
+    if dtype not in _FLOATS or y_true.dtype != dtype:
+        return False
+    if y_pred.layout != torch.strided or y_true.layout != torch.strided:
+        return False
+    if y_true.device != y_pred.device:
+        return False
+    if y_pred.ndim == 0 and y_true.ndim == 0:
+        return False
+    return not _tracing()
+
+
+def _run(op: str, y_true: Any, y_pred: Any, spaces: tuple[str, str], temperature: float,
+         beta: float = 0.5) -> Any:
+    if not _accepts(y_true, y_pred):
+        return NotImplemented
+    shape = torch.broadcast_shapes(y_true.shape, y_pred.shape)
+    if 0 in shape:
+        return NotImplemented
+    kinds = []
+    sides = []
+    for x, space in ((y_true, spaces[0]), (y_pred, spaces[1])):
+        if space == "probs":  # Keras' clip, then logs: autograd differentiates these two ops
+            x = torch.log(torch.clamp(x, EPSILON, 1.0))
+            space = "log_probs"
+        kinds.append(space)
+        sides.append(x.expand(shape).reshape(-1, shape[-1]))
+    plan = _Plan(op, (kinds[0], kinds[1]), temperature, beta)
+    a, b = sides
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        out: torch.Tensor = _Fused.apply(a, b, plan)
+    else:
+        out = _forward(plan, a, b)[0]
+    return out.reshape(shape[:-1])
+
+
+def kl(y_true: Any, y_pred: Any, *, spaces: tuple[str, str], temperature: float) -> Any:
+    """``KL(P || Q)`` per row (P from ``y_true``), differentiable, or ``NotImplemented``."""
+    return _run("kl", y_true, y_pred, spaces, temperature)
+
+
+def reverse_kl(y_true: Any, y_pred: Any, *, spaces: tuple[str, str], temperature: float) -> Any:
+    """``KL(Q || P)`` per row: the forward KL with the sides swapped."""
+    return _run("kl", y_pred, y_true, (spaces[1], spaces[0]), temperature)
+
+
+def js(y_true: Any, y_pred: Any, *, spaces: tuple[str, str], temperature: float,
+       beta: float) -> Any:
+    """The generalized Jensen-Shannon divergence per row, or ``NotImplemented``."""
+    return _run("js", y_true, y_pred, spaces, temperature, beta)
