@@ -49,8 +49,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 FULL = {"n": 4096, "h": 256, "v": 32768, "curve": [1024, 2048, 4096, 8192, 16384, 32768],
         "plain_curve_max": 8192, "reps": 5}
-QUICK = {"n": 512, "h": 64, "v": 4096, "curve": [256, 512, 1024, 2048],
-         "plain_curve_max": 2048, "reps": 2}
+QUICK = {"n": 1024, "h": 64, "v": 16384, "curve": [256, 512, 1024, 2048],
+         "plain_curve_max": 2048, "reps": 2}  # automatic chunks of 512 rows: a flat curve
 BETA = 0.5
 
 

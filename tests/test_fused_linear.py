@@ -262,6 +262,30 @@ def test_torch_gradient_modes_agree(torch: Any, monkeypatch: pytest.MonkeyPatch)
         _close(a, e, 1e-12)
 
 
+def test_torch_backward_twice_and_scaled(torch: Any) -> None:
+    """The stored gradients are handed over unscaled for a unit incoming gradient; a second
+    backward through the same result is a clear error, never a wrong gradient; other
+    incoming gradients scale them, any number of times."""
+    d = _data(16)
+    h = torch.tensor(d["h"], requires_grad=True)
+    w = torch.tensor(d["w"], requires_grad=True)
+
+    def loss() -> Any:
+        return fused_linear_divergence(h, w, torch.tensor(d["tl"]), chunk_size=3)
+
+    out = loss()
+    out.backward(retain_graph=True)
+    first = (h.grad.clone(), w.grad.clone())
+    with pytest.raises(RuntimeError, match="second backward through the same result"):
+        out.backward()
+    _close(h.grad, first[0], 1e-12)
+    out = loss()
+    for _ in range(2):
+        gh, gw = torch.autograd.grad(3.5 * out, (h, w), retain_graph=True)
+        _close(gh, 3.5 * first[0], 1e-12)
+        _close(gw, 3.5 * first[1], 1e-12)
+
+
 def test_torch_teacher_is_constant(torch: Any) -> None:
     d = _data(7)
     h, w = torch.tensor(d["h"], requires_grad=True), torch.tensor(d["w"], requires_grad=True)

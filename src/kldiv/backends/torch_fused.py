@@ -24,7 +24,8 @@ once (the weight: one ``V x H`` float32 copy).
 
 The whole route is opaque to ``torch.compile``: :func:`run` is wrapped in
 ``torch.compiler.disable``, so a compiled model calls it eagerly across one graph break.
-Double backward (``create_graph=True``) is not supported.
+Double backward (``create_graph=True``) is not supported, nor (for reduced results) a second
+backward through the same result with ``retain_graph=True``: a clear ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -273,7 +274,20 @@ class _ForwardGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        grads = [None if g is None else g * grad.to(g.dtype) for g in ctx.saved_tensors]
+        if getattr(ctx, "handed_over", False):
+            raise RuntimeError(
+                "fused_linear_divergence: a second backward through the same result (e.g. "
+                "retain_graph=True) is not supported: its stored gradients were handed over "
+                "to the first one. Call fused_linear_divergence again for a new graph.")
+        saved = ctx.saved_tensors
+        if bool(grad == 1):
+            # ``loss.backward()`` brings exactly 1: hand the stored gradients over as they are
+            # (autograd takes them without a copy; Liger does the same). They may then
+            # become ``.grad`` and change in place, so they are never used again.
+            ctx.handed_over = True
+            grads = list(saved)
+        else:
+            grads = [None if g is None else g * grad.to(g.dtype) for g in saved]
         return (*grads, None, None, None, None, None, None)
 
 
