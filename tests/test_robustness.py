@@ -418,6 +418,125 @@ def test_torch_inplace_change_before_backward_is_never_silent(
     assert spy == ["numpy"]
 
 
+_WEIGHT_SCALE = {"sum": lambda w: 1.0, "none": lambda w: 1.0,
+                 "mean_with_sample_weight": lambda w: 1.0 / float(np.sum(w)),
+                 "auto": lambda w: 1.0 / w.size}
+
+
+@pytest.mark.parametrize("reduction", sorted(_WEIGHT_SCALE))
+@pytest.mark.parametrize("kind", ["numpy", "torch.from_numpy"])
+@pytest.mark.parametrize("path", ["fast", "generic"])
+def test_torch_numpy_sample_weight_refilled_before_backward(
+        path: str, kind: str, reduction: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``loss * w`` saves ``w`` for backward: a weight over NumPy memory (converted without a
+    copy, or ``torch.from_numpy``) refilled before ``backward()`` must not change the
+    gradient, on the fast and the generic path, for every reduction."""
+    torch = _torch()
+    spy = _fused_spy(monkeypatch)
+    rng = np.random.default_rng(11)
+    t, p = rng.uniform(0.0, 1.0, (2, 200, 32))
+    w1, w2 = rng.uniform(0.0, 2.0, (2, 200))
+    buf = w1.copy()
+    weight = buf if kind == "numpy" else torch.from_numpy(buf)
+    yp = torch.tensor(p, requires_grad=True)
+    loss_fn = kldiv.KLDivergence(reduction=reduction)
+    if path == "generic":
+        with kldiv.use_generic():
+            out = loss_fn(t, yp, sample_weight=weight)
+    else:
+        out = loss_fn(t, yp, sample_weight=weight)
+    buf[:] = w2                                     # the loader refills its buffer
+    out.sum().backward()
+    _close(yp.grad, _grads_at(t, p, w1)[1] * _WEIGHT_SCALE[reduction](w1), np.float64)
+    assert spy == (["numpy"] if path == "fast" else [])
+
+
+def test_call_time_values_copies_only_foreign_memory_saved_for_backward() -> None:
+    """The copy is made only where it is needed: grad mode on, a peer that requires grad,
+    memory torch does not own."""
+    torch = _torch()
+    from kldiv._namespace import call_time_values
+
+    a = np.ones(8)
+    foreign, own = torch.from_numpy(a), torch.ones(8, dtype=torch.float64)
+    peer, plain = torch.ones(8, requires_grad=True), torch.ones(8)
+    assert call_time_values(own, peer) is own
+    assert call_time_values(foreign, plain) is foreign
+    with torch.no_grad():
+        assert call_time_values(foreign, peer) is foreign
+    copy = call_time_values(foreign, peer)
+    assert copy is not foreign and copy.untyped_storage().resizable()
+    a[:] = 2
+    assert float(copy.sum()) == 8.0
+
+
+def test_jax_inputs_from_torch_changed_after_call() -> None:
+    """torch tensors reach JAX through DLPack, which aliases CPU memory. JAX arrays are
+    immutable: JAX dispatches asynchronously and ``jax.vjp`` keeps residuals for later, so a
+    torch ``y_true`` / ``sample_weight`` changed in place after the call must change neither
+    the result nor the gradient."""
+    torch = _torch()
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng(12)
+    t, t2 = rng.uniform(0.0, 1.0, (2, 200, 32)).astype(np.float32)
+    p = rng.uniform(0.0, 1.0, (200, 32)).astype(np.float32)
+    w1, w2 = rng.uniform(0.0, 2.0, (2, 200)).astype(np.float32)
+    loss_fn = kldiv.KLDivergence(reduction="sum")
+    yt, yw = torch.tensor(t), torch.tensor(w1)
+    value, vjp = jax.vjp(lambda q: loss_fn(yt, q, sample_weight=yw), jnp.asarray(p))
+    yt.copy_(torch.tensor(t2))
+    yw.copy_(torch.tensor(w2))
+    (g,) = vjp(jnp.ones((), jnp.float32))
+    _close(g, _grads_at(t, p, w1)[1], np.float32)
+    _close(value, float(np.sum(w1 * _oracle64(t, p))), np.float32)
+    # the forward pass alone: JAX may run it after kldiv returns (asynchronous dispatch)
+    big_t = rng.uniform(0.0, 1.0, (2000, 1000)).astype(np.float32)
+    big_p = jnp.asarray(rng.uniform(0.0, 1.0, (2000, 1000)).astype(np.float32))
+    want = np.asarray(kldiv.kld(jnp.asarray(big_t), big_p))
+    for _ in range(5):
+        src = torch.tensor(big_t)
+        out = kldiv.kld(src, big_p)
+        src.zero_()
+        np.testing.assert_array_equal(np.asarray(out), want)
+
+
+def _oracle64(t: np.ndarray, p: np.ndarray) -> np.ndarray:
+    tc = np.clip(t.astype(np.float64), 1e-7, 1)
+    pc = np.clip(p.astype(np.float64), 1e-7, 1)
+    return np.sum(tc * np.log(tc / pc), axis=-1)
+
+
+def test_tensorflow_inputs_from_torch_changed_before_gradient() -> None:
+    """torch tensors reach TensorFlow through DLPack (zero-copy); a ``GradientTape`` keeps
+    them for ``tape.gradient``: changing them in place in between must not change it."""
+    if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("torch") is None:
+        pytest.skip("needs tensorflow and torch")
+    res = _run_script("""
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        import torch
+        import tensorflow as tf
+        rng = np.random.default_rng(13)
+        t, t2, p = rng.uniform(0.0, 1.0, (3, 200, 32))
+        w1, w2 = rng.uniform(0.0, 2.0, (2, 200))
+        loss_fn = kldiv.KLDivergence(reduction="sum")
+
+        def grad(y_true, weight, change=None):
+            v = tf.Variable(p)
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y_true, v, sample_weight=weight)
+            if change:
+                change()
+            return tape.gradient(loss, v).numpy()
+
+        want = grad(t, w1)
+        yt, yw = torch.tensor(t), torch.tensor(w1)
+        got = grad(yt, yw, lambda: (yt.copy_(torch.tensor(t2)), yw.copy_(torch.tensor(w2))))
+        print("RESULT " + json.dumps({"diff": float(np.abs(got - want).max())}))
+    """)
+    assert res["diff"] < 1e-12, res
+
+
 # ------------------------------------------------------------ forward AD, batched backward
 def _fwd_inputs(torch: Any) -> tuple[Any, Any, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(6)

@@ -21,6 +21,7 @@ __all__ = [
     "ArrayLike",
     "array_namespace",
     "as_pred_array",
+    "call_time_values",
     "check_dense",
     "dtype_kind",
     "dtype_name",
@@ -359,17 +360,54 @@ def _check_castable(x_dtype: Any, target: Any, what: str) -> None:
     raise TypeError(f"{what} has dtype {x_dtype}, which cannot be cast to y_pred's dtype {target}.")
 
 
-def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str) -> Any:
+def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str,
+                 peer: Any = None) -> Any:
     """Convert ``x`` (any library, list or scalar) to namespace ``xp`` on ``device`` as ``dtype``.
 
     Arrays of the same library only move when they sit on another device; arrays of another
     library go through DLPack (zero-copy where the devices agree) and only fall back to a
-    copy through NumPy when DLPack cannot do it.
+    copy through NumPy when DLPack cannot do it. JAX and TensorFlow arrays are immutable and
+    may be read after the call (asynchronous dispatch, residuals kept for ``jax.vjp`` or a
+    ``GradientTape``), so memory imported into them from a mutable library (torch, CuPy) is
+    copied.
+
+    ``peer`` is an array whose gradient autograd may compute from the result later (the loss
+    that a ``sample_weight`` multiplies): see :func:`call_time_values`.
     """
     if torch_compiling() and not _is_torch(x) and namespace_name(xp) == "torch":
         # dynamo traces NumPy (and Python lists through np.asarray) as torch, but cannot read
         # an ndarray's dtype: go straight to a tensor
         return sys.modules["torch"].as_tensor(x, dtype=dtype, device=device)
+    out = _to_namespace(x, xp, device, dtype, what)
+    return out if peer is None else call_time_values(out, peer)
+
+
+def call_time_values(x: Any, peer: Any) -> Any:
+    """``x``, or a copy of it in memory torch owns, where autograd may save ``x`` for a later
+    backward pass of ``peer`` and ``x``'s memory is not torch's own.
+
+    Autograd's contract is the values at call time. Its version counter sees every in-place
+    change made through torch (changing a saved tensor raises torch's "modified by an
+    inplace operation" error), but not a write to memory torch did not allocate: a NumPy
+    array converted without a copy, ``torch.from_numpy``, a DLPack import, ``torch.frombuffer``
+    (the storages torch cannot resize). A reused loader buffer refilled before ``backward()``
+    would change the gradient silently, so such a tensor is copied when grad mode is on and
+    ``peer`` requires a gradient. The same rule as the torch fast path's for its inputs
+    (``kldiv.backends.torch_._private``). Not applied while ``torch.compile`` traces: the
+    compiled backward reads its graph inputs when it runs, a copy inside the graph or not.
+    """
+    torch = sys.modules.get("torch")
+    if (torch is None or not isinstance(x, torch.Tensor) or not isinstance(peer, torch.Tensor)
+            or not peer.requires_grad or not torch.is_grad_enabled() or torch_compiling()):
+        return x
+    try:
+        own = x.layout != torch.strided or x.untyped_storage().resizable()
+    except (RuntimeError, NotImplementedError):  # no storage to ask (functorch wrappers)
+        return x
+    return x if own else x.clone()
+
+
+def _to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, what: str) -> Any:
     check_dense(x, what)
     if not is_array(x):
         arr = _from_python(x, what)
@@ -456,7 +494,10 @@ def _foreign_to(x: Any, xp: ModuleType, device: Any, dtype: Any) -> Any:
         return xp.asarray(_host_numpy(x) if not array_api_compat.is_numpy_array(x) else x)
     if array_api_compat.is_jax_namespace(xp):
         try:
-            out = xp.asarray(x) if array_api_compat.is_numpy_array(x) else xp.from_dlpack(x)
+            if array_api_compat.is_numpy_array(x):
+                out = xp.asarray(x)  # a copy, made during the call
+            else:
+                out = _own_copy(xp, xp.from_dlpack(x), x)
         except Exception:
             out = xp.asarray(_host_numpy(x))
         if device is not None and get_device(out) != device:
@@ -468,7 +509,38 @@ def _foreign_to(x: Any, xp: ModuleType, device: Any, dtype: Any) -> Any:
         out = None
     if out is None:
         return _asarray(xp, _host_numpy(x), device, dtype)
+    if namespace_name(xp) == "tensorflow":
+        out = _own_copy(xp, out, x)
     if device is not None and get_device(out) != device:
         out = _to_device(out, device)
     return out
+
+
+# Libraries whose arrays nobody changes in place: memory imported from them needs no copy.
+_IMMUTABLE = frozenset({"jax", "tensorflow"})
+
+
+def _own_copy(xp: ModuleType, out: Any, source: Any) -> Any:
+    """``out`` (a zero-copy DLPack import of ``source`` into JAX or TensorFlow) as a copy that
+    ``xp`` owns, finished before returning, unless ``source``'s library is immutable too.
+
+    JAX and TensorFlow treat their arrays as immutable: JAX dispatches asynchronously (its
+    kernel may read ``out`` after kldiv returns), ``jax.vjp`` and ``GradientTape`` keep it for a
+    later backward pass. A torch or CuPy buffer changed in place after the call (a reused
+    loader buffer) would change the result or the gradient silently. JAX's
+    ``from_dlpack(copy=True)`` still aliases CPU memory; the copy below is waited for, so
+    that its own asynchronous read cannot race either.
+    """
+    try:
+        src = namespace_name(array_namespace(source))
+    except TypeError:
+        src = ""
+    if src in _IMMUTABLE:
+        return out
+    if namespace_name(xp) == "tensorflow":
+        tf = sys.modules["tensorflow"]
+        return tf.raw_ops.DeepCopy(x=out)  # tf.identity would share the buffer
+    out = xp.array(out, copy=True)
+    ready = getattr(out, "block_until_ready", None)  # not on a tracer (inside jax.jit)
+    return out if ready is None else ready()
 

@@ -75,8 +75,14 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[
     Keras 2 rank rules, for a loss of rank r: a scalar multiplies everything; rank r + 1 with
     a last axis of 1 is squeezed; rank r - 1 gets a trailing axis (so a (B,) weight scales each
     row of a (B, T) loss); otherwise the weight must broadcast to the loss' shape.
+
+    ``loss * w`` saves ``w`` for the loss' backward pass: a weight over memory torch does not
+    own (a NumPy array converted without a copy) is copied when that gradient may be needed,
+    so that refilling its buffer before ``backward()`` cannot change the gradient
+    (:func:`kldiv._namespace.call_time_values`).
     """
-    w = to_namespace(sample_weight, xp, get_device(loss), loss.dtype, what="sample_weight")
+    w = to_namespace(sample_weight, xp, get_device(loss), loss.dtype, what="sample_weight",
+                     peer=loss)
     r = loss.ndim
     if w.ndim == r + 1 and w.shape[-1] == 1:
         w = xp.reshape(w, tuple(w.shape[:-1]))
