@@ -697,6 +697,21 @@ def test_torch_compile_fullgraph() -> None:
     torch.testing.assert_close(b1.grad, b2.grad, rtol=1e-10, atol=1e-12)
 
 
+def test_torch_func_transforms() -> None:
+    """torch.func.grad / vmap trace the generic formula (the fast path declines under them)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(25)
+    t, p = (torch.tensor(x) for x in _inputs(rng, (4, 8), "logits", one_sided=False))
+    for member in MEMBERS:
+        g = torch.func.grad(lambda y, m=member: _call(m, t, y, inputs="logits",
+                                                      temperature=2.0).sum())(p)
+        y = p.clone().requires_grad_()
+        _call(member, t, y, inputs="logits", temperature=2.0).sum().backward()
+        torch.testing.assert_close(g, y.grad, rtol=1e-10, atol=1e-12)
+        v = torch.func.vmap(lambda a, b, m=member: _call(m, a, b, inputs="logits"))(t, p)
+        torch.testing.assert_close(v, _call(member, t, p, inputs="logits"), rtol=1e-12, atol=1e-12)
+
+
 def test_tensorflow_values_and_gradient_tape() -> None:
     tf = pytest.importorskip("tensorflow")
     rng = np.random.default_rng(19)

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _divergence
 from ._divergence import JS, KL, REVERSE_KL, Divergence
-from ._functional import Prepared, _shape_str, compute, kl_divergence, prepare
+from ._functional import Prepared, _shape_str, compute, prepare
 from ._namespace import device_scope, namespace_name, torch_compiling
 from ._spaces import parse_inputs, to_log_space, validate_temperature
 from .backends import generic_forced
@@ -173,9 +173,12 @@ def _compute(call: Call, prep: Prepared, cast: bool) -> Any:
 
 
 def evaluate(call: Call, y_true: Any, y_pred: Any) -> Any:
-    """Prepare and compute one resolved call (the functions' common body)."""
-    if call.keras_route and call.divergence is KL:
-        return kl_divergence(y_true, y_pred)  # today's code path, unchanged
+    """Prepare and compute one resolved call (the functions' common body).
+
+    For the forward KL with ``inputs="probs"`` this is ``compute(prepare(y_true, y_pred,
+    squeeze=False))``: the body of :func:`kldiv.kl_divergence` itself (it never calls that
+    function, so ``kl_divergence`` may delegate to :func:`kl_divergence_family`).
+    """
     return compute_family(call, prepare_family(y_true, y_pred))
 
 
@@ -183,7 +186,8 @@ def kl_divergence_family(y_true: Any, y_pred: Any, /, *, inputs: Any = "probs",
                          temperature: Any = 1.0) -> Any:
     """``KL(P || Q)`` from any input space (the body of ``kl_divergence(..., inputs=...)``).
 
-    ``inputs="probs"`` runs :func:`kldiv.kl_divergence`'s own code, unchanged. See
+    ``inputs="probs"`` runs :func:`kldiv.kl_divergence`'s own code (prepare, Keras KL fast
+    paths), unchanged. See
     :func:`reverse_kl_divergence` for the parameters.
 
     Examples
@@ -193,7 +197,7 @@ def kl_divergence_family(y_true: Any, y_pred: Any, /, *, inputs: Any = "probs",
     >>> logits_t = np.array([[2.0, 1.0, -np.inf]])
     >>> logits_s = np.array([[1.0, 1.0, 0.0]])
     >>> kl_divergence_family(logits_t, logits_s, inputs="logits").round(6)
-    array([0.241058])
+    array([0.279792])
     """
     return evaluate(resolve(KL, inputs=inputs, temperature=temperature), y_true, y_pred)
 
@@ -253,10 +257,10 @@ def reverse_kl_divergence(y_true: Any, y_pred: Any, /, *, inputs: Any = "probs",
     >>> p = np.array([0.7, 0.2, 0.1])
     >>> q = np.array([0.5, 0.25, 0.25])
     >>> round(float(kldiv._family.reverse_kl_divergence(p, q)), 6)
-    0.092998
+    0.116622
     >>> lp, lq = np.log(p), np.log(q)
     >>> round(float(kldiv._family.reverse_kl_divergence(lp, lq, inputs="log_probs")), 6)
-    0.092998
+    0.116622
     """
     return evaluate(resolve(REVERSE_KL, inputs=inputs, temperature=temperature), y_true, y_pred)
 
