@@ -511,3 +511,72 @@ def test_dask_metric_over_many_updates() -> None:
         m.update_state(t, p)
     expected = (0.9162892 * 200 - 199 * 3.0809074e-06) / 399
     np.testing.assert_allclose(float(m.result().compute()), expected, rtol=1e-6)
+
+
+# -- error messages name the class unambiguously (the loss is also called KLDivergence) ----------
+
+
+def test_merge_state_of_a_loss_names_both_classes_fully() -> None:
+    m = KLDivergence()
+    with pytest.raises(TypeError, match=r"kldiv\.metrics\.KLDivergence.*got kldiv\.losses\.KLDivergence \(a loss"):
+        m.merge_state(kldiv.KLDivergence())
+    with pytest.raises(TypeError, match=r"got numpy\.ndarray\."):
+        m.merge_state(np.zeros(2))
+    with pytest.raises(TypeError, match=r"got int\."):
+        m.merge_state(3)  # type: ignore[arg-type]
+
+
+def test_every_metric_error_names_the_metric_class_fully() -> None:
+    torch = pytest.importorskip("torch")
+    qualified = r"kldiv\.metrics\.KLDivergence"
+    m = KLDivergence()
+    m.update_state(np.asarray(SEED_T, np.float32), np.asarray(SEED_P, np.float32))
+    with pytest.raises(TypeError, match=qualified + r"\(name=.*numpy state.*torch arrays"):
+        m.update_state(torch.tensor(SEED_T), torch.tensor(SEED_P))
+    other = KLDivergence(name="worker")
+    other.update_state(torch.tensor(SEED_T), torch.tensor(SEED_P))
+    with pytest.raises(TypeError, match=qualified + r".*merge_state\(" + qualified + r"\(name='worker'"):
+        m.merge_state(other)
+    with pytest.raises(ValueError, match=qualified + " dtype"):
+        KLDivergence(dtype="int32")
+    with pytest.raises(TypeError, match=qualified + " name must be a str, got int"):
+        KLDivergence(name=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=qualified + " config names function"):
+        KLDivergence.from_config({"name": "kl", "fn": "mean_squared_error"})
+    with pytest.raises(TypeError, match="Unknown " + qualified + " config keys"):
+        KLDivergence.from_config({"name": "kl", "reduction": "sum"})
+
+
+def test_dtype_objects_of_every_library_and_keras_policies() -> None:
+    class Policy:  # what a Keras DTypePolicy exposes
+        name = "mixed_bfloat16"
+        compute_dtype = "bfloat16"
+
+    class TFDType:  # what a TensorFlow DType exposes (np.dtype() cannot read it)
+        name = "float64"
+
+        def __repr__(self) -> str:
+            return "<dtype: 'float64'>"
+
+    assert KLDivergence(dtype=Policy()).dtype == "bfloat16"
+    assert KLDivergence(dtype=TFDType()).dtype == "float64"
+    assert KLDivergence(dtype="mixed_float16").dtype == "float16"
+    torch = pytest.importorskip("torch")
+    assert KLDivergence(dtype=torch.float64).dtype == "float64"
+
+
+def test_pickle_rebuilds_through_the_constructor() -> None:
+    """A pickled metric is rebuilt with its config and state (never a half-made object)."""
+    m = KLDivergence(name="kl", dtype="float64")
+    m.update_state(SEED_T, SEED_P, sample_weight=[1, 0])
+    func = m.__reduce__()[0]
+    assert func is metrics._restore_metric
+    copy = pickle.loads(pickle.dumps(m))
+    assert type(copy) is type(m) and copy.get_config() == m.get_config()
+    assert copy.result().dtype == np.float64 and copy.result() == m.result()
+    assert str(np.float32(copy.result())) == "0.9162892"
+    copy.update_state(SEED_T, SEED_P)
+    assert str(np.float32(copy.result())) == "0.61085844"
+    assert str(np.float32(m.result())) == "0.9162892"  # the original is untouched
+    fresh = pickle.loads(pickle.dumps(KLDivergence()))
+    assert fresh.variables == [] and fresh.library is None

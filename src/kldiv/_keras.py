@@ -28,14 +28,14 @@ computes the same running mean (in Keras variables) either way.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from types import FrameType, ModuleType
 from typing import Any
 
-from ._functional import kl_divergence
 from ._namespace import get_device
 
-__all__ = ["called_by_keras_wrapper", "keras_driven", "loaded_keras", "metric_class"]
+__all__ = ["called_by_keras_wrapper", "in_graph", "in_keras_scope", "loaded_keras", "metric_class"]
 
 
 # ---- which Keras ----------------------------------------------------------------------------
@@ -97,20 +97,24 @@ def called_by_keras_wrapper(metric: object, depth: int = 8) -> bool:
     return False
 
 
-def keras_driven(*arrays: Any) -> bool:
-    """True when Keras drives the call: a Keras stateless or symbolic scope, a TensorFlow graph
-    being built, or a symbolic (Keras or TensorFlow graph) tensor among ``arrays``.
-
-    A metric's state cannot be plain arrays there: they would be tracers, meta tensors or graph
-    tensors that outlive their trace.
-    """
+def in_keras_scope() -> bool:
+    """True inside a Keras 3 stateless or symbolic scope: ``compile``'s symbolic build (every
+    backend) and the JAX trainer's stateless steps. Keras is using the metric there."""
     backend = sys.modules.get("keras.src.backend")
-    if backend is not None:
-        try:
-            if backend.in_stateless_scope() or backend.in_symbolic_scope():
-                return True
-        except Exception:  # another Keras 3 layout: fall through to the tensor checks
-            pass
+    if backend is None:
+        return False
+    try:
+        return bool(backend.in_stateless_scope() or backend.in_symbolic_scope())
+    except Exception:  # another Keras 3 layout
+        return False
+
+
+def in_graph(*arrays: Any) -> bool:
+    """True while a TensorFlow graph is built (``tf.function``: compiled Keras steps on
+    TensorFlow, tf.keras' ``fit``), or with a Keras symbolic tensor among ``arrays``.
+
+    kldiv's own state cannot live there: graph tensors would outlive their graph.
+    """
     tf = sys.modules.get("tensorflow")
     if tf is not None:
         try:
@@ -129,12 +133,19 @@ def keras_driven(*arrays: Any) -> bool:
     return bool(symbolic) and any(isinstance(a, symbolic) for a in arrays)
 
 
-# ---- the per-sample function Keras' MeanMetricWrapper averages ---------------------------------
+def _host_float(x: Any) -> float:
+    """A 0-d array of any library (Dask computed) as a Python float."""
+    compute = getattr(x, "compute", None)
+    return float(compute() if callable(compute) else x)
 
 
-def per_sample_kl_divergence(y_true: Any, y_pred: Any) -> Any:
-    """``kldiv.kl_divergence`` on Keras' tensors: what ``MeanMetricWrapper`` averages."""
-    return kl_divergence(y_true, y_pred)
+def _is_tf_tensor(arrays: tuple[Any, ...]) -> bool:
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and any(isinstance(a, (tf.Tensor, tf.Variable)) for a in arrays)
+
+
+def _holds_keras(metric: Any) -> bool:
+    return getattr(metric, "_kldiv_mode", None) == "keras"
 
 
 # ---- the Keras-aware metric class ------------------------------------------------------------
@@ -144,6 +155,12 @@ _CLASSES: dict[tuple[type, type], type] = {}
 
 def metric_class(cls: type) -> type | None:
     """``cls`` (kldiv's metric class) made a subclass of the loaded Keras' ``MeanMetricWrapper``.
+
+    ``cls`` provides the plain engine (``update_state``, ``result``, ``reset_state``,
+    ``merge_state``, ``variables``, ``library``, ``device``, ``get_config``/``from_config``,
+    ``_kldiv_state``/``_kldiv_set_state``) and ``_per_sample(y_true, y_pred)``, the per-sample
+    function Keras' wrapper averages, plus the helpers ``_check_name``, ``_normalize_dtype``,
+    ``_check_mergeable`` and ``_describe``: any kldiv metric with these can be made Keras-aware.
 
     ``None`` without a loaded Keras, or when ``cls`` already is such a class. The class has
     ``cls``'s name, module and docstring, and is cached per (``cls``, Keras).
@@ -206,19 +223,47 @@ class _KerasMetric:
     # -- engine choice ---------------------------------------------------------------------------
 
     def _kldiv_to_keras(self) -> None:
-        """Keras drives the metric from now on; kldiv's own state (if any) is dropped, as Keras
-        resets its metrics before it fits or evaluates."""
-        if self._kldiv_mode != "keras":
-            self._kldiv_mode = "keras"
-            self._total = self._count = None
+        """Keras' engine from now on (for good: Keras keeps references to its variables).
 
-    def _kldiv_keras_engine(self, *arrays: Any) -> bool:
+        What kldiv's engine had accumulated moves into the Keras variables, as a Keras metric
+        keeps what it was given; inside a Keras stateless or symbolic scope no variable can be
+        written, and it is dropped: that is ``compile``'s symbolic build, after which Keras
+        resets the metric before fitting or evaluating, as it does its own.
+        """
+        if self._kldiv_mode == "keras":
+            return
+        held = self._kldiv_class._kldiv_state(self)[1]
+        self._kldiv_mode = "keras"
+        self._total = self._count = None
+        if held is not None and not in_keras_scope():
+            self._kldiv_keras_add([_host_float(s.total()) for s in held])
+
+    def _kldiv_keras_add(self, values: list[float]) -> None:
+        """``assign_add`` host numbers ``[total, count]`` to the Keras variables, eagerly (also
+        from inside a ``tf.function`` being traced: once, not at every call of the graph)."""
+        tf = sys.modules.get("tensorflow")
+        scope = tf.init_scope() if tf is not None else contextlib.nullcontext()
+        with scope:
+            for variable, value in zip(super().variables, values, strict=True):  # type: ignore[misc]
+                variable.assign_add(value)
+
+    def _kldiv_keras_engine(self, *arrays: Any, updating: bool = True) -> bool:
+        """Whether Keras' engine serves this call (switching to it when Keras drives the call)."""
         if self._kldiv_mode == "keras":
             return True
-        if keras_driven(*arrays):
+        if in_keras_scope() or (updating and self._kldiv_keras_wants(arrays)):
             self._kldiv_to_keras()
             return True
         return False
+
+    def _kldiv_keras_wants(self, arrays: tuple[Any, ...]) -> bool:
+        """An update for Keras' engine: one in a TensorFlow graph (kldiv's state cannot live
+        there), or of TensorFlow tensors while Keras runs on TensorFlow (Keras 3's TensorFlow
+        backend calls its metrics eagerly with them when ``run_eagerly=True``)."""
+        return in_graph(*arrays) or (self._kldiv_on_tensorflow() and _is_tf_tensor(arrays[1:2]))
+
+    def _kldiv_on_tensorflow(self) -> bool:
+        return True
 
     # -- the metric API --------------------------------------------------------------------------
 
@@ -230,12 +275,12 @@ class _KerasMetric:
         return None
 
     def result(self) -> Any:
-        if self._kldiv_keras_engine():
+        if self._kldiv_keras_engine(updating=False):
             return self._kldiv_keras_result()
         return self._kldiv_class.result(self)
 
     def reset_state(self) -> None:
-        if self._kldiv_keras_engine():
+        if self._kldiv_keras_engine(updating=False):
             super().reset_state()  # type: ignore[misc]
             return
         self._kldiv_class.reset_state(self)
@@ -248,7 +293,7 @@ class _KerasMetric:
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         if called_by_keras_wrapper(self):
-            return per_sample_kl_divergence(y_true, y_pred)
+            return self._kldiv_class._per_sample(y_true, y_pred)
         if self._kldiv_keras_engine(y_true, y_pred, sample_weight):
             return super().__call__(y_true, y_pred, sample_weight=sample_weight)  # type: ignore[misc]
         self.update_state(y_true, y_pred, sample_weight)
@@ -280,33 +325,23 @@ class _KerasMetric:
         return [getattr(v, "value", v) for v in super().variables]  # type: ignore[misc]
 
     def merge_state(self, *others: Any) -> Any:
-        """Add other metrics' states. Keras 2's form, one list of metrics, is accepted too."""
+        """Add other metrics' states. Keras 2's form, one list of metrics, is accepted too.
+
+        Metrics that all hold kldiv's state merge as kldiv's metric does. Once one of them
+        holds Keras variables, every state is added to this metric's Keras variables.
+        """
         if len(others) == 1 and isinstance(others[0], (list, tuple)):
             others = tuple(others[0])
         plain = self._kldiv_class
         plain._check_mergeable(others)
-        keras_held = [o for o in others if getattr(o, "_kldiv_mode", None) == "keras"]
-        plain_held = [o for o in others if getattr(o, "_total", None) is not None]
-        if self._kldiv_mode != "keras" and not keras_held:
+        if self._kldiv_mode != "keras" and not any(_holds_keras(o) for o in others):
             return plain.merge_state(self, *others)
-        if plain_held or (self._kldiv_mode == "plain"):
-            raise TypeError(
-                f"merge_state cannot add state accumulated outside Keras to state held in Keras "
-                f"variables: {plain._describe(self)} and "
-                f"{', '.join(plain._describe(o) for o in (*plain_held, *keras_held))}. "
-                "Merge metrics that were updated the same way."
-            )
         self._kldiv_to_keras()
-        mine = list(super().variables)  # type: ignore[misc]
-        for other in keras_held:
-            if type(other) is not type(self):
-                raise TypeError(
-                    f"merge_state cannot add the Keras variables of {plain._describe(other)} "
-                    f"(a {other._kldiv_keras.__name__} metric) to {plain._describe(self)} "
-                    f"(a {self._kldiv_keras.__name__} metric)."
-                )
-            for mine_v, theirs in zip(mine, other._kldiv_keras_values(), strict=True):
-                mine_v.assign_add(theirs)
+        for other in others:
+            if _holds_keras(other):
+                self._kldiv_keras_add([float(v) for v in other._kldiv_state()[1]])
+            elif other._total is not None:
+                self._kldiv_keras_add([_host_float(s.total()) for s in (other._total, other._count)])
         return None
 
     # -- config, copies, repr --------------------------------------------------------------------
@@ -364,11 +399,15 @@ class _Keras3Metric(_KerasMetric):
     """Keras 3: ``stateless_*`` calls (the JAX trainer) and its scopes drive the metric."""
 
     def _kldiv_keras_init(self, name: str, dtype: str) -> None:
-        super(_KerasMetric, self).__init__(fn=per_sample_kl_divergence, name=name, dtype=dtype)  # type: ignore[call-arg]
+        fn = self._kldiv_class._per_sample
+        super(_KerasMetric, self).__init__(fn=fn, name=name, dtype=dtype)  # type: ignore[call-arg]
         self._direction = "down"  # a divergence: lower is better (EarlyStopping's "auto" mode)
 
     def _kldiv_keras_library(self) -> str:
         return str(self._kldiv_keras.backend.backend())
+
+    def _kldiv_on_tensorflow(self) -> bool:
+        return self._kldiv_keras_library() == "tensorflow"
 
     def _kldiv_keras_numpy(self, variable: Any) -> Any:
         return self._kldiv_keras.ops.convert_to_numpy(variable)
@@ -400,7 +439,8 @@ class _Keras2Metric(_KerasMetric):
 
     def _kldiv_keras_init(self, name: str, dtype: str) -> None:
         tf = sys.modules["tensorflow"]
-        fn = tf.autograph.experimental.do_not_convert(per_sample_kl_divergence)
+        # autograph must not rewrite kldiv's Python (it is graph-safe as written)
+        fn = tf.autograph.experimental.do_not_convert(self._kldiv_class._per_sample)
         super(_KerasMetric, self).__init__(fn=fn, name=name, dtype=dtype)  # type: ignore[call-arg]
         # tf.keras' Metric.__new__ put wrapped update_state/result on the instance; the
         # methods of the class choose the engine (and wrap Keras' result below).
@@ -413,15 +453,6 @@ class _Keras2Metric(_KerasMetric):
         # variables across replicas, and order the read after the updates
         with tf.__internal__.distribute.variable_sync_on_read_context():
             return tf.identity(super()._kldiv_keras_result())
-
-    def _kldiv_keras_engine(self, *arrays: Any) -> bool:
-        # tf.keras only ever runs on TensorFlow, and is loaded only by a user who chose it:
-        # TensorFlow tensors (tf.keras' eager fit, run_eagerly=True, included) go to its engine
-        if self._kldiv_mode != "keras":
-            tf = sys.modules["tensorflow"]
-            if any(isinstance(a, (tf.Tensor, tf.Variable)) for a in arrays):
-                self._kldiv_to_keras()
-        return super()._kldiv_keras_engine(*arrays)
 
     def _kldiv_keras_library(self) -> str:
         return "tensorflow"

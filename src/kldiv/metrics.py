@@ -5,6 +5,9 @@ of the KL divergence): a running, optionally weighted, mean of the per-sample lo
 every batch passed to :meth:`~KLDivergence.update_state`. Its state lives in the inputs' own
 library and on their device, so a stream of GPU batches never waits on the host. (The loss
 class is ``kldiv.KLDivergence`` / ``kldiv.losses.KLDivergence``.)
+
+Created while Keras is imported, the metric is also a ``keras.metrics.Metric`` and works in
+``model.compile(metrics=[...])``: see the class' Notes and ``kldiv._keras``.
 """
 
 from __future__ import annotations
@@ -321,6 +324,30 @@ class KLDivergence:
     0-d array holding 0. Under ``jax.jit`` use the functional ``kldiv.kld`` and sum the
     result yourself: the metric is an eager, stateful Python object.
 
+    **In Keras.** Created while a Keras is imported (Keras 3 on any backend, or tf.keras 2
+    through ``tf_keras``; kldiv never imports Keras itself), the metric is also a
+    ``keras.metrics.Metric``: a ``MeanMetricWrapper`` of :func:`kldiv.kl_divergence`, as
+    ``keras.metrics.KLDivergence`` is one of Keras' own function. So
+    ``model.compile(metrics=[kldiv.metrics.KLDivergence()])`` (or ``weighted_metrics=``) logs
+    Keras' numbers batch for batch. Once Keras drives it (``compile``'s symbolic build, a
+    compiled step, the ``stateless_*`` API, TensorFlow graphs; with tf.keras also any
+    TensorFlow tensor), its state is two Keras variables updated with ``assign_add``, which
+    Keras' JAX trainer runs statelessly under ``jax.jit``, and it stays so. Before that it is
+    the metric described above: a process where Keras is merely loaded (``import tensorflow``
+    loads Keras 3) keeps kldiv's behaviour, and ``variables`` is empty until the first update
+    (a custom JAX loop may pass that empty list to ``stateless_update_state``). Keras 3 on
+    TensorFlow with ``run_eagerly=True`` and no distribution strategy calls the metric
+    eagerly, as a user would: kldiv's engine then runs, with the same values.
+
+    Created *before* Keras is imported, the metric is kldiv's own. ``compile`` then wraps it in
+    Keras' ``MeanMetricWrapper``, which calls it as a per-sample function: the metric
+    recognises that caller and returns the per-sample divergence, so the logged values are
+    the same (the state is then the wrapper's, and this object is left untouched).
+
+    The default name is Keras 2's ``"kullback_leibler_divergence"`` (Keras 3 names its own
+    ``"kl_divergence"``); ``get_config()`` is ``{"name": ..., "dtype": ...}`` either way, and
+    a pickled metric is rebuilt through the constructor, with its state.
+
     Examples
     --------
     >>> import numpy as np
@@ -371,6 +398,9 @@ class KLDivergence:
             raise TypeError(f"{_METRIC} name must be a str, got {_qualified(type(name))}.")
 
     _normalize_dtype = staticmethod(_dtype_name)
+
+    # what each update averages; Keras' MeanMetricWrapper averages it too (kldiv._keras)
+    _per_sample = staticmethod(kl_divergence)
 
     def _describe(self) -> str:
         """``kldiv.metrics.KLDivergence(name=...)``: unambiguous in messages (the loss class is
@@ -500,7 +530,7 @@ class KLDivergence:
         metric's running mean in its own variables.
         """
         if _keras.called_by_keras_wrapper(self):
-            return _keras.per_sample_kl_divergence(y_true, y_pred)
+            return self._per_sample(y_true, y_pred)
         self.update_state(y_true, y_pred, sample_weight)
         return self.result()
 
