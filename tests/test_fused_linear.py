@@ -363,6 +363,24 @@ def test_auto_chunk_size() -> None:
                            on_gpu=True) == 256
 
 
+def test_available_memory_reads_the_device() -> None:
+    from kldiv._fused_linear_math import available_memory
+
+    class CupyLike:
+        mem_info = (3 * 2**30, 16 * 2**30)
+
+    class JaxGpuLike:
+        platform = "gpu"
+
+        def memory_stats(self) -> dict[str, int]:
+            return {"bytes_limit": 10 * 2**30, "bytes_in_use": 2**30}
+
+    assert available_memory(CupyLike()) == 3 * 2**30
+    assert available_memory(JaxGpuLike()) == 9 * 2**30
+    host = available_memory(None)
+    assert host is None or host > 0
+
+
 def test_torch_leading_axes_and_empty(torch: Any) -> None:
     d = _data(9, tokens=(2, 3, 2))
     h = torch.tensor(d["h"], requires_grad=True)

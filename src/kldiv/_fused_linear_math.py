@@ -156,6 +156,9 @@ def _gpu_free(device: Any) -> int | None:
             return int(torch.cuda.mem_get_info(device)[0])
         except Exception:
             return None
+    mem_info = getattr(device, "mem_info", None)  # a CuPy device: (free, total)
+    if isinstance(mem_info, tuple):
+        return int(mem_info[0])
     stats = getattr(device, "memory_stats", None)  # a JAX device
     if callable(stats) and getattr(device, "platform", "cpu") != "cpu":
         try:
