@@ -12,6 +12,7 @@ that the fast path really ran.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -171,7 +172,7 @@ def _close(got: Any, want: np.ndarray, dtype: str) -> None:
 @pytest.mark.parametrize("inputs", SPACES, ids=str)
 @pytest.mark.parametrize("member", list(MEMBERS))
 def test_matches_float64_oracle(backend: Backend, member: str, inputs: Any) -> None:
-    rng = np.random.default_rng(hash((member, str(inputs))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(f"{member}{inputs}".encode()))  # stable per case
     for shape in SHAPES:
         for dtype in ("float32", "float64"):
             if dtype not in backend.float_dtypes:
@@ -592,7 +593,7 @@ def _closed_forms(member: str, t: np.ndarray, p: np.ndarray, T: float,
     """d(sum of rows)/d(teacher logits), d/d(student logits): the closed forms, in float64."""
     lp, lq = _log64(t, "logits", T), _log64(p, "logits", T)
     P, Q = np.exp(lp), np.exp(lq)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):
         if member == "kl":
             k = oracle("kl", t, p, "logits", T)[..., None]
             return np.where(P > 0, P * ((lp - lq) - k), 0.0) / T, (Q - P) / T
