@@ -228,3 +228,35 @@ def test_jax_jitted_training_loop(jax) -> None:
     # the first step's loss is the weighted mean over a uniform prediction
     ref = oracle(np.asarray(y), np.full((32, 4), 0.25)) * np.asarray(w)
     np.testing.assert_allclose(losses[0], ref.sum() / 32, rtol=1e-5)
+
+
+def test_compile_traces_no_lru_cache_helpers() -> None:
+    """kldiv's type checks under dynamo: array-api-compat's ``is_torch_array`` /
+    ``is_dask_array`` are ``functools.lru_cache``-wrapped, and dynamo warns for each one it
+    traces through (a UserWarning per compile, in the user's log). Torch tensors (and the
+    NumPy arrays, lists and numbers dynamo traces as tensors) are recognised first."""
+    torch = pytest.importorskip("torch")
+    torch._dynamo.reset()
+    model = torch.nn.Linear(6, 5)
+    x, y, w = _batch(torch)
+    inputs = {"tensors": (y, w), "numpy": (y.numpy(), w.numpy()),
+              "lists": (y.tolist(), w.tolist()), "scalar weight": (y, 0.5)}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for reduction in REDUCTIONS:
+                loss_fn = kldiv.KLDivergence(reduction=reduction)
+                for name, (yt, wt) in inputs.items():
+
+                    def step(x, yt=yt, wt=wt, loss_fn=loss_fn):
+                        p = torch.softmax(model(x), -1)
+                        return loss_fn(yt, p, sample_weight=wt).sum() + kldiv.kld(yt, p).sum()
+
+                    torch._dynamo.reset()  # a fresh compile for each case
+                    loss = torch.compile(step, fullgraph=True)(x)
+                    loss.backward()
+                    assert torch.isfinite(loss), (reduction, name)
+    finally:
+        torch._dynamo.reset()
+    cache_notes = [str(w.message) for w in caught if "lru_cache" in str(w.message)]
+    assert not cache_notes, cache_notes

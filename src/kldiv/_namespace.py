@@ -79,21 +79,44 @@ def _extra_namespace(x: object) -> ModuleType | None:
 _NAMESPACE_CACHE: dict[type, ModuleType] = {}
 
 
+def _is_torch(x: object) -> bool:
+    """``isinstance(x, torch.Tensor)`` where torch is loaded (never imports it).
+
+    Asked first by the type checks here: array-api-compat's ``is_torch_array``,
+    ``is_dask_array``, ``array_namespace``... call ``functools.lru_cache``-wrapped helpers,
+    and ``torch.compile`` (dynamo) warns for each one it traces through. Under dynamo every
+    input is a tensor (NumPy arrays and lists are traced as tensors), so these checks end
+    here.
+    """
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _torch_namespace() -> ModuleType:
+    """array-api-compat's torch namespace (what its ``array_namespace`` gives a tensor)."""
+    import array_api_compat.torch as compat_torch
+
+    return compat_torch
+
+
 def array_namespace(x: Any) -> ModuleType:
     """The array-API namespace of ``x`` (compat-wrapped; or a kldiv shim, e.g. TensorFlow)."""
     tp = type(x)
     xp = _NAMESPACE_CACHE.get(tp)
     if xp is None:
-        xp = _extra_namespace(x)
-        if xp is None:
-            xp = array_api_compat.array_namespace(x)
+        if _is_torch(x):
+            xp = _torch_namespace()
+        else:
+            xp = _extra_namespace(x)
+            if xp is None:
+                xp = array_api_compat.array_namespace(x)
         _NAMESPACE_CACHE[tp] = xp
     return xp
 
 
 def is_array(x: object) -> bool:
     """True for any array object a supported library (or the array API) produces."""
-    if type(x) in _NAMESPACE_CACHE:  # a type already seen as an array
+    if type(x) in _NAMESPACE_CACHE or _is_torch(x):  # a type already seen as an array
         return True
     if isinstance(x, (int, float, bool, complex)):
         return False
@@ -112,11 +135,10 @@ def torch_compiling() -> bool:
 
 
 def is_dask(x: object) -> bool:
-    return array_api_compat.is_dask_array(x)
-
-
-def _is_torch(x: object) -> bool:
-    return array_api_compat.is_torch_array(x)
+    """``isinstance(x, dask.array.Array)`` where Dask is loaded (what array-api-compat's
+    ``is_dask_array`` asks, without its ``lru_cache``'d helper: see :func:`_is_torch`)."""
+    da = sys.modules.get("dask.array")
+    return da is not None and isinstance(x, da.Array)
 
 
 _NAME_CACHE: dict[int, str] = {}
@@ -132,10 +154,15 @@ def namespace_name(xp: ModuleType) -> str:
     return name
 
 
+_TORCH_MODULES = frozenset({"torch", f"{array_api_compat.__name__}.torch"})
+
+
 def _namespace_name(xp: ModuleType) -> str:
     name = getattr(xp, "__kldiv_name__", None)
     if name is not None:
         return str(name)
+    if getattr(xp, "__name__", None) in _TORCH_MODULES:  # before compat's lru_cache'd checks
+        return "torch"
     if array_api_compat.is_numpy_namespace(xp):
         return "numpy"
     if array_api_compat.is_torch_namespace(xp):
