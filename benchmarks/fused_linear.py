@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                       "fresh subprocess per case, MALLOC_MMAP_THRESHOLD_=65536"}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")  # first: kept
     summary = targets(rows, n)
+    if args.quick:
+        summary.insert(0, "(quick shapes: they check the script; the targets are for the full run)")
     out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1) + "\n")
     print(f"wrote {out}")
     if plot(rows, out.with_suffix(".png")):

@@ -669,6 +669,14 @@ def test_triton_kernel_interpreted(torch: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------ docs
+def test_public_names() -> None:
+    import kldiv
+
+    assert kldiv.fused_linear_divergence is fused_linear_divergence
+    assert kldiv.FusedLinearDivergence is FusedLinearDivergence
+    assert {"fused_linear_divergence", "FusedLinearDivergence"} <= set(kldiv.__all__)
+
+
 def test_docs_examples_run(torch: Any) -> None:
     """The python blocks of docs/large-vocabulary.md, in order, in one fresh process."""
     pytest.importorskip("jax")
@@ -677,14 +685,9 @@ def test_docs_examples_run(torch: Any) -> None:
         text = f.read()
     blocks = [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("python\n")]
     assert len(blocks) == 3
-    # until kldiv/__init__.py exports them, the page's public names are the module's
-    prelude = ("import kldiv, kldiv._fused_linear as _fl\n"
-               "for _n in ('fused_linear_divergence', 'FusedLinearDivergence'):\n"
-               "    if not hasattr(kldiv, _n):\n"
-               "        setattr(kldiv, _n, getattr(_fl, _n))\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([os.path.join(root, "src"),
                                           os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", prelude + "\n".join(blocks) + "\nprint('DOCS-OK')"],
+    proc = subprocess.run([sys.executable, "-c", "\n".join(blocks) + "\nprint('DOCS-OK')"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "DOCS-OK" in proc.stdout, proc.stderr[-3000:]
