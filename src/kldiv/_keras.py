@@ -11,10 +11,14 @@ Such a metric has two engines, because Keras being loaded does not mean Keras is
 - **Keras' own**: state in Keras variables, updated with ``assign_add`` (stateless under JAX
   tracing, graph-safe under ``tf.function``), exactly ``keras.metrics.KLDivergence``'s
   ``MeanMetricWrapper`` arithmetic with kldiv's per-sample function. Used once Keras drives the
-  metric: an update under a Keras stateless or symbolic scope (``compile``'s symbolic build on
-  every Keras 3 backend, the JAX trainer's stateless steps), with TensorFlow graph tensors or
-  Keras symbolic tensors, or any ``stateless_*`` call. From then on the metric stays a Keras
-  metric (Keras keeps references to its variables).
+  metric: under a Keras stateless or symbolic scope (``compile``'s symbolic build on every
+  Keras 3 backend, the JAX trainer's stateless steps), any ``stateless_*`` call, an update in
+  a TensorFlow graph (compiled steps on TensorFlow, tf.keras' ``fit``) or with Keras symbolic
+  tensors, or an update with TensorFlow tensors while Keras runs on TensorFlow (Keras 3 with
+  ``run_eagerly=True`` calls its metrics eagerly). From then on the metric stays a Keras metric
+  (Keras keeps references to its variables); what kldiv's engine had accumulated moves into
+  the variables, as a Keras metric keeps what it was given, except inside a Keras scope, where
+  no variable can be written (the symbolic build: Keras resets its metrics afterwards anyway).
 - **kldiv's own** (:class:`kldiv.metrics.KLDivergence` without Keras): state in the inputs'
   library and device, float64 accumulation. Used for updates outside Keras, until Keras drives
   the metric.
@@ -35,7 +39,7 @@ from typing import Any
 
 from ._namespace import get_device
 
-__all__ = ["called_by_keras_wrapper", "in_graph", "in_keras_scope", "loaded_keras", "metric_class"]
+__all__ = ["called_by_keras_wrapper", "called_by_tf_keras_compile", "in_graph", "in_keras_scope", "loaded_keras", "metric_class"]
 
 
 # ---- which Keras ----------------------------------------------------------------------------
@@ -142,6 +146,18 @@ def _host_float(x: Any) -> float:
 def _is_tf_tensor(arrays: tuple[Any, ...]) -> bool:
     tf = sys.modules.get("tensorflow")
     return tf is not None and any(isinstance(a, (tf.Tensor, tf.Variable)) for a in arrays)
+
+
+def called_by_tf_keras_compile() -> bool:
+    """True when tf.keras' ``Model.compile`` (its ``_validate_compile``) reads the property
+    that calls this: it checks that a metric's ``variables`` are TensorFlow variables."""
+    tf_keras = sys.modules.get("tf_keras")
+    if tf_keras is None:
+        return False
+    caller = sys._getframe(2)  # this <- the property <- its reader
+    model = getattr(getattr(tf_keras, "models", None), "Model", None)
+    return (caller.f_code.co_name == "_validate_compile" and isinstance(model, type)
+            and isinstance(caller.f_locals.get("self"), model))
 
 
 def _holds_keras(metric: Any) -> bool:
@@ -453,6 +469,15 @@ class _Keras2Metric(_KerasMetric):
         # variables across replicas, and order the read after the updates
         with tf.__internal__.distribute.variable_sync_on_read_context():
             return tf.identity(super()._kldiv_keras_result())
+
+    @property
+    def variables(self) -> list[Any]:
+        # tf.keras' compile checks that a metric's variables are TensorFlow variables created in
+        # the model's distribution scope: compile is where tf.keras takes the metric over, so
+        # kldiv's state (of NumPy, torch, ... arrays) moves into the Keras variables there.
+        if self._kldiv_mode == "plain" and called_by_tf_keras_compile():
+            self._kldiv_to_keras()
+        return super().variables
 
     def _kldiv_keras_library(self) -> str:
         return "tensorflow"

@@ -329,20 +329,22 @@ class KLDivergence:
     ``keras.metrics.Metric``: a ``MeanMetricWrapper`` of :func:`kldiv.kl_divergence`, as
     ``keras.metrics.KLDivergence`` is one of Keras' own function. So
     ``model.compile(metrics=[kldiv.metrics.KLDivergence()])`` (or ``weighted_metrics=``) logs
-    Keras' numbers batch for batch. Once Keras drives it (``compile``'s symbolic build, a
-    compiled step, the ``stateless_*`` API, TensorFlow graphs; with tf.keras also any
-    TensorFlow tensor), its state is two Keras variables updated with ``assign_add``, which
-    Keras' JAX trainer runs statelessly under ``jax.jit``, and it stays so. Before that it is
-    the metric described above: a process where Keras is merely loaded (``import tensorflow``
-    loads Keras 3) keeps kldiv's behaviour, and ``variables`` is empty until the first update
-    (a custom JAX loop may pass that empty list to ``stateless_update_state``). Keras 3 on
-    TensorFlow with ``run_eagerly=True`` and no distribution strategy calls the metric
-    eagerly, as a user would: kldiv's engine then runs, with the same values.
+    Keras' numbers batch for batch, in ``fit`` and ``evaluate``, compiled or eagerly. Once
+    Keras drives it (``compile``'s symbolic build, a compiled step, the ``stateless_*`` API, a
+    TensorFlow graph, or TensorFlow tensors while Keras runs on TensorFlow), its state is two
+    Keras variables updated with ``assign_add`` (stateless under ``jax.jit`` in Keras' JAX
+    trainer), and it stays so; what it had accumulated before moves into them (except inside
+    the symbolic build, where Keras resets its metrics anyway). Before that it is the metric
+    described above, so a process where Keras is merely loaded (``import tensorflow`` loads
+    Keras 3) keeps kldiv's behaviour: ``variables`` is empty until the first update (a custom
+    JAX loop may pass that empty list to ``stateless_update_state``). tf.keras takes the
+    metric over at ``compile``.
 
     Created *before* Keras is imported, the metric is kldiv's own. ``compile`` then wraps it in
     Keras' ``MeanMetricWrapper``, which calls it as a per-sample function: the metric
     recognises that caller and returns the per-sample divergence, so the logged values are
-    the same (the state is then the wrapper's, and this object is left untouched).
+    the same (the state is then the wrapper's, and this object is left untouched). The same
+    holds for a metric of one Keras given to the other (tf-keras wins when both are loaded).
 
     The default name is Keras 2's ``"kullback_leibler_divergence"`` (Keras 3 names its own
     ``"kl_divergence"``); ``get_config()`` is ``{"name": ..., "dtype": ...}`` either way, and
@@ -423,6 +425,10 @@ class KLDivergence:
     def variables(self) -> list[Any]:
         """The state arrays ``[total, count]`` (compensation folded in); empty before any update."""
         if self._total is None or self._count is None:
+            return []
+        if _keras.called_by_tf_keras_compile():
+            # tf.keras checks a compiled metric's variables are TensorFlow's; it wraps this one
+            # (created before tf.keras was imported) and keeps the state in the wrapper
             return []
         return [self._total.total(), self._count.total()]
 
