@@ -492,6 +492,29 @@ def test_jax_masks_half_and_minus_inf(jax: Any) -> None:
     np.testing.assert_allclose(float(out), float(ref), rtol=1.6e-2)
 
 
+def test_jax_temporaries_do_not_grow_with_tokens(jax: Any) -> None:
+    """XLA's compiled memory plan: the temporaries of value_and_grad grow with the tokens only
+    by the per-token outputs (``dh``, the losses), never by a ``(tokens, V)`` array."""
+    jnp = jax.numpy
+    v, hid, chunk = 512, 8, 16
+
+    def temp_bytes(n: int) -> int:
+        def loss(h: Any, w: Any, t: Any) -> Any:
+            return fused_linear_divergence(h, w, t, divergence="js", chunk_size=chunk)
+
+        args = (jnp.zeros((n, hid), jnp.float32), jnp.zeros((v, hid), jnp.float32),
+                jnp.zeros((n, v), jnp.float32))
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
+        analysis = compiled.memory_analysis()
+        if analysis is None:
+            pytest.skip("this JAX backend gives no memory analysis")
+        return int(analysis.temp_size_in_bytes)
+
+    small, large = temp_bytes(4 * chunk), temp_bytes(64 * chunk)
+    extra_tokens = 60 * chunk
+    assert large - small < extra_tokens * v * 4 / 8, (small, large)
+
+
 # ---------------------------------------------------------------------- forward-only libraries
 @pytest.mark.parametrize("name", ["numpy", "array_api_strict", "cupy"])
 @pytest.mark.parametrize("div", DIVS)
