@@ -246,6 +246,39 @@ def test_torch_half_precision_in_float32(torch: Any, dtype: str) -> None:
                                        float(e.abs().max()))
 
 
+def test_torch_half_operands_route(torch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's half-precision route (half operands kept half in the matrix products, no
+    workspace), run on CPU: the same values and gradients as the float32 route."""
+    from kldiv.backends import torch_fused
+
+    d = _data(17)
+    bf = torch.bfloat16
+    results = []
+    half_products = []
+    real_mm = torch_fused._mm
+
+    def spy(a: Any, b: Any, cd: Any) -> Any:
+        half_products.append(bf in (a.dtype, b.dtype))
+        return real_mm(a, b, cd)
+
+    monkeypatch.setattr(torch_fused, "_mm", spy)
+    for keep_half in (False, True):
+        if keep_half:
+            monkeypatch.setattr(torch_fused, "_operand",
+                                lambda x, cd: x if x is None or x.dtype in (bf, cd) else x.to(cd))
+            half_products.clear()
+        h, w = (torch.tensor(d[k]).to(bf).requires_grad_() for k in ("h", "w"))
+        th, tw = (torch.tensor(d[k]).to(bf) for k in ("th", "tw"))
+        out = fused_linear_divergence(h, w, teacher_hidden=th, teacher_weight=tw,
+                                      divergence="js", beta=BETA, chunk_size=3)
+        results.append((out, *torch.autograd.grad(out, (h, w))))
+    assert half_products and all(half_products)  # every product took half operands
+    for a, e in zip(*results, strict=True):
+        assert a.dtype == bf
+        np.testing.assert_allclose(a.detach().double().numpy(), e.detach().double().numpy(),
+                                   rtol=2e-2, atol=1e-3)
+
+
 def test_torch_gradient_modes_agree(torch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Gradients computed in the forward pass and recomputed in the backward are the same."""
     from kldiv.backends import torch_fused
