@@ -29,6 +29,12 @@ implementation's peak includes its gradient tensors. Time is the median of ``--r
 
 Writes ``benchmarks/fused_linear.json`` and ``benchmarks/fused_linear.png`` (the peak memory
 over N = 1k..32k tokens) and prints a summary with the issue's targets, met or missed.
+
+``--gpu`` (written without a GPU at hand, not yet run): CUDA, bfloat16, Liger's benchmark
+shape (BT=8192, H=4096, V=128256), adding ``plain-compile`` (``torch.compile`` of the plain
+formula) and ``liger-triton`` (Liger's Triton ``LigerFusedLinearJSD``; ``jsd_beta=0`` for
+"kl"); peak memory from ``torch.cuda.max_memory_allocated``; writes
+``benchmarks/fused_linear_gpu.json``.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ FULL = {"n": 4096, "h": 256, "v": 32768, "curve": [1024, 2048, 4096, 8192, 16384
         "plain_curve_max": 8192, "reps": 5}
 QUICK = {"n": 1024, "h": 64, "v": 16384, "curve": [256, 512, 1024, 2048],
          "plain_curve_max": 2048, "reps": 2}  # automatic chunks of 512 rows: a flat curve
+GPU = {"n": 8192, "h": 4096, "v": 128256, "reps": 5}  # Liger's benchmark shape
 BETA = 0.5
 
 
@@ -68,26 +75,35 @@ def _reset_hwm() -> None:
         f.write("5")
 
 
-def _make_step(impl: str, div: str, n: int, h: int, v: int) -> tuple[Any, list[Any]]:
+def _make_step(impl: str, div: str, n: int, h: int, v: int, device: str = "cpu",
+               dtype: str = "float32") -> tuple[Any, list[Any]]:
     import torch
 
     torch.manual_seed(0)
-    sh = (torch.randn(n, h) * 0.5).requires_grad_()
-    sw = (torch.randn(v, h) * 0.05).requires_grad_()
-    th = torch.randn(n, h) * 0.5
-    tw = torch.randn(v, h) * 0.05
+    dt = getattr(torch, dtype)
+
+    def rand(*shape: int, scale: float) -> Any:
+        return (torch.randn(*shape, device=device) * scale).to(dt)
+
+    sh = rand(n, h, scale=0.5).requires_grad_()
+    sw = rand(v, h, scale=0.05).requires_grad_()
+    th = rand(n, h, scale=0.5)
+    tw = rand(v, h, scale=0.05)
     params = [sh, sw]
-    if impl == "plain":
+    if impl in ("plain", "plain-compile"):
         def step() -> Any:
-            lq = torch.log_softmax(sh @ sw.T, -1)
+            lq = torch.log_softmax((sh @ sw.T).float(), -1)
             with torch.no_grad():
-                lp = torch.log_softmax(th @ tw.T, -1)
+                lp = torch.log_softmax((th @ tw.T).float(), -1)
             if div == "kl":
                 per = torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
             else:
                 lm = torch.logaddexp(lp + math.log(BETA), lq + math.log1p(-BETA))
                 per = BETA * (lp.exp() * (lp - lm)).sum(-1) + (1 - BETA) * (lq.exp() * (lq - lm)).sum(-1)
             return per.mean()
+
+        if impl == "plain-compile":
+            step = torch.compile(step)
     elif impl.startswith("kldiv"):
         sys.path.insert(0, str(ROOT / "src"))
         from kldiv._fused_linear import fused_linear_divergence
@@ -98,31 +114,45 @@ def _make_step(impl: str, div: str, n: int, h: int, v: int) -> tuple[Any, list[A
         def step() -> Any:
             return fused_linear_divergence(sh, sw, teacher_hidden=th, teacher_weight=tw,
                                            divergence=div, beta=BETA)
+    elif impl == "liger-triton":  # Liger's Triton fused linear JSD (CUDA only)
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+        loss = LigerFusedLinearJSD(jsd_beta=0.0 if div == "kl" else BETA)
+
+        def step() -> Any:
+            return loss(sh, sw, th, tw, None)
     else:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
         loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0,
                                        beta=0.0 if div == "kl" else BETA,
                                        compiled=impl == "liger")
-        labels = torch.zeros(n, dtype=torch.long)
+        labels = torch.zeros(n, dtype=torch.long, device=device)
 
         def step() -> Any:
             return loss(sh, sw, th, tw, labels)
     return step, params
 
 
-def worker(impl: str, div: str, n: int, h: int, v: int, reps: int) -> dict[str, Any]:
+def worker(impl: str, div: str, n: int, h: int, v: int, reps: int, device: str = "cpu",
+           dtype: str = "float32") -> dict[str, Any]:
     import gc
 
     import torch
 
-    step, params = _make_step(impl, div, n, h, v)
+    step, params = _make_step(impl, div, n, h, v, device, dtype)
+    cuda = device.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
 
     def call() -> float:
         for p in params:
             p.grad = None
         out = step()
         out.backward()
+        sync()
         return float(out.detach())
 
     t0 = time.perf_counter()
@@ -131,26 +161,34 @@ def worker(impl: str, div: str, n: int, h: int, v: int, reps: int) -> dict[str, 
     for p in params:
         p.grad = None
     gc.collect()
-    _reset_hwm()
-    before = _rss_kib("VmRSS")
-    call()
-    peak = (_rss_kib("VmHWM") - before) / 1024
+    if cuda:  # the caching allocator's high-water mark, beyond what is allocated now
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        call()
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        _reset_hwm()
+        before = _rss_kib("VmRSS")
+        call()
+        peak = (_rss_kib("VmHWM") - before) / 1024
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    return {"impl": impl, "div": div, "n": n, "h": h, "v": v, "loss": value,
-            "peak_mib": peak, "median_s": statistics.median(times) if times else None,
+    return {"impl": impl, "div": div, "n": n, "h": h, "v": v, "device": device, "dtype": dtype,
+            "loss": value, "peak_mib": peak,
+            "median_s": statistics.median(times) if times else None,
             "first_s": first, "reps": reps, "threads": torch.get_num_threads()}
 
 
 # ------------------------------------------------------------------------------ the driver
-def run_case(impl: str, div: str, n: int, h: int, v: int, reps: int,
-             timeout: float) -> dict[str, Any]:
+def run_case(impl: str, div: str, n: int, h: int, v: int, reps: int, timeout: float,
+             device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT / "src")}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, div, str(n), str(h),
-           str(v), str(reps)]
+           str(v), str(reps), device, dtype]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -190,7 +228,7 @@ def targets(rows: list[dict[str, Any]], n: int) -> list[str]:
             out.append(f"[{div}] time: plain {p['median_s']:.3f} s, kldiv {k['median_s']:.3f} s "
                        f"(speed-up {_ratio(p['median_s'], k['median_s'])}; target > 1x: "
                        f"{'met' if k['median_s'] < p['median_s'] else 'MISSED'})")
-        for lig in ("liger", "liger-eager"):
+        for lig in ("liger", "liger-eager", "liger-triton", "plain-compile"):
             g = get.get(lig)
             if k and g:
                 ok_t, ok_m = k["median_s"] <= g["median_s"], k["peak_mib"] <= g["peak_mib"]
@@ -236,20 +274,29 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (checks the script)")
+    ap.add_argument("--gpu", action="store_true",
+                    help="CUDA, bfloat16, Liger's shape (BT=8192, H=4096, V=128256), with "
+                         "torch.compile and Liger's Triton kernel; no curve")
     ap.add_argument("--no-curve", action="store_true", help="skip the memory curve over N")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (PNG beside it)")
-    ap.add_argument("--worker", nargs=6, metavar=("IMPL", "DIV", "N", "H", "V", "REPS"),
+    ap.add_argument("--worker", nargs=8,
+                    metavar=("IMPL", "DIV", "N", "H", "V", "REPS", "DEVICE", "DTYPE"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        impl, div, n, h, v, reps = args.worker
-        print(json.dumps(worker(impl, div, int(n), int(h), int(v), int(reps))), flush=True)
+        impl, div, n, h, v, reps, device, dtype = args.worker
+        print(json.dumps(worker(impl, div, int(n), int(h), int(v), int(reps), device, dtype)),
+              flush=True)
         return 0
-    cfg = QUICK if args.quick else FULL
-    out = args.out or HERE / ("fused_linear_quick.json" if args.quick else "fused_linear.json")
+    cfg = GPU if args.gpu else QUICK if args.quick else FULL
+    device, dtype = ("cuda", "bfloat16") if args.gpu else ("cpu", "float32")
+    name = "fused_linear_gpu" if args.gpu else "fused_linear_quick" if args.quick else "fused_linear"
+    out = args.out or HERE / f"{name}.json"
     impls = ["plain", "kldiv", "kldiv-recompute"]
+    if args.gpu:
+        impls = ["plain", "plain-compile", "kldiv"]
     if _has_liger():
-        impls += ["liger", "liger-eager"]
+        impls += ["liger", "liger-triton"] if args.gpu else ["liger", "liger-eager"]
     else:
         print("liger-kernel is not installed: its rows are left out "
               "(pip install liger-kernel -c ci/constraints-cpu.txt)")
@@ -257,32 +304,34 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for div in ("js", "kl"):
         for impl in impls:
-            row = run_case(impl, div, n, h, v, cfg["reps"], timeout=1800)
+            row = run_case(impl, div, n, h, v, cfg["reps"], 1800, device, dtype)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if not args.no_curve:
+    if not (args.no_curve or args.gpu):
         for size in cfg["curve"]:
             for impl in ("plain", "kldiv", "liger"):
                 if impl == "plain" and size > cfg["plain_curve_max"]:
                     continue
                 if impl.startswith("liger") and not _has_liger():
                     continue
-                row = run_case(impl, "js", size, h, v, 0, timeout=3600)
+                row = run_case(impl, "js", size, h, v, 0, 3600, device, dtype)
                 row["curve"] = True
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     meta = {"python": platform.python_version(), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "quick": args.quick, "beta": BETA,
+            "cpus": os.cpu_count(), "quick": args.quick, "gpu": args.gpu, "beta": BETA,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "method": "VmHWM - VmRSS around one forward+backward call after a warm-up, "
-                      "fresh subprocess per case, MALLOC_MMAP_THRESHOLD_=65536"}
+            "method": ("torch.cuda.max_memory_allocated - memory_allocated around one "
+                       "forward+backward call after a warm-up" if args.gpu else
+                       "VmHWM - VmRSS around one forward+backward call after a warm-up, "
+                       "MALLOC_MMAP_THRESHOLD_=65536") + ", a fresh subprocess per case"}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")  # first: kept
     summary = targets(rows, n)
     if args.quick:
         summary.insert(0, "(quick shapes: they check the script; the targets are for the full run)")
     out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1) + "\n")
     print(f"wrote {out}")
-    if plot(rows, out.with_suffix(".png")):
+    if not args.gpu and plot(rows, out.with_suffix(".png")):
         print(f"wrote {out.with_suffix('.png')}")
     print("\n".join(summary))
     return 0
