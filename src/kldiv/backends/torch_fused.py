@@ -3,16 +3,17 @@
 The tokens are walked ``chunk_size`` rows at a time. For each chunk the student's logits
 ``h_c @ W.T (+ b)`` and the teacher's (a slice of its logits, or its own matrix product) are
 formed in float32 (float64 for float64 inputs), the divergence and its gradient with respect
-to the logits are computed in place (:func:`chunk_terms_`, the in-place twin of
-:func:`kldiv._fused_linear_math.chunk_terms`), and the gradient is pushed through the two
+to the logits are computed in buffers allocated once per call (:func:`chunk_terms_`, the
+in-place twin of :func:`kldiv._fused_linear_math.chunk_terms`), and the gradient is pushed through the two
 matrix products at once: ``dh_c = G @ W``, ``dW += G.T @ h_c``, ``db += G.sum(0)``. No more
 than one chunk of ``(rows, V)`` buffers exists at any time.
 
 Gradients are computed in the forward pass (the approach of Liger-Kernel's fused linear
 losses) when the result is reduced: the reduction's per-token weights are known then, so the
 backward only multiplies the stored gradients by the incoming scalar. Recomputing the chunks
-in the backward instead was measured slower on CPU and uses the same memory (see
-``benchmarks/fused_linear.py --grad-modes``), so it is used only where it must be: for
+in the backward instead was measured slower on CPU at the same memory (the
+``kldiv-recompute`` rows of ``benchmarks/fused_linear.py``; the figures are in
+``docs/large-vocabulary.md``), so it is used only where it must be: for
 ``reduction="none"``, whose backward brings per-token weights that the weight gradient cannot
 take afterwards. ``GRAD_MODE = "recompute"`` forces it everywhere.
 
