@@ -570,6 +570,24 @@ def test_forward_only_libraries(name: str, div: str) -> None:
     assert out32.dtype == b_.dtype("float32")
 
 
+def test_numpy_forward_memory_is_one_chunk() -> None:
+    """NumPy's traced peak: one chunk's temporaries, no copy of the weight or the teacher's
+    logits, nothing of size (tokens, V)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(18)
+    n, hid, v, chunk = 256, 256, 4096, 8
+    h = rng.standard_normal((n, hid), dtype=np.float32)
+    w = rng.standard_normal((v, hid), dtype=np.float32) / 16
+    t = rng.standard_normal((n, v), dtype=np.float32)
+    fused_linear_divergence(h, w, t, divergence="js", chunk_size=chunk)  # warm-up
+    tracemalloc.start()
+    fused_linear_divergence(h, w, t, divergence="js", chunk_size=chunk)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 24 * chunk * v * 4 < w.nbytes, peak  # w: 4 MiB, t: 4 MiB
+
+
 # ---------------------------------------------------------------------------- validation
 def _np_inputs() -> dict[str, Any]:
     d = _data(14)

@@ -182,21 +182,21 @@ def _generic_forward(xp: ModuleType, h2: Any, w: Any, b: Any, teacher: dict[str,
                      plan: Plan, cd: Any) -> Any:
     """Per-token losses through the array-API chunk math (NumPy, CuPy, ...): forward only."""
     n = h2.shape[0]
-    w_t = xp.astype(w, cd).T
-    b_ = None if b is None else xp.astype(b, cd)
+    w_t = xp.astype(w, cd, copy=False).T
+    b_ = None if b is None else xp.astype(b, cd, copy=False)
     if "logits" not in teacher:
-        tw_t = xp.astype(teacher["weight"], cd).T
-        tb_ = None if teacher.get("bias") is None else xp.astype(teacher["bias"], cd)
+        tw_t = xp.astype(teacher["weight"], cd, copy=False).T
+        tb_ = None if teacher.get("bias") is None else xp.astype(teacher["bias"], cd, copy=False)
     losses = []
     for i0 in range(0, n, plan.chunk_size):
         i1 = min(n, i0 + plan.chunk_size)
-        s = xp.matmul(xp.astype(h2[i0:i1, ...], cd), w_t)
+        s = xp.matmul(xp.astype(h2[i0:i1, ...], cd, copy=False), w_t)
         if b_ is not None:
             s = s + b_
         if "logits" in teacher:
-            t = xp.astype(teacher["logits"][i0:i1, ...], cd)
+            t = xp.astype(teacher["logits"][i0:i1, ...], cd, copy=False)
         else:
-            t = xp.matmul(xp.astype(teacher["hidden"][i0:i1, ...], cd), tw_t)
+            t = xp.matmul(xp.astype(teacher["hidden"][i0:i1, ...], cd, copy=False), tw_t)
             if tb_ is not None:
                 t = t + tb_
         if plan.temperature != 1.0:
