@@ -610,6 +610,63 @@ def test_numpy_large_fortran_input_is_memory_bounded(numpy_spy: list[str],
     assert peak < full // 4, (peak, full)
 
 
+_LAYOUTS = {
+    # C-like: the strides of the non-broadcast axes do not grow towards the last axis
+    "C": (True, lambda t, p: (t, p)),
+    "strided": (True, lambda t, p: (t[::2, 1::3], p[1::2, 2::3])),
+    "reversed": (True, lambda t, p: (t[::-1, ::-1], p[:, ::-1])),
+    "broadcast": (True, lambda t, p: (t, p[0])),
+    # other layouts
+    "fortran": (False, lambda t, p: (np.asfortranarray(t), np.asfortranarray(p))),
+    "transposed": (False, lambda t, p: (np.ascontiguousarray(t.T).T,
+                                        np.ascontiguousarray(p.T).T)),
+    "mixed": (False, lambda t, p: (t, np.asfortranarray(p))),
+    "3d-swapped": (False, lambda t, p: (t.reshape(20, 20, 300).transpose(0, 2, 1),
+                                        p.reshape(20, 20, 300).transpose(0, 2, 1))),
+}
+
+
+@pytest.mark.parametrize("kernel", ["blocked", "small"])
+@pytest.mark.parametrize("size", ["within", "above"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+def test_numpy_bitwise_statement_per_layout(layout: str, dtype: Any, size: str, kernel: str,
+                                            numpy_spy: list[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exactly what the README's performance table and docs/performance.md state:
+
+    - C-like layouts (C order, row slices, reversed axes, broadcasting): bitwise the generic
+      kernel, at any size;
+    - other layouts (Fortran order, transposes, mixed, swapped axes) whose full-size
+      temporary is at most ``AS_WRITTEN_MAX_BYTES`` (16 MiB): bitwise the generic kernel
+      (the formula as written);
+    - such layouts above that size: bitwise the generic kernel on C-ordered copies of the
+      inputs (rows summed pairwise), which NumPy's own sum of those layouts is not.
+    """
+    c_like, make = _LAYOUTS[layout]
+    monkeypatch.setattr(numpy_, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(numpy_, "MIN_PARALLEL", 1000)
+    if kernel == "small":
+        monkeypatch.setattr(numpy_, "SMALL_ELEMENTS", 10**9)
+    if size == "above":
+        monkeypatch.setattr(numpy_, "AS_WRITTEN_MAX_BYTES", 1 << 12)
+    t, p = make(*_inputs((400, 300), (400, 300), dtype=dtype))
+    assert (numpy_._c_like(t) and numpy_._c_like(p)) == c_like
+    fast = kldiv.kl_divergence(t, p)
+    gen = _generic(t, p)
+    if c_like or size == "within":
+        assert set(numpy_spy) == ({kernel} if c_like else {"as_written"})
+        assert np.array_equal(fast, gen, equal_nan=True)
+        return
+    assert numpy_spy and set(numpy_spy) == {kernel}  # (one _run per leading index if 3-D)
+    assert np.array_equal(fast, _generic(np.ascontiguousarray(t), np.ascontiguousarray(p)),
+                          equal_nan=True)
+    if layout in ("fortran", "transposed"):
+        # the statement is needed: NumPy sums these rows in another order (one by one, not
+        # pairwise), so rows differ in the last bits
+        assert not np.array_equal(fast, gen, equal_nan=True)
+
+
 def test_numpy_masked_arrays_keep_numpy_semantics(numpy_spy: list[str]) -> None:
     """np.ma arrays are not plain ndarrays: the in-place fast paths would drop their masking
     rules, so they take the generic kernel and give the same values as under use_generic()."""

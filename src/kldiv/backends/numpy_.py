@@ -7,13 +7,21 @@ block is clipped into two small per-thread scratch buffers, and ``t / p``, ``log
 into the output. NumPy releases the GIL inside ufunc loops, so the blocks are spread over a
 small, reused thread pool.
 
-The result is **bitwise identical** to the generic kernel: every element goes through the same
-ufuncs (clipping, division, ``log`` and multiplication are element-wise, so the blocking does
-not change them), and every row is summed by ``np.add.reduce`` over a contiguous buffer of
-the row's full length, which is NumPy's pairwise summation, exactly as in the generic path. A
-row longer than the scratch budget is split along NumPy's own pairwise tree (see
-:func:`_pairwise_split`), so the sum is still the same to the last bit, and the extra memory
-stays bounded for every input size.
+For C-like layouts (see :func:`_c_like`: C order, row slices, reversed axes, broadcasting)
+the result is **bitwise identical** to the generic kernel, at any size: every element goes
+through the same ufuncs (clipping, division, ``log`` and multiplication are element-wise, so
+the blocking does not change them), and every row is summed by ``np.add.reduce`` over a
+contiguous buffer of the row's full length, which is NumPy's pairwise summation, exactly as
+in the generic path. A row longer than the scratch budget is split along NumPy's own pairwise
+tree (see :func:`_pairwise_split`), so the sum is still the same to the last bit, and the
+extra memory stays bounded for every input size.
+
+Other layouts (Fortran order, transposes, swapped axes, one C and one F input): NumPy lays
+the formula's temporaries out in the inputs' order and sums their rows in another order (for
+Fortran order: element after element, not pairwise). Up to :data:`AS_WRITTEN_MAX_BYTES` per full-size temporary they run the
+formula as written (:func:`_as_written`), bitwise the generic kernel; above it, the blocked
+kernel, in bounded memory, bitwise the generic kernel on C-ordered copies of the inputs (the
+last bits of a row's sum may then differ from the generic kernel on the inputs as given).
 
 The parallel machinery is built to survive what a library cannot control:
 
@@ -499,12 +507,12 @@ def kl_divergence(y_true: Any, y_pred: Any) -> Any:
     Returns
     -------
     numpy.ndarray or NotImplemented
-        The per-sample loss, bitwise equal to the generic kernel's for C-like layouts (and to
-        the formula as written for Fortran-ordered or transposed ones up to
-        :data:`AS_WRITTEN_MAX_BYTES`; beyond that, to the generic kernel on a C-ordered copy,
-        in bounded memory), or ``NotImplemented``
-        (the generic kernel then runs) for dtypes other than float32/float64 and empty
-        inputs.
+        The per-sample loss, or ``NotImplemented`` (the generic kernel then runs) for dtypes
+        other than float32/float64 and empty inputs. Bitwise equal to the generic kernel's
+        for C-like layouts at any size, and for other layouts (Fortran order, transposes)
+        whose full-size temporary is at most :data:`AS_WRITTEN_MAX_BYTES`; for larger inputs
+        of those layouts, bitwise equal to the generic kernel on C-ordered copies of the
+        inputs, in bounded memory.
     """
     if type(y_true) is np.ndarray and type(y_pred) is np.ndarray:
         if not (_c_like(y_true) and _c_like(y_pred)) and _temporaries_fit(y_true, y_pred):
