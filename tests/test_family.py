@@ -561,6 +561,99 @@ def test_torch_fast_path_teacher_detached_and_broadcast() -> None:
         torch.testing.assert_close(tt.grad, tt2.grad, rtol=1e-10, atol=1e-12)
 
 
+TORCH_AUTOGRAD_SPACES: list[Any] = ["logits", "log_probs", ("probs", "logits")]
+
+
+@pytest.mark.parametrize("inputs", TORCH_AUTOGRAD_SPACES, ids=str)
+@pytest.mark.parametrize("member", list(MEMBERS))
+def test_torch_fused_gradient_uses_call_time_values_of_foreign_memory(member: str,
+                                                                      inputs: Any) -> None:
+    """A NumPy teacher (converted without a copy) and ``torch.from_numpy`` leaves, refilled
+    before ``backward()`` (a reused loader buffer): the gradient is that of the values at
+    call time, as for the Keras KL's fast path (issue 9)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(26)
+    t, p = _inputs(rng, (6, 9), inputs, one_sided=False, masked=_maskable(inputs))
+    t2, p2 = _inputs(rng, (6, 9), inputs, one_sided=False, masked=_maskable(inputs))
+    T = _temperature(inputs)
+    # the reference: private copies, never touched
+    a_ref = torch.tensor(t, requires_grad=True)
+    b_ref = torch.tensor(p, requires_grad=True)
+    with kldiv.use_generic():
+        _call(member, a_ref, b_ref, inputs=inputs, temperature=T).sum().backward()
+        want_b_only = torch.autograd.grad(
+            _call(member, torch.tensor(t), b_ref, inputs=inputs, temperature=T).sum(), b_ref)[0]
+    # a NumPy teacher against a torch student
+    buf, s = t.copy(), torch.tensor(p, requires_grad=True)
+    out = _call(member, buf, s, inputs=inputs, temperature=T)
+    assert "_Fused" in str(out.grad_fn.next_functions)
+    buf[:] = t2                                       # the loader refills its buffer
+    out.sum().backward()
+    torch.testing.assert_close(s.grad, want_b_only, rtol=1e-10, atol=1e-12)
+    # torch.from_numpy leaves on both sides
+    tb, pb = t.copy(), p.copy()
+    a, b = torch.from_numpy(tb).requires_grad_(), torch.from_numpy(pb).requires_grad_()
+    out = _call(member, a, b, inputs=inputs, temperature=T)
+    assert "_Fused" in str(out.grad_fn.next_functions)
+    tb[:], pb[:] = t2, p2
+    out.sum().backward()
+    torch.testing.assert_close(a.grad, a_ref.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.grad, b_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("inputs", TORCH_AUTOGRAD_SPACES, ids=str)
+@pytest.mark.parametrize("member", list(MEMBERS))
+def test_torch_forward_mode_ad(member: str, inputs: Any) -> None:
+    """``torch.autograd.forward_ad``: the tangent of each row is the directional derivative
+    (reverse mode, rows are independent), finite at masked (-inf) entries."""
+    torch = pytest.importorskip("torch")
+    fwad = torch.autograd.forward_ad
+    rng = np.random.default_rng(27)
+    t, p = _inputs(rng, (5, 8), inputs, one_sided=False, masked=_maskable(inputs))
+    va, vb = rng.normal(size=t.shape), rng.normal(size=p.shape)
+    T = _temperature(inputs)
+    a = torch.tensor(t, requires_grad=True)
+    b = torch.tensor(p, requires_grad=True)
+    _call(member, a, b, inputs=inputs, temperature=T).sum().backward()
+    want = (a.grad * torch.tensor(va)).sum(-1) + (b.grad * torch.tensor(vb)).sum(-1)
+    for student_only in (True, False):
+        with fwad.dual_level():
+            x = torch.tensor(t) if student_only else fwad.make_dual(torch.tensor(t), torch.tensor(va))
+            y = fwad.make_dual(torch.tensor(p), torch.tensor(vb))
+            out = _call(member, x, y, inputs=inputs, temperature=T)
+            primal, tangent = fwad.unpack_dual(out)
+        torch.testing.assert_close(primal, _call(member, torch.tensor(t), torch.tensor(p),
+                                                 inputs=inputs, temperature=T))
+        expect = (b.grad * torch.tensor(vb)).sum(-1) if student_only else want
+        assert torch.isfinite(tangent).all()
+        torch.testing.assert_close(tangent, expect, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("inputs", TORCH_AUTOGRAD_SPACES, ids=str)
+@pytest.mark.parametrize("member", list(MEMBERS))
+def test_torch_batched_backward(member: str, inputs: Any) -> None:
+    """``autograd.grad(..., is_grads_batched=True)`` and ``jacobian(vectorize=True)`` through
+    the fused Function: each row's gradient, as one-hot backward passes give it."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(28)
+    t, p = _inputs(rng, (4, 7), inputs, one_sided=False, masked=_maskable(inputs))
+    T = _temperature(inputs)
+    a = torch.tensor(t, requires_grad=True)
+    b = torch.tensor(p, requires_grad=True)
+    out = _call(member, a, b, inputs=inputs, temperature=T)
+    assert "_Fused" in str(out.grad_fn.next_functions)
+    eye = torch.eye(4, dtype=out.dtype)
+    rows = [torch.autograd.grad(out, (a, b), e, retain_graph=True) for e in eye]
+    ga, gb = torch.autograd.grad(out, (a, b), eye, retain_graph=True, is_grads_batched=True)
+    torch.testing.assert_close(ga, torch.stack([r[0] for r in rows]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gb, torch.stack([r[1] for r in rows]), rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(ga).all() and torch.isfinite(gb).all()
+    jac = torch.autograd.functional.jacobian(
+        lambda y: _call(member, torch.tensor(t), y, inputs=inputs, temperature=T),
+        torch.tensor(p), vectorize=True)
+    torch.testing.assert_close(jac, torch.stack([r[1] for r in rows]), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("inputs", SPACES, ids=str)
 @pytest.mark.parametrize("member", list(MEMBERS))
 def test_jax_fast_path_matches_generic(monkeypatch: pytest.MonkeyPatch, member: str,

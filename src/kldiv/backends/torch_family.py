@@ -42,7 +42,7 @@ import torch
 from .._divergence import MEMBERS, js_parts, kl_terms
 from .._kernel import EPSILON
 from .._spaces import to_log_space
-from .torch_ import _tracing
+from .torch_ import _batched, _has_tangent, _private, _tracing
 
 __all__ = ["BLOCK_ELEMENTS", "array_api", "js", "kl", "reverse_kl"]
 
@@ -289,14 +289,29 @@ class _Fused(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         a, b = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            with torch.enable_grad():
-                wanted = [x for x, need in ((a, need_a), (b, need_b)) if need]
-                grads = iter(torch.autograd.grad(_generic_rows(ctx.plan, a, b), wanted, grad,
-                                                 create_graph=True))
-            return (next(grads) if need_a else None, next(grads) if need_b else None, None)
-        ga, gb = _backward(ctx.plan, a, b, ctx.rows, grad, need_a, need_b)
+        if (torch.is_grad_enabled()  # create_graph=True: a differentiable backward
+                or _tracing() or _batched(grad) or _has_tangent(a, b, grad)):
+            # also under vmap (``is_grads_batched``, ``jacobian(vectorize=True)``) and forward
+            # AD over this backward, where the blocked closed forms' ``out=`` ops cannot run:
+            # autograd through the generic formula, with ordinary (batchable) torch ops
+            ga, gb = _generic_grads(ctx.plan, a, b, grad, need_a, need_b)
+        else:
+            ga, gb = _backward(ctx.plan, a, b, ctx.rows, grad, need_a, need_b)
         return ga, gb, None
+
+
+def _generic_grads(plan: _Plan, a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor,
+                   need_a: bool, need_b: bool) -> tuple[Any, Any]:
+    """The gradients by autograd through the generic formula (differentiable when grad mode
+    is on, i.e. ``create_graph=True``)."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        x = a if create_graph else a.detach().requires_grad_(need_a)
+        y = b if create_graph else b.detach().requires_grad_(need_b)
+        wanted = [v for v, need in ((x, need_a), (y, need_b)) if need]
+        grads = iter(torch.autograd.grad(_generic_rows(plan, x, y), wanted, grad,
+                                         create_graph=create_graph))
+    return (next(grads) if need_a else None, next(grads) if need_b else None)
 
 
 def _accepts(y_true: Any, y_pred: Any) -> bool:
@@ -318,20 +333,32 @@ def _run(op: str, y_true: Any, y_pred: Any, spaces: tuple[str, str], temperature
          beta: float = 0.5) -> Any:
     if not _accepts(y_true, y_pred):
         return NotImplemented
+    if _has_tangent(y_true, y_pred) or _batched(y_true, y_pred):
+        # forward-mode AD and the legacy vmap: the blocked forward's ``out=`` ops have no
+        # forward derivative nor batching rule; the generic formula has both
+        return NotImplemented
     shape = torch.broadcast_shapes(y_true.shape, y_pred.shape)
     if 0 in shape:
         return NotImplemented
+    # autograd keeps what it saves by reference: over memory that torch does not own (a NumPy
+    # teacher converted without a copy, torch.from_numpy of a reused loader buffer) the values
+    # at call time are kept in a private copy (``_private``), as on the Keras KL's fast path
+    grad = torch.is_grad_enabled() and (y_true.requires_grad or y_pred.requires_grad)
     kinds = []
     sides = []
     for x, space in ((y_true, spaces[0]), (y_pred, spaces[1])):
         if space == "probs":  # Keras' clip, then logs: autograd differentiates these two ops
-            x = torch.log(torch.clamp(x, EPSILON, 1.0))
+            # (clamp saves its input when it needs a gradient; its result is torch's own)
+            x = torch.log(torch.clamp(_private(x) if grad and x.requires_grad else x,
+                                      EPSILON, 1.0))
             space = "log_probs"
+        elif grad:  # saved by ``_Fused``
+            x = _private(x)
         kinds.append(space)
         sides.append(x.expand(shape).reshape(-1, shape[-1]))
     plan = _Plan(op, (kinds[0], kinds[1]), temperature, beta)
     a, b = sides
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+    if grad:
         out: torch.Tensor = _Fused.apply(a, b, plan)
     else:
         out = _forward(plan, a, b)[0]
