@@ -45,6 +45,7 @@ from .metrics import (
     BatchSums,
     KLDivergence,
     RunningSum,
+    _qualified,
     batch_sums,
     check_same_place,
     safe_divide,
@@ -215,7 +216,7 @@ def _resolve_metric(metric: KLDivergence | bool | None, reduction: str | None) -
     if metric is True:
         return KLDivergence()
     if not isinstance(metric, KLDivergence):
-        raise TypeError(f"metric must be True or a kldiv.metrics.KLDivergence, got {type(metric).__name__}.")
+        raise TypeError(f"metric must be True or a kldiv.metrics.KLDivergence, got {_qualified(type(metric))}.")
     return metric
 
 

@@ -30,7 +30,14 @@ from ._functional import (
 from ._namespace import array_namespace, get_device, is_dask, namespace_name
 from ._reduction import apply_sample_weight
 
-__all__ = ["KLD", "KLDivergence", "kl_divergence", "kld", "kullback_leibler_divergence"]
+__all__ = [
+    "KLD",
+    "KLDivergence",
+    "KLEstimator",
+    "kl_divergence",
+    "kld",
+    "kullback_leibler_divergence",
+]
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
@@ -581,3 +588,6 @@ class KLDivergence:
         # Rebuilt through the constructor, so that it is Keras-aware exactly when the
         # unpickling process has a Keras loaded (see __new__).
         return (_restore_metric, (type(self), self.get_config(), *self._kldiv_state()))
+
+
+from ._estimator_metric import KLEstimator  # noqa: E402  (reads kldiv.metrics at call time)
