@@ -245,6 +245,8 @@ def targets(rows: list[dict[str, Any]], n: int) -> list[str]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    if not any(r.get("curve") and "error" not in r for r in rows):
+        return False  # --no-curve: nothing to draw
     try:
         import matplotlib
 
