@@ -260,3 +260,31 @@ def test_compile_traces_no_lru_cache_helpers() -> None:
         torch._dynamo.reset()
     cache_notes = [str(w.message) for w in caught if "lru_cache" in str(w.message)]
     assert not cache_notes, cache_notes
+
+
+def test_compile_after_other_libraries_dtypes_were_seen() -> None:
+    """kldiv's dtype caches, once they hold another library's dtype objects (TensorFlow's
+    ``DType`` has a C ``__hash__`` dynamo cannot trace), must not break a later
+    ``torch.compile(fullgraph=True)``: a cache written while tracing is a side effect dynamo
+    replays by rebuilding, and hashing, the whole dict. Run in a subprocess so the caches
+    start empty and Triton is imported before TensorFlow."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    pytest.importorskip("tensorflow")
+    script = (
+        "import contextlib\n"
+        "with contextlib.suppress(ImportError):\n"
+        "    import triton  # noqa: F401  (before TensorFlow: see the README)\n"
+        "import numpy as np, tensorflow as tf, torch, kldiv\n"
+        "kldiv.kld(tf.constant([[.5, .5]]), tf.constant([[.4, .6]]))\n"
+        "kldiv.kld(np.ones((2, 3), np.float16), np.ones((2, 3), np.float16))\n"
+        "loss = kldiv.KLDivergence()\n"
+        "f = torch.compile(lambda y, p, w: loss(y, p, sample_weight=w), fullgraph=True)\n"
+        "print(float(f(torch.rand(4, 3), torch.rand(4, 3), torch.rand(4))))\n"
+    )
+    env = {**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -217,19 +217,32 @@ def _to_device(x: Any, device: Any) -> Any:
 
 # Keyed by (type, dtype): dtypes of different libraries may hash alike, and some refuse (warn
 # on) being compared with each other.
-_KIND_CACHE: dict[tuple[type, Any], str] = {}
+_KIND_CACHE: dict[type, dict[Any, str]] = {}
+"""One dict per dtype *type*: a lookup only ever hashes and compares dtypes of one library.
+(One shared dict keyed by dtype would make ``torch.compile`` trace the hashing of other
+libraries' dtype objects, e.g. TensorFlow's C-level ``DType.__hash__``, a graph break.)"""
+
+
+def _remember(cache: dict[type, dict[Any, Any]], tp: type, key: Any, value: Any) -> None:
+    """``cache[tp][key] = value``, except while ``torch.compile`` traces: a cache written
+    during tracing is a side effect dynamo replays by rebuilding the whole dict, hashing
+    every key in it, other libraries' dtypes included (TensorFlow's C ``DType.__hash__`` is
+    a graph break)."""
+    if torch_compiling():
+        return
+    with contextlib.suppress(TypeError):  # unhashable dtype object: no caching
+        cache.setdefault(tp, {})[key] = value
 
 
 def dtype_kind(dtype: Any) -> str:
     """Classify a dtype of any library: 'float', 'int', 'bool', 'complex' or 'other'."""
-    key = (type(dtype), dtype)
+    cache = _KIND_CACHE.get(type(dtype))
     try:
-        return _KIND_CACHE[key]
+        return cache[dtype]  # type: ignore[index]
     except (KeyError, TypeError):
         pass
     kind = _dtype_kind(dtype)
-    with contextlib.suppress(TypeError):  # unhashable dtype object: no caching
-        _KIND_CACHE[key] = kind
+    _remember(_KIND_CACHE, type(dtype), dtype, kind)
     return kind
 
 
@@ -280,19 +293,19 @@ def _dtype_kind(dtype: Any) -> str:
 def is_low_precision(dtype: Any) -> bool:
     """float16, bfloat16 and the float8/float6/float4 formats (of any library): computed in
     float32 by kldiv and returned in the input dtype."""
-    key = (type(dtype), dtype)
+    cache = _LOW_CACHE.get(type(dtype))
     try:
-        return _LOW_CACHE[key]
+        return cache[dtype]  # type: ignore[index]
     except (KeyError, TypeError):
         pass
     name = _dtype_name(dtype)
     low = name in {"float16", "bfloat16", "half"} or name.startswith(("float8_", "float6_", "float4_"))
-    with contextlib.suppress(TypeError):
-        _LOW_CACHE[key] = low
+    _remember(_LOW_CACHE, type(dtype), dtype, low)
     return low
 
 
-_LOW_CACHE: dict[tuple[type, Any], bool] = {}
+_LOW_CACHE: dict[type, dict[Any, bool]] = {}
+"""One dict per dtype type (see ``_KIND_CACHE``)."""
 
 
 def _host_numpy(x: Any) -> np.ndarray:
