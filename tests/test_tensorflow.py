@@ -394,3 +394,20 @@ def test_tf_dtype_objects_are_saved_as_names() -> None:
         assert kldiv.KLDivergence.from_config(loss.get_config()) == loss
         out = loss(_t(YT), _t(YP))
         assert out.dtype == obj
+
+
+def test_astype_copy_is_a_real_copy_of_dlpack_memory() -> None:
+    """``astype(x, same dtype, copy=True)`` on the TensorFlow shim copies the buffer:
+    ``tf.identity`` would share it, and a tensor imported from torch through DLPack would
+    then follow later writes to the torch tensor."""
+    torch = pytest.importorskip("torch")
+    from kldiv.backends import tensorflow_ as shim
+
+    src = torch.ones(3)
+    try:
+        x = tf.experimental.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(src))
+    except Exception as exc:  # pragma: no cover - a TF build without DLPack import
+        pytest.skip(f"TensorFlow cannot import torch memory through DLPack here: {exc}")
+    y = shim.astype(x, tf.float32, copy=True)
+    src.fill_(5.0)
+    np.testing.assert_array_equal(y.numpy(), np.ones(3, np.float32))

@@ -78,7 +78,8 @@ def asarray(obj: Any, /, *, dtype: Any = None, device: Any = None, copy: bool | 
 def astype(x: Any, dtype: Any, /, *, copy: bool = True) -> Any:
     dtype = tf.as_dtype(dtype)
     if x.dtype == dtype:
-        return tf.identity(x) if copy else x
+        # tf.identity shares the buffer (which may be another library's, through DLPack)
+        return tf.raw_ops.DeepCopy(x=x) if copy else x
     return tf.cast(x, dtype)
 
 
