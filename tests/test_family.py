@@ -23,9 +23,9 @@ import kldiv
 from conftest import Backend
 from kldiv import _family
 
-F_KL = _family.kl_divergence_family
-F_RKL = _family.reverse_kl_divergence
-F_JS = _family.js_divergence
+F_KL = kldiv.kl_divergence  # the public names (kldiv._family defines them)
+F_RKL = kldiv.reverse_kl_divergence
+F_JS = kldiv.js_divergence
 MEMBERS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "kl": (F_KL, {}),
     "reverse_kl": (F_RKL, {}),
@@ -198,7 +198,8 @@ def test_js_beta_range_and_bound(beta: float) -> None:
 
 
 def test_js_alias_and_symmetry() -> None:
-    assert _family.jensen_shannon_divergence is F_JS
+    assert kldiv.jensen_shannon_divergence is F_JS is _family.js_divergence
+    assert F_KL is _family.kl_divergence is _family.kl_divergence_family
     rng = np.random.default_rng(4)
     t, p = _inputs(rng, (5, 6), "log_probs")
     np.testing.assert_allclose(F_JS(t, p, inputs="log_probs"), F_JS(p, t, inputs="log_probs"),
@@ -226,6 +227,22 @@ def test_no_classes_gives_zeros() -> None:
         for inputs in ("logits", "log_probs"):
             out = _call(member, np.zeros((3, 0)), np.zeros((3, 0)), inputs=inputs)
             np.testing.assert_array_equal(out, np.zeros(3))
+
+
+@pytest.mark.parametrize("inputs", ["probs", "log_probs", "logits", ("probs", "logits")], ids=str)
+@pytest.mark.parametrize("member", list(MEMBERS))
+def test_numpy_return_types_are_kl_divergence_s(member: str, inputs: Any) -> None:
+    """One rule on NumPy, as for ``kl_divergence``: a 0-d result (1-d inputs) is a NumPy scalar
+    of the result dtype, on the fast path and the generic one; a larger one an ndarray."""
+    for dtype in (np.float32, np.float64):
+        t = np.log(np.array([0.4, 0.6], dtype)) if inputs != "probs" else np.array([0.4, 0.6], dtype)
+        p = np.array([0.5, 0.5], dtype)
+        for generic in (False, True):
+            with kldiv.use_generic(generic):
+                one = _call(member, t, p, inputs=inputs)
+                rows = _call(member, np.stack([t, t]), np.stack([p, p]), inputs=inputs)
+            assert type(one) is np.dtype(dtype).type, (type(one), generic)
+            assert type(rows) is np.ndarray and rows.dtype == dtype
 
 
 def test_inf_against_underflowed_mass() -> None:

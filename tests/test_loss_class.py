@@ -132,7 +132,9 @@ def test_reduction_namespace() -> None:
     assert Reduction.SUM_OVER_BATCH_SIZE == "sum_over_batch_size"
     assert Reduction.MEAN == "mean"
     assert Reduction.MEAN_WITH_SAMPLE_WEIGHT == "mean_with_sample_weight"
-    assert set(Reduction.all()) == {"auto", "none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight"}
+    assert Reduction.BATCHMEAN == "batchmean"  # issue 12: torch's batchmean
+    assert set(Reduction.all()) == {"auto", "none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight",
+                                    "batchmean"}
     assert Reduction.validate(None) == "none"
     assert Reduction.validate("sum") == "sum"
     with pytest.raises(ValueError, match="sum_over_batch_size"):
@@ -377,6 +379,8 @@ def test_signature_is_visible() -> None:
     assert [(p.name, p.default, p.kind) for p in params.values()] == [
         ("reduction", "auto", inspect.Parameter.POSITIONAL_OR_KEYWORD),
         ("name", "kl_divergence", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        ("inputs", "probs", inspect.Parameter.KEYWORD_ONLY),  # issue 12
+        ("temperature", 1.0, inspect.Parameter.KEYWORD_ONLY),
         ("dtype", None, inspect.Parameter.KEYWORD_ONLY),
     ]
     assert "reduction" in (KLDivergence.__init__.__doc__ or "") + (KLDivergence.__doc__ or "")

@@ -1,16 +1,21 @@
-"""The divergence family's functions: KL from any input space, reverse KL, Jensen-Shannon.
+"""The divergence functions: the Keras KL, KL from any input space, reverse KL, Jensen-Shannon.
 
 Every call validates its options first (``inputs``, ``temperature``, ``beta``), then brings
-``y_true`` to ``y_pred``'s library, device and dtype exactly as :func:`kldiv.kl_divergence`
-does (:func:`kldiv._functional.prepare`: float16/bfloat16 computed in float32 and returned in
-the input dtype), then runs, in that library and on that device:
+``y_true`` to ``y_pred``'s library, device and dtype (:func:`kldiv._spaces.prepare`:
+float16/bfloat16 computed in float32 and returned in the input dtype), then runs, in that
+library and on that device:
 
 1. for a member that is a Keras KL on probabilities (forward or reverse) with
-   ``inputs="probs"``: the Keras KL's own code and fast paths, bit for bit;
+   ``inputs="probs"``: the Keras KL's own dispatch, :func:`compute` (its fast paths, by
+   library, in :mod:`kldiv.backends`), bit for bit;
 2. else the fast path registered for ``(library, op)``, if any, unless switched off with
    :func:`kldiv.use_generic` / ``KLDIV_GENERIC=1``; a fast path may decline a call by
    returning ``NotImplemented``;
 3. else the member's generic array-API kernel on the inputs brought to log space.
+
+The public functions (:func:`kl_divergence`, :func:`reverse_kl_divergence`,
+:func:`js_divergence`) are defined here and exported by :mod:`kldiv`, :mod:`kldiv.losses` and
+(``kl_divergence``) :mod:`kldiv._functional`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import MappingProxyType, ModuleType
@@ -25,25 +31,72 @@ from typing import Any
 
 import numpy as np
 
-from . import _divergence
+from . import _divergence, backends
 from ._divergence import JS, KL, REVERSE_KL, Divergence
-from ._functional import Prepared, _shape_str, compute, prepare
-from ._namespace import device_scope, namespace_name, torch_compiling
-from ._spaces import parse_inputs, to_log_space, validate_temperature
+from ._kernel import kl_divergence_generic
+from ._namespace import (
+    device_scope,
+    namespace_name,
+    native_namespace,
+    numpy_result,
+    torch_compiling,
+)
+from ._spaces import Prepared, _shape_str, parse_inputs, prepare, to_log_space, validate_temperature
 from .backends import generic_forced
 
 __all__ = [
     "Call",
+    "compute",
     "compute_family",
     "fast_path",
     "jensen_shannon_divergence",
     "js_divergence",
-    "kl_divergence_family",
+    "kl_divergence",
     "prepare_family",
     "resolve",
     "reverse_kl_divergence",
 ]
 
+
+# ---------------------------------------------------------------- the Keras KL's dispatch
+def compute(prep: Prepared, *, cast: bool = True) -> Any:
+    """The Keras KL of prepared inputs: the fast path for ``prep.xp`` if there is one (see
+    :func:`kldiv.backends.fast_path`), else the generic kernel.
+
+    With ``cast=False`` the loss stays in the compute dtype (float32 for float16/bfloat16
+    inputs), for a reduction that must not overflow before the final cast.
+    """
+    scope = device_scope(prep.xp, prep.device)
+    if scope is None:
+        return _compute_keras(prep, cast)
+    with scope:
+        return _compute_keras(prep, cast)
+
+
+def _compute_keras(prep: Prepared, cast: bool) -> Any:
+    xp = prep.xp
+    kernel_xp = xp
+    if torch_compiling():
+        # dynamo traces the generic kernel; with torch's own functions, as array-api-compat's
+        # wrappers hold Python checks that break the graph (clip's isnan on symbolic bounds)
+        kernel = None
+        if namespace_name(xp) == "torch":
+            kernel_xp = sys.modules["torch"]
+    else:
+        kernel = backends.fast_path(namespace_name(xp))
+        kernel_xp = native_namespace(xp)
+    loss = NotImplemented
+    if kernel is not None:
+        loss = kernel(prep.y_true, prep.y_pred)
+    if loss is NotImplemented:
+        loss = kl_divergence_generic(kernel_xp, prep.y_true, prep.y_pred)
+    if cast and loss.dtype != prep.out_dtype:
+        loss = xp.astype(loss, prep.out_dtype)
+    return loss
+
+
+
+# ------------------------------------------------------------------------ the family's
 FAST_PATHS: dict[str, str] = {
     "numpy": "kldiv.backends.numpy_family",
     "torch": "kldiv.backends.torch_family",
@@ -83,7 +136,7 @@ def resolve(divergence: Divergence | str, *, inputs: Any = "probs", temperature:
 
 
 def prepare_family(y_true: Any, y_pred: Any, *, squeeze: bool = False) -> Prepared:
-    """:func:`kldiv._functional.prepare`: the functions broadcast as given (``squeeze=False``,
+    """:func:`kldiv._spaces.prepare`: the functions broadcast as given (``squeeze=False``,
     like ``kl_divergence``); the loss classes pass ``squeeze=True`` (Keras' rank rule)."""
     return prepare(y_true, y_pred, squeeze=squeeze)
 
@@ -141,7 +194,9 @@ def compute_family(call: Call, prep: Prepared, *, cast: bool = True) -> Any:
     """The per-row divergence of prepared inputs (``cast=False``: in the compute dtype)."""
     if call.keras_route:
         a, b = call.divergence.keras_probs(prep.y_true, prep.y_pred)  # type: ignore[misc]
-        return compute(prep._replace(y_true=a, y_pred=b), cast=cast)
+        if a is not prep.y_true:  # swapped (reverse KL)
+            prep = prep._replace(y_true=a, y_pred=b)
+        return compute(prep, cast=cast)
     _check_class_axes(call, prep)
     scope = device_scope(prep.xp, prep.device)
     if scope is None:
@@ -173,33 +228,118 @@ def _compute(call: Call, prep: Prepared, cast: bool) -> Any:
 
 
 def evaluate(call: Call, y_true: Any, y_pred: Any) -> Any:
-    """Prepare and compute one resolved call (the functions' common body).
+    """Prepare and compute one resolved call: the functions' common body.
 
-    For the forward KL with ``inputs="probs"`` this is ``compute(prepare(y_true, y_pred,
-    squeeze=False))``: the body of :func:`kldiv.kl_divergence` itself (it never calls that
-    function, so ``kl_divergence`` may delegate to :func:`kl_divergence_family`).
+    The inputs broadcast as given (no rank squeeze); a 0-d NumPy result is a NumPy scalar
+    (:func:`kldiv._namespace.numpy_result`), as NumPy's own reductions give.
     """
-    return compute_family(call, prepare_family(y_true, y_pred))
+    return numpy_result(compute_family(call, prepare(y_true, y_pred, squeeze=False)))
 
 
-def kl_divergence_family(y_true: Any, y_pred: Any, /, *, inputs: Any = "probs",
-                         temperature: Any = 1.0) -> Any:
-    """``KL(P || Q)`` from any input space (the body of ``kl_divergence(..., inputs=...)``).
+_KERAS_KL = Call(KL, ("probs", "probs"))
 
-    ``inputs="probs"`` runs :func:`kldiv.kl_divergence`'s own code (prepare, Keras KL fast
-    paths), unchanged. See
-    :func:`reverse_kl_divergence` for the parameters.
+
+def kl_divergence(y_true: Any, y_pred: Any, /, *, inputs: Any = "probs",
+                  temperature: Any = 1.0) -> Any:
+    """The Kullback-Leibler divergence ``KL(P || Q)``: Keras' loss, and from log-probabilities
+    or logits, in the inputs' own library and device.
+
+    P comes from ``y_true``, Q from ``y_pred``; the divergence is summed over the last axis.
+    With the default ``inputs="probs"`` this is exactly ``tf.keras.losses.kl_divergence``:
+    ``loss = sum(t * log(t / p), axis=-1)`` with ``t = clip(y_true, 1e-7, 1)`` and
+    ``p = clip(y_pred, 1e-7, 1)``.
+
+    Parameters
+    ----------
+    y_true : array_like
+        True distributions, shape ``(..., C)``. Any supported library (NumPy, PyTorch, JAX,
+        CuPy, Dask, array-API), a Python list or a number; converted to ``y_pred``'s library,
+        device and dtype (through DLPack where it can be).
+    y_pred : array_like
+        Predicted distributions, broadcastable with ``y_true``. Its library and device are
+        where the computation runs.
+    inputs : {"probs", "log_probs", "logits"} or pair of them, default "probs"
+        The space of both inputs, or ``(y_true's, y_pred's)``, e.g. ``("probs", "logits")``
+        for soft labels against logits:
+
+        - ``"probs"``: probabilities, clipped to ``[1e-7, 1]`` as Keras does (today's
+          behaviour, bit for bit);
+        - ``"log_probs"``: natural-log probabilities, not clipped:
+          ``sum(exp(lp) * (lp - lq))`` with ``0 * log 0 = 0`` (an entry with ``lp = -inf``
+          contributes 0, also to the gradient);
+        - ``"logits"``: unnormalised logits, divided by ``temperature`` and log-softmaxed over
+          the last axis (stably; in float32 for half precision). ``-inf`` logits (a masked
+          vocabulary entry) are allowed on both sides; a row of all ``-inf`` is the zero
+          measure, never NaN.
+    temperature : float, default 1.0
+        Divides logits; a finite number > 0, and only with ``"logits"`` inputs. The result is
+        *not* multiplied by ``temperature ** 2`` (for Hinton's scaling, multiply it yourself).
+
+    Returns
+    -------
+    array
+        The per-sample divergence, of shape ``broadcast(y_true, y_pred).shape[:-1]``: an array
+        of ``y_pred``'s library on its device, with its floating dtype (integer and bool
+        ``y_pred`` give float32; float16/bfloat16 are computed in float32 and rounded back).
+        On NumPy a 0-d result (1-d inputs) is a NumPy scalar, as NumPy's own reductions
+        give. A Dask input gives a lazy Dask array. ``+inf`` where Q is 0 and P is not (a
+        ``-inf`` log-probability or logit of ``y_pred`` only).
+
+    Raises
+    ------
+    TypeError
+        If ``y_true`` cannot be cast to ``y_pred``'s dtype (strings, objects, complex), an
+        input is not an array, it is a sparse array, or ``inputs``/``temperature`` have the
+        wrong type.
+    ValueError
+        If both inputs are 0-d (there is no class axis), the shapes do not broadcast (the
+        message names the shapes as given), ``inputs`` names an unknown space, the
+        temperature is not > 0 or is given without logits, or a logits input's class axis
+        would be broadcast.
+
+    See Also
+    --------
+    reverse_kl_divergence : ``KL(Q || P)``.
+    js_divergence : the generalized Jensen-Shannon divergence.
+
+    Notes
+    -----
+    The inputs broadcast as given, like ``tf.keras.losses.kld`` and
+    ``keras.losses.kl_divergence``: ``y_true`` of shape ``(3, 1)`` against ``y_pred`` of shape
+    ``(3,)`` gives shape ``(3,)``. Keras' rank squeeze (a trailing axis of 1 dropped when the
+    ranks differ by one) belongs to the loss class, :class:`kldiv.KLDivergence`.
+
+    With ``"probs"``, values outside ``[0, 1]`` are clipped silently, as in Keras; NaN
+    propagates. The gradient is that of the formula inside the clip range and 0 for clipped
+    elements, and is finite for zeros in either input.
 
     Examples
     --------
     >>> import numpy as np
-    >>> from kldiv._family import kl_divergence_family
-    >>> logits_t = np.array([[2.0, 1.0, -np.inf]])
-    >>> logits_s = np.array([[1.0, 1.0, 0.0]])
-    >>> kl_divergence_family(logits_t, logits_s, inputs="logits").round(6)
+    >>> import kldiv
+    >>> kldiv.kl_divergence([.4, .9, .2], [.5, .8, .12])
+    np.float32(0.11891246)
+    >>> kldiv.kld(np.array([[0., 1.], [0., 0.]]), np.array([[.6, .4], [.4, .6]]))
+    array([ 9.16289171e-01, -3.08090749e-06])
+    >>> kldiv.kld(np.full((3, 1), 0.5), np.full(3, 0.25)).shape   # broadcast, no squeeze
+    (3,)
+    >>> teacher = np.array([[2.0, 1.0, -np.inf]])   # logits; the last entry masked
+    >>> student = np.array([[1.0, 1.0, 0.0]])
+    >>> kldiv.kl_divergence(teacher, student, inputs="logits").round(6)
     array([0.279792])
+    >>> kldiv.kl_divergence(teacher, student, inputs="logits", temperature=2.0).round(6)
+    array([0.295173])
     """
-    return evaluate(resolve(KL, inputs=inputs, temperature=temperature), y_true, y_pred)
+    if (type(inputs) is str and inputs == "probs"
+            and type(temperature) is float and temperature == 1.0):
+        call = _KERAS_KL  # the defaults: no options to check
+    else:
+        call = resolve(KL, inputs=inputs, temperature=temperature)
+    return evaluate(call, y_true, y_pred)
+
+
+kl_divergence_family = kl_divergence
+"""The name ``kl_divergence`` had in this module before it became the public function."""
 
 
 def reverse_kl_divergence(y_true: Any, y_pred: Any, /, *, inputs: Any = "probs",
@@ -256,10 +396,10 @@ def reverse_kl_divergence(y_true: Any, y_pred: Any, /, *, inputs: Any = "probs",
     >>> import kldiv
     >>> p = np.array([0.7, 0.2, 0.1])
     >>> q = np.array([0.5, 0.25, 0.25])
-    >>> round(float(kldiv._family.reverse_kl_divergence(p, q)), 6)
+    >>> round(float(kldiv.reverse_kl_divergence(p, q)), 6)
     0.116622
     >>> lp, lq = np.log(p), np.log(q)
-    >>> round(float(kldiv._family.reverse_kl_divergence(lp, lq, inputs="log_probs")), 6)
+    >>> round(float(kldiv.reverse_kl_divergence(lp, lq, inputs="log_probs")), 6)
     0.116622
     """
     return evaluate(resolve(REVERSE_KL, inputs=inputs, temperature=temperature), y_true, y_pred)
@@ -299,10 +439,10 @@ def js_divergence(y_true: Any, y_pred: Any, /, *, beta: Any = 0.5, inputs: Any =
     >>> import kldiv
     >>> p = np.array([1.0, 0.0])
     >>> q = np.array([0.0, 1.0])
-    >>> round(float(kldiv._family.js_divergence(p, q)), 4)  # disjoint supports: log 2
+    >>> round(float(kldiv.js_divergence(p, q)), 4)  # disjoint supports: log 2
     0.6931
     >>> logits = np.array([[0.0, 0.0, -np.inf]])
-    >>> kldiv._family.js_divergence(logits, logits, inputs="logits", beta=0.3)
+    >>> kldiv.js_divergence(logits, logits, inputs="logits", beta=0.3)
     array([0.])
     """
     call = resolve(JS, inputs=inputs, temperature=temperature, beta=beta)

@@ -12,7 +12,8 @@ __all__ = ["Reduction", "apply_sample_weight", "reduce_loss", "validate_reductio
 
 
 class Reduction:
-    """The reduction names, as constants (Keras 2's ``ReductionV2`` plus Keras 3's names).
+    """The reduction names, as constants (Keras 2's ``ReductionV2`` plus Keras 3's names, and
+    torch's ``"batchmean"``: the weighted sum divided by the size of the loss' first axis).
 
     Examples
     --------
@@ -29,6 +30,7 @@ class Reduction:
     SUM_OVER_BATCH_SIZE = "sum_over_batch_size"
     MEAN = "mean"
     MEAN_WITH_SAMPLE_WEIGHT = "mean_with_sample_weight"
+    BATCHMEAN = "batchmean"
 
     @classmethod
     def all(cls) -> tuple[str, ...]:
@@ -40,6 +42,7 @@ class Reduction:
             cls.SUM_OVER_BATCH_SIZE,
             cls.MEAN,
             cls.MEAN_WITH_SAMPLE_WEIGHT,
+            cls.BATCHMEAN,
         )
 
     @classmethod
@@ -52,19 +55,27 @@ class Reduction:
             If ``reduction`` is not exactly one of :meth:`all` (names are case-sensitive,
             as in Keras: ``"SUM"`` is refused).
         """
-        return validate_reduction(reduction)
+        return validate_reduction(reduction, batchmean=True)
 
 
-def validate_reduction(reduction: str | None) -> str:
+def validate_reduction(reduction: str | None, *, batchmean: bool = False) -> str:
     """The canonical reduction name: ``None`` means ``"none"``; names are exact, as in Keras
-    (no case folding, no surrounding whitespace)."""
+    (no case folding, no surrounding whitespace).
+
+    ``"batchmean"`` is accepted only with ``batchmean=True``: by the loss classes, which reduce
+    through :func:`reduce_loss`; a caller with reductions of its own (streaming) refuses it
+    rather than treat it as another name's.
+    """
     if reduction is None:
         return Reduction.NONE
-    if isinstance(reduction, str) and reduction in Reduction.all():
+    names = Reduction.all() if batchmean else tuple(
+        r for r in Reduction.all() if r != Reduction.BATCHMEAN)
+    if isinstance(reduction, str) and reduction in names:
         return str(reduction)
+    unsupported = " ('batchmean' is not supported here)" if reduction == Reduction.BATCHMEAN else ""
     raise ValueError(
-        f"Invalid reduction {reduction!r}. Expected one of: "
-        + ", ".join(repr(r) for r in Reduction.all())
+        f"Invalid reduction {reduction!r}{unsupported}. Expected one of: "
+        + ", ".join(repr(r) for r in names)
         + " or None (exact, lower-case names, as in Keras)."
     )
 
@@ -132,6 +143,8 @@ def _reduce(xp: ModuleType, loss: Any, sample_weight: Any, reduction: str) -> An
     total = xp.sum(loss)
     if reduction == Reduction.SUM:
         return total
+    if reduction == Reduction.BATCHMEAN:
+        return _batchmean(xp, loss, total)
     if reduction == Reduction.MEAN_WITH_SAMPLE_WEIGHT and weights is not None:
         # weights * ones rather than broadcast_to: the loss' shape may be unknown (a batch
         # axis of None in a tf.function, NaN in Dask)
@@ -147,3 +160,22 @@ def _reduce(xp: ModuleType, loss: Any, sample_weight: Any, reduction: str) -> An
     if n == 0:
         return xp.zeros_like(total)
     return total / n
+
+
+def _batchmean(xp: ModuleType, loss: Any, total: Any) -> Any:
+    """``total / loss.shape[0]`` (torch's ``batchmean``): 1 for a 0-d loss, 0 for an empty
+    first axis; counted by the library when the size is unknown (lazy)."""
+    if loss.ndim == 0:
+        return total
+    rows = loss.shape[0]
+    if rows is not None and rows == rows:  # known: not None, not NaN (Dask)
+        return xp.zeros_like(total) if rows == 0 else total / int(rows)
+    rest = _num_elements(tuple(loss.shape[1:]))
+    if rest == 0:  # no elements at all: the sum is 0 whatever the rows
+        return xp.zeros_like(total)
+    if rest is None:  # count the rows of one column
+        column = loss[(slice(None),) + (slice(0, 1),) * (loss.ndim - 1)]
+        size = xp.sum(xp.ones_like(column))
+    else:
+        size = xp.sum(xp.ones_like(loss)) / rest
+    return xp.where(size == 0, xp.zeros_like(total), total / xp.where(size == 0, 1, size))

@@ -1,6 +1,10 @@
-"""Input spaces of the divergence family: ``"probs"``, ``"log_probs"`` and ``"logits"``.
+"""Inputs: ``(y_true, y_pred)`` brought to one library, device and dtype, and their spaces.
 
-A divergence's kernels work on natural-log probabilities. This module validates the
+:func:`prepare` validates and converts the two inputs of every divergence (the Keras KL and
+the family alike): ``y_pred``'s library, device and floating dtype (float16/bfloat16 computed
+in float32), ``y_true`` moved there, Keras' broadcast and rank rules, shape messages.
+
+A divergence's kernels work on natural-log probabilities. This module also validates the
 ``inputs=`` and ``temperature=`` arguments and brings one input from its space to log space,
 written once against the array API standard:
 
@@ -18,12 +22,143 @@ from __future__ import annotations
 import math
 import numbers
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from ._kernel import clip_unit
+from ._namespace import (
+    array_namespace,
+    as_pred_array,
+    dtype_kind,
+    get_device,
+    is_dask,
+    is_low_precision,
+    to_namespace,
+)
 
-__all__ = ["SPACES", "log_softmax", "parse_inputs", "to_log_space", "validate_temperature"]
+__all__ = ["SPACES", "Prepared", "broadcast_shapes", "log_softmax", "parse_inputs", "prepare",
+           "to_log_space", "validate_temperature"]
 
+
+# ------------------------------------------------------------------------------ the inputs
+class Prepared(NamedTuple):
+    """Inputs brought to one library, device and dtype, ready for a kernel."""
+
+    xp: ModuleType
+    y_true: Any
+    y_pred: Any
+    out_dtype: Any  # the dtype the caller gets back
+    device: Any
+
+
+def _shape_str(shape: tuple[Any, ...]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def broadcast_shapes(a: tuple[Any, ...], b: tuple[Any, ...], *, what: str) -> tuple[Any, ...]:
+    """NumPy broadcasting of two shapes, with a ``ValueError`` naming both when it fails.
+
+    Unknown sizes (``None``, or NaN from Dask) are accepted against anything.
+    """
+    if a == b and None not in a:
+        return a
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        da = a[-i] if i <= len(a) else 1
+        db = b[-i] if i <= len(b) else 1
+        da = None if da is None or da != da else da  # NaN from Dask
+        db = None if db is None or db != db else db
+        if da == 1:
+            out.append(db)
+        elif db == 1 or db is None or da is None or da == db:
+            out.append(da if da is not None else db)
+        else:
+            raise ValueError(f"{what}: shapes {_shape_str(a)} and {_shape_str(b)} do not broadcast.")
+    return tuple(reversed(out))
+
+
+def _given(shapes: tuple[tuple[Any, ...], tuple[Any, ...]]) -> str:
+    return f"y_true of shape {_shape_str(shapes[0])} and y_pred of shape {_shape_str(shapes[1])}"
+
+
+def _squeeze_last(xp: ModuleType, x: Any) -> Any:
+    return xp.reshape(x, tuple(x.shape[:-1]))
+
+
+def prepare(y_true: Any, y_pred: Any, *, squeeze: bool = True) -> Prepared:
+    """Validate and convert both inputs (SPEC §1-2). Never modifies them.
+
+    With ``squeeze=True`` (the loss class, the metric and the streaming evaluation), Keras 2's
+    ``squeeze_or_expand_dimensions`` runs first: when the ranks differ by one and the larger
+    has a trailing axis of 1, that axis is dropped. The function ``kl_divergence`` passes
+    ``squeeze=False``: like ``tf.keras.losses.kld`` it broadcasts the inputs as given.
+    """
+    if y_pred is None or y_true is None:
+        raise TypeError("y_true and y_pred must be arrays, lists or numbers, not None.")
+    y_pred = as_pred_array(y_pred)
+    if is_dask(y_true) and isinstance(y_pred, np.ndarray):
+        # Dask is NumPy's chunked container: as with ``dask_array + ndarray``, a Dask y_true
+        # against a NumPy y_pred keeps the call lazy rather than computing y_true. Against
+        # any other library, y_true is computed and moved to y_pred's library and device.
+        import dask.array as da
+
+        y_pred = da.asarray(y_pred)
+    try:
+        xp = array_namespace(y_pred)
+    except TypeError as exc:
+        raise TypeError(f"y_pred of type {type(y_pred).__name__} is not a supported array: {exc}") from None
+
+    pred_dtype = y_pred.dtype
+    kind = dtype_kind(pred_dtype)
+    if kind in {"int", "bool"}:
+        out_dtype = xp.float32
+    elif kind == "float":
+        out_dtype = pred_dtype
+    elif kind == "complex":
+        raise TypeError(f"y_pred has complex dtype {pred_dtype}; KL divergence needs real values.")
+    else:
+        raise TypeError(f"y_pred has dtype {pred_dtype}, which is not a numeric dtype.")
+    compute_dtype = xp.float32 if is_low_precision(out_dtype) else out_dtype
+
+    device = get_device(y_pred)
+    if y_pred.dtype != compute_dtype:
+        y_pred = xp.astype(y_pred, compute_dtype)
+    y_true = to_namespace(y_true, xp, device, compute_dtype, what="y_true")
+
+    given = (tuple(y_true.shape), tuple(y_pred.shape))
+    squeezed = ""  # which input lost its trailing axis (messages are built only on errors:
+    # formatting symbolic shapes would break a torch.compile graph)
+    if squeeze:
+        # Keras 2's squeeze_or_expand_dimensions: ranks differing by one with a trailing axis
+        # of 1 on the larger -> that axis is squeezed.
+        if y_true.ndim == y_pred.ndim + 1 and y_true.shape[-1] == 1:
+            y_true = _squeeze_last(xp, y_true)
+            squeezed = "y_true"
+        elif y_pred.ndim == y_true.ndim + 1 and y_pred.shape[-1] == 1:
+            y_pred = _squeeze_last(xp, y_pred)
+            squeezed = "y_pred"
+
+    if y_true.ndim == 0 and y_pred.ndim == 0:
+        # A scalar broadcasts against an array (Python scalars are accepted), but with no
+        # array at all there is no class axis to sum over.
+        raise ValueError(
+            f"kl_divergence needs a class axis (an input of at least 1-d); got {_given(given)}."
+        )
+    try:
+        broadcast_shapes(tuple(y_true.shape), tuple(y_pred.shape), what="y_true and y_pred")
+    except ValueError:
+        note = ""
+        if squeezed:
+            now = tuple((y_true if squeezed == "y_true" else y_pred).shape)
+            note = (f" (after Keras' rank rule for losses and metrics: {squeezed}'s trailing axis "
+                    f"of 1 squeezed, giving {_shape_str(now)})")
+        raise ValueError(f"{_given(given)} do not broadcast{note}.") from None
+    return Prepared(xp, y_true, y_pred, out_dtype, device)
+
+
+
+# ------------------------------------------------------------------------------ the spaces
 SPACES = ("probs", "log_probs", "logits")
 
 
