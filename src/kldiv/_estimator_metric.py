@@ -1,53 +1,26 @@
 """The :class:`KLEstimator` metric: a running (weighted) mean of per-token KL estimates.
 
-Exported as ``kldiv.metrics.KLEstimator``. It accumulates with the KL metric's engine
-(``RunningSum`` and friends in :mod:`kldiv.metrics`), read through the module at call time
-so that ``kldiv.metrics`` can import this module wherever it likes.
+Exported as ``kldiv.metrics.KLEstimator``. It is a :class:`kldiv._metric_base.RunningMean`,
+the engine of every kldiv metric (state, ``result``, ``merge_state``, config, pickling); what
+it adds is one batch's sums (:meth:`KLEstimator.update_state`), which leave masked tokens out
+entirely. It is not Keras-aware: Keras' ``MeanMetricWrapper`` multiplies per-sample values by
+the weights, so an ``inf`` or NaN at a masked token would reach its mean.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
+from typing import Any, ClassVar
 
 from . import metrics as _metrics
+from ._accumulate import num_elements
 from ._estimators import compute_estimate, estimator_options, prepare_estimate
-from ._namespace import array_namespace, device_scope, get_device, namespace_name
+from ._metric_base import RunningMean
+from ._namespace import device_scope, namespace_name
 
 __all__ = ["KLEstimator"]
 
-_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
-
-def _dtype_name(dtype: Any) -> str:
-    if dtype is None:
-        return "float32"
-    if isinstance(dtype, dict):  # Keras 3 DTypePolicy config
-        dtype = dtype.get("config", {}).get("name", "float32")
-    if isinstance(dtype, str):
-        name = dtype
-    else:
-        try:
-            name = np.dtype(dtype).name
-        except TypeError:
-            name = str(dtype).rsplit(".", 1)[-1]
-    name = name.lower().removeprefix("mixed_")
-    if name not in _FLOAT_NAMES:
-        raise ValueError(f"Metric dtype must be one of {', '.join(_FLOAT_NAMES)}; got {dtype!r}.")
-    return name
-
-
-def _num_elements(shape: tuple[Any, ...]) -> int | None:
-    n = 1
-    for d in shape:
-        if d is None or d != d:  # unknown (a tracer's None, Dask's NaN)
-            return None
-        n *= int(d)
-    return n
-
-
-class KLEstimator:
+class KLEstimator(RunningMean):
     """Running mean of per-token ``KL(policy || reference)`` estimates over many batches.
 
     Each :meth:`update_state` computes the estimates of :func:`kldiv.kl_estimate`, adds
@@ -83,6 +56,11 @@ class KLEstimator:
     {'estimator': 'k1', 'log_ratio_clamp': None, 'value_clamp': None, 'name': 'kl_estimator', 'dtype': 'float32'}
     """
 
+    _CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("estimator", "log_ratio_clamp", "value_clamp", "name", "dtype")
+    # the wording of this metric's messages since its release
+    _DTYPE_OWNER = "Metric"
+    _CONFIG_OWNER = "KLEstimator metric"
+
     def __init__(
         self,
         estimator: str = "k3",
@@ -94,31 +72,7 @@ class KLEstimator:
     ) -> None:
         options = estimator_options(estimator, log_ratio_clamp, value_clamp)
         self.estimator, self.log_ratio_clamp, self.value_clamp = options[:3]
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}.")
-        self.name = name
-        self.dtype = _dtype_name(dtype)
-        self._total: Any = None  # kldiv.metrics.RunningSum once updated
-        self._count: Any = None
-
-    # -- state ---------------------------------------------------------------------------
-
-    @property
-    def library(self) -> str | None:
-        """The library holding the state, ``None`` before any update."""
-        return None if self._total is None else namespace_name(array_namespace(self._total.value))
-
-    @property
-    def device(self) -> Any:
-        """The device holding the state, ``None`` before any update."""
-        return None if self._total is None else get_device(self._total.value)
-
-    @property
-    def variables(self) -> list[Any]:
-        """The state arrays ``[total, count]``; empty before any update."""
-        if self._total is None or self._count is None:
-            return []
-        return [self._total.total(), self._count.total()]
+        self._kldiv_init(name, dtype)
 
     def _batch(self, inputs: Any, sample_weight: Any) -> tuple[Any, Any]:
         """``(sum(w * est), sum(w) or the count)`` of one batch, in the accumulator dtype."""
@@ -127,7 +81,7 @@ class KLEstimator:
         acc = _metrics.accumulator_dtype(xp, inputs.device)
         est, weights = compute_estimate(inputs, options, sample_weight)
         est = est if est.dtype == acc else xp.astype(est, acc)
-        n = _num_elements(tuple(est.shape))
+        n = num_elements(tuple(est.shape))
         if weights is None:
             count: Any = xp.sum(xp.ones_like(est)) if n is None else n
             return xp.sum(est), count
@@ -151,39 +105,9 @@ class KLEstimator:
         else:
             with scope:  # TensorFlow, eagerly: on logprob's device
                 total, count = self._batch(inputs, sample_weight)
-        if self._total is None or self._count is None:
-            compensated = total.dtype != xp.float64
-            self._total = _metrics.RunningSum(total, compensated)
-            if not hasattr(count, "shape"):
-                count = xp.zeros_like(total) + count
-            self._count = _metrics.RunningSum(count, compensated)
-            return
-        _metrics.check_same_place(self._total.value, total, what="update_state", owner=repr(self))
-        self._total.add(total)
-        self._count.add(count)
+        self._add(xp, total, count)
 
-    def result(self) -> Any:
-        """``total / count`` (0 when the count is 0): a 0-d array of the state's library."""
-        if self._total is None or self._count is None:
-            return np.asarray(0.0, dtype=np.dtype(self.dtype if self.dtype != "bfloat16" else "float32"))
-        total, count = self._total.total(), self._count.total()
-        xp = array_namespace(total)
-        out = _metrics.safe_divide(xp, total, count)
-        dtype = getattr(xp, self.dtype, None)
-        if dtype is None:  # e.g. bfloat16 in NumPy
-            dtype = xp.float32
-        elif self.dtype == "float64" and out.dtype != xp.float64:  # no float64 here
-            dtype = out.dtype
-        return out if out.dtype == dtype else xp.astype(out, dtype)
-
-    def reset_state(self) -> None:
-        """Forget every update."""
-        self._total = None
-        self._count = None
-
-    reset_states = reset_state  # Keras 2's older name
-
-    def merge_state(self, *others: KLEstimator) -> None:
+    def merge_state(self, *others: Any) -> None:
         """Add the states of other ``KLEstimator`` metrics of the same options (workers' parts).
 
         Raises
@@ -194,29 +118,10 @@ class KLEstimator:
             If its options differ (its mean is of other numbers) or its state is on another
             device.
         """
-        for other in others:
-            if not isinstance(other, KLEstimator):
-                raise TypeError(f"merge_state takes kldiv.metrics.KLEstimator metrics, got {type(other).__name__}.")
-            if other._options() != self._options():
-                raise ValueError(f"merge_state: {other!r} estimates with other options than {self!r}.")
-        for other in others:
-            if other._total is None or other._count is None:
-                continue
-            if self._total is None or self._count is None:
-                self._total, self._count = other._total.copy(), other._count.copy()
-                continue
-            _metrics.check_same_place(self._total.value, other._total.value, what=f"merge_state({other!r})",
-                                      owner=repr(self))
-            self._total.merge(other._total)
-            self._count.merge(other._count)
+        super().merge_state(*others)
 
     def _options(self) -> tuple[Any, ...]:
         return (self.estimator, self.log_ratio_clamp, self.value_clamp)
-
-    def __call__(self, logprob: Any, ref_logprob: Any, sample_weight: Any = None) -> Any:
-        """:meth:`update_state`, then :meth:`result` (Keras' ``Metric.__call__``)."""
-        self.update_state(logprob, ref_logprob, sample_weight)
-        return self.result()
 
     # -- config --------------------------------------------------------------------------
 
@@ -229,19 +134,3 @@ class KLEstimator:
             "name": self.name,
             "dtype": self.dtype,
         }
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> KLEstimator:
-        """Rebuild a metric from :meth:`get_config` output; unknown keys raise ``TypeError``."""
-        config = dict(config)
-        unknown = set(config) - {"estimator", "log_ratio_clamp", "value_clamp", "name", "dtype"}
-        if unknown:
-            raise TypeError(f"Unknown KLEstimator metric config keys: {sorted(unknown)}.")
-        return cls(**config)
-
-    def __repr__(self) -> str:
-        where = "" if self._total is None else f", state on {self.library}:{self.device}"
-        return (
-            f"{type(self).__name__}(estimator={self.estimator!r}, log_ratio_clamp={self.log_ratio_clamp!r}, "
-            f"value_clamp={self.value_clamp!r}, name={self.name!r}, dtype={self.dtype!r}{where})"
-        )

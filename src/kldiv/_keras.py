@@ -1,4 +1,5 @@
-"""Keras interop for the metric: a ``kldiv.metrics.KLDivergence`` that is a ``keras.metrics.Metric``.
+"""Keras interop for the metrics: a ``kldiv.metrics.KLDivergence`` (or ``ReverseKLDivergence``,
+``JensenShannonDivergence``) that is a ``keras.metrics.Metric``.
 
 kldiv never imports Keras: everything here looks in ``sys.modules``. When a metric is created
 while a Keras is loaded, :func:`metric_class` gives the class it is made of: kldiv's metric
@@ -10,7 +11,8 @@ Such a metric has two engines, because Keras being loaded does not mean Keras is
 
 - **Keras' own**: state in Keras variables, updated with ``assign_add`` (stateless under JAX
   tracing, graph-safe under ``tf.function``), exactly ``keras.metrics.KLDivergence``'s
-  ``MeanMetricWrapper`` arithmetic with kldiv's per-sample function. Used once Keras drives the
+  ``MeanMetricWrapper`` arithmetic with kldiv's per-sample function (the metric's member of
+  the divergence family, its options passed as the wrapper's ``fn`` keyword arguments). Used once Keras drives the
   metric: under a Keras stateless or symbolic scope (``compile``'s symbolic build on every
   Keras 3 backend, the JAX trainer's stateless steps), any ``stateless_*`` call, an update in
   a TensorFlow graph (compiled steps on TensorFlow, tf.keras' ``fit``) or with Keras symbolic
@@ -26,7 +28,7 @@ Such a metric has two engines, because Keras being loaded does not mean Keras is
 A metric created before any Keras was imported is a plain kldiv metric. Keras' ``compile``
 wraps a callable that is not a ``Metric`` in its own ``MeanMetricWrapper``, which calls it as
 ``fn(y_true, y_pred)`` for per-sample values: :func:`called_by_keras_wrapper` recognises that
-caller, and the metric then answers with the per-sample KL divergence, so Keras' wrapper
+caller, and the metric then answers with its per-sample divergence, so Keras' wrapper
 computes the same running mean (in Keras variables) either way.
 """
 
@@ -172,11 +174,13 @@ _CLASSES: dict[tuple[type, type], type] = {}
 def metric_class(cls: type) -> type | None:
     """``cls`` (kldiv's metric class) made a subclass of the loaded Keras' ``MeanMetricWrapper``.
 
-    ``cls`` provides the plain engine (``update_state``, ``result``, ``reset_state``,
-    ``merge_state``, ``variables``, ``library``, ``device``, ``get_config``/``from_config``,
-    ``_kldiv_state``/``_kldiv_set_state``) and ``_per_sample(y_true, y_pred)``, the per-sample
-    function Keras' wrapper averages, plus the helpers ``_check_name``, ``_normalize_dtype``,
-    ``_check_mergeable`` and ``_describe``: any kldiv metric with these can be made Keras-aware.
+    ``cls`` (a :class:`kldiv._metric_base.DivergenceMetric`) provides the plain engine
+    (``update_state``, ``result``, ``reset_state``, ``merge_state``, ``variables``,
+    ``library``, ``device``, ``get_config``/``from_config``, ``_kldiv_state``/``_kldiv_set_state``),
+    ``_kldiv_init(name, dtype)`` (called by its ``__init__`` once its options are set),
+    ``_kldiv_function()`` (the per-sample function Keras' wrapper averages and its keyword
+    arguments) and ``_per_sample``, plus the helpers ``_check_name``, ``_normalize_dtype``,
+    ``_check_mergeable``, ``_describe`` and ``_repr_items``.
 
     ``None`` without a loaded Keras, or when ``cls`` already is such a class. The class has
     ``cls``'s name, module and docstring, and is cached per (``cls``, Keras).
@@ -217,7 +221,12 @@ class _KerasMetric:
     _count: Any
     name: str
 
-    def __init__(self, name: str = "kullback_leibler_divergence", dtype: Any = None) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # kldiv's __init__ (the class' defaults, its options validated and set), which ends in
+        # _kldiv_init below (not in Keras' __init__, which is next in the MRO)
+        self._kldiv_class.__init__(self, *args, **kwargs)
+
+    def _kldiv_init(self, name: str, dtype: Any) -> None:
         plain = self._kldiv_class
         plain._check_name(name)
         self._kldiv_keras_init(name=name, dtype=plain._normalize_dtype(dtype))
@@ -309,7 +318,7 @@ class _KerasMetric:
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         if called_by_keras_wrapper(self):
-            return self._kldiv_class._per_sample(y_true, y_pred)
+            return self._per_sample(y_true, y_pred)  # type: ignore[attr-defined]
         if self._kldiv_keras_engine(y_true, y_pred, sample_weight):
             return super().__call__(y_true, y_pred, sample_weight=sample_weight)  # type: ignore[misc]
         self.update_state(y_true, y_pred, sample_weight)
@@ -349,7 +358,7 @@ class _KerasMetric:
         if len(others) == 1 and isinstance(others[0], (list, tuple)):
             others = tuple(others[0])
         plain = self._kldiv_class
-        plain._check_mergeable(others)
+        plain._check_mergeable(self, others)
         if self._kldiv_mode != "keras" and not any(_holds_keras(o) for o in others):
             return plain.merge_state(self, *others)
         self._kldiv_to_keras()
@@ -404,7 +413,7 @@ class _KerasMetric:
 
     def __repr__(self) -> str:
         if self._kldiv_mode == "keras":
-            return (f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype!r}, "  # type: ignore[attr-defined]
+            return (f"{type(self).__name__}({self._repr_items()}, "  # type: ignore[attr-defined]
                     f"state in {self._kldiv_keras.__name__} variables)")
         return self._kldiv_class.__repr__(self)
 
@@ -415,8 +424,8 @@ class _Keras3Metric(_KerasMetric):
     """Keras 3: ``stateless_*`` calls (the JAX trainer) and its scopes drive the metric."""
 
     def _kldiv_keras_init(self, name: str, dtype: str) -> None:
-        fn = self._kldiv_class._per_sample
-        super(_KerasMetric, self).__init__(fn=fn, name=name, dtype=dtype)  # type: ignore[call-arg]
+        fn, kwargs = self._kldiv_function()  # type: ignore[attr-defined]
+        super(_KerasMetric, self).__init__(fn=fn, name=name, dtype=dtype, **kwargs)  # type: ignore[call-arg]
         self._direction = "down"  # a divergence: lower is better (EarlyStopping's "auto" mode)
 
     def _kldiv_keras_library(self) -> str:
@@ -455,9 +464,10 @@ class _Keras2Metric(_KerasMetric):
 
     def _kldiv_keras_init(self, name: str, dtype: str) -> None:
         tf = sys.modules["tensorflow"]
+        fn, kwargs = self._kldiv_function()  # type: ignore[attr-defined]
         # autograph must not rewrite kldiv's Python (it is graph-safe as written)
-        fn = tf.autograph.experimental.do_not_convert(self._kldiv_class._per_sample)
-        super(_KerasMetric, self).__init__(fn=fn, name=name, dtype=dtype)  # type: ignore[call-arg]
+        fn = tf.autograph.experimental.do_not_convert(fn)
+        super(_KerasMetric, self).__init__(fn=fn, name=name, dtype=dtype, **kwargs)  # type: ignore[call-arg]
         # tf.keras' Metric.__new__ put wrapped update_state/result on the instance; the
         # methods of the class choose the engine (and wrap Keras' result below).
         for attr in ("update_state", "result"):

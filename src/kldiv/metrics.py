@@ -1,49 +1,57 @@
-"""Keras-style metrics: the functional aliases and the stateful :class:`KLDivergence` metric.
+"""Keras-style metrics: the functional aliases and the stateful divergence metrics.
 
 ``kldiv.metrics.KLDivergence`` is Keras' ``metrics.KLDivergence`` (a ``MeanMetricWrapper``
 of the KL divergence): a running, optionally weighted, mean of the per-sample loss over
 every batch passed to :meth:`~KLDivergence.update_state`. Its state lives in the inputs' own
 library and on their device, so a stream of GPU batches never waits on the host. (The loss
 class is ``kldiv.KLDivergence`` / ``kldiv.losses.KLDivergence``.)
+:class:`ReverseKLDivergence` and :class:`JensenShannonDivergence` are the same metric of the
+other members of the divergence family, and every one of them takes ``inputs=`` (probabilities,
+log-probabilities or logits) and ``temperature=``, as the functions and loss classes of the
+same names do. :class:`KLEstimator` averages sampled-token KL estimates.
 
-Created while Keras is imported, the metric is also a ``keras.metrics.Metric`` and works in
-``model.compile(metrics=[...])``: see the class' Notes and ``kldiv._keras``.
+Created while Keras is imported, a divergence metric is also a ``keras.metrics.Metric`` and
+works in ``model.compile(metrics=[...])``: see :class:`KLDivergence`'s Notes and
+``kldiv._keras``. The shared machinery is in ``kldiv._metric_base`` and ``kldiv._accumulate``.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
-
-from . import _keras
-from ._functional import (
-    KLD,
-    Prepared,
-    compute,
-    kl_divergence,
-    kld,
-    kullback_leibler_divergence,
-    prepare,
+from ._accumulate import (
+    BatchSums,
+    RunningSum,
+    batch_sums,
+    check_same_place,
+    safe_divide,
 )
-from ._namespace import array_namespace, get_device, is_dask, namespace_name
-from ._reduction import apply_sample_weight
+from ._accumulate import qualified as _qualified
+from ._divergence import JS, KL, REVERSE_KL
+from ._family import js_divergence, reverse_kl_divergence
+from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
+from ._metric_base import DivergenceMetric
+from ._metric_base import restore_metric as _restore_metric
+from ._namespace import namespace_name
 
 __all__ = [
     "KLD",
+    "JensenShannonDivergence",
     "KLDivergence",
     "KLEstimator",
+    "ReverseKLDivergence",
     "kl_divergence",
     "kld",
     "kullback_leibler_divergence",
 ]
 
-_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+# Names other modules (streaming, the estimator metric) and tests reach through this module.
+_SHARED = (BatchSums, RunningSum, batch_sums, check_same_place, safe_divide, _qualified, _restore_metric)
 
 
 # --------------------------------------------------------------------------------------
-# Accumulation helpers (shared with kldiv._chunked)
+# Where float64 is (the one place that decides the accumulator dtype; read at call time)
 # --------------------------------------------------------------------------------------
 
 
@@ -77,223 +85,17 @@ def accumulator_dtype(xp: ModuleType, device: Any) -> Any:
     return xp.float64 if has_float64(xp, device) else xp.float32
 
 
-class RunningSum:
-    """A 0-d running sum in an array library, with Neumaier compensation when float32.
-
-    ``value`` and ``comp`` are 0-d arrays of the inputs' library and device; nothing is
-    read back to the host. In float64 the sum is plain; in float32 (libraries or devices
-    without float64) every addition also carries its rounding error in ``comp``, so the sum
-    of millions of batch totals keeps float32's full precision.
-
-    Dask is lazy: a chain of additions would make a graph as deep as the number of updates
-    (quadratic to build and to optimise, and a ``RecursionError`` at compute time). So Dask
-    addends are kept in ``parts`` and summed as a tree: every ``_FANOUT`` of them collapse
-    into one (``stack(...).sum()``), level after level, so the depth grows as log(updates).
-    """
-
-    __slots__ = ("comp", "parts", "value")
-    _FANOUT = 64
-
-    def __init__(self, value: Any, compensated: bool) -> None:
-        self.value = value
-        self.comp = array_namespace(value).zeros_like(value) if compensated else None
-        # Dask: levels of pending addends (level i holds sums of _FANOUT**i updates each)
-        self.parts: list[list[Any]] | None = [[value]] if is_dask(value) else None
-
-    def add(self, x: Any) -> None:
-        """Add ``x`` (a 0-d array of the same library, device and dtype, or a number)."""
-        s = self.value
-        if self.parts is not None:
-            if not hasattr(x, "shape"):
-                x = array_namespace(s).zeros_like(s) + x
-            self._push(x, 0)
-            return
-        t = s + x
-        if self.comp is not None:
-            xp = array_namespace(s)
-            if not hasattr(x, "shape"):
-                x = xp.zeros_like(s) + x
-            # Neumaier: the part of the smaller addend that t could not hold.
-            err = xp.where(xp.abs(s) >= xp.abs(x), (s - t) + x, (x - t) + s)
-            self.comp = self.comp + err
-        self.value = t
-
-    def _push(self, x: Any, level: int) -> None:
-        assert self.parts is not None
-        while len(self.parts) <= level:
-            self.parts.append([])
-        self.parts[level].append(x)
-        if len(self.parts[level]) >= self._FANOUT:
-            items, self.parts[level] = self.parts[level], []
-            self._push(_tree_sum(items), level + 1)
-
-    def merge(self, other: RunningSum) -> None:
-        """Add another running sum (its value and its compensation) to this one."""
-        xp = array_namespace(self.value)
-
-        def cast(v: Any) -> Any:
-            return v if v.dtype == self.value.dtype else xp.astype(v, self.value.dtype)
-
-        self.add(cast(other.total() if other.parts is not None else other.value))
-        if other.comp is not None:
-            self.add(cast(other.comp))
-
-    def total(self) -> Any:
-        """The sum: ``value + comp`` (a 0-d array)."""
-        if self.parts is not None:
-            return _tree_sum([v for level in self.parts for v in level])
-        return self.value if self.comp is None else self.value + self.comp
-
-    def copy(self) -> RunningSum:
-        out = RunningSum.__new__(RunningSum)
-        out.value, out.comp = self.value, self.comp
-        out.parts = None if self.parts is None else [list(level) for level in self.parts]
-        return out
-
-
-def _tree_sum(items: list[Any]) -> Any:
-    """Sum 0-d Dask arrays as one tree reduction (not a chain of additions)."""
-    if len(items) == 1:
-        return items[0]
-    xp = array_namespace(items[0])
-    return xp.sum(xp.stack(items))
-
-
-class BatchSums(NamedTuple):
-    """One batch, reduced to what a running mean needs (all in the accumulator dtype)."""
-
-    xp: ModuleType
-    out_dtype: Any  # y_pred's floating dtype (what the loss class would return)
-    weighted_sum: Any  # sum(w * loss), 0-d array
-    n: Any  # number of per-sample losses: an int, or a 0-d array when the size is lazy
-    weight_sum: Any  # sum of the weights broadcast to the loss, 0-d array; None: no weights
-    loss: Any  # the weighted per-sample loss, in the accumulator dtype
-
-
-def _num_elements(shape: tuple[Any, ...]) -> int | None:
-    n = 1
-    for d in shape:
-        if d is None or d != d:  # unknown (a tracer's None, Dask's NaN)
-            return None
-        n *= int(d)
-    return n
-
-
-def _detached(prep: Prepared) -> Prepared:
-    """No autograd graph in accumulated state: torch inputs are detached."""
-    if namespace_name(prep.xp) != "torch":
-        return prep
-    return prep._replace(y_true=prep.y_true.detach(), y_pred=prep.y_pred.detach())
-
-
-def batch_sums(y_true: Any, y_pred: Any, sample_weight: Any = None) -> BatchSums:
-    """Per-sample loss of one batch (in float64 where the library has it), weighted and summed.
-
-    Uses the same preparation, kernel and Keras 2 sample-weight rules as the loss class;
-    the per-sample loss is cast to the accumulator dtype before it is weighted and summed.
-    """
-    prep = _detached(prepare(y_true, y_pred))
-    xp = prep.xp
-    acc = accumulator_dtype(xp, prep.device)
-    loss = compute(prep._replace(out_dtype=acc))
-    weight_sum = None
-    if sample_weight is not None:
-        loss, w = apply_sample_weight(xp, loss, sample_weight)
-        shape = tuple(loss.shape)
-        if _num_elements(shape) is None:
-            weight_sum = xp.sum(w * xp.ones_like(loss))
-        else:
-            weight_sum = xp.sum(xp.broadcast_to(w, shape))
-    n: Any = _num_elements(tuple(loss.shape))
-    if n is None:
-        n = xp.sum(xp.ones_like(loss))
-    return BatchSums(xp, prep.out_dtype, xp.sum(loss), n, weight_sum, loss)
-
-
-def check_same_place(state: Any, new: Any, *, what: str, owner: str) -> None:
-    """Raise if 0-d arrays ``state`` (held) and ``new`` (incoming) differ in library or device."""
-    held_lib = namespace_name(array_namespace(state))
-    new_lib = namespace_name(array_namespace(new))
-    if held_lib != new_lib:
-        raise TypeError(
-            f"{owner} holds {held_lib} state but {what} gave {new_lib} arrays; a metric "
-            f"accumulates in one library. Convert the inputs to {held_lib}, or call "
-            "reset_state() first (or use one metric per library)."
-        )
-    held_dev, new_dev = get_device(state), get_device(new)
-    if held_dev is not None and new_dev is not None and held_dev != new_dev:
-        raise ValueError(
-            f"{owner} holds {held_lib} state on device {held_dev} but {what} gave arrays on "
-            f"device {new_dev}; move the inputs to {held_dev}, or call reset_state() first "
-            "(or use one metric per device)."
-        )
-
-
-def safe_divide(xp: ModuleType, num: Any, den: Any) -> Any:
-    """``num / den``, and 0 where ``den`` is 0 (Keras' ``divide_no_nan``), lazily."""
-    zero = den == 0
-    return xp.where(zero, xp.zeros_like(num), num / xp.where(zero, xp.ones_like(den), den))
-
-
-def _dtype_name(dtype: Any) -> str:
-    if dtype is None:
-        return "float32"
-    given = dtype
-    if isinstance(dtype, dict):  # Keras 3 DTypePolicy config
-        dtype = dtype.get("config", {}).get("name", "float32")
-    elif isinstance(getattr(dtype, "compute_dtype", None), str):  # a Keras DTypePolicy
-        dtype = dtype.compute_dtype
-    if isinstance(dtype, str):
-        name = dtype
-    else:
-        try:
-            name = np.dtype(dtype).name
-        except TypeError:
-            # torch.float64 -> "float64"; TensorFlow's DType has a .name
-            attr = getattr(dtype, "name", None)
-            name = attr if isinstance(attr, str) else str(dtype).rsplit(".", 1)[-1]
-    name = name.lower().removeprefix("mixed_")
-    if name not in _FLOAT_NAMES:
-        raise ValueError(
-            f"{_METRIC} dtype must be one of {', '.join(_FLOAT_NAMES)} (or a Keras 'mixed_...' "
-            f"policy); got {given!r}."
-        )
-    return name
-
-
-_METRIC = "kldiv.metrics.KLDivergence"
-
-
-def _qualified(tp: type) -> str:
-    """``module.QualName`` of a class (``kldiv.losses.KLDivergence``, ``numpy.ndarray``, ``int``)."""
-    plain = getattr(tp, "_kldiv_class", tp)  # a Keras-aware class: its kldiv class
-    module = getattr(plain, "__module__", "") or ""
-    name = getattr(plain, "__qualname__", getattr(plain, "__name__", repr(plain)))
-    return name if module == "builtins" else f"{module}.{name}"
-
-
-def _restore_metric(cls: Any, config: dict[str, Any], mode: str | None, state: Any) -> Any:
-    """Unpickle (or deep-copy) a metric: constructed anew, so it is Keras-aware exactly when a
-    Keras is loaded here, then given its state (Keras variables' values become kldiv's own
-    NumPy float64 state in a process without Keras)."""
-    obj = cls.from_config(config)
-    if mode == "keras" and not hasattr(obj, "_kldiv_keras_engine"):
-        total, count = (np.asarray(v, dtype=np.float64) for v in state)
-        mode, state = "plain", (RunningSum(total, False), RunningSum(count, False))
-    obj._kldiv_set_state(mode, state)
-    return obj
-
-
 # --------------------------------------------------------------------------------------
-# The metric
+# The metrics
 # --------------------------------------------------------------------------------------
 
 
-class KLDivergence:
+class KLDivergence(DivergenceMetric):
     """Keras' ``metrics.KLDivergence``: a running (weighted) mean of the KL divergence.
 
     Each :meth:`update_state` computes the per-sample loss ``sum(t * log(t / p), axis=-1)``
-    (both inputs clipped to ``[1e-7, 1]``), weights it by ``sample_weight`` (Keras 2 rules,
+    (both inputs clipped to ``[1e-7, 1]``; with ``inputs=`` from log-probabilities or logits,
+    as :func:`kldiv.kl_divergence` computes it), weights it by ``sample_weight`` (Keras 2 rules,
     as for the loss class), and adds ``sum(w * loss)`` to a total and ``sum(w)`` (without
     weights: the number of per-sample losses) to a count. :meth:`result` is
     ``total / count``, 0 while the count is 0.
@@ -312,17 +114,25 @@ class KLDivergence:
         The dtype of :meth:`result` (Keras' metric dtype): ``"float32"``, ``"float64"``,
         ``"float16"`` or ``"bfloat16"``. Accumulation is in float64 regardless, where the
         library has it; without float64, a ``"float64"`` result is float32.
+    inputs : {"probs", "log_probs", "logits"} or pair of them, default "probs"
+        The space of both inputs, or ``(y_true's, y_pred's)``, as for
+        :func:`kldiv.kl_divergence`. The default is Keras' metric, bit for bit.
+    temperature : float, default 1.0
+        Divides logits (> 0, only with ``"logits"`` inputs); not multiplied back.
 
     Raises
     ------
     TypeError
         From :meth:`update_state` or :meth:`merge_state` when a batch or another metric is
-        of a different library than the state held; ``ValueError`` when it is on a
-        different device.
+        of a different library than the state held (or another metric is not a
+        ``kldiv.metrics.KLDivergence``); ``ValueError`` when it is on a different device or
+        was made with other options. The constructor raises as :func:`kldiv.kl_divergence`
+        does for bad ``inputs`` or ``temperature``.
 
     See Also
     --------
     kldiv.losses.KLDivergence : the loss class (reductions instead of a running mean).
+    ReverseKLDivergence, JensenShannonDivergence : the other members' metrics.
     kldiv.evaluate_files : the metric (or loss) over ``.npy`` files, in bounded memory.
 
     Notes
@@ -334,7 +144,8 @@ class KLDivergence:
     **In Keras.** Created while a Keras is imported (Keras 3 on any backend, or tf.keras 2
     through ``tf_keras``; kldiv never imports Keras itself), the metric is also a
     ``keras.metrics.Metric``: a ``MeanMetricWrapper`` of :func:`kldiv.kl_divergence`, as
-    ``keras.metrics.KLDivergence`` is one of Keras' own function. So
+    ``keras.metrics.KLDivergence`` is one of Keras' own function (with ``inputs=`` and
+    ``temperature=`` passed to it, as ``MeanMetricWrapper(fn, **kwargs)`` does). So
     ``model.compile(metrics=[kldiv.metrics.KLDivergence()])`` (or ``weighted_metrics=``) logs
     Keras' numbers batch for batch, in ``fit`` and ``evaluate``, compiled or eagerly. Once
     Keras drives it (``compile``'s symbolic build, a compiled step, the ``stateless_*`` API, a
@@ -354,8 +165,9 @@ class KLDivergence:
     holds for a metric of one Keras given to the other (tf-keras wins when both are loaded).
 
     The default name is Keras 2's ``"kullback_leibler_divergence"`` (Keras 3 names its own
-    ``"kl_divergence"``); ``get_config()`` is ``{"name": ..., "dtype": ...}`` either way, and
-    a pickled metric is rebuilt through the constructor, with its state.
+    ``"kl_divergence"``); ``get_config()`` is ``{"name": ..., "dtype": ...}`` either way (plus
+    ``inputs`` and ``temperature`` where they are not the defaults; a pair of spaces as a
+    list), and a pickled metric is rebuilt through the constructor, with its state.
 
     Examples
     --------
@@ -386,208 +198,117 @@ class KLDivergence:
     0.45814306
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> KLDivergence:
-        # With a Keras loaded, the instance is also a keras.metrics.Metric (see kldiv._keras),
-        # so that model.compile(metrics=[kldiv.metrics.KLDivergence()]) uses it as one.
-        made = _keras.metric_class(cls)
-        if made is not None:
-            return made.__new__(made, *args, **kwargs)
-        return super().__new__(cls)
+    divergence = KL
+    _function = staticmethod(kl_divergence)
+    _title = "KL divergence"
 
-    def __init__(self, name: str = "kullback_leibler_divergence", dtype: Any = None) -> None:
-        self._check_name(name)
-        self.name = name
-        self.dtype = self._normalize_dtype(dtype)
-        self._total: RunningSum | None = None
-        self._count: RunningSum | None = None
+    def __init__(self, name: str = "kullback_leibler_divergence", dtype: Any = None, *,
+                 inputs: Any = "probs", temperature: Any = 1.0) -> None:
+        super().__init__(name, dtype, inputs=inputs, temperature=temperature)
 
-    @staticmethod
-    def _check_name(name: Any) -> None:
-        if not isinstance(name, str):
-            raise TypeError(f"{_METRIC} name must be a str, got {_qualified(type(name))}.")
 
-    _normalize_dtype = staticmethod(_dtype_name)
+class ReverseKLDivergence(DivergenceMetric):
+    """A running (weighted) mean of the reverse KL divergence ``KL(Q || P)``.
 
-    # what each update averages; Keras' MeanMetricWrapper averages it too (kldiv._keras)
-    _per_sample = staticmethod(kl_divergence)
+    :class:`KLDivergence`'s metric (state, precision, sample weights, :meth:`merge_state`,
+    config, pickling and Keras) of :func:`kldiv.reverse_kl_divergence`: P from ``y_true``, Q
+    from ``y_pred``, ``sum(q * (log q - log p), axis=-1)`` per sample. With the default
+    ``inputs="probs"`` each per-sample value is exactly ``kldiv.kl_divergence(y_pred,
+    y_true)`` (both clipped to ``[1e-7, 1]``), computed in ``y_pred``'s library.
 
-    def _describe(self) -> str:
-        """``kldiv.metrics.KLDivergence(name=...)``: unambiguous in messages (the loss class is
-        also called ``KLDivergence``)."""
-        return f"{_qualified(type(self))}{repr(self)[len(type(self).__name__):]}"
+    Parameters
+    ----------
+    name : str, default "reverse_kl_divergence"
+    dtype : str or dtype, default "float32"
+        The dtype of :meth:`result`; accumulation is in float64 where the library has it.
+    inputs : {"probs", "log_probs", "logits"} or pair of them, default "probs"
+        The space of both inputs, or ``(y_true's, y_pred's)``.
+    temperature : float, default 1.0
+        Divides logits (> 0, only with ``"logits"`` inputs).
 
-    # -- state ---------------------------------------------------------------------------
+    See Also
+    --------
+    kldiv.losses.ReverseKLDivergence : the loss class.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kldiv.metrics import ReverseKLDivergence
+    >>> teacher = np.array([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])   # logits
+    >>> student = np.array([[1.0, 1.0, 1.0], [3.0, 0.0, 0.0]])
+    >>> m = ReverseKLDivergence(inputs="logits", temperature=2.0)
+    >>> m.update_state(teacher, student, sample_weight=[1, 0])
+    >>> m.update_state(teacher[1:], student[1:])
+    >>> print(round(float(m.result()), 6))
+    0.174223
+    >>> m.get_config()
+    {'name': 'reverse_kl_divergence', 'dtype': 'float32', 'inputs': 'logits', 'temperature': 2.0}
+    """
+
+    divergence = REVERSE_KL
+    _function = staticmethod(reverse_kl_divergence)
+    _title = "reverse KL divergence"
+
+    def __init__(self, name: str = "reverse_kl_divergence", dtype: Any = None, *,
+                 inputs: Any = "probs", temperature: Any = 1.0) -> None:
+        super().__init__(name, dtype, inputs=inputs, temperature=temperature)
+
+
+class JensenShannonDivergence(DivergenceMetric):
+    """A running (weighted) mean of the generalized Jensen-Shannon divergence.
+
+    :class:`KLDivergence`'s metric (state, precision, sample weights, :meth:`merge_state`,
+    config, pickling and Keras) of :func:`kldiv.js_divergence`: per sample
+    ``beta * KL(P || M) + (1 - beta) * KL(Q || M)`` with ``M = beta * P + (1 - beta) * Q``, P
+    from ``y_true``, Q from ``y_pred``.
+
+    Parameters
+    ----------
+    name : str, default "js_divergence"
+    dtype : str or dtype, default "float32"
+        The dtype of :meth:`result`; accumulation is in float64 where the library has it.
+    beta : float, default 0.5
+        The weight of P in the mixture, in the open interval (0, 1) (0 and 1 are a
+        ``ValueError`` pointing to :class:`KLDivergence` / :class:`ReverseKLDivergence`).
+    inputs : {"probs", "log_probs", "logits"} or pair of them, default "probs"
+        The space of both inputs, or ``(y_true's, y_pred's)``.
+    temperature : float, default 1.0
+        Divides logits (> 0, only with ``"logits"`` inputs).
+
+    See Also
+    --------
+    kldiv.losses.JensenShannonDivergence : the loss class.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kldiv.metrics import JensenShannonDivergence
+    >>> p = np.array([[1.0, 0.0], [0.5, 0.5]])
+    >>> q = np.array([[0.0, 1.0], [0.5, 0.5]])
+    >>> m = JensenShannonDivergence()
+    >>> m.update_state(p, q)     # log 2 for the disjoint pair, 0 for the equal one
+    >>> print(round(float(m.result()), 4))
+    0.3466
+    >>> a, b = JensenShannonDivergence(beta=0.3), JensenShannonDivergence(beta=0.3)
+    >>> a.update_state(p[:1], q[:1])
+    >>> b.update_state(p[1:], q[1:])
+    >>> a.merge_state(b)      # workers' states: same class, same options
+    >>> a.get_config()
+    {'name': 'js_divergence', 'dtype': 'float32', 'beta': 0.3}
+    """
+
+    divergence = JS
+    _function = staticmethod(js_divergence)
+    _title = "Jensen-Shannon divergence"
+
+    def __init__(self, name: str = "js_divergence", dtype: Any = None, *, beta: Any = 0.5,
+                 inputs: Any = "probs", temperature: Any = 1.0) -> None:
+        super().__init__(name, dtype, inputs=inputs, temperature=temperature, beta=beta)
 
     @property
-    def library(self) -> str | None:
-        """The library holding the state (``"torch"``, ``"jax"``, ...), ``None`` before any update."""
-        return None if self._total is None else namespace_name(array_namespace(self._total.value))
-
-    @property
-    def device(self) -> Any:
-        """The device holding the state, ``None`` before any update."""
-        return None if self._total is None else get_device(self._total.value)
-
-    @property
-    def variables(self) -> list[Any]:
-        """The state arrays ``[total, count]`` (compensation folded in); empty before any update."""
-        if self._total is None or self._count is None:
-            return []
-        if _keras.called_by_tf_keras_compile():
-            # tf.keras checks a compiled metric's variables are TensorFlow's; it wraps this one
-            # (created before tf.keras was imported) and keeps the state in the wrapper
-            return []
-        return [self._total.total(), self._count.total()]
-
-    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
-        """Add one batch: ``sum(w * loss)`` to the total, ``sum(w)`` (or the count) to the count.
-
-        Parameters
-        ----------
-        y_true, y_pred : array_like
-            As for :func:`kldiv.kl_divergence`; the batch runs in ``y_pred``'s library and
-            on its device, which must be those of the state (after the first update).
-        sample_weight : array_like or float, optional
-            Keras 2 rules: a scalar, a weight per sample (shape of the per-sample loss, or
-            with a trailing axis of 1), or a weight of one rank less (scales each row).
-        """
-        sums = batch_sums(y_true, y_pred, sample_weight)
-        total = sums.weighted_sum
-        count = sums.n if sums.weight_sum is None else sums.weight_sum
-        if self._total is None or self._count is None:
-            compensated = total.dtype != sums.xp.float64
-            self._total = RunningSum(total, compensated)
-            if not hasattr(count, "shape"):
-                count = sums.xp.zeros_like(total) + count
-            self._count = RunningSum(count, compensated)
-            return
-        check_same_place(self._total.value, total, what="update_state", owner=self._describe())
-        self._total.add(total)
-        self._count.add(count)
-
-    def result(self) -> Any:
-        """``total / count`` (0 when the count is 0): a 0-d array of the state's library.
-
-        The value stays on the state's device (lazy for Dask) in the metric's ``dtype``; read
-        it with ``float(...)`` (or ``.compute()`` for Dask) when needed.
-        """
-        if self._total is None or self._count is None:
-            return np.asarray(0.0, dtype=np.dtype(self.dtype if self.dtype != "bfloat16" else "float32"))
-        total, count = self._total.total(), self._count.total()
-        xp = array_namespace(total)
-        out = safe_divide(xp, total, count)
-        dtype = getattr(xp, self.dtype, None)
-        if dtype is None:  # e.g. bfloat16 in NumPy
-            dtype = xp.float32
-        elif self.dtype == "float64" and out.dtype != xp.float64:  # no float64 here
-            dtype = out.dtype
-        return out if out.dtype == dtype else xp.astype(out, dtype)
-
-    def reset_state(self) -> None:
-        """Forget every update: the metric is as new (and has no library or device)."""
-        self._total = None
-        self._count = None
-
-    reset_states = reset_state  # Keras 2's older name
-
-    def merge_state(self, *others: KLDivergence) -> None:
-        """Add the states of other ``KLDivergence`` metrics (e.g. workers' partial results).
-
-        Metrics with no update are skipped; if this one has none, it takes the first other
-        state as its own. The states must be of one library and device.
-
-        Raises
-        ------
-        TypeError
-            If an argument is not a ``kldiv.metrics.KLDivergence`` (the message names the fully
-            qualified class: the loss ``kldiv.losses.KLDivergence`` is not a metric), holds
-            another library, or holds its state in Keras variables.
-        ValueError
-            If a state is on another device.
-        """
-        self._check_mergeable(others)
-        for other in others:
-            if getattr(other, "_kldiv_mode", None) == "keras":
-                raise TypeError(
-                    f"merge_state cannot add the Keras variables of {other._describe()} to "
-                    f"{self._describe()}, which accumulates outside Keras. Merge metrics that "
-                    "were updated the same way."
-                )
-        for other in others:
-            if other._total is None or other._count is None:
-                continue
-            if self._total is None or self._count is None:
-                self._total, self._count = other._total.copy(), other._count.copy()
-                continue
-            check_same_place(self._total.value, other._total.value,
-                             what=f"merge_state({other._describe()})", owner=self._describe())
-            self._total.merge(other._total)
-            self._count.merge(other._count)
-
-    @staticmethod
-    def _check_mergeable(others: tuple[Any, ...]) -> None:
-        for other in others:
-            if not isinstance(other, KLDivergence):
-                hint = (" (a loss, not a metric)" if _qualified(type(other)) == "kldiv.losses.KLDivergence"
-                        else "")
-                raise TypeError(
-                    f"merge_state takes {_METRIC} metrics, got {_qualified(type(other))}{hint}."
-                )
-
-    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
-        """Keras' ``Metric.__call__``: :meth:`update_state`, then return :meth:`result`.
-
-        Called by a Keras ``MeanMetricWrapper`` that wraps this metric (``compile`` does that
-        with a metric created before Keras was imported), it returns the per-sample KL
-        divergence instead, which is what the wrapper averages: Keras then computes this
-        metric's running mean in its own variables.
-        """
-        if _keras.called_by_keras_wrapper(self):
-            return self._per_sample(y_true, y_pred)
-        self.update_state(y_true, y_pred, sample_weight)
-        return self.result()
-
-    # -- config --------------------------------------------------------------------------
-
-    def get_config(self) -> dict[str, Any]:
-        """``{"name": ..., "dtype": ...}``, as Keras saves a metric."""
-        return {"name": self.name, "dtype": self.dtype}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> KLDivergence:
-        """Rebuild a metric from :meth:`get_config` output (or a Keras 2 / Keras 3 config).
-
-        A Keras 3 ``DTypePolicy`` dict is accepted for ``dtype``; a Keras 2 ``"fn"`` key must
-        name the KL divergence. Unknown keys raise ``TypeError``.
-        """
-        config = dict(config)
-        fn = config.pop("fn", None)
-        if fn is not None and fn not in {"kl_divergence", "kld", "KLD", "kullback_leibler_divergence"}:
-            raise ValueError(f"{_METRIC} config names function {fn!r}, not the KL divergence.")
-        unknown = set(config) - {"name", "dtype"}
-        if unknown:
-            raise TypeError(f"Unknown {_METRIC} config keys: {sorted(unknown)}.")
-        return cls(**config)
-
-    def __repr__(self) -> str:
-        where = "" if self._total is None else f", state on {self.library}:{self.device}"
-        return f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype!r}{where})"
-
-    # -- pickling --------------------------------------------------------------------------
-
-    def _kldiv_state(self) -> tuple[str | None, Any]:
-        if self._total is None or self._count is None:
-            return None, None
-        return "plain", (self._total.copy(), self._count.copy())
-
-    def _kldiv_set_state(self, mode: str | None, state: Any) -> None:
-        if mode == "plain":
-            self._total, self._count = state
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Rebuilt through the constructor, so that it is Keras-aware exactly when the
-        # unpickling process has a Keras loaded (see __new__).
-        return (_restore_metric, (type(self), self.get_config(), *self._kldiv_state()))
+    def beta(self) -> float:
+        """The weight of P (``y_true``) in the mixture."""
+        return float(self._kldiv_call.params["beta"])
 
 
 from ._estimator_metric import KLEstimator  # noqa: E402  (reads kldiv.metrics at call time)
