@@ -377,6 +377,25 @@ def test_temperature_only_with_logits(member: str, inputs: Any) -> None:
     _call(member, [0.5, 0.5], [0.3, 0.7], inputs=inputs, temperature=1.0)  # the default: fine
 
 
+def test_remembered_options_are_still_validated() -> None:
+    """``resolve`` remembers valid options by value and type: ``True`` after ``1`` (equal,
+    same hash) is still a ``TypeError``; an invalid combination is never remembered."""
+    t, p = [1.0, 2.0], [0.0, 1.0]
+    for _ in range(2):
+        F_KL(t, p, inputs="logits", temperature=1)
+        with pytest.raises(TypeError, match="temperature"):
+            F_KL(t, p, inputs="logits", temperature=True)
+        F_JS(t, p, inputs="logits", beta=0.5)
+        with pytest.raises(TypeError, match="beta"):
+            F_JS(t, p, inputs="logits", beta=np.array(0.5))
+        with pytest.raises(ValueError, match="only applies to logits"):
+            F_RKL([0.5, 0.5], [0.3, 0.7], temperature=2.0)
+    loss = kldiv.JensenShannonDivergence(inputs="logits")
+    loss.beta = 1.0  # an attribute set after construction is checked at the call
+    with pytest.raises(ValueError, match="reverse_kl_divergence"):
+        loss(np.array([t]), np.array([p]))
+
+
 @pytest.mark.parametrize("temperature", [True, "2", None])
 def test_temperature_type(temperature: Any) -> None:
     with pytest.raises(TypeError, match="temperature"):

@@ -508,3 +508,32 @@ def test_keras3_jax_compile_and_fit() -> None:
     # the members differ: the comparison above can fail
     assert not np.allclose(got["kl"]["hand"], got["reverse_kl"]["hand"], rtol=1e-3)
     assert not np.allclose(got["kl"]["hand"], got["js"]["hand"], rtol=1e-3)
+
+
+DOCS_SCRIPT = r"""
+import json, re, sys
+page = sys.argv[1]
+blocks = re.findall(r"```python\n(.*?)```", open(page, encoding="utf-8").read(), flags=re.S)
+ns = {}
+for block in blocks:
+    exec(compile(block, page, "exec"), ns)
+print(json.dumps({"blocks": len(blocks), "history": ns["history"].history["loss"],
+                  "step_loss": float(ns["step_loss"]), "grad_finite": bool(ns["grad"] is not None)}))
+"""
+
+
+def test_distillation_page_examples_run() -> None:
+    """docs/distillation.md: its Python blocks run in order, in one namespace (a fresh
+    process: the page imports Keras on JAX and TensorFlow)."""
+    for module in ("torch", "jax", "keras", "tensorflow"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed: docs/distillation.md has an example for it")
+    page = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "distillation.md")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", DOCS_SCRIPT, page], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["blocks"] == 8
+    assert len(got["history"]) == 2 and all(np.isfinite(got["history"]))
+    assert got["step_loss"] > 0 and got["grad_finite"]

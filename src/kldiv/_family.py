@@ -126,13 +126,44 @@ class Call:
         return self.spaces == ("probs", "probs") and self.divergence.keras_probs is not None
 
 
+_RESOLVED: dict[tuple[Any, ...], Call] = {}
+_RESOLVED_MAX = 256
+
+
+def _options_key(div: Divergence, inputs: Any, temperature: Any,
+                 params: dict[str, Any]) -> tuple[Any, ...] | None:
+    """A key for options of plain Python types (types included: ``True`` is not ``1.0``), or
+    ``None`` for anything else (validated every time)."""
+    if type(inputs) is str:
+        spaces: Any = inputs
+    elif type(inputs) in (tuple, list) and all(type(x) is str for x in inputs):
+        spaces = tuple(inputs)
+    else:
+        return None
+    values = [temperature, *params.values()]
+    if any(type(v) not in (float, int) for v in values):
+        return None
+    options = (("temperature", temperature), *sorted(params.items()))
+    return (div.name, spaces, *((k, type(v), v) for k, v in options))
+
+
 def resolve(divergence: Divergence | str, *, inputs: Any = "probs", temperature: Any = 1.0,
             **params: Any) -> Call:
-    """Validate a member's options: ``ValueError``/``TypeError`` naming what is wrong."""
+    """Validate a member's options: ``ValueError``/``TypeError`` naming what is wrong.
+
+    Valid options are remembered (a few hundred combinations at most), so that a loss class
+    called once per step does not check them again each time.
+    """
     div = _divergence.get(divergence)
-    spaces = parse_inputs(inputs)
-    t = validate_temperature(temperature, spaces)
-    return Call(div, spaces, t, MappingProxyType(div.bind(**params)))
+    key = _options_key(div, inputs, temperature, params)
+    call = _RESOLVED.get(key) if key is not None else None
+    if call is None:
+        spaces = parse_inputs(inputs)
+        t = validate_temperature(temperature, spaces)
+        call = Call(div, spaces, t, MappingProxyType(div.bind(**params)))
+        if key is not None and len(_RESOLVED) < _RESOLVED_MAX:
+            _RESOLVED[key] = call
+    return call
 
 
 def prepare_family(y_true: Any, y_pred: Any, *, squeeze: bool = False) -> Prepared:
