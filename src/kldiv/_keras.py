@@ -36,130 +36,21 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from types import FrameType, ModuleType
+from types import ModuleType
 from typing import Any
 
+from ._keras_detect import (
+    called_by_keras_wrapper,
+    called_by_tf_keras_compile,
+    in_graph,
+    in_keras_scope,
+    loaded_keras,
+)
+from ._keras_detect import host_float as _host_float
+from ._keras_detect import is_tf_tensor as _is_tf_tensor
 from ._namespace import get_device
 
 __all__ = ["called_by_keras_wrapper", "called_by_tf_keras_compile", "in_graph", "in_keras_scope", "loaded_keras", "metric_class"]
-
-
-# ---- which Keras ----------------------------------------------------------------------------
-
-
-def _usable(module: ModuleType | None) -> bool:
-    metrics = getattr(module, "metrics", None)
-    return isinstance(getattr(metrics, "MeanMetricWrapper", None), type)
-
-
-def loaded_keras() -> tuple[ModuleType, int] | None:
-    """The loaded Keras a new metric subclasses, and its major version; ``None`` without one.
-
-    tf-keras (``tf_keras``, tf.keras 2 as ``tf.keras`` with ``TF_USE_LEGACY_KERAS=1``) is only
-    ever loaded by a user who chose it, while Keras 3 is also loaded by ``import tensorflow``:
-    with both loaded, tf-keras wins. A metric handed to the other Keras still works (see
-    :func:`called_by_keras_wrapper`).
-    """
-    tf_keras = sys.modules.get("tf_keras")
-    if _usable(tf_keras):
-        assert tf_keras is not None
-        return tf_keras, 2
-    keras = sys.modules.get("keras")
-    if _usable(keras):
-        assert keras is not None
-        version = str(getattr(keras, "__version__", "3"))
-        major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 3
-        return keras, major
-    return None
-
-
-def _wrapper_classes() -> tuple[type, ...]:
-    return tuple(
-        sys.modules[name].metrics.MeanMetricWrapper
-        for name in ("keras", "tf_keras")
-        if _usable(sys.modules.get(name))
-    )
-
-
-def called_by_keras_wrapper(metric: object, depth: int = 8) -> bool:
-    """True when a Keras ``MeanMetricWrapper`` whose function is ``metric`` is calling it.
-
-    That is how ``compile`` uses a metric object that is not a ``Metric`` of its Keras (one
-    created before Keras was imported, or one made for the other Keras): it wraps the object
-    and calls it as ``fn(y_true, y_pred)`` for per-sample values. Looks at most ``depth``
-    frames up (tf.keras calls through autograph's wrappers); costs nothing without Keras.
-    """
-    wrappers = _wrapper_classes()
-    if not wrappers:
-        return False
-    frame: FrameType | None = sys._getframe(2)  # the caller of metric.__call__
-    for _ in range(depth):
-        if frame is None:
-            return False
-        caller = frame.f_locals.get("self")
-        if isinstance(caller, wrappers) and getattr(caller, "_fn", None) is metric:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def in_keras_scope() -> bool:
-    """True inside a Keras 3 stateless or symbolic scope: ``compile``'s symbolic build (every
-    backend) and the JAX trainer's stateless steps. Keras is using the metric there."""
-    backend = sys.modules.get("keras.src.backend")
-    if backend is None:
-        return False
-    try:
-        return bool(backend.in_stateless_scope() or backend.in_symbolic_scope())
-    except Exception:  # another Keras 3 layout
-        return False
-
-
-def in_graph(*arrays: Any) -> bool:
-    """True while a TensorFlow graph is built (``tf.function``: compiled Keras steps on
-    TensorFlow, tf.keras' ``fit``), or with a Keras symbolic tensor among ``arrays``.
-
-    kldiv's own state cannot live there: graph tensors would outlive their graph.
-    """
-    tf = sys.modules.get("tensorflow")
-    if tf is not None:
-        try:
-            if not tf.executing_eagerly():
-                return True
-        except Exception:
-            pass
-    symbolic = tuple(
-        t
-        for t in (
-            getattr(sys.modules.get("keras"), "KerasTensor", None),
-            getattr(sys.modules.get("tf_keras.src.engine.keras_tensor"), "KerasTensor", None),
-        )
-        if isinstance(t, type)
-    )
-    return bool(symbolic) and any(isinstance(a, symbolic) for a in arrays)
-
-
-def _host_float(x: Any) -> float:
-    """A 0-d array of any library (Dask computed) as a Python float."""
-    compute = getattr(x, "compute", None)
-    return float(compute() if callable(compute) else x)
-
-
-def _is_tf_tensor(arrays: tuple[Any, ...]) -> bool:
-    tf = sys.modules.get("tensorflow")
-    return tf is not None and any(isinstance(a, (tf.Tensor, tf.Variable)) for a in arrays)
-
-
-def called_by_tf_keras_compile() -> bool:
-    """True when tf.keras' ``Model.compile`` (its ``_validate_compile``) reads the property
-    that calls this: it checks that a metric's ``variables`` are TensorFlow variables."""
-    tf_keras = sys.modules.get("tf_keras")
-    if tf_keras is None:
-        return False
-    caller = sys._getframe(2)  # this <- the property <- its reader
-    model = getattr(getattr(tf_keras, "models", None), "Model", None)
-    return (caller.f_code.co_name == "_validate_compile" and isinstance(model, type)
-            and isinstance(caller.f_locals.get("self"), model))
 
 
 def _holds_keras(metric: Any) -> bool:

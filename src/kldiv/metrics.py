@@ -20,19 +20,18 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from ._accumulate import (
-    BatchSums,
-    RunningSum,
-    batch_sums,
-    check_same_place,
-    safe_divide,
-)
-from ._accumulate import qualified as _qualified
+# Re-exported: the accumulation engine, which streaming (kldiv._chunked) and tests reach here.
+from ._accumulate import BatchSums as BatchSums
+from ._accumulate import RunningSum as RunningSum
+from ._accumulate import batch_sums as batch_sums
+from ._accumulate import check_same_place as check_same_place
+from ._accumulate import qualified as _qualified  # noqa: F401  (kldiv._chunked's messages)
+from ._accumulate import safe_divide as safe_divide
 from ._divergence import JS, KL, REVERSE_KL
 from ._family import js_divergence, reverse_kl_divergence
 from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
 from ._metric_base import DivergenceMetric
-from ._metric_base import restore_metric as _restore_metric
+from ._metric_base import restore_metric as _restore_metric  # noqa: F401  (pickles name it)
 from ._namespace import namespace_name
 
 __all__ = [
@@ -45,10 +44,6 @@ __all__ = [
     "kld",
     "kullback_leibler_divergence",
 ]
-
-# Names other modules (streaming, the estimator metric) and tests reach through this module.
-_SHARED = (BatchSums, RunningSum, batch_sums, check_same_place, safe_divide, _qualified, _restore_metric)
-
 
 # --------------------------------------------------------------------------------------
 # Where float64 is (the one place that decides the accumulator dtype; read at call time)
