@@ -703,3 +703,19 @@ def test_unavailable_device_is_a_runtime_error(files: dict[str, Any], backend_na
     pytest.importorskip(backend_name)
     with pytest.raises(RuntimeError, match="no device"):
         kldiv.evaluate_files(files["tp"], files["pp"], backend=backend_name, device=device)
+
+
+@pytest.mark.parametrize("name", ["ReverseKLDivergence", "JensenShannonDivergence"])
+def test_evaluate_batches_with_a_family_metric(name: str) -> None:
+    """Every divergence metric of kldiv.metrics streams (not only the KL one); a loss or an
+    estimator metric is refused with both classes named."""
+    t, p, w = _data()
+    cls = getattr(kldiv.metrics, name)
+    got = kldiv.evaluate_batches(_batches(t, 25, np.asarray), _batches(p, 25, np.asarray),
+                                 _batches(w, 25, np.asarray), metric=cls())
+    one = cls()
+    one.update_state(t, p, w)
+    np.testing.assert_allclose(got, one.result(), rtol=1e-6)
+    for bad in (kldiv.losses.ReverseKLDivergence(), kldiv.metrics.KLEstimator()):
+        with pytest.raises(TypeError, match=r"divergence metric of kldiv\.metrics"):
+            kldiv.evaluate_batches([t], [p], metric=bad)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ._functional import _shape_str
+from ._metric_base import DivergenceMetric
 from ._namespace import array_namespace, as_pred_array, device_scope, get_device, is_array, is_dask
 from ._npyio import (
     DataFileError,
@@ -206,7 +207,9 @@ def _zip_batches(
         yield items[0], items[1], (items[2] if weights is not None else None)
 
 
-def _resolve_metric(metric: KLDivergence | bool | None, reduction: str | None) -> KLDivergence | None:
+def _resolve_metric(
+    metric: DivergenceMetric | bool | None, reduction: str | None
+) -> DivergenceMetric | None:
     if isinstance(metric, np.bool_):
         metric = bool(metric)
     if metric is None or metric is False:
@@ -215,8 +218,11 @@ def _resolve_metric(metric: KLDivergence | bool | None, reduction: str | None) -
         raise ValueError("pass either metric= or reduction=, not both: the metric is a weighted mean.")
     if metric is True:
         return KLDivergence()
-    if not isinstance(metric, KLDivergence):
-        raise TypeError(f"metric must be True or a kldiv.metrics.KLDivergence, got {_qualified(type(metric))}.")
+    if not isinstance(metric, DivergenceMetric):
+        raise TypeError(
+            "metric must be True or a divergence metric of kldiv.metrics (KLDivergence, "
+            f"ReverseKLDivergence, JensenShannonDivergence), got {_qualified(type(metric))}."
+        )
     return metric
 
 
