@@ -453,6 +453,214 @@ def test_torch_compile_graph_break(torch: Any) -> None:
     torch._dynamo.reset()
 
 
+# ------------------------------------------------------------- torch: call-time values (issue 9)
+FOREIGN = ["sample_weight", "sample_weight_from_numpy", "teacher_logits", "teacher_hidden",
+           "teacher_weight", "teacher_bias", "student_hidden", "student_weight",
+           "student_bias"]
+
+
+@pytest.mark.parametrize("reduction,mode", [("none", "forward"), ("sum", "forward"),
+                                            ("mean_with_sample_weight", "forward"),
+                                            ("sum", "recompute")])
+@pytest.mark.parametrize("foreign", FOREIGN)
+def test_torch_gradient_uses_call_time_values(torch: Any, monkeypatch: pytest.MonkeyPatch,
+                                              foreign: str, reduction: str, mode: str) -> None:
+    """An input over memory torch does not own (a NumPy sample weight, ``torch.from_numpy``)
+    refilled between the call and ``backward()`` (a reused loader buffer) does not change the
+    gradient: autograd's contract is the values at call time."""
+    from kldiv.backends import torch_fused
+
+    monkeypatch.setattr(torch_fused, "GRAD_MODE", mode)
+    d = _data(21)
+    form = "logits" if foreign == "teacher_logits" else "hidden"
+    key = {"sample_weight": "sw", "sample_weight_from_numpy": "sw", "teacher_logits": "tl",
+           "teacher_hidden": "th", "teacher_weight": "tw", "teacher_bias": "tb",
+           "student_hidden": "h", "student_weight": "w", "student_bias": "b"}[foreign]
+
+    def run(refill: bool) -> tuple[Any, ...]:
+        buf = d[key].copy()  # the foreign memory
+        arrays = {k: torch.tensor(v) for k, v in d.items()}
+        arrays[key] = torch.from_numpy(buf)
+        h, w, b = (arrays[k].requires_grad_() for k in ("h", "w", "b"))
+        teacher = ({"logits": arrays["tl"]} if form == "logits" else
+                   {"hidden": arrays["th"], "weight": arrays["tw"], "bias": arrays["tb"]})
+        sw = buf if foreign == "sample_weight" else arrays["sw"]
+        out = _call(h, w, b, teacher, divergence="js", beta=BETA, sample_weight=sw,
+                    reduction=reduction, chunk_size=4)
+        if refill:
+            buf[...] = np.random.default_rng(1).random(buf.shape) * 3
+        cot = torch.linspace(0.5, 1.5, math.prod(out.shape), dtype=out.dtype).reshape(out.shape)
+        return (out.detach(), *torch.autograd.grad(out, (h, w, b), cot))
+
+    for got, want in zip(run(refill=True), run(refill=False), strict=True):
+        _close(got, want, 1e-12)
+
+
+# ------------------------------------------------------ torch: every autograd mode (issue 9)
+def _oracle(torch: Any, h: Any, w: Any, tl: Any, reduction: str, div: str = "js") -> Any:
+    import array_api_compat
+
+    xp = array_api_compat.array_namespace(tl)
+    per = plain(xp, h, w, None, {"logits": tl}, div, BETA, 1.3)
+    return per if reduction == "none" else per.mean()
+
+
+def _fused(h: Any, w: Any, tl: Any, reduction: str, div: str = "js") -> Any:
+    return fused_linear_divergence(h, w, tl, divergence=div, beta=BETA, temperature=1.3,
+                                   reduction=reduction, chunk_size=3)
+
+
+REDUCTIONS = ["none", "mean"]
+
+
+_TORCH_JIT_DEPRECATION = "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+"""torch's own forward-mode decompositions, loaded at their first use, call it."""
+
+
+@pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATION)
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_forward_mode_ad(torch: Any, reduction: str, requires_grad: bool) -> None:
+    """``torch.autograd.forward_ad``: the tangent of the result is the oracle's (with or
+    without a reverse-mode graph at the same time), for tangents on every student input."""
+    import torch.autograd.forward_ad as fwad
+
+    d = _data(22, masked="both")
+    tl = torch.tensor(d["tl"])
+    h, w = (torch.tensor(d[k]) for k in ("h", "w"))
+    th, tw = torch.randn_like(h), torch.randn_like(w)
+    results = []
+    for f in (lambda h, w: _fused(h, w, tl, reduction),
+              lambda h, w: _oracle(torch, h, w, tl, reduction)):
+        with fwad.dual_level():
+            hd = fwad.make_dual(h.clone().requires_grad_(requires_grad), th)
+            value, tangent = fwad.unpack_dual(f(hd, fwad.make_dual(w.clone(), tw)))
+            assert tangent is not None
+            results.append((value.detach(), tangent.detach()))
+            if requires_grad:
+                results.append(torch.autograd.grad(value.sum(), hd))
+    for got, want in zip(results[: len(results) // 2], results[len(results) // 2:],
+                         strict=True):
+        for a, e in zip(got, want, strict=True):
+            assert torch.isfinite(a).all()
+            _close(a, e)
+
+
+@pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATION)
+@pytest.mark.parametrize("mode", ["forward", "recompute"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_backward_of_a_dual_cotangent(torch: Any, monkeypatch: pytest.MonkeyPatch,
+                                            reduction: str, mode: str) -> None:
+    """A backward pass whose incoming gradient carries a forward-mode tangent gives the
+    gradient's tangent (linear in the incoming gradient) as the oracle does."""
+    import torch.autograd.forward_ad as fwad
+
+    from kldiv.backends import torch_fused
+
+    monkeypatch.setattr(torch_fused, "GRAD_MODE", mode)
+    d = _data(29)
+    tl = torch.tensor(d["tl"])
+    h, w = (torch.tensor(d[k], requires_grad=True) for k in ("h", "w"))
+    results = []
+    for out in (_fused(h, w, tl, reduction), _oracle(torch, h, w, tl, reduction)):
+        v = torch.linspace(0.2, 1.7, out.numel(), dtype=out.dtype).reshape(out.shape)
+        with fwad.dual_level():
+            cot = fwad.make_dual(torch.ones_like(out) / 3, v)
+            results.append([fwad.unpack_dual(g) for g in torch.autograd.grad(out, (h, w), cot)])
+    for (value, tangent), (ref_value, ref_tangent) in zip(*results, strict=True):
+        assert tangent is not None
+        _close(value, ref_value)
+        _close(tangent, ref_tangent)
+
+
+@pytest.mark.parametrize("mode", ["forward", "recompute"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_batched_backward(torch: Any, monkeypatch: pytest.MonkeyPatch, reduction: str,
+                                mode: str) -> None:
+    """``autograd.grad(..., is_grads_batched=True)`` and ``jacobian(vectorize=True)``: the
+    oracle's batched gradients."""
+    from kldiv.backends import torch_fused
+
+    monkeypatch.setattr(torch_fused, "GRAD_MODE", mode)
+    d = _data(23)
+    tl = torch.tensor(d["tl"])
+    h, w = (torch.tensor(d[k], requires_grad=True) for k in ("h", "w"))
+    out, ref = _fused(h, w, tl, reduction), _oracle(torch, h, w, tl, reduction)
+    cots = torch.rand((4, *out.shape), dtype=out.dtype)
+    got = torch.autograd.grad(out, (h, w), cots, is_grads_batched=True, retain_graph=True)
+    want = torch.autograd.grad(ref, (h, w), cots, is_grads_batched=True)
+    for a, e in zip(got, want, strict=True):
+        assert a.shape == (4, *e.shape[1:])
+        _close(a, e)
+    jac = torch.autograd.functional.jacobian(lambda w: _fused(h.detach(), w, tl, reduction), w,
+                                             vectorize=True)
+    jref = torch.autograd.functional.jacobian(
+        lambda w: _oracle(torch, h.detach(), w, tl, reduction), w, vectorize=True)
+    _close(jac, jref)
+
+
+@pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATION)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_func_transforms(torch: Any, reduction: str) -> None:
+    """``torch.func.grad``/``jacrev``/``jvp``/``vmap``/``hessian`` give the oracle's values."""
+    from torch import func
+
+    d = _data(24, masked="both")
+    tl = torch.tensor(d["tl"])
+    h, w = (torch.tensor(d[k]) for k in ("h", "w"))
+
+    def f(h: Any, w: Any, tl: Any = tl) -> Any:
+        return _fused(h, w, tl, reduction)
+
+    def g(h: Any, w: Any, tl: Any = tl) -> Any:
+        return _oracle(torch, h, w, tl, reduction)
+
+    def total(fn: Any) -> Any:
+        return lambda h, w: fn(h, w).sum()
+
+    checks = [
+        (func.grad(total(f), argnums=(0, 1))(h, w), func.grad(total(g), argnums=(0, 1))(h, w)),
+        (func.jacrev(f, argnums=1)(h, w), func.jacrev(g, argnums=1)(h, w)),
+        (func.jvp(f, (h, w), (torch.ones_like(h), w / 3)),
+         func.jvp(g, (h, w), (torch.ones_like(h), w / 3))),
+        (func.hessian(lambda w: f(h, w).sum())(w), func.hessian(lambda w: g(h, w).sum())(w)),
+    ]
+    hb = torch.stack([h, 2 * h, -h])
+    tlb = torch.stack([tl, tl.flip(0), tl / 2])
+    checks.append((func.vmap(f, in_dims=(0, None, 0))(hb, w, tlb),
+                   func.vmap(g, in_dims=(0, None, 0))(hb, w, tlb)))
+    checks.append((func.vmap(func.grad(total(f)), in_dims=(0, None))(hb, w),
+                   func.vmap(func.grad(total(g)), in_dims=(0, None))(hb, w)))
+    for got, want in checks:
+        got, want = torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)
+        for a, e in zip(got, want, strict=True):
+            assert a.shape == e.shape and torch.isfinite(a).all()
+            _close(a, e)
+
+
+@pytest.mark.parametrize("mode", ["forward", "recompute"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_double_backward_is_a_clear_error(torch: Any, monkeypatch: pytest.MonkeyPatch,
+                                                reduction: str, mode: str) -> None:
+    """``create_graph=True`` (a second derivative through autograd) is refused clearly,
+    never answered with a gradient that silently has no graph (a gradient penalty would lose
+    the divergence's second-order terms); the first-order gradient is unaffected."""
+    from kldiv.backends import torch_fused
+
+    monkeypatch.setattr(torch_fused, "GRAD_MODE", mode)
+    d = _data(25)
+    tl = torch.tensor(d["tl"])
+    h, w = (torch.tensor(d[k], requires_grad=True) for k in ("h", "w"))
+    out = _fused(h, w, tl, reduction).sum() + (h ** 2).sum()
+    with pytest.raises(RuntimeError, match=r"create_graph=True.*torch\.func"):
+        torch.autograd.grad(out, (h, w), create_graph=True)
+    out = _fused(h, w, tl, reduction).sum()
+    for a, e in zip(torch.autograd.grad(out, (h, w)),
+                    torch.autograd.grad(_oracle(torch, h, w, tl, reduction).sum(), (h, w)),
+                    strict=True):
+        _close(a, e)
+
+
 # ------------------------------------------------------------------------------------ JAX
 @pytest.fixture
 def jax() -> Any:
@@ -546,6 +754,94 @@ def test_jax_temporaries_do_not_grow_with_tokens(jax: Any) -> None:
     small, large = temp_bytes(4 * chunk), temp_bytes(64 * chunk)
     extra_tokens = 60 * chunk
     assert large - small < extra_tokens * v * 4 / 8, (small, large)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean_with_sample_weight"])
+@pytest.mark.parametrize("source", ["torch", "numpy"])
+def test_jax_sample_weight_keeps_call_time_values(jax: Any, source: str,
+                                                  reduction: str) -> None:
+    """A torch or NumPy sample weight (the one input that crosses libraries) refilled after
+    the call, before ``jax.vjp``'s backward runs, changes neither the value nor the
+    gradient: kldiv's conversion copies it into memory JAX owns and waits for the copy
+    (JAX dispatches asynchronously; a DLPack import of torch memory aliases it)."""
+    torch = pytest.importorskip("torch") if source == "torch" else None
+    jnp = jax.numpy
+    d = _data(26)
+    w, tl = jnp.asarray(d["w"]), jnp.asarray(d["tl"])
+    results = []
+    for refill in (True, False):
+        sw = d["sw"].copy()
+        weight = torch.from_numpy(sw) if torch is not None else sw
+
+        def f(h: Any, weight: Any = weight) -> Any:
+            return fused_linear_divergence(h, w, tl, sample_weight=weight, divergence="js",
+                                           beta=BETA, reduction=reduction, chunk_size=3)
+
+        out, vjp = jax.vjp(f, jnp.asarray(d["h"]))
+        if refill:
+            sw[...] = 7.0
+        results.append((out, *vjp(jnp.ones_like(out))))
+    for a, e in zip(*results, strict=True):
+        _close(a, e, 1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean_with_sample_weight"])
+def test_jax_vmap(jax: Any, reduction: str) -> None:
+    """``jax.vmap`` over a batch axis of the inputs (hidden, teacher, weights; the matrix),
+    alone and with ``jax.grad`` inside or outside it, gives the oracle's values."""
+    jnp = jax.numpy
+    d = _data(27)
+    rng = np.random.default_rng(27)
+    hb = jnp.asarray(rng.standard_normal((3, *TOKENS, H)))
+    tlb = jnp.asarray(rng.standard_normal((3, *TOKENS, V)))
+    swb = jnp.asarray(rng.random((3, *TOKENS)))
+    w = jnp.asarray(d["w"])
+
+    def ours(h: Any, w: Any, tl: Any, sw: Any) -> Any:
+        return fused_linear_divergence(h, w, tl, sample_weight=sw, divergence="js", beta=BETA,
+                                       reduction=reduction, chunk_size=3)
+
+    def ref(h: Any, w: Any, tl: Any, sw: Any) -> Any:
+        return reduce(jnp, plain(jnp, h, w, None, {"logits": tl}, "js", BETA, 1.0), sw,
+                      reduction)
+
+    def total(f: Any) -> Any:
+        return lambda *a: jnp.sum(f(*a))
+
+    axes = (0, None, 0, 0)
+    for f, e in (
+        (jax.vmap(ours, axes), jax.vmap(ref, axes)),
+        (jax.jit(jax.vmap(jax.grad(total(ours), argnums=(0, 1)), axes)),
+         jax.vmap(jax.grad(total(ref), argnums=(0, 1)), axes)),
+        (jax.grad(total(jax.vmap(ours, axes)), argnums=(0, 1)),
+         jax.grad(total(jax.vmap(ref, axes)), argnums=(0, 1))),
+    ):
+        for a, b in zip(jax.tree_util.tree_leaves(f(hb, w, tlb, swb)),
+                        jax.tree_util.tree_leaves(e(hb, w, tlb, swb)), strict=True):
+            assert a.shape == b.shape
+            _close(a, b)
+    wb = jnp.stack([w, w / 2])  # a batch of output matrices
+    _close(jax.vmap(ours, (None, 0, None, None))(hb[0], wb, tlb[0], swb[0]),
+           jax.vmap(ref, (None, 0, None, None))(hb[0], wb, tlb[0], swb[0]))
+
+
+def test_jax_forward_mode_is_a_clear_error(jax: Any) -> None:
+    """The JAX route is a ``jax.custom_vjp`` (reverse mode, memory bounded by the chunks):
+    ``jax.jvp`` / ``jax.jacfwd`` are refused by JAX with a clear TypeError, never answered
+    wrongly; ``jax.hessian`` (forward over reverse) gives the oracle's."""
+    jnp = jax.numpy
+    d = _data(28)
+    h, w, tl = (jnp.asarray(d[k]) for k in ("h", "w", "tl"))
+
+    def f(h: Any) -> Any:
+        return fused_linear_divergence(h, w, tl, chunk_size=3)
+
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(f, (h,), (jnp.ones_like(h),))
+    hess = jax.hessian(f)(h)
+    want = jax.hessian(lambda h: plain(jnp, h, w, None, {"logits": tl}, "kl", BETA, 1.0)
+                       .mean())(h)
+    _close(hess, want)
 
 
 # ---------------------------------------------------------------------- forward-only libraries
@@ -648,6 +944,61 @@ def test_validation_mixed_libraries_and_devices(torch: Any) -> None:
                                 torch.tensor(x["tl"], device="meta"))
 
 
+def test_validation_does_not_depend_on_earlier_calls() -> None:
+    """Python and NumPy scalars are refused as arrays the same way whatever kldiv has seen
+    before. kldiv's per-type namespace cache is filled by other calls (a metric accumulating
+    NumPy totals asks for the namespace of a NumPy scalar); once it held ``np.float64`` (a
+    Python float subclass), ``student_hidden=np.float64(1.0)`` passed as an array."""
+    from kldiv._namespace import array_namespace
+
+    x = _np_inputs()
+    for scalar in (np.float64(1.0), np.float32(1.0), 1.0):
+        array_namespace(np.asarray(scalar)[()])  # what an earlier call may have cached
+        with pytest.raises(TypeError, match="student_hidden must be an array"):
+            fused_linear_divergence(scalar, x["w"], x["tl"])
+        with pytest.raises(TypeError, match="teacher_logits must be an array"):
+            fused_linear_divergence(x["h"], x["w"], scalar)
+        with pytest.raises(TypeError, match="student_bias must be an array"):
+            fused_linear_divergence(x["h"], x["w"], x["tl"], student_bias=scalar)
+
+
+_TF_SCRIPT = r"""
+import importlib.util
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401  (TensorFlow before Triton in one process aborts)
+import numpy as np, tensorflow as tf
+from kldiv import fused_linear_divergence
+rng = np.random.default_rng(0)
+h, w, t = rng.random((4, 3)), rng.random((5, 3)), rng.random((4, 5))
+for args in ((tf.constant(h), tf.constant(w), tf.constant(t)),
+             (tf.Variable(h), tf.constant(w), tf.constant(t))):
+    try:
+        fused_linear_divergence(*args)
+    except TypeError as e:
+        assert "does not support tensorflow arrays" in str(e), e
+    else:
+        raise AssertionError("no error")
+# a TensorFlow sample weight with NumPy arrays is converted, as for the loss classes
+out = fused_linear_divergence(h, w, t, sample_weight=tf.constant(np.ones(4)))
+assert abs(float(out) - float(fused_linear_divergence(h, w, t))) < 1e-12
+print("TF-OK")
+"""
+
+
+def test_tensorflow_tensors_are_a_clear_error() -> None:
+    """With TensorFlow loaded its tensors pass kldiv's array check (its loss functions take
+    them), but the fused path has no TensorFlow route: a clear TypeError, not an
+    AttributeError from inside the chunk loop. A subprocess: TensorFlow stays out of this
+    one."""
+    pytest.importorskip("tensorflow")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(root, "src"),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _TF_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0 and "TF-OK" in proc.stdout, proc.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- loss class
 def test_loss_class_config_pickle_and_call() -> None:
     loss = FusedLinearDivergence("js", beta=0.25, temperature=2.0, reduction="batchmean",
@@ -715,6 +1066,21 @@ for masked in ("", "both"):
                 per_ref = plain(xp, *d64, t64, div, BETA, temp)
                 np.testing.assert_allclose(per.detach().double().numpy(),
                                            per_ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+# a batched backward of per-token results (is_grads_batched): linear_backward on this route
+d = _data(21)
+f32 = lambda a: torch.tensor(a, dtype=torch.float32)
+h, w = (f32(d[k]).requires_grad_() for k in ("h", "w"))
+tl = f32(d["tl"])
+per = _call(h, w, None, {"logits": tl}, divergence="js", beta=BETA, temperature=1.3,
+            reduction="none", chunk_size=3)
+cots = torch.rand((3, *per.shape))
+got = torch.autograd.grad(per, (h, w), cots, is_grads_batched=True)
+d64 = [x.detach().double().requires_grad_() for x in (h, w)]
+xp = array_api_compat.array_namespace(d64[0])
+ref = plain(xp, *d64, None, {"logits": tl.double()}, "js", BETA, 1.3)
+want = torch.autograd.grad(ref, d64, cots.double(), is_grads_batched=True)
+for g, e in zip(got, want):
+    np.testing.assert_allclose(g.double().numpy(), e.numpy(), rtol=1e-4, atol=1e-5)
 # the kernel alone: a strided teacher slice in bfloat16, no gradient
 s = torch.randn(5, 300)
 t = torch.randn(5, 600, dtype=torch.bfloat16)[:, ::2]

@@ -15,6 +15,8 @@ import numbers
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from ._fused_linear_math import (
     CHUNK_BUFFERS,
     DIVERGENCES,
@@ -23,7 +25,14 @@ from ._fused_linear_math import (
     available_memory,
     chunk_terms,
 )
-from ._namespace import array_namespace, dtype_kind, get_device, is_array, namespace_name
+from ._namespace import (
+    array_namespace,
+    call_time_values,
+    dtype_kind,
+    get_device,
+    is_array,
+    namespace_name,
+)
 from ._reduction import Reduction, apply_sample_weight, validate_reduction
 
 __all__ = ["FusedLinearDivergence", "fused_linear_divergence"]
@@ -90,7 +99,10 @@ def _arrays(named: dict[str, Any]) -> tuple[ModuleType, str]:
     for what, x in named.items():
         if x is None:
             continue
-        if not is_array(x):
+        # Python and NumPy scalars are not arrays, whatever kldiv has seen before
+        # (``is_array`` answers from a per-type cache that other calls fill, and NumPy's
+        # float64 scalar is a Python float)
+        if isinstance(x, (numbers.Number, np.generic)) or not is_array(x):
             raise TypeError(f"{what} must be an array (NumPy, torch, JAX, CuPy, ...), "
                             f"got {type(x).__name__}.")
         x_xp = array_namespace(x)
@@ -107,7 +119,20 @@ def _arrays(named: dict[str, Any]) -> tuple[ModuleType, str]:
         if dtype_kind(x.dtype) != "float":
             raise TypeError(f"{what} must have a floating dtype, got {x.dtype}.")
     assert xp is not None and lib is not None
+    if lib not in ("torch", "jax"):
+        missing = [f for f in _GENERIC_FUNCTIONS if not hasattr(xp, f)]
+        if missing:  # e.g. TensorFlow tensors, which kldiv's loss functions take
+            raise TypeError(
+                f"fused_linear_divergence does not support {lib} arrays (their namespace "
+                f"has no {missing[0]}). Pass NumPy, CuPy or other array-API arrays (value "
+                "only), or torch or JAX arrays (with gradients).")
     return xp, lib
+
+
+_GENERIC_FUNCTIONS = ("astype", "broadcast_to", "concat", "exp", "expand_dims",
+                      "isfinite", "log", "logaddexp", "matmul", "max", "ones", "ones_like",
+                      "reshape", "sum", "where", "zeros", "zeros_like")
+"""What the forward-only loop (:func:`_generic_forward`) and the reductions call."""
 
 
 def _check_shapes(h: Any, w: Any, b: Any, tl: Any, th: Any, tw: Any, tb: Any) -> None:
@@ -149,13 +174,22 @@ def _check_shapes(h: Any, w: Any, b: Any, tl: Any, th: Any, tw: Any, tb: Any) ->
 
 # ------------------------------------------------------------------------------- reductions
 def _weights(xp: ModuleType, h: Any, tokens: tuple[int, ...], sample_weight: Any,
-             dtype: Any) -> tuple[Any, Any]:
+             dtype: Any, peer: Any) -> tuple[Any, Any]:
     """``(w, w_flat)``: the sample weight as the loss classes apply it (Keras 2 rank rules)
-    to the per-token loss, and broadcast to one value per token (flat)."""
+    to the per-token loss, and broadcast to one value per token (flat).
+
+    ``w`` multiplies the per-token losses (``reduction="none"``) or becomes the reduction's
+    per-token factors, which autograd may keep for the backward pass of ``peer`` (a student
+    input that needs a gradient): a weight over memory torch does not own (a NumPy array
+    converted without a copy, ``torch.from_numpy``) is copied, so that refilling its buffer
+    before ``backward()`` cannot change the gradient
+    (:func:`kldiv._namespace.call_time_values`).
+    """
     if sample_weight is None:
         return None, None
     dummy = xp.zeros(tokens, dtype=dtype, device=get_device(h))
     _, w = apply_sample_weight(xp, dummy, sample_weight)
+    w = call_time_values(w, peer)
     w_flat = xp.reshape(xp.broadcast_to(w, tokens), (-1,))
     return w, w_flat
 
@@ -297,7 +331,12 @@ def fused_linear_divergence(
     Gradients (torch autograd, ``jax.grad``/``jit``) flow to ``student_hidden``,
     ``student_weight`` and ``student_bias``; the teacher's side is a constant (detached).
     NumPy, CuPy and other array-API libraries compute the value only. Under
-    ``torch.compile`` the call is a graph break (it runs eagerly).
+    ``torch.compile`` the call is a graph break (it runs eagerly). ``torch.func``
+    transforms and forward-mode AD run a differentiable chunked formula instead of the
+    fused route; ``create_graph=True`` through the fused route is a ``RuntimeError``; JAX
+    forward mode (``jax.jvp``) is refused by JAX (see ``docs/large-vocabulary.md``). The
+    gradient uses the inputs' values at call time: inputs kept for the backward pass over
+    memory torch did not allocate (NumPy, ``torch.from_numpy``) are copied.
 
     Examples
     --------
@@ -334,7 +373,8 @@ def fused_linear_divergence(
         chunk_size = auto_chunk_size(n, v, itemsize=itemsize, buffers=CHUNK_BUFFERS[divergence],
                                      on_gpu=on_gpu, available=available_memory(device))
     plan = Plan(divergence, beta, temperature, max(1, min(chunk_size, max(n, 1))))
-    w_shaped, w_flat = _weights(xp, h, tokens, sample_weight, cd)
+    peer = next((x for x in (h, w, b) if getattr(x, "requires_grad", False)), h)
+    w_shaped, w_flat = _weights(xp, h, tokens, sample_weight, cd, peer)
     scale = _scale(xp, reduction, tokens, w_flat, n, cd, device)
     h2 = xp.reshape(h, (n, hid))
     if tl is not None:
@@ -350,8 +390,6 @@ def fused_linear_divergence(
 
         out = jax_fused.run(h2, w, b, teacher, plan, scale)
     else:
-        if not hasattr(xp, "matmul"):
-            raise TypeError(f"fused_linear_divergence does not support {lib} arrays.")
         out = _generic_forward(xp, h2, w, b, teacher, plan, cd)
         if scale is not None:
             out = xp.sum(out * scale)

@@ -35,6 +35,7 @@ __all__ = [
     "auto_chunk_size",
     "available_memory",
     "chunk_terms",
+    "divergence_rows",
     "log_softmax_parts",
 ]
 
@@ -127,6 +128,35 @@ def chunk_terms(
             g = _xlogy_terms(xp, q, (1 - beta) * a)
             grad = g - q * xp.sum(g, axis=-1, keepdims=True)
     return loss, grad
+
+
+def _xlogy_smooth(xp: ModuleType, prob: Any, diff: Any) -> Any:
+    """``prob * diff`` with ``0 * anything = 0``, whose derivatives (of any order) are 0, not
+    NaN, where ``prob`` is 0: ``diff`` (``-inf`` there) is masked before the product too."""
+    zero = prob == 0
+    return xp.where(zero, xp.zeros_like(prob), prob * xp.where(zero, xp.zeros_like(diff), diff))
+
+
+def divergence_rows(xp: ModuleType, s: Any, t: Any, divergence: str, beta: float) -> Any:
+    """Per-row divergence of a chunk, written to be differentiated by the array library.
+
+    The same values as :func:`chunk_terms` (same arguments), built from operations whose
+    derivatives of every order stay finite where a probability is 0 (``-inf`` logits): the
+    route of the torch backend when autograd must see every operation (``torch.func``
+    transforms, forward-mode AD), where a hand-written gradient cannot take part.
+    """
+    q, lq = log_softmax_parts(xp, s)
+    p, lp = log_softmax_parts(xp, t)
+    if divergence == "kl":
+        return xp.sum(_xlogy_smooth(xp, p, lp - lq), axis=-1)
+    if divergence == "reverse_kl":
+        return xp.sum(_xlogy_smooth(xp, q, lq - lp), axis=-1)
+    both = (p == 0) & (q == 0)  # log m = -inf there: keep logaddexp's arguments finite
+    zero = xp.zeros_like(lp)
+    lm = xp.where(both, zero, xp.logaddexp(xp.where(both, zero, lp + math.log(beta)),
+                                           xp.where(both, zero, lq + math.log1p(-beta))))
+    return beta * xp.sum(_xlogy_smooth(xp, p, lp - lm), axis=-1) + (1 - beta) * xp.sum(
+        _xlogy_smooth(xp, q, lq - lm), axis=-1)
 
 
 def available_memory(device: Any = None) -> int | None:

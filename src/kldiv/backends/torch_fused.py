@@ -25,8 +25,22 @@ once (the weight: one ``V x H`` float32 copy).
 
 The whole route is opaque to ``torch.compile``: :func:`run` is wrapped in
 ``torch.compiler.disable``, so a compiled model calls it eagerly across one graph break.
-Double backward (``create_graph=True``) is not supported, nor (for reduced results) a second
-backward through the same result with ``retain_graph=True``: a clear ``RuntimeError``.
+
+Autograd contracts:
+
+- The gradient uses the inputs' values at call time. What ``_Recompute`` saves (the inputs)
+  is either a tensor that autograd versions or a private copy where its memory is not
+  torch's own (:func:`kldiv._namespace.call_time_values`); ``_ForwardGrads`` saves only the
+  gradients it computed, so it copies nothing.
+- ``torch.func`` transforms, forward-mode AD, TorchScript tracing and the legacy vmap:
+  :func:`differentiable`, the chunked formula in ordinary torch operations, instead of the
+  ``autograd.Function`` (the rule of :mod:`kldiv.backends.torch_`, whose checks are reused).
+- A batched incoming gradient (``is_grads_batched=True``, ``jacobian(vectorize=True)``) or
+  one with a forward-mode tangent: scaled stored gradients (reduced results) or
+  :func:`linear_backward` (per-token results).
+- ``create_graph=True`` is refused with a clear ``RuntimeError``: the backward is
+  hand-written, its gradients would silently have no graph. So is (for reduced results) a
+  second backward through the same result with ``retain_graph=True``.
 """
 
 from __future__ import annotations
@@ -37,9 +51,11 @@ from typing import Any
 
 import torch
 
-from .._fused_linear_math import Plan
+from .._fused_linear_math import Plan, divergence_rows
+from .._namespace import call_time_values
+from .torch_ import _batched, _has_tangent, _tracing
 
-__all__ = ["GRAD_MODE", "chunk_terms_", "run"]
+__all__ = ["GRAD_MODE", "chunk_terms_", "differentiable", "linear_backward", "run"]
 
 GRAD_MODE = "forward"
 """``"forward"``: gradients computed in the forward pass (reduced results); ``"recompute"``:
@@ -170,70 +186,92 @@ def _route(h: torch.Tensor) -> str:
     return "torch"
 
 
-def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
-           teacher: tuple[Any, ...], plan: Plan, scale: torch.Tensor | None,
-           need: tuple[bool, bool, bool]) -> tuple[Any, ...]:
-    """``(loss, dh, dW, db)``: per-token losses and, where ``need``, the gradients of
-    ``sum(loss * scale)`` (``scale`` per token) in the compute dtype."""
-    cd = _compute_dtype(h2, W)
-    route = _route(h2) if cd != torch.float64 else "torch"
-    n, hid = h2.shape
-    v = W.shape[0]
-    dev = h2.device
-    W_ = _operand(W, cd)
-    b_ = None if b is None else b.to(cd)
-    t_w = _operand(teacher[2], cd) if teacher[0] == "hidden" else None
-    t_b = None if teacher[0] != "hidden" or teacher[3] is None else teacher[3].to(cd)
-    loss = torch.empty(n, dtype=cd, device=dev)
-    need_grad = scale is not None and any(need)
-    dh = torch.empty((n, hid), dtype=cd, device=dev) if need_grad and need[0] else None
-    dW = torch.zeros((v, hid), dtype=cd, device=dev) if need_grad and need[1] else None
-    db = torch.zeros(v, dtype=cd, device=dev) if need_grad and need[2] else None
-    temp = plan.temperature
-    ws = None
-    if route == "torch" and W_ is not None and W_.dtype == cd and (
-            t_w is None or t_w.dtype == cd):
-        ws = Workspace(min(plan.chunk_size, n), v, 2 + SPARE_BUFFERS[plan.divergence], cd, dev)
-    for i0 in range(0, n, plan.chunk_size):
-        i1 = min(n, i0 + plan.chunk_size)
+class _Setup:
+    """What every chunk of one call shares: the compute dtype, the route, the operands in
+    the form the products take them, and (torch-ops route) the reused buffers."""
+
+    def __init__(self, h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
+                 teacher: tuple[Any, ...], plan: Plan) -> None:
+        self.cd = cd = _compute_dtype(h2, W)
+        self.route = _route(h2) if cd != torch.float64 else "torch"
+        self.plan, self.teacher = plan, teacher
+        self.W = _operand(W, cd)
+        self.b = None if b is None else b.to(cd)
+        self.t_w = _operand(teacher[2], cd) if teacher[0] == "hidden" else None
+        self.t_b = None if teacher[0] != "hidden" or teacher[3] is None else teacher[3].to(cd)
+        self.ws = None
+        if self.route == "torch" and self.W is not None and self.W.dtype == cd and (
+                self.t_w is None or self.t_w.dtype == cd):
+            self.ws = Workspace(min(plan.chunk_size, h2.shape[0]), W.shape[0],
+                                2 + SPARE_BUFFERS[plan.divergence], cd, h2.device)
+
+    def chunk(self, h2: torch.Tensor, i0: int, i1: int, sc: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(hc, loss, g)`` of rows ``i0:i1``: ``hc`` the rows as the products take them,
+        ``g`` (``sc`` given) ``d loss / d logits`` times ``sc / temperature`` per row, in a
+        buffer that the next chunk overwrites."""
+        cd, teacher, temp = self.cd, self.teacher, self.plan.temperature
+        W_ = self.W
         hc = _operand(h2[i0:i1], cd)
         assert hc is not None and W_ is not None
         bufs: list[torch.Tensor] = []
         mask: torch.Tensor | None = None
-        if ws is not None:  # the torch-ops route: products written into the workspace
-            bufs, mask = ws.take(i1 - i0)
+        if self.ws is not None:  # the torch-ops route: products written into the workspace
+            bufs, mask = self.ws.take(i1 - i0)
             s, t = bufs[0], bufs[1]
             torch.mm(hc, W_.T, out=s)
             if teacher[0] == "logits":
                 t.copy_(teacher[1][i0:i1])
             else:
-                torch.mm(_operand(teacher[1][i0:i1], cd), t_w.T, out=t)  # type: ignore[arg-type, union-attr]
+                torch.mm(_operand(teacher[1][i0:i1], cd), self.t_w.T, out=t)  # type: ignore[arg-type, union-attr]
         else:
             s = _mm(hc, W_.T, cd)
             if teacher[0] == "logits":
                 t = teacher[1][i0:i1]
             else:
-                t = _mm(_operand(teacher[1][i0:i1], cd), t_w.T, cd)  # type: ignore[arg-type, union-attr]
-        if route == "triton":
+                t = _mm(_operand(teacher[1][i0:i1], cd), self.t_w.T, cd)  # type: ignore[arg-type, union-attr]
+        need_grad = sc is not None
+        if self.route == "triton":
             tri = _triton_module()
             assert tri is not None
-            sc = None if not need_grad else scale[i0:i1]  # type: ignore[index]
-            loss[i0:i1] = tri.chunk(s, t, b_, t_b, sc, plan, need_grad)
-            g = s if need_grad else None
-        else:
-            if ws is None and teacher[0] == "logits":
-                t = t.to(cd, copy=True)
-            if b_ is not None:
-                s.add_(b_)
-            if t_b is not None:
-                t.add_(t_b)
-            if temp != 1.0:
-                s.div_(temp)
-                t.div_(temp)
-            loss[i0:i1], g = chunk_terms_(s, t, plan.divergence, plan.beta, need_grad,
-                                          bufs[2:] or None, mask)
-            if g is not None:
-                g.mul_((scale[i0:i1] / temp).unsqueeze(-1))  # type: ignore[index]
+            loss = tri.chunk(s, t, self.b, self.t_b, sc, self.plan, need_grad)
+            return hc, loss, s if need_grad else None
+        if self.ws is None and teacher[0] == "logits":
+            t = t.to(cd, copy=True)
+        if self.b is not None:
+            s.add_(self.b)
+        if self.t_b is not None:
+            t.add_(self.t_b)
+        if temp != 1.0:
+            s.div_(temp)
+            t.div_(temp)
+        loss, g = chunk_terms_(s, t, self.plan.divergence, self.plan.beta, need_grad,
+                               bufs[2:] or None, mask)
+        if g is not None:
+            assert sc is not None
+            g.mul_(sc.div(temp).unsqueeze(-1))
+        return hc, loss, g
+
+
+def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
+           teacher: tuple[Any, ...], plan: Plan, scale: torch.Tensor | None,
+           need: tuple[bool, bool, bool]) -> tuple[Any, ...]:
+    """``(loss, dh, dW, db)``: per-token losses and, where ``need``, the gradients of
+    ``sum(loss * scale)`` (``scale`` per token) in the compute dtype."""
+    setup = _Setup(h2, W, b, teacher, plan)
+    cd, W_ = setup.cd, setup.W
+    assert W_ is not None
+    n, hid = h2.shape
+    v = W.shape[0]
+    dev = h2.device
+    loss = torch.empty(n, dtype=cd, device=dev)
+    need_grad = scale is not None and any(need)
+    dh = torch.empty((n, hid), dtype=cd, device=dev) if need_grad and need[0] else None
+    dW = torch.zeros((v, hid), dtype=cd, device=dev) if need_grad and need[1] else None
+    db = torch.zeros(v, dtype=cd, device=dev) if need_grad and need[2] else None
+    for i0 in range(0, n, plan.chunk_size):
+        i1 = min(n, i0 + plan.chunk_size)
+        hc, loss[i0:i1], g = setup.chunk(h2, i0, i1, scale[i0:i1] if need_grad else None)  # type: ignore[index]
         if g is not None:
             if dh is not None:
                 if W_.dtype == cd:
@@ -247,11 +285,107 @@ def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
                     dW.add_(_mm(g.T, hc, cd))
             if db is not None:
                 db.add_(g.sum(0))
-        del s, t, g
+        del hc, g
     return loss, dh, dW, db
 
 
+def linear_backward(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
+                    teacher: tuple[Any, ...], plan: Plan, grad: torch.Tensor,
+                    need: tuple[bool, bool, bool]) -> tuple[Any, ...]:
+    """``(dh, dW, db)`` of ``sum(loss * grad)`` for an incoming per-token gradient that is
+    batched (``autograd.grad(..., is_grads_batched=True)``, ``jacobian(vectorize=True)``)
+    or carries a forward-mode tangent: each chunk's ``d loss / d logits`` is computed as
+    usual (it does not depend on ``grad``), and combined with ``grad`` by out-of-place ops,
+    which torch batches and differentiates forward."""
+    with torch.no_grad():
+        setup = _Setup(h2, W, b, teacher, plan)
+    cd = setup.cd
+    W_ = W.to(cd)
+    n = h2.shape[0]
+    ones = torch.ones(min(plan.chunk_size, max(n, 1)), dtype=cd, device=h2.device)
+    dh_parts: list[torch.Tensor] = []
+    dW: Any = 0
+    db: Any = 0
+    for i0 in range(0, n, plan.chunk_size):
+        i1 = min(n, i0 + plan.chunk_size)
+        with torch.no_grad():
+            hc, _, g = setup.chunk(h2, i0, i1, ones[: i1 - i0])
+        assert g is not None
+        G = g * grad[i0:i1].to(cd).unsqueeze(-1)  # a new tensor: g's buffer is reused
+        if need[0]:
+            dh_parts.append(G @ W_)
+        if need[1]:
+            dW = dW + G.T @ hc.to(cd)
+        if need[2]:
+            db = db + G.sum(0)
+    dh = (torch.cat(dh_parts) if dh_parts else grad.new_zeros(h2.shape, dtype=cd)) \
+        if need[0] else None
+    if need[1] and isinstance(dW, int):  # no tokens
+        dW = grad.new_zeros(W.shape, dtype=cd)
+    if need[2] and isinstance(db, int):
+        db = grad.new_zeros((W.shape[0],), dtype=cd)
+    return dh, dW if need[1] else None, db if need[2] else None
+
+
+def differentiable(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
+                   teacher: dict[str, Any], plan: Plan) -> torch.Tensor:
+    """Per-token losses with ordinary torch operations, chunk by chunk, for autograd to
+    differentiate as it does any formula: under ``torch.func`` transforms (``grad``,
+    ``vmap``, ``jacrev``, ``jvp``, ``hessian``), forward-mode AD, TorchScript tracing and
+    the legacy vmap, where the fused route's hand-written gradients cannot take part.
+
+    Forward-mode AD and ``vmap`` alone keep one chunk of logits at a time; a reverse-mode
+    transform keeps every chunk's intermediates for its backward pass, as the plain formula
+    does (memory grows with ``tokens x V``)."""
+    import array_api_compat.torch as xp
+
+    cd = _compute_dtype(h2, W)
+    W_ = W.to(cd)
+    b_ = None if b is None else b.to(cd)
+    tl = teacher.get("logits")
+    if tl is None:
+        tw = teacher["weight"].detach().to(cd)
+        tb = None if teacher.get("bias") is None else teacher["bias"].detach().to(cd)
+    else:
+        tl = tl.detach()
+    n = h2.shape[0]
+    parts = []
+    for i0 in range(0, n, plan.chunk_size):
+        i1 = min(n, i0 + plan.chunk_size)
+        s = h2[i0:i1].to(cd) @ W_.T
+        if b_ is not None:
+            s = s + b_
+        if tl is not None:
+            t = tl[i0:i1].to(cd)
+        else:
+            t = teacher["hidden"][i0:i1].detach().to(cd) @ tw.T
+            if tb is not None:
+                t = t + tb
+        if plan.temperature != 1.0:
+            s, t = s / plan.temperature, t / plan.temperature
+        parts.append(divergence_rows(xp, s, t, plan.divergence, plan.beta))
+    if not parts:  # no tokens: (0,), still connected to the inputs
+        return h2.sum(-1).to(cd) * 0
+    return torch.cat(parts)
+
+
 # ---------------------------------------------------------------------------------- autograd
+_NO_CREATE_GRAPH = (
+    "fused_linear_divergence: create_graph=True (a second derivative through autograd, e.g. "
+    "torch.autograd.functional.hessian or a gradient penalty) is not supported: its "
+    "backward pass is hand-written, not made of differentiable operations. Differentiate "
+    "it once (create_graph=False), or for higher derivatives use torch.func "
+    "(torch.func.grad, torch.func.hessian, torch.func.jacfwd), under which it runs a "
+    "differentiable chunked formula.")
+
+
+def _check_first_order() -> None:
+    """The engine runs a backward pass with grad mode on exactly when ``create_graph=True``:
+    refuse it rather than return gradients that silently have no graph."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(_NO_CREATE_GRAPH)
+
+
 def _cast(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
     return None if g is None or like is None else g.to(like.dtype)
 
@@ -259,6 +393,12 @@ def _cast(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | N
 def _teacher(tl: Any, th: Any, tw: Any, tb: Any) -> tuple[Any, ...]:
     return ("logits", tl.detach()) if tl is not None else \
         ("hidden", th.detach(), tw.detach(), None if tb is None else tb.detach())
+
+
+def _special(grad: torch.Tensor) -> bool:
+    """An incoming gradient that the in-place chunk loop cannot take: batched (legacy vmap
+    of ``is_grads_batched``) or carrying a forward-mode tangent."""
+    return _batched(grad) or _has_tangent(grad)
 
 
 class _ForwardGrads(torch.autograd.Function):
@@ -275,25 +415,29 @@ class _ForwardGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        _check_first_order()
         if getattr(ctx, "handed_over", False):
             raise RuntimeError(
                 "fused_linear_divergence: a second backward through the same result (e.g. "
                 "retain_graph=True) is not supported: its stored gradients were handed over "
                 "to the first one. Call fused_linear_divergence again for a new graph.")
         saved = ctx.saved_tensors
-        if bool(grad == 1):
+        if not _special(grad) and bool(grad == 1):
             # ``loss.backward()`` brings exactly 1: hand the stored gradients over as they are
             # (autograd takes them without a copy; Liger does the same). They may then
             # become ``.grad`` and change in place, so they are never used again.
             ctx.handed_over = True
             grads = list(saved)
-        else:
+        else:  # the result is a scalar: its gradients are the stored ones times ``grad``
             grads = [None if g is None else g * grad.to(g.dtype) for g in saved]
         return (*grads, None, None, None, None, None, None)
 
 
 class _Recompute(torch.autograd.Function):
-    """Per-token losses; the backward recomputes every chunk with the incoming weights."""
+    """Per-token losses; the backward recomputes every chunk with the incoming weights.
+
+    The inputs are saved as they are (autograd's version counter guards them) or as private
+    copies where their memory is not torch's own (:func:`run`)."""
 
     @staticmethod
     def forward(ctx: Any, h2: torch.Tensor, W: torch.Tensor, b: Any, tl: Any, th: Any,
@@ -305,14 +449,27 @@ class _Recompute(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        _check_first_order()
         h2, W, b, tl, th, tw, tb = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])
-        cd = _compute_dtype(h2, W)
-        _, dh, dW, db = chunks(h2, W, b, _teacher(tl, th, tw, tb), ctx.plan, grad.to(cd),
-                               need)
+        h2, W = h2.detach(), W.detach()
+        b = None if b is None else b.detach()
+        teacher = _teacher(tl, th, tw, tb)
+        if _special(grad):
+            dh, dW, db = linear_backward(h2, W, b, teacher, ctx.plan, grad, need)
+        else:
+            cd = _compute_dtype(h2, W)
+            _, dh, dW, db = chunks(h2, W, b, teacher, ctx.plan, grad.detach().to(cd), need)
         return (_cast(dh, h2), _cast(dW, W), _cast(db, b), None, None, None, None, None)
+
+
+def _transformed(*xs: Any) -> bool:
+    """True where autograd must see every operation: ``torch.func`` transforms, TorchScript
+    tracing, forward-mode tangents, the legacy vmap (what ``kldiv.backends.torch_`` declines
+    its fused path for)."""
+    tensors = [x for x in xs if x is not None]
+    return _tracing() or _batched(*tensors) or _has_tangent(*tensors)
 
 
 @torch.compiler.disable
@@ -326,6 +483,12 @@ def run(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, teacher: dict
     args = (teacher.get("logits"), teacher.get("hidden"), teacher.get("weight"),
             teacher.get("bias"))
     scale = None if scale is None else scale.detach()  # sample weights are constants
+    if _transformed(h2, W, b):
+        # autograd keeps this formula's inputs too: the values at call time
+        h2, W, b, (tl, th, tw, tb), scale = _call_time(h2, W, b, args, scale)
+        per = differentiable(h2, W, b, {"logits": tl} if tl is not None else
+                             {"hidden": th, "weight": tw, "bias": tb}, plan)
+        return per if scale is None else (per * scale).sum()
     grad_wanted = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (h2, W, b))
     if not grad_wanted:
@@ -333,7 +496,24 @@ def run(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, teacher: dict
             loss = chunks(h2, W, b, _teacher(*args), plan, None, (False, False, False))[0]
         return loss if scale is None else (loss * scale).sum()
     if scale is not None and GRAD_MODE == "forward":
+        # nothing but the gradients is kept for the backward pass: no copies needed
         out: torch.Tensor = _ForwardGrads.apply(h2, W, b, *args, scale, plan)
         return out
+    # saved for the backward pass: the values at call time
+    h2, W, b, args, scale = _call_time(h2, W, b, args, scale)
     per_token: torch.Tensor = _Recompute.apply(h2, W, b, *args, plan)
     return per_token if scale is None else (per_token * scale).sum()
+
+
+def _call_time(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
+               teacher: tuple[Any, ...], scale: torch.Tensor | None) -> tuple[Any, ...]:
+    """The inputs, each a private copy where autograd will keep it for a later backward
+    pass and its memory is not torch's own (``torch.from_numpy``, a NumPy array, DLPack):
+    refilling such a buffer before ``backward()`` must not change the gradient
+    (:func:`kldiv._namespace.call_time_values`; ``clone`` passes gradients through)."""
+    peer = next((x for x in (h2, W, b) if x is not None and x.requires_grad), h2)
+
+    def own(x: Any) -> Any:
+        return None if x is None else call_time_values(x, peer)
+
+    return own(h2), own(W), own(b), tuple(own(x) for x in teacher), own(scale)
