@@ -153,7 +153,9 @@ class Divergence:
     kernel: Callable[..., Any]
     keras_probs: Callable[[Any, Any], tuple[Any, Any]] | None = None
     aliases: tuple[str, ...] = ()
-    params: Mapping[str, Callable[[Any], Any]] = field(default_factory=lambda: MappingProxyType({}))
+    # plain dicts, read-only by contract (typed Mapping): torch.compile (dynamo) breaks its
+    # graph on reading a MappingProxyType once any dict was built in the traced code
+    params: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
 
     def bind(self, **params: Any) -> dict[str, Any]:
         """The parameters, validated: every declared one given, no other."""
@@ -188,7 +190,7 @@ JS = Divergence(
     op="js",
     kernel=_js,
     aliases=("jensen_shannon_divergence",),
-    params=MappingProxyType({"beta": _validate_beta}),
+    params={"beta": _validate_beta},
 )
 
 MEMBERS: Mapping[str, Divergence] = MappingProxyType(

@@ -24,9 +24,9 @@ import contextlib
 import functools
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType, ModuleType
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -118,7 +118,7 @@ class Call:
     divergence: Divergence
     spaces: tuple[str, str]
     temperature: float = 1.0
-    params: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    params: Mapping[str, Any] = field(default_factory=dict)  # read-only (see Divergence.params)
 
     @property
     def keras_route(self) -> bool:
@@ -155,12 +155,13 @@ def resolve(divergence: Divergence | str, *, inputs: Any = "probs", temperature:
     called once per step does not check them again each time.
     """
     div = _divergence.get(divergence)
-    key = _options_key(div, inputs, temperature, params)
+    # not while dynamo traces: a mutated global dict breaks its graph
+    key = None if torch_compiling() else _options_key(div, inputs, temperature, params)
     call = _RESOLVED.get(key) if key is not None else None
     if call is None:
         spaces = parse_inputs(inputs)
         t = validate_temperature(temperature, spaces)
-        call = Call(div, spaces, t, MappingProxyType(div.bind(**params)))
+        call = Call(div, spaces, t, div.bind(**params))
         if key is not None and len(_RESOLVED) < _RESOLVED_MAX:
             _RESOLVED[key] = call
     return call
