@@ -26,9 +26,19 @@ generic formula instead, which defines such rows (the zero measure; NaN propagat
 ``"probs"`` side is brought to ``log(clamp(x, 1e-7, 1))`` with ordinary torch ops first (its
 gradient is autograd's). The same code runs on CUDA with larger blocks (kernel launches cost
 more there than cache misses). Tracing (``torch.compile``, ``torch.func``, TorchScript),
-tensor subclasses, other dtypes and empty inputs return ``NotImplemented``: the generic
-kernel runs. A second derivative (``create_graph=True``) is computed by autograd through the
-generic formula.
+forward-mode AD (inputs with a tangent), the legacy vmap, tensor subclasses, other dtypes and
+empty inputs return ``NotImplemented``: the generic kernel runs.
+
+Autograd contracts, as on the Keras KL's fast path (:mod:`kldiv.backends.torch_`):
+
+- The gradient uses the inputs' values at call time: an input over memory torch does not own
+  (a NumPy teacher converted without a copy, ``torch.from_numpy`` of a reused buffer) is
+  copied before autograd saves it (``torch_._private``).
+- A second derivative (``create_graph=True``), a batched backward
+  (``autograd.grad(..., is_grads_batched=True)``, ``jacobian(vectorize=True)``) and forward AD
+  over the backward are computed by autograd through the generic formula, whose ordinary
+  torch ops have derivatives and batching rules (the blocked closed forms' ``out=`` ops do
+  not).
 """
 
 from __future__ import annotations
