@@ -373,3 +373,11 @@ def test_main_job_without_tensorflow(monkeypatch: pytest.MonkeyPatch) -> None:
     lines = buf.getvalue().splitlines()
     assert any(line.startswith("- tensorflow ") and "not available: pip install tensorflow" in line
                for line in lines), buf.getvalue()
+
+
+def test_reduction_choices_are_what_streaming_supports() -> None:
+    """'batchmean' is a loss-class reduction that streaming refuses: the CLI does not offer it."""
+    from kldiv._cli import _parser
+
+    out = _parser().format_help()
+    assert "sum_over_batch_size" in out and "batchmean" not in out

@@ -838,3 +838,13 @@ def test_docs_page_examples_run() -> None:
                                rtol=1e-5, atol=1e-7)
     if exported:
         assert float(namespace["metric"].result()) == pytest.approx(0.2241, abs=1e-4)
+
+
+def test_batchmean_reduction() -> None:
+    """'batchmean' (as the divergence loss classes): the weighted sum over the first axis' size."""
+    lp = np.zeros((4, 3))
+    ref = np.ones((4, 3))
+    w = np.array([1.0, 0.0, 1.0, 1.0])
+    got = kldiv.KLEstimator(reduction="batchmean")(lp, ref, sample_weight=w)
+    per_token = np.expm1(1.0) - 1.0  # k3 at d = -1
+    np.testing.assert_allclose(got, per_token * 9 / 4, rtol=1e-12)

@@ -66,7 +66,7 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--sample-weight", metavar="W.npy",
                    help="per-sample weights: a .npy file (N,) or a number (Keras 2 rules)")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--reduction", default="auto", choices=Reduction.all(),
+    what.add_argument("--reduction", default="auto", choices=[r for r in Reduction.all() if r != Reduction.BATCHMEAN],
                       help="as kldiv.KLDivergence(reduction=...) (default: auto)")
     what.add_argument("--metric", action="store_true",
                       help="the metric instead: kldiv.metrics.KLDivergence's weighted mean")

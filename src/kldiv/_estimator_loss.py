@@ -115,7 +115,7 @@ class KLEstimator:
     ) -> None:
         options = estimator_options(estimator, log_ratio_clamp, value_clamp, gradient)
         self.estimator, self.log_ratio_clamp, self.value_clamp, self.gradient = options
-        self.reduction = validate_reduction(reduction)
+        self.reduction = validate_reduction(reduction, batchmean=True)
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}.")
         self.name = name
