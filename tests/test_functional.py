@@ -485,3 +485,15 @@ def test_y_true_and_weight_in_a_dtype_the_target_lacks(source: str, target: str)
     loss = kldiv.KLDivergence(reduction="none")(_target(target, t.astype(np.float32)), y_pred,
                                                 sample_weight=_source(source, w))
     np.testing.assert_allclose(_host(loss), oracle(t, p) * w_seen, rtol=1e-5, atol=1e-7)
+
+
+def test_is_array_does_not_depend_on_earlier_calls() -> None:
+    """A NumPy float64 scalar (a Python float subclass) is not an array input, before and
+    after the metric's NumPy scalar totals put its type in the namespace cache."""
+    from kldiv._namespace import is_array
+
+    before = is_array(np.float64(1.0))
+    m = kldiv.metrics.KLDivergence()
+    m.update_state(np.full((2, 2), 0.5), np.full((2, 2), 0.5))
+    m.result()
+    assert before is False and is_array(np.float64(1.0)) is False

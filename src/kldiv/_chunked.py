@@ -230,7 +230,7 @@ def _evaluate(
     batches: Iterable[tuple[Any, Any, Any]],
     *,
     red: str,
-    the_metric: KLDivergence | None,
+    the_metric: DivergenceMetric | None,
     out: PathLike | None,
     inputs: list[tuple[str, str]],
     progress: bool | str | None,

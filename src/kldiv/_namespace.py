@@ -116,10 +116,10 @@ def array_namespace(x: Any) -> ModuleType:
 
 def is_array(x: object) -> bool:
     """True for any array object a supported library (or the array API) produces."""
+    if isinstance(x, (int, float, bool, complex)):  # first: np.float64 is a float, and the
+        return False  # same answer whatever the cache below holds (np.float64 as a total)
     if type(x) in _NAMESPACE_CACHE or _is_torch(x):  # a type already seen as an array
         return True
-    if isinstance(x, (int, float, bool, complex)):
-        return False
     return array_api_compat.is_array_api_obj(x) or _extra_namespace(x) is not None
 
 
