@@ -101,7 +101,7 @@ def test_low_precision_result_dtype() -> None:
 def test_result_before_any_update_and_reset(backend: Backend) -> None:
     m = KLDivergence()
     r0 = m.result()
-    assert isinstance(r0, np.ndarray) and r0.dtype == np.float32 and float(r0) == 0.0
+    assert type(r0) is np.float32 and float(r0) == 0.0  # a NumPy scalar (the package rule)
     assert m.library is None and m.device is None and m.variables == []
     m.update_state(backend.asarray(SEED_T), backend.asarray(SEED_P))
     assert m.library == {"dask": "dask"}.get(_lib(backend), _lib(backend))
@@ -580,3 +580,13 @@ def test_pickle_rebuilds_through_the_constructor() -> None:
     assert str(np.float32(m.result())) == "0.9162892"  # the original is untouched
     fresh = pickle.loads(pickle.dumps(KLDivergence()))
     assert fresh.variables == [] and fresh.library is None
+
+
+def test_numpy_result_is_a_numpy_scalar() -> None:
+    """The metric follows the package's rule: a reduced NumPy result is a NumPy scalar of the
+    result dtype (also before any update)."""
+    m = KLDivergence()
+    assert type(m.result()) is np.float32
+    m.update_state(np.array([[0, 1], [0, 0]], np.float32), np.array([[.6, .4], [.4, .6]], np.float32))
+    assert type(m.result()) is np.float32
+    assert type(KLDivergence(dtype="float64").result()) is np.float64

@@ -155,14 +155,14 @@ def resolve(divergence: Divergence | str, *, inputs: Any = "probs", temperature:
     called once per step does not check them again each time.
     """
     div = _divergence.get(divergence)
-    # not while dynamo traces: a mutated global dict breaks its graph
-    key = None if torch_compiling() else _options_key(div, inputs, temperature, params)
+    key = _options_key(div, inputs, temperature, params)
     call = _RESOLVED.get(key) if key is not None else None
     if call is None:
         spaces = parse_inputs(inputs)
         t = validate_temperature(temperature, spaces)
         call = Call(div, spaces, t, div.bind(**params))
-        if key is not None and len(_RESOLVED) < _RESOLVED_MAX:
+        # never written while dynamo traces: a mutated global dict breaks its graph
+        if key is not None and len(_RESOLVED) < _RESOLVED_MAX and not torch_compiling():
             _RESOLVED[key] = call
     return call
 

@@ -35,7 +35,7 @@ from ._accumulate import (
 )
 from ._divergence import Divergence
 from ._family import Call, resolve
-from ._namespace import array_namespace, get_device, namespace_name
+from ._namespace import array_namespace, get_device, namespace_name, numpy_result
 
 __all__ = ["DivergenceMetric", "RunningMean", "public_name", "restore_metric"]
 
@@ -149,13 +149,14 @@ class RunningMean:
         self._count.add(count)
 
     def result(self) -> Any:
-        """``total / count`` (0 when the count is 0): a 0-d array of the state's library.
+        """``total / count`` (0 when the count is 0): a 0-d array of the state's library (on
+        NumPy a NumPy scalar, as every reduced NumPy result of kldiv).
 
         The value stays on the state's device (lazy for Dask) in the metric's ``dtype``; read
         it with ``float(...)`` (or ``.compute()`` for Dask) when needed.
         """
         if self._total is None or self._count is None:
-            return np.asarray(0.0, dtype=np.dtype(self.dtype if self.dtype != "bfloat16" else "float32"))
+            return np.asarray(0.0, dtype=np.dtype(self.dtype if self.dtype != "bfloat16" else "float32"))[()]
         total, count = self._total.total(), self._count.total()
         xp = array_namespace(total)
         out = safe_divide(xp, total, count)
@@ -164,7 +165,7 @@ class RunningMean:
             dtype = xp.float32
         elif self.dtype == "float64" and out.dtype != xp.float64:  # no float64 here
             dtype = out.dtype
-        return out if out.dtype == dtype else xp.astype(out, dtype)
+        return numpy_result(out if out.dtype == dtype else xp.astype(out, dtype))
 
     def reset_state(self) -> None:
         """Forget every update: the metric is as new (and has no library or device)."""

@@ -19,7 +19,7 @@ from ._family import (
     reverse_kl_divergence,
 )
 from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
-from ._namespace import device_scope, dtype_name, namespace_name, numpy_result
+from ._namespace import device_scope, dtype_name, namespace_name, numpy_result, torch_compiling
 from ._reduction import Reduction, reduce_loss, validate_reduction
 
 __all__ = [
@@ -214,6 +214,7 @@ class _DivergenceLoss:
             raise TypeError(f"name must be a str, got {type(name).__name__}.")
         self.name = name
         call = resolve(self.divergence, inputs=inputs, temperature=temperature, **params)
+        self._call = call
         spaces = call.spaces
         self.inputs = spaces[0] if spaces[0] == spaces[1] else spaces
         self.temperature = call.temperature
@@ -222,10 +223,19 @@ class _DivergenceLoss:
         self.dtype = _validate_dtype(dtype, owner=owner)
 
     def _resolved(self) -> Call:
-        """The member with this loss' options (validated again: attributes may be set)."""
+        """The member with this loss' options (validated again: attributes may be set).
+
+        While ``torch.compile`` traces, the options last validated eagerly are used as they
+        are: dynamo may trace Python float attributes as symbolic values (dynamic shapes),
+        and checks such as ``math.isfinite`` on them cannot be traced.
+        """
+        cached: Call | None = self.__dict__.get("_call")  # absent in pickles of older versions
+        if cached is not None and torch_compiling():
+            return cached
         params = {key: getattr(self, key) for key in self.divergence.params}
-        return resolve(self.divergence, inputs=self.inputs, temperature=self.temperature,
-                       **params)
+        self._call = resolve(self.divergence, inputs=self.inputs,
+                                   temperature=self.temperature, **params)
+        return self._call
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """The unreduced, unweighted per-sample loss (Keras' ``Loss.call``), after Keras 2's
@@ -306,7 +316,8 @@ class _DivergenceLoss:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The kldiv class, not the Keras-aware subclass (nor Keras' own __reduce__)
-        return (_restore, (_kldiv_class(self), dict(self.__dict__)))
+        state = {k: v for k, v in self.__dict__.items() if k != "_call"}  # rebuilt on use
+        return (_restore, (_kldiv_class(self), state))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, _DivergenceLoss) or _kldiv_class(other) is not _kldiv_class(self):
