@@ -223,13 +223,13 @@ class _Setup:
             if teacher[0] == "logits":
                 t.copy_(teacher[1][i0:i1])
             else:
-                torch.mm(_operand(teacher[1][i0:i1], cd), self.t_w.T, out=t)  # type: ignore[arg-type, union-attr]
+                torch.mm(_operand(teacher[1][i0:i1], cd), self.t_w.T, out=t)  # type: ignore[arg-type, union-attr, unused-ignore]
         else:
             s = _mm(hc, W_.T, cd)
             if teacher[0] == "logits":
                 t = teacher[1][i0:i1]
             else:
-                t = _mm(_operand(teacher[1][i0:i1], cd), self.t_w.T, cd)  # type: ignore[arg-type, union-attr]
+                t = _mm(_operand(teacher[1][i0:i1], cd), self.t_w.T, cd)  # type: ignore[arg-type, union-attr, unused-ignore]
         need_grad = sc is not None
         if self.route == "triton":
             tri = _triton_module()
