@@ -35,6 +35,7 @@ Autograd contracts:
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 from typing import Any
 
@@ -55,16 +56,25 @@ _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _triton: ModuleType | bool | None = False  # False: not tried yet; None: not available
 
 
+_OPTIONAL: dict[str, ModuleType | None] = {}
+
+
+def optional_module(name: str) -> ModuleType | None:
+    """``kldiv.backends.<name>`` (a Triton kernel module), or ``None`` when it cannot be
+    imported (no Triton, or a broken install); tried once per process."""
+    if name not in _OPTIONAL:
+        try:
+            _OPTIONAL[name] = importlib.import_module(f"{__package__}.{name}")
+        except Exception:
+            _OPTIONAL[name] = None
+    return _OPTIONAL[name]
+
+
 def _triton_module() -> ModuleType | None:
     """:mod:`kldiv.backends.triton_`, or ``None`` when Triton cannot be imported."""
     global _triton
-    if _triton is False:
-        try:
-            from . import triton_
-        except Exception:  # ImportError, or a broken Triton install
-            _triton = None
-        else:
-            _triton = triton_
+    if _triton is False:  # tests may set ``_triton`` to force or refuse the module
+        _triton = optional_module("triton_")
     return _triton if isinstance(_triton, ModuleType) else None
 
 

@@ -53,7 +53,7 @@ import torch
 
 from .._fused_linear_math import Plan, divergence_rows
 from .._namespace import call_time_values
-from .torch_ import _batched, _has_tangent, _tracing
+from .torch_ import _batched, _has_tangent, _tracing, optional_module
 
 __all__ = ["GRAD_MODE", "chunk_terms_", "differentiable", "linear_backward", "run"]
 
@@ -66,19 +66,9 @@ FORCE_ROUTE: str | None = None
 ``TRITON_INTERPRET=1``), ``"torch"`` the in-place torch ops on any device."""
 
 _HALF = (torch.float16, torch.bfloat16)
-_triton: ModuleType | bool | None = False  # False: not tried yet; None: not available
-
-
 def _triton_module() -> ModuleType | None:
-    global _triton
-    if _triton is False:
-        try:
-            from . import triton_fused
-        except Exception:  # ImportError, or a broken Triton install
-            _triton = None
-        else:
-            _triton = triton_fused
-    return _triton if isinstance(_triton, ModuleType) else None
+    """:mod:`kldiv.backends.triton_fused`, or ``None`` when Triton cannot be imported."""
+    return optional_module("triton_fused")
 
 
 # ------------------------------------------------------------------------------ chunk math
