@@ -38,7 +38,7 @@ from ._namespace import (
 )
 
 __all__ = ["SPACES", "Prepared", "broadcast_shapes", "log_softmax", "parse_inputs", "prepare",
-           "to_log_space", "validate_temperature"]
+           "shape_str", "to_log_space", "validate_temperature"]
 
 
 # ------------------------------------------------------------------------------ the inputs
@@ -52,8 +52,18 @@ class Prepared(NamedTuple):
     device: Any
 
 
-def _shape_str(shape: tuple[Any, ...]) -> str:
+def shape_str(shape: tuple[Any, ...]) -> str:
+    """A shape for messages: ``(2, 3)``, ``(3,)``, ``(?, 3)`` for an unknown size.
+
+    Examples
+    --------
+    >>> shape_str((2, None)), shape_str((3,)), shape_str(())
+    ('(2, ?)', '(3,)', '()')
+    """
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+_shape_str = shape_str  # temporary: the old private name, until its importers switch
 
 
 def broadcast_shapes(a: tuple[Any, ...], b: tuple[Any, ...], *, what: str) -> tuple[Any, ...]:
@@ -74,12 +84,12 @@ def broadcast_shapes(a: tuple[Any, ...], b: tuple[Any, ...], *, what: str) -> tu
         elif db == 1 or db is None or da is None or da == db:
             out.append(da if da is not None else db)
         else:
-            raise ValueError(f"{what}: shapes {_shape_str(a)} and {_shape_str(b)} do not broadcast.")
+            raise ValueError(f"{what}: shapes {shape_str(a)} and {shape_str(b)} do not broadcast.")
     return tuple(reversed(out))
 
 
 def _given(shapes: tuple[tuple[Any, ...], tuple[Any, ...]]) -> str:
-    return f"y_true of shape {_shape_str(shapes[0])} and y_pred of shape {_shape_str(shapes[1])}"
+    return f"y_true of shape {shape_str(shapes[0])} and y_pred of shape {shape_str(shapes[1])}"
 
 
 def _squeeze_last(xp: ModuleType, x: Any) -> Any:
@@ -152,7 +162,7 @@ def prepare(y_true: Any, y_pred: Any, *, squeeze: bool = True) -> Prepared:
         if squeezed:
             now = tuple((y_true if squeezed == "y_true" else y_pred).shape)
             note = (f" (after Keras' rank rule for losses and metrics: {squeezed}'s trailing axis "
-                    f"of 1 squeezed, giving {_shape_str(now)})")
+                    f"of 1 squeezed, giving {shape_str(now)})")
         raise ValueError(f"{_given(given)} do not broadcast{note}.") from None
     return Prepared(xp, y_true, y_pred, out_dtype, device)
 

@@ -1,0 +1,303 @@
+"""The libraries table: everything kldiv knows about each array library, in one place.
+
+One frozen :class:`Library` record per library: how to recognise it without importing it
+(its module names in ``sys.modules``, array-api-compat's namespace predicate), the modules
+holding its fast paths, its adapter module in :mod:`kldiv.backends` (device scope, file
+targets, the CLI's device rows, float64 availability, TensorFlow's namespace shim), its
+capability flags and its install hint. This is the only module outside a library's own
+adapter that spells a library's name; everything else asks the table:
+
+>>> from kldiv._libraries import library, names
+>>> import numpy as np
+>>> library(np).name, library("torch").immutable, library("jax").where_clip
+('numpy', False, True)
+>>> "tensorflow" in names()
+True
+
+Nothing here imports a framework: an adapter is imported only when its library is in use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from . import _compat
+
+__all__ = [
+    "BACKENDS",
+    "LIBRARIES",
+    "Library",
+    "WrongDevice",
+    "backend_name",
+    "find",
+    "library",
+    "load",
+    "names",
+    "shim_namespace",
+    "target",
+]
+
+
+def load(path: str) -> Any:
+    """The object at ``"package.module"`` or ``"package.module:attribute"`` (imports it)."""
+    module, _, attr = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    return getattr(obj, attr) if attr else obj
+
+
+@dataclass(frozen=True)
+class Library:
+    """What kldiv knows about one array library (see the module docstring)."""
+
+    name: str
+    """Short name: ``backend=`` values, fast-path keys, messages."""
+    modules: tuple[str, ...]
+    """Module names in ``sys.modules`` that are this library; the first is its import name."""
+    namespace_check: str | None = None
+    """Name of the :mod:`kldiv._compat` predicate recognising its (wrapped) namespace."""
+    array_types: tuple[str, ...] = ()
+    """``"module:Type"`` of array types array-api-compat does not know (kldiv shims them)."""
+    adapter: str | None = None
+    """The library's own module in :mod:`kldiv.backends` (imported lazily)."""
+    fast_paths: tuple[str, ...] = ()
+    """Modules whose functions, named by op (``keras_kl``, ``kl``, ...), are fast paths."""
+    kernel_namespace: str | None = None
+    """Module whose ``namespace`` the family's generic kernels run in (a shim), if any."""
+    compiled_namespace: str | None = None
+    """``"module:attr"``: the namespace the generic kernels use while ``torch.compile`` traces."""
+    where_clip: bool = False
+    """Clip with ``where`` (``clip``'s gradient or chunking differs from Keras')."""
+    no_fma: bool = False
+    """Its compiler contracts ``t * log(t / p)`` into the row sum (FMA): kernels stop it."""
+    immutable: bool = False
+    """Nobody changes its arrays in place: memory imported from it needs no copy."""
+    native_kernel: bool = False
+    """The generic kernel runs in the library's own module, not the compat wrapper."""
+    scoped: bool = False
+    """Its eager ops need a device scope (the adapter's ``device_scope``)."""
+    float64_rule: bool = False
+    """Its adapter's ``has_float64`` answers (else the array API inspection API)."""
+    install: str = ""
+    """The pip command installing it."""
+    install_note: str = ""
+    """More on installing it (the CLI's ``show``)."""
+
+    # -------------------------------------------------------------------- lookups
+    def loaded(self) -> ModuleType | None:
+        """The library's module if it is imported (never imports it)."""
+        return sys.modules.get(self.modules[0])
+
+    def load_adapter(self) -> ModuleType:
+        """The adapter module (imports it, and so the library: ``ImportError`` if missing)."""
+        if self.adapter is None:
+            raise LookupError(f"kldiv has no adapter module for {self.name}")
+        module: ModuleType = importlib.import_module(self.adapter)
+        return module
+
+    def is_array(self, x: object) -> bool:
+        """``x`` is one of :attr:`array_types` (looked up only where the library is loaded)."""
+        for path in self.array_types:
+            module, _, attr = path.partition(":")
+            mod = sys.modules.get(module)
+            if mod is not None and isinstance(x, getattr(mod, attr)):
+                return True
+        return False
+
+    def shim_namespace(self) -> ModuleType:
+        """kldiv's namespace for :attr:`array_types` (the adapter's ``namespace``)."""
+        ns: ModuleType = self.load_adapter().namespace
+        return ns
+
+    @property
+    def install_hint(self) -> str:
+        """The pip command, with its note (the CLI's ``show``)."""
+        return f"{self.install}  ({self.install_note})" if self.install_note else self.install
+
+    # ------------------------------------------------------------------ capabilities
+    def device_scope(self, device: Any) -> contextlib.AbstractContextManager[Any] | None:
+        """The context that keeps the library's eager ops on ``device`` (``None``: none needed)."""
+        if not self.scoped:
+            return None
+        scope: contextlib.AbstractContextManager[Any] | None = self.load_adapter().device_scope(device)
+        return scope
+
+    def has_float64(self, xp: ModuleType, device: Any) -> bool:
+        """True when ``xp`` (this library's namespace) holds float64 arrays on ``device``."""
+        if self.float64_rule:
+            return bool(self.load_adapter().has_float64(xp, device))
+        return _info_has_float64(xp, device)
+
+    def target(self, device: str | None) -> Any:
+        """The adapter's file :class:`kldiv._targets.Target` for ``device`` (unchecked)."""
+        return self.load_adapter().target(device)
+
+    def show_devices(self) -> Iterator[tuple[str, Callable[[Any], Any] | None, str]]:
+        """The CLI's rows: ``(device, converter from nested lists or None, reason)``."""
+        rows: Iterator[tuple[str, Callable[[Any], Any] | None, str]] = self.load_adapter().show_devices()
+        return rows
+
+
+def _info_has_float64(xp: ModuleType, device: Any) -> bool:
+    if getattr(xp, "float64", None) is None:
+        return False
+    try:
+        info = xp.__array_namespace_info__()
+        return "float64" in info.dtypes(device=device, kind="real floating")
+    except Exception:
+        return True
+
+
+# --------------------------------------------------------------------------- the table
+_B = "kldiv.backends."
+
+LIBRARIES: tuple[Library, ...] = (
+    Library("numpy", ("numpy",), "is_numpy_namespace", adapter=_B + "numpy_adapter",
+            fast_paths=(_B + "numpy_", _B + "numpy_family"), native_kernel=True,
+            install="pip install numpy"),
+    Library("torch", ("torch",), "is_torch_namespace", adapter=_B + "torch_adapter",
+            fast_paths=(_B + "torch_", _B + "torch_family"),
+            compiled_namespace=_B + "torch_family:array_api", float64_rule=True,
+            install="pip install 'kldiv[torch]'",
+            install_note="CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu"),
+    Library("jax", ("jax",), "is_jax_namespace", adapter=_B + "jax_",
+            fast_paths=(_B + "jax_", _B + "jax_family"), where_clip=True, no_fma=True,
+            immutable=True, float64_rule=True,
+            install="pip install 'kldiv[jax]'", install_note="GPU: pip install 'jax[cuda12]'"),
+    Library("cupy", ("cupy",), "is_cupy_namespace", adapter=_B + "cupy_",
+            fast_paths=(_B + "cupy_",),
+            install="pip install 'kldiv[cupy]'", install_note="needs an NVIDIA GPU and CUDA 12"),
+    Library("dask", ("dask.array", "dask"), "is_dask_namespace", adapter=_B + "dask_",
+            where_clip=True, install="pip install 'kldiv[dask]'"),
+    Library("array_api_strict", ("array_api_strict",), "is_array_api_strict_namespace",
+            adapter=_B + "array_api_strict_", install="pip install array-api-strict"),
+    # last: slow to import, and a process that has imported it must not import Triton after
+    Library("tensorflow", ("tensorflow",), None,
+            array_types=("tensorflow:Tensor", "tensorflow:Variable"), adapter=_B + "tensorflow_",
+            kernel_namespace=_B + "tensorflow_family", immutable=True, scoped=True,
+            install="pip install tensorflow"),
+)
+"""Every array library kldiv knows, in the CLI's order."""
+
+_BY_NAME = {lib.name: lib for lib in LIBRARIES}
+BACKENDS: tuple[str, ...] = tuple(_BY_NAME)
+"""Backends :func:`kldiv.evaluate_files` can run on (``backend=`` names)."""
+_SHIMMED = tuple(lib for lib in LIBRARIES if lib.array_types)
+_BY_ID: dict[int, Library] = {}
+
+
+def names() -> tuple[str, ...]:
+    """The short names of every library in the table."""
+    return BACKENDS
+
+
+def _name_of(xp: ModuleType) -> str | None:
+    name = getattr(xp, "__kldiv_name__", None)  # kldiv's own shims (TensorFlow)
+    if name is not None:
+        return str(name)
+    module = getattr(xp, "__name__", None)
+    for lib in LIBRARIES:  # the library itself or its compat wrapper, by module name first:
+        # compat's predicates are lru_cache'd, which torch.compile (dynamo) warns about
+        if module in lib.modules or module == f"{_compat.COMPAT_PACKAGE}.{lib.name}":
+            return lib.name
+    for lib in LIBRARIES:
+        if lib.namespace_check is not None and getattr(_compat, lib.namespace_check)(xp):
+            return lib.name
+    return None
+
+
+def find(xp: ModuleType) -> Library | None:
+    """The table's record for namespace ``xp`` (compat-wrapped, shim or the module itself)."""
+    try:
+        return _BY_ID[id(xp)]
+    except KeyError:
+        pass
+    name = _name_of(xp)
+    lib = _BY_NAME.get(name) if name is not None else None
+    if lib is None:  # an array-API library kldiv has no entry for: no fast path, no flags
+        lib = Library(getattr(xp, "__name__", type(xp).__name__), ())
+    _BY_ID[id(xp)] = lib  # namespaces are modules: they live as long as the process
+    return lib
+
+
+def library(xp_or_name: ModuleType | str) -> Library:
+    """The :class:`Library` named ``xp_or_name``, or of namespace ``xp_or_name``.
+
+    A namespace the table does not list gets a record with no fast path and no flags.
+
+    Raises
+    ------
+    ValueError
+        For a name that is not in the table.
+    """
+    if isinstance(xp_or_name, str):
+        return _BY_NAME[backend_name(xp_or_name)]
+    lib = find(xp_or_name)
+    assert lib is not None
+    return lib
+
+
+def shim_namespace(x: object) -> ModuleType | None:
+    """kldiv's namespace for ``x`` where it is an array type array-api-compat does not know."""
+    for lib in _SHIMMED:
+        if lib.is_array(x):
+            return lib.shim_namespace()
+    return None
+
+
+# ------------------------------------------------------------------ file targets (streaming)
+class WrongDevice(ValueError):
+    """A device the backend never runs on (an adapter's ``target`` raises it): bad input."""
+
+
+def backend_name(backend: Any) -> str:
+    """``backend`` (``"torch"``, ``"array-api-strict"``...) as the table's name, checked."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {', '.join(BACKENDS)}; got {backend!r}.")
+    name = backend.lower().replace("-", "_")
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}.")
+    return name
+
+
+def target(backend: str, device: str | None) -> Any:
+    """The file :class:`kldiv._targets.Target` for ``backend`` on ``device``, checked by moving
+    a tiny array there.
+
+    Raises ``ImportError`` (with the install command) if the backend is missing and
+    ``RuntimeError`` if the device is not there (exit status 1 of ``kldiv compute``).
+    """
+    if device is not None and not isinstance(device, str):
+        raise TypeError(f"device must be a str such as 'cuda:1', 'gpu' or 'cpu'; got {device!r}.")
+    lib = library(backend)
+    try:
+        made = lib.target(device)
+    except WrongDevice:  # a device the backend never has (a GPU for NumPy): bad input
+        raise
+    except ImportError as exc:
+        raise ImportError(f"backend {backend!r} is not installed ({exc}): {lib.install}") from None
+    except Exception as exc:
+        raise _no_device(backend, device, exc) from None
+    try:
+        _wait(made(np.zeros((1,), dtype=np.float32)))
+    except Exception as exc:
+        raise _no_device(backend, device, exc) from None
+    return made
+
+
+def _no_device(backend: str, device: str | None, exc: Exception) -> RuntimeError:
+    what = f"no device {device!r}" if device is not None else "no usable default device"
+    return RuntimeError(f"{backend} has {what} here ({type(exc).__name__}: {exc})")
+
+
+def _wait(x: Any) -> None:
+    ready = getattr(x, "block_until_ready", None)
+    if ready is not None:
+        ready()
