@@ -34,11 +34,11 @@ _PRELUDE = """
 import json, os, sys, time
 import numpy as np
 import kldiv
-from kldiv.backends import numpy_
-numpy_._n_threads = lambda: 4   # the threaded path whatever the number of CPUs
+from kldiv.backends import numpy_, numpy_engine
+numpy_engine._n_threads = lambda: 4   # the threaded path whatever the number of CPUs
 rng = np.random.default_rng(7)
 T = rng.uniform(-0.1, 1.1, (600, 300)); P = rng.uniform(-0.1, 1.1, (600, 300))
-assert T.size >= numpy_.MIN_PARALLEL
+assert T.size >= numpy_engine.MIN_PARALLEL
 with kldiv.use_generic():
     WANT = kldiv.kld(T, P)
 
@@ -46,7 +46,7 @@ def check():
     return bool(np.array_equal(kldiv.kld(T, P), WANT))
 
 def pool_alive():  # live workers (in a forked child: its own, not the parent's dead ones)
-    pool = numpy_._pool
+    pool = numpy_engine._pool
     return pool is not None and len(pool.threads) >= 3 and all(t.is_alive() for t in pool.threads)
 
 def wait(pid, timeout=10.0):
@@ -253,7 +253,7 @@ def test_signal_handler_reentry_gets_its_own_scratch() -> None:
         r2 = np.random.default_rng(8)
         MED = (r2.uniform(-0.1, 1.1, (64, 1000)), r2.uniform(-0.1, 1.1, (64, 1000)))
         HND = (r2.uniform(-0.1, 1.1, (64, 1000)), r2.uniform(-0.1, 1.1, (64, 1000)))
-        assert numpy_.SMALL_ELEMENTS < MED[0].size < numpy_.MIN_PARALLEL  # blocked, in-thread
+        assert numpy_.SMALL_ELEMENTS < MED[0].size < numpy_engine.MIN_PARALLEL  # blocked, in-thread
         with kldiv.use_generic():
             W_MED, W_HND = kldiv.kld(*MED), kldiv.kld(*HND)
 

@@ -1,12 +1,16 @@
-"""NumPy fast path of the divergence family: the generic formulas, a block of rows at a time.
+"""NumPy fast path of the divergence family: its per-block terms, on the NumPy engine.
 
 The generic kernel, run on whole arrays, allocates about a dozen full-size temporaries (the
-log-softmax of each side, the masks, the products). Here the rows are cut into blocks of
-about :data:`BLOCK_ELEMENTS` elements: each block is brought to log space and reduced while it
-sits in cache, and only one value per row is written. Extra memory is a few blocks, whatever
-the input size (plus one broadcast copy when the inputs' shapes differ and cannot be viewed
-as rows). The formulas are the generic kernels' (:mod:`kldiv._divergence`), so results agree
-to rounding; NumPy has no autograd, so there is no backward pass to write.
+log-softmax of each side, the masks, the products). Here the engine
+(:func:`kldiv.backends.numpy_engine.row_blocks`) cuts the rows into blocks of about
+:data:`BLOCK_ELEMENTS` elements: each block is brought to log space (:func:`_log_block`) and
+reduced by the member's terms (:func:`_kl_block`, :func:`_js_block`) while it sits in cache,
+and only one value per row is written. A new member's NumPy fast path is its block function
+and nothing else. Extra memory is a few blocks, whatever the input size (plus one broadcast
+copy when the inputs' shapes differ and cannot be viewed as rows); the blocks run in the
+calling thread, so that bound holds for the whole call. The formulas are the generic
+kernels' (:mod:`kldiv._divergence`), so results agree to rounding; NumPy has no autograd,
+so there is no backward pass to write.
 
 Every function takes arrays already converted (same dtype, float32 or float64, broadcastable)
 and returns the per-row divergence, or ``NotImplemented`` to let the generic kernel run.
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._kernel import EPSILON
+from . import numpy_engine as engine
 
 __all__ = ["BLOCK_ELEMENTS", "js", "kl", "reverse_kl"]
 
@@ -84,16 +89,15 @@ def _run(block: Callable[[np.ndarray, np.ndarray], np.ndarray], y_true: Any, y_p
     shape = np.broadcast_shapes(y_true.shape, y_pred.shape)
     if len(shape) == 0 or 0 in shape:
         return NotImplemented
-    a, b = _as_rows(y_true, shape), _as_rows(y_pred, shape)
-    n, c = a.shape
-    out = np.empty(n, dtype=dtype)
-    step = max(1, BLOCK_ELEMENTS // c)
+
+    def rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        la = _log_block(a, spaces[0], temperature)
+        lb = _log_block(b, spaces[1], temperature)
+        return block(la, lb)
+
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            la = _log_block(a[r0:r1], spaces[0], temperature)
-            lb = _log_block(b[r0:r1], spaces[1], temperature)
-            out[r0:r1] = block(la, lb)
+        out = engine.row_blocks(rows, _as_rows(y_true, shape), _as_rows(y_pred, shape),
+                                elements=BLOCK_ELEMENTS, threaded=False)
     return out.reshape(shape[:-1])
 
 
