@@ -19,23 +19,12 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
 from typing import Any, NoReturn
 
 import numpy as np
 
 SEED_1 = ([0.4, 0.9, 0.2], [0.5, 0.8, 0.12])
 SEED_2 = ([[0, 1], [0, 0]], [[0.6, 0.4], [0.4, 0.6]])
-
-INSTALL_HINTS = {
-    "numpy": "pip install numpy",
-    "array_api_strict": "pip install array-api-strict",
-    "torch": "pip install 'kldiv[torch]'  (CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu)",
-    "jax": "pip install 'kldiv[jax]'  (GPU: pip install 'jax[cuda12]')",
-    "cupy": "pip install 'kldiv[cupy]'  (needs an NVIDIA GPU and CUDA 12)",
-    "dask": "pip install 'kldiv[dask]'",
-    "tensorflow": "pip install tensorflow",
-}
 
 Converter = Callable[[Any], Any]
 
@@ -48,81 +37,28 @@ def _installed(name: str) -> bool:
 
 
 def _targets() -> Iterator[tuple[str, str, Converter | None, str]]:
-    """(backend, device, converter from nested lists, reason-if-unavailable)."""
-    yield "numpy", "cpu", lambda v: np.asarray(v, dtype=np.float32), ""
-    if _installed("array_api_strict"):
-        xps = importlib.import_module("array_api_strict")
-        yield "array_api_strict", "CPU_DEVICE", lambda v: xps.asarray(v, dtype=xps.float32), ""
-    else:
-        yield "array_api_strict", "-", None, INSTALL_HINTS["array_api_strict"]
-    if _installed("torch"):
-        torch = importlib.import_module("torch")
-        yield "torch", "cpu", lambda v: torch.tensor(v, dtype=torch.float32), ""
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                dev = f"cuda:{i}"
-                yield "torch", dev, partial(torch.tensor, dtype=torch.float32, device=dev), ""
-        else:
-            yield "torch", "cuda", None, "no CUDA device visible to torch"
-    else:
-        yield "torch", "-", None, INSTALL_HINTS["torch"]
-    if _installed("jax"):
-        jax = importlib.import_module("jax")
-        jnp = importlib.import_module("jax.numpy")
-        for jdev in jax.devices():
+    """(backend, device, converter from nested lists, reason-if-unavailable), in the table's
+    order (slow-to-import libraries last: a process that has imported TensorFlow must not
+    import Triton afterwards, see the README)."""
+    from ._libraries import LIBRARIES
 
-            def to_jax(v: Any, d: Any = jdev) -> Any:
-                return jax.device_put(jnp.asarray(v, dtype=jnp.float32), d)
-
-            yield "jax", str(jdev), to_jax, ""
-    else:
-        yield "jax", "-", None, INSTALL_HINTS["jax"]
-    if _installed("cupy"):
+    for lib in LIBRARIES:
+        if not _installed(lib.modules[0].partition(".")[0]):
+            yield lib.name, "-", None, lib.install_hint
+            continue
+        lib.hush()
         try:
-            cp = importlib.import_module("cupy")
-            n = cp.cuda.runtime.getDeviceCount()
-        except Exception as exc:  # installed, but no driver / GPU
-            yield "cupy", "-", None, f"installed but unusable here: {type(exc).__name__}: {exc}"
-        else:
-            for i in range(n):
-                def conv(v: Any, i: int = i) -> Any:
-                    with cp.cuda.Device(i):
-                        return cp.asarray(v, dtype=cp.float32)
-                yield "cupy", f"cuda:{i}", conv, ""
-    else:
-        yield "cupy", "-", None, INSTALL_HINTS["cupy"]
-    if _installed("dask"):
-        da = importlib.import_module("dask.array")
-        yield "dask", "cpu (lazy)", lambda v: da.from_array(np.asarray(v, dtype=np.float32)), ""
-    else:
-        yield "dask", "-", None, INSTALL_HINTS["dask"]
-    # TensorFlow last: it is slow to import (seconds), so only here, and a process that has
-    # imported it must not import Triton afterwards (both bundle LLVM; see the README).
-    if _installed("tensorflow"):
-        yield from _tensorflow_targets()
-    else:
-        yield "tensorflow", "-", None, INSTALL_HINTS["tensorflow"]
-
-
-def _tensorflow_targets() -> Iterator[tuple[str, str, Converter | None, str]]:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
-    try:
-        tf = importlib.import_module("tensorflow")
-        devices = [d for d in tf.config.list_logical_devices() if d.device_type in ("CPU", "GPU")]
-    except Exception as exc:  # installed, but broken here
-        yield "tensorflow", "-", None, f"installed but unusable here: {type(exc).__name__}: {exc}"
-        return
-    for dev in devices:
-
-        def to_tf(v: Any, name: str = dev.name) -> Any:
-            with tf.device(name):
-                return tf.identity(tf.constant(v, dtype=tf.float32))
-
-        yield "tensorflow", dev.name.removeprefix("/device:"), to_tf, ""
+            rows = list(lib.show_devices())
+        except Exception as exc:  # installed, but broken here
+            yield lib.name, "-", None, f"installed but unusable here: {type(exc).__name__}: {exc}"
+            continue
+        for device, conv, reason in rows:
+            yield lib.name, device, conv, reason
 
 
 def _fmt(x: Any) -> str:
-    from ._namespace import _host_numpy, get_device
+    from ._convert import host_numpy as _host_numpy
+    from ._namespace import get_device
 
     dev = get_device(x) if not hasattr(x, "dask") else "cpu"
     arr = _host_numpy(x)  # torch (detached), CuPy, Dask (computed), TensorFlow, ...

@@ -10,7 +10,6 @@ is replaced only when the run succeeds.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any, NoReturn
 
@@ -56,7 +55,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser(prog: str = PROG) -> argparse.ArgumentParser:
-    from ._chunked import BACKENDS
+    from ._libraries import BACKENDS
     from ._reduction import Reduction
 
     p = _Parser(prog=prog, description=DESCRIPTION, epilog=EPILOG.format(prog=prog),
@@ -97,9 +96,9 @@ def _weight(value: str | None) -> Any:
 
 
 def _format(value: Any) -> str:
-    from ._namespace import _host_numpy
+    from ._convert import host_numpy
 
-    arr = np.asarray(_host_numpy(value))
+    arr = np.asarray(host_numpy(value))
     if arr.ndim == 0:
         return str(arr[()])
     return np.array2string(arr, separator=", ", threshold=20)
@@ -107,6 +106,7 @@ def _format(value: Any) -> str:
 
 def _run(args: argparse.Namespace) -> str:
     from ._chunked import evaluate_files
+    from ._libraries import lazy_library, library
 
     if args.batch_rows is not None and args.batch_rows < 1:
         raise _UsageError(f"--batch-rows must be a positive integer, got {args.batch_rows}")
@@ -114,10 +114,10 @@ def _run(args: argparse.Namespace) -> str:
         raise _UsageError("--reduction none needs --output OUT.npy (where to write the per-sample losses)")
     if args.output is not None and (args.reduction != "none" or args.metric):
         raise _UsageError("--output is for --reduction none")
-    if args.scheduler is not None and args.backend != "dask":
-        raise _UsageError("--scheduler is for --backend dask")
-    if args.backend == "tensorflow":
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    lib = library(args.backend)
+    if args.scheduler is not None and not lib.lazy:
+        raise _UsageError(f"--scheduler is for --backend {lazy_library().name}")
+    lib.hush()  # a library's start-up chatter (TensorFlow's)
     # --output (an input, a link to one, a directory, a missing directory): evaluate_files
     # refuses it with a ValueError before anything is read or written (exit status 2).
 
@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace) -> str:
             device=args.device, batch_rows=args.batch_rows, out=args.output,
             progress=args.progress,
         )
-        if args.backend == "dask" and hasattr(result, "compute"):
+        if lib.lazy and hasattr(result, "compute"):
             result = result.compute()
         return result
 

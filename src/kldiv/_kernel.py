@@ -5,12 +5,10 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from ._namespace import namespace_name
+from ._libraries import library
 
 EPSILON = 1e-7
 """Keras' ``backend.epsilon()``: the lower clip bound of both inputs."""
-
-_WHERE_CLIP = frozenset({"jax", "dask"})
 
 
 def clip_unit(xp: ModuleType, x: Any) -> Any:
@@ -18,10 +16,10 @@ def clip_unit(xp: ModuleType, x: Any) -> Any:
 
     The gradient, where the library has one, is 1 inside the closed interval and 0 outside
     it on every backend: what TensorFlow's and PyTorch's clips give. JAX's ``clip`` would
-    split it at the bounds (``x == 1`` is common: one-hot targets), so for JAX the clip is
-    written with ``where``.
+    split it at the bounds (``x == 1`` is common: one-hot targets), so where the table says
+    ``where_clip`` the clip is written with ``where``.
     """
-    if namespace_name(xp) not in _WHERE_CLIP:
+    if not library(xp).where_clip:
         return xp.clip(x, EPSILON, 1.0)
     # Dask too: array-api-compat's Dask clip fails on chunks of unknown size. Python scalars
     # (weakly typed: x keeps its dtype) rather than 0-d arrays, so that the chunks' own
@@ -37,8 +35,8 @@ def kl_divergence_generic(xp: ModuleType, y_true: Any, y_pred: Any) -> Any:
     t = clip_unit(xp, y_true)
     p = clip_unit(xp, y_pred)
     terms = t * xp.log(t / p)
-    if namespace_name(xp) == "jax":
-        # Fused by XLA, the product would be contracted into the row sum's addition (one FMA,
+    if library(xp).no_fma:
+        # JAX: fused by XLA, the product would be contracted into the row sum's addition (one FMA,
         # one rounding instead of two): float32 -3.0809076e-06 for SPEC's -3.0809074e-06, and
         # the jitted fast path would differ from the un-fused ops. A select between the two
         # (``t > 0`` always holds after the clip; a NaN ``t`` passes through) stops the

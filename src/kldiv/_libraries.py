@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ __all__ = [
     "Library",
     "WrongDevice",
     "backend_name",
+    "compiler_library",
     "find",
+    "lazy_library",
     "library",
     "load",
     "names",
@@ -65,6 +68,10 @@ class Library:
     """Name of the :mod:`kldiv._compat` predicate recognising its (wrapped) namespace."""
     array_types: tuple[str, ...] = ()
     """``"module:Type"`` of array types array-api-compat does not know (kldiv shims them)."""
+    tensor_type: str = ""
+    """The array type's name in the library's module (fast ``isinstance`` checks)."""
+    plain_types: tuple[str, ...] = ()
+    """Dotted names (in its module) of the exact array types whose ``.device`` needs no check."""
     adapter: str | None = None
     """The library's own module in :mod:`kldiv.backends` (imported lazily)."""
     fast_paths: tuple[str, ...] = ()
@@ -73,6 +80,8 @@ class Library:
     """Module whose ``namespace`` the family's generic kernels run in (a shim), if any."""
     compiled_namespace: str | None = None
     """``"module:attr"``: the namespace the generic kernels use while ``torch.compile`` traces."""
+    lazy: bool = False
+    """Arrays are lazy task graphs of host chunks (computed on demand, no device to name)."""
     where_clip: bool = False
     """Clip with ``where`` (``clip``'s gradient or chunking differs from Keras')."""
     no_fma: bool = False
@@ -85,6 +94,8 @@ class Library:
     """Its eager ops need a device scope (the adapter's ``device_scope``)."""
     float64_rule: bool = False
     """Its adapter's ``has_float64`` answers (else the array API inspection API)."""
+    quiet: tuple[tuple[str, str], ...] = ()
+    """Environment defaults set before importing it (start-up chatter off)."""
     install: str = ""
     """The pip command installing it."""
     install_note: str = ""
@@ -94,6 +105,23 @@ class Library:
     def loaded(self) -> ModuleType | None:
         """The library's module if it is imported (never imports it)."""
         return sys.modules.get(self.modules[0])
+
+    def is_instance(self, x: object) -> bool:
+        """``isinstance(x, <module>.<tensor_type>)`` where the library is loaded."""
+        mod = sys.modules.get(self.modules[0])
+        return mod is not None and bool(self.tensor_type) and isinstance(x, getattr(mod, self.tensor_type))
+
+    def exact_type(self, x: object) -> bool:
+        """``type(x)`` is one of :attr:`plain_types` (the library must be loaded)."""
+        mod = sys.modules[self.modules[0]]
+        tp = type(x)
+        for dotted in self.plain_types:
+            obj: Any = mod
+            for part in dotted.split("."):
+                obj = getattr(obj, part)
+            if tp is obj:
+                return True
+        return False
 
     def load_adapter(self) -> ModuleType:
         """The adapter module (imports it, and so the library: ``ImportError`` if missing)."""
@@ -116,6 +144,11 @@ class Library:
         ns: ModuleType = self.load_adapter().namespace
         return ns
 
+    def hush(self) -> None:
+        """Set :attr:`quiet`'s environment defaults (before the library is imported)."""
+        for key, value in self.quiet:
+            os.environ.setdefault(key, value)
+
     @property
     def install_hint(self) -> str:
         """The pip command, with its note (the CLI's ``show``)."""
@@ -136,11 +169,16 @@ class Library:
         return _info_has_float64(xp, device)
 
     def target(self, device: str | None) -> Any:
-        """The adapter's file :class:`kldiv._targets.Target` for ``device`` (unchecked)."""
+        """The adapter's file :class:`kldiv._targets.Target` for ``device`` (unchecked).
+
+        Imports the library first (``ImportError`` where it is missing, even if the adapter
+        module was loaded before)."""
+        importlib.import_module(self.modules[0])
         return self.load_adapter().target(device)
 
     def show_devices(self) -> Iterator[tuple[str, Callable[[Any], Any] | None, str]]:
         """The CLI's rows: ``(device, converter from nested lists or None, reason)``."""
+        importlib.import_module(self.modules[0])
         rows: Iterator[tuple[str, Callable[[Any], Any] | None, str]] = self.load_adapter().show_devices()
         return rows
 
@@ -163,7 +201,8 @@ LIBRARIES: tuple[Library, ...] = (
             fast_paths=(_B + "numpy_", _B + "numpy_family"), native_kernel=True,
             install="pip install numpy"),
     Library("torch", ("torch",), "is_torch_namespace", adapter=_B + "torch_adapter",
-            fast_paths=(_B + "torch_", _B + "torch_family"),
+            fast_paths=(_B + "torch_", _B + "torch_family"), tensor_type="Tensor",
+            plain_types=("Tensor", "nn.Parameter"),
             compiled_namespace=_B + "torch_family:array_api", float64_rule=True,
             install="pip install 'kldiv[torch]'",
             install_note="CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu"),
@@ -175,13 +214,14 @@ LIBRARIES: tuple[Library, ...] = (
             fast_paths=(_B + "cupy_",),
             install="pip install 'kldiv[cupy]'", install_note="needs an NVIDIA GPU and CUDA 12"),
     Library("dask", ("dask.array", "dask"), "is_dask_namespace", adapter=_B + "dask_",
-            where_clip=True, install="pip install 'kldiv[dask]'"),
+            tensor_type="Array", lazy=True, where_clip=True, install="pip install 'kldiv[dask]'"),
     Library("array_api_strict", ("array_api_strict",), "is_array_api_strict_namespace",
             adapter=_B + "array_api_strict_", install="pip install array-api-strict"),
     # last: slow to import, and a process that has imported it must not import Triton after
     Library("tensorflow", ("tensorflow",), None,
             array_types=("tensorflow:Tensor", "tensorflow:Variable"), adapter=_B + "tensorflow_",
             kernel_namespace=_B + "tensorflow_family", immutable=True, scoped=True,
+            quiet=(("TF_CPP_MIN_LOG_LEVEL", "2"),),
             install="pip install tensorflow"),
 )
 """Every array library kldiv knows, in the CLI's order."""
@@ -191,6 +231,16 @@ BACKENDS: tuple[str, ...] = tuple(_BY_NAME)
 """Backends :func:`kldiv.evaluate_files` can run on (``backend=`` names)."""
 _SHIMMED = tuple(lib for lib in LIBRARIES if lib.array_types)
 _BY_ID: dict[int, Library] = {}
+
+
+def compiler_library() -> Library:
+    """The library whose compiler traces kldiv's Python (``torch.compile``'s dynamo)."""
+    return next(lib for lib in LIBRARIES if lib.compiled_namespace)
+
+
+def lazy_library() -> Library:
+    """The library of lazy, chunked arrays (Dask)."""
+    return next(lib for lib in LIBRARIES if lib.lazy)
 
 
 def names() -> tuple[str, ...]:

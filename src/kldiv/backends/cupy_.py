@@ -1,4 +1,5 @@
-"""CuPy fast path: one fused ``cupy.ReductionKernel``.
+"""CuPy: the Keras KL fast path (one fused ``cupy.ReductionKernel``) and the adapter (file
+targets, ``kldiv show`` rows).
 
 The clipping, the ratio, the logarithm, the product and the row sum run in a single kernel
 that reads each input element once and writes one value per row: no temporaries at all.
@@ -8,13 +9,15 @@ backward pass to fuse.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import cupy as cp
 
+from .._targets import Target
 from ._common import broadcast_floats
 
-__all__ = ["kl_divergence"]
+__all__ = ["keras_kl", "show_devices", "target"]
 
 _PREAMBLE = r"""
 template <typename T> __device__ __forceinline__ T kldiv_clip(T x) {
@@ -40,7 +43,7 @@ _kernel = cp.ReductionKernel(
 )
 
 
-def kl_divergence(y_true: Any, y_pred: Any) -> Any:
+def keras_kl(y_true: Any, y_pred: Any) -> Any:
     """Fused ``sum(t * log(t / p), axis=-1)`` on clipped CuPy arrays.
 
     Parameters
@@ -57,3 +60,35 @@ def kl_divergence(y_true: Any, y_pred: Any) -> Any:
     if tp is None:
         return NotImplemented
     return _kernel(*tp, axis=-1)
+
+
+kl_divergence = keras_kl  # temporary: the old op name, until the dispatch asks for keras_kl
+
+
+# ------------------------------------------------------------------------------ the adapter
+def target(device: str | None) -> Target:
+    """A target on a CUDA device (``"cuda"``, ``"cuda:1"``; default ``cuda:0``)."""
+    platform, _, index = (device or "cuda:0").partition(":")
+    if platform.lower() not in ("cuda", "gpu"):
+        raise RuntimeError(f"CuPy runs on CUDA devices ('cuda', 'cuda:1'), not {platform!r}")
+    gpu = int(index or 0)
+
+    def to_cupy(x: Any) -> Any:
+        with cp.cuda.Device(gpu):
+            return cp.asarray(x)
+
+    return Target("cupy", to_cupy, to_cupy, lambda x: isinstance(x, cp.ndarray))
+
+
+def show_devices() -> Iterator[tuple[str, Callable[[Any], Any] | None, str]]:
+    """``kldiv show``'s rows: each CUDA device (none: why)."""
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # installed, but no driver / GPU
+        yield "-", None, f"installed but unusable here: {type(exc).__name__}: {exc}"
+        return
+    for i in range(n):
+        def conv(v: Any, i: int = i) -> Any:
+            with cp.cuda.Device(i):
+                return cp.asarray(v, dtype=cp.float32)
+        yield f"cuda:{i}", conv, ""

@@ -1,4 +1,5 @@
-"""JAX fast path: one cached ``jax.jit`` of the generic kernel.
+"""JAX: the Keras KL fast path (one cached ``jax.jit`` of the generic kernel) and the adapter
+(float64 availability, file targets, ``kldiv show`` rows).
 
 Eagerly, the generic kernel dispatches about six XLA operations, each with its own full-size
 result; under ``jax.jit`` XLA fuses the clips, the division, the logarithm, the product and
@@ -16,14 +17,17 @@ element in five differs from NumPy's by an ulp) and XLA sums rows in its own ord
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from .._kernel import kl_divergence_generic
+from .._targets import Target
 
-__all__ = ["kl_divergence"]
+__all__ = ["has_float64", "keras_kl", "show_devices", "target"]
 
 
 @jax.jit
@@ -31,7 +35,7 @@ def _kld(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
     return kl_divergence_generic(jnp, y_true, y_pred)
 
 
-def kl_divergence(y_true: Any, y_pred: Any) -> Any:
+def keras_kl(y_true: Any, y_pred: Any) -> Any:
     """Jitted ``sum(t * log(t / p), axis=-1)`` on the clipped JAX arrays (or tracers).
 
     Parameters
@@ -45,3 +49,41 @@ def kl_divergence(y_true: Any, y_pred: Any) -> Any:
         The per-sample loss, shape ``broadcast(y_true, y_pred).shape[:-1]``.
     """
     return _kld(y_true, y_pred)
+
+
+kl_divergence = keras_kl  # temporary: the old op name, until the dispatch asks for keras_kl
+
+
+# ------------------------------------------------------------------------------ the adapter
+def has_float64(xp: ModuleType, device: Any) -> bool:
+    """JAX holds float64 only with ``jax_enable_x64``."""
+    try:
+        return bool(jax.config.read("jax_enable_x64"))
+    except Exception:  # older JAX
+        return bool(getattr(jax.config, "jax_enable_x64", False))
+
+
+def target(device: str | None) -> Target:
+    """A target on ``device`` (``"gpu"``, ``"cuda:1"``, ``"cpu"``; default JAX's default)."""
+    jdev: Any = None
+    if device is not None:
+        platform, _, index = device.partition(":")
+        platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform.lower(), platform.lower())
+        jdev = jax.devices(platform)[int(index or 0)]
+    # float16 is not in the array API's list, but every JAX backend has it
+    names = {"float16", *jnp.__array_namespace_info__().dtypes(device=jdev)}
+
+    def put(x: Any) -> Any:
+        return jax.device_put(x, jdev)
+
+    return Target("jax", put, put, lambda x: isinstance(x, jax.Array), lambda dt: dt.name in names)
+
+
+def show_devices() -> Iterator[tuple[str, Callable[[Any], Any] | None, str]]:
+    """``kldiv show``'s rows: each device JAX sees."""
+    for jdev in jax.devices():
+
+        def to_jax(v: Any, d: Any = jdev) -> Any:
+            return jax.device_put(jnp.asarray(v, dtype=jnp.float32), d)
+
+        yield str(jdev), to_jax, ""

@@ -1,4 +1,5 @@
-"""TensorFlow: an array-API namespace shim for ``tf.Tensor`` / ``tf.Variable`` inputs.
+"""TensorFlow's adapter: an array-API namespace shim for ``tf.Tensor`` / ``tf.Variable``
+inputs, its device scope, file targets and ``kldiv show`` rows.
 
 TensorFlow tensors are not array-API objects, so kldiv gives them :data:`namespace`, a small
 module holding exactly what the core (``_functional``, ``_kernel``, ``_reduction`` and
@@ -12,22 +13,23 @@ the result stays on the input's device even where TensorFlow would place the op 
 (e.g. a CPU tensor on a machine with a GPU). In a graph, placement is TensorFlow's.
 
 This module imports TensorFlow; kldiv imports it only after it has seen a TensorFlow tensor
-(``kldiv._namespace`` looks for ``tensorflow`` in ``sys.modules`` and never imports it).
+(the libraries table, :mod:`kldiv._libraries`, looks for it in ``sys.modules`` and never
+imports it).
 """
 
 from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from .._namespace import DEVICE_SCOPES
+from .._targets import Target
 
-__all__ = ["namespace"]
+__all__ = ["device_scope", "namespace", "show_devices", "target"]
 
 _DTYPES = (
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -210,11 +212,42 @@ namespace: types.ModuleType = _build()
 """The namespace kldiv uses for TensorFlow tensors (``kldiv._namespace.array_namespace``)."""
 
 
-def _device_scope(device: Any) -> Any:
+def device_scope(device: Any) -> Any:
     """``tf.device(device)`` eagerly, so the operators between the shim's ops stay there too."""
     if not device or not tf.executing_eagerly():
         return None
     return tf.device(device)
 
 
-DEVICE_SCOPES[namespace] = _device_scope
+def target(device: str | None) -> Any:
+    """A file target on ``device`` (``"gpu"``, ``"cuda:1"``, ``"/device:CPU:0"``...)."""
+    name = None
+    if device is not None:
+        kind, _, index = device.lstrip("/").removeprefix("device:").partition(":")
+        kind = {"cuda": "GPU", "rocm": "GPU"}.get(kind.lower(), kind.upper())
+        name = f"/device:{kind}:{int(index or 0)}"
+        listed = [d.name for d in tf.config.list_logical_devices()]
+        if name not in listed:
+            raise RuntimeError(f"TensorFlow lists {', '.join(listed)}")
+
+    def place(make: Callable[[], Any]) -> Any:
+        if name is None:
+            return make()
+        with tf.device(name):
+            return tf.identity(make())
+
+    return Target("tensorflow", lambda a: place(lambda: tf.convert_to_tensor(a)),
+                  lambda x: place(lambda: x), lambda x: isinstance(x, tf.Tensor))
+
+
+def show_devices() -> Iterator[tuple[str, Callable[[Any], Any] | None, str]]:
+    """``kldiv show``'s rows: each CPU and GPU TensorFlow lists."""
+    for dev in tf.config.list_logical_devices():
+        if dev.device_type not in ("CPU", "GPU"):
+            continue
+
+        def to_tf(v: Any, name: str = dev.name) -> Any:
+            with tf.device(name):
+                return tf.identity(tf.constant(v, dtype=tf.float32))
+
+        yield dev.name.removeprefix("/device:"), to_tf, ""

@@ -1,0 +1,57 @@
+"""PyTorch's adapter: float64 availability, its file target and its rows in ``kldiv show``.
+
+(PyTorch's fast paths are :mod:`kldiv.backends.torch_` and :mod:`kldiv.backends.torch_family`.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._targets import Target
+
+__all__ = ["has_float64", "show_devices", "target"]
+
+
+def has_float64(xp: ModuleType, device: Any) -> bool:
+    """Every torch device but Apple's MPS holds float64."""
+    return getattr(device, "type", str(device)) != "mps"
+
+
+def target(device: str | None) -> Target:
+    """A target on ``device`` (``"cpu"``, ``"cuda:1"``, ``"mps"``...; default the CPU)."""
+    tdev = torch.device(device or "cpu")
+    ok: dict[np.dtype[Any], bool] = {}
+
+    def supported(dt: np.dtype[Any]) -> bool:
+        if dt not in ok:
+            try:
+                torch.from_numpy(np.empty(0, dtype=dt))
+                ok[dt] = not (tdev.type == "mps" and dt == np.float64)  # MPS has no float64
+            except TypeError:  # a torch without this dtype (unsigned 16-64 bit before 2.3)
+                ok[dt] = False
+        return ok[dt]
+
+    def from_numpy(a: np.ndarray) -> Any:
+        if not a.flags.writeable or not a.flags.c_contiguous:
+            a = np.array(a)  # torch wants a writable buffer; a memory-mapped window is not
+        return torch.from_numpy(a).to(tdev)
+
+    return Target("torch", from_numpy, lambda x: x.detach().to(tdev),
+                  lambda x: isinstance(x, torch.Tensor), supported)
+
+
+def show_devices() -> Iterator[tuple[str, Callable[[Any], Any] | None, str]]:
+    """``kldiv show``'s rows: the CPU and each CUDA device."""
+    yield "cpu", lambda v: torch.tensor(v, dtype=torch.float32), ""
+    if not torch.cuda.is_available():
+        yield "cuda", None, "no CUDA device visible to torch"
+        return
+    for i in range(torch.cuda.device_count()):
+        dev = f"cuda:{i}"
+        yield dev, partial(torch.tensor, dtype=torch.float32, device=dev), ""
