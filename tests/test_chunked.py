@@ -17,8 +17,7 @@ import pytest
 import kldiv
 from conftest import Backend
 from kldiv import KLDivergence
-from kldiv._chunked import DataFileError
-from kldiv._npyio import NpyWriter
+from kldiv._npyio import DataFileError, NpyWriter
 from kldiv.metrics import KLDivergence as Metric
 
 REDUCTIONS = ["auto", "sum_over_batch_size", "mean", "sum", "mean_with_sample_weight"]
@@ -412,10 +411,11 @@ def test_npy_writer_round_trip(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
 
 
-def test_docstring_examples() -> None:
-    import kldiv._chunked
+@pytest.mark.parametrize("module", ["kldiv._stream", "kldiv._files"])
+def test_docstring_examples(module: str) -> None:
+    import importlib
 
-    result = doctest.testmod(kldiv._chunked, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -22,8 +22,8 @@ import pytest
 
 import kldiv
 from kldiv import KLDivergence
-from kldiv._chunked import _Source  # the reader of .npy windows (defined in kldiv._npyio)
 from kldiv._cli import compute_main
+from kldiv._npyio import Source as _Source  # the reader of .npy windows
 
 PRECIOUS = b"an earlier result, which must survive a failed run"
 

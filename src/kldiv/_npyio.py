@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ._namespace import _host_numpy, as_pred_array, dtype_kind, is_array
+from ._convert import as_pred_array, host_numpy
+from ._namespace import dtype_kind, is_array
 
 __all__ = [
     "DataFileError",
@@ -411,4 +412,4 @@ def _fsync_directory(directory: str) -> None:
 
 def to_host(x: Any) -> np.ndarray:
     """Any array (of any library) as a NumPy array on the host."""
-    return x if isinstance(x, np.ndarray) else _host_numpy(x)
+    return x if isinstance(x, np.ndarray) else host_numpy(x)
