@@ -23,6 +23,7 @@ from ._namespace import is_dask
 from ._npyio import (
     DataFileError,
     NpyWriter,
+    PathLike,
     Source,
     backing_file,
     check_output,
@@ -36,8 +37,6 @@ from ._stream_checks import check_options, check_shapes, layout
 from .losses import KLDivergence as _Loss
 
 __all__ = ["BACKENDS", "DataFileError", "evaluate_files"]
-
-PathLike = str | os.PathLike[str]
 
 _BATCH_BYTES = 64 * 2**20  # default batch: about 64 MiB of the widest input
 

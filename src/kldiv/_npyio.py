@@ -32,6 +32,7 @@ from ._namespace import dtype_kind, is_array
 __all__ = [
     "DataFileError",
     "NpyWriter",
+    "PathLike",
     "Source",
     "backing_file",
     "check_output",

@@ -13,7 +13,6 @@ running sums are :mod:`kldiv._accumulate`'s, the option and shape checks
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterable, Iterator
 from itertools import zip_longest
 from typing import Any
@@ -31,15 +30,13 @@ from ._accumulate import (
 from ._libraries import library
 from ._metric_base import DivergenceMetric
 from ._namespace import array_namespace, device_scope, get_device, numpy_result
-from ._npyio import NpyWriter, backing_file, check_output, refuse_input, to_host
+from ._npyio import NpyWriter, PathLike, backing_file, check_output, refuse_input, to_host
 from ._progress import progress_bar
 from ._reduction import Reduction
 from ._stream_checks import check_options, class_ranks
 from .losses import KLDivergence as _Loss
 
 __all__ = ["STREAMING_NOTES", "evaluate_batches", "run_batches"]
-
-PathLike = str | os.PathLike[str]
 
 
 # --------------------------------------------------------------------------------------

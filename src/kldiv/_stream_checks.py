@@ -14,7 +14,6 @@ batch, so that shapes that do not fit fail before anything is read or written.
 from __future__ import annotations
 
 import operator
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,7 @@ from ._accumulate import qualified
 from ._convert import as_pred_array
 from ._metric_base import DivergenceMetric
 from ._namespace import array_namespace, is_array
-from ._npyio import DataFileError, Source
+from ._npyio import DataFileError, PathLike, Source
 from ._progress import check_progress
 from ._reduction import Reduction, validate_reduction
 from ._spaces import shape_str
@@ -32,8 +31,6 @@ from .losses import KLDivergence as _Loss
 from .metrics import KLDivergence
 
 __all__ = ["Layout", "check_count", "check_options", "check_shapes", "class_ranks", "layout"]
-
-PathLike = str | os.PathLike[str]
 
 
 # --------------------------------------------------------------------------------------
