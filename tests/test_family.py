@@ -21,7 +21,7 @@ import pytest
 
 import kldiv
 from conftest import Backend
-from kldiv import _family
+from kldiv import _dispatch, _family
 
 F_KL = kldiv.kl_divergence  # the public names (kldiv._family defines them)
 F_RKL = kldiv.reverse_kl_divergence
@@ -428,7 +428,7 @@ def test_input_errors_are_kl_divergence_s() -> None:
 # ------------------------------------------------------------------ fast paths vs. generic
 def _spy(monkeypatch: pytest.MonkeyPatch, library: str, op: str) -> list[int]:
     """Record the fast path's calls (and make sure there is one)."""
-    real = _family.fast_path(library, op)
+    real = _dispatch.fast_path(library, op)
     assert real is not None, f"no fast path registered for ({library}, {op})"
     calls: list[int] = []
 
@@ -437,16 +437,16 @@ def _spy(monkeypatch: pytest.MonkeyPatch, library: str, op: str) -> list[int]:
         calls.append(out is not NotImplemented)
         return out
 
-    monkeypatch.setitem(_family._LOADED, (library, op), spy)
+    monkeypatch.setitem(_dispatch._LOADED, (library, op), spy)
     return calls
 
 
 def test_use_generic_and_env_switch_fast_paths_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _family.fast_path("numpy", "js") is not None
+    assert _dispatch.fast_path("numpy", "js") is not None
     with kldiv.use_generic():
-        assert _family.fast_path("numpy", "js") is None
+        assert _dispatch.fast_path("numpy", "js") is None
     monkeypatch.setenv("KLDIV_GENERIC", "1")
-    assert _family.fast_path("numpy", "kl") is None
+    assert _dispatch.fast_path("numpy", "kl") is None
 
 
 @pytest.mark.parametrize("inputs", SPACES, ids=str)

@@ -22,7 +22,7 @@ import pytest
 
 import kldiv
 from conftest import Backend, oracle
-from kldiv import backends
+from kldiv import _dispatch
 
 RNG_SEED = 20240601
 
@@ -48,28 +48,28 @@ def _generic(y_true: Any, y_pred: Any) -> Any:
 
 # ----------------------------------------------------------------------------------- registry
 def test_registry_lists_every_fast_path() -> None:
-    reg = backends.registered()
     for name in ("numpy", "torch", "jax", "cupy"):
-        assert reg[name] == f"kldiv.backends.{name}_"
+        assert f"kldiv.backends.{name}_" in _dispatch.fast_path_modules(name)
 
 
 def test_use_generic_switches_fast_paths_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert backends.fast_path("numpy") is not None
+    assert _dispatch.fast_path("numpy", "keras_kl") is not None
     with kldiv.use_generic():
-        assert backends.fast_path("numpy") is None
+        assert _dispatch.fast_path("numpy", "keras_kl") is None
     monkeypatch.setenv("KLDIV_GENERIC", "1")
-    assert backends.fast_path("numpy") is None
+    assert _dispatch.fast_path("numpy", "keras_kl") is None
 
 
 # -------------------------------------------------------------------------------------- NumPy
 numpy_ = importlib.import_module("kldiv.backends.numpy_")
+engine = importlib.import_module("kldiv.backends.numpy_engine")  # blocks, threads, scratch
 
 
 @pytest.fixture
 def numpy_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records which NumPy fast-path kernel ran: "blocked" (``_run``), "small" or "as_written"."""
     calls: list[str] = []
-    real_run, real_small, real_written = numpy_._run, numpy_._small, numpy_._as_written
+    real_run, real_small, real_written = engine.row_sums, numpy_._small, numpy_._as_written
 
     def written_spy(*args: Any) -> Any:
         out = real_written(*args)
@@ -77,9 +77,9 @@ def numpy_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             calls.append("as_written")
         return out
 
-    def run_spy(*args: Any) -> None:
+    def run_spy(*args: Any) -> Any:
         calls.append("blocked")
-        real_run(*args)
+        return real_run(*args)
 
     def small_spy(*args: Any) -> Any:
         out = real_small(*args)
@@ -87,7 +87,7 @@ def numpy_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             calls.append("small")
         return out
 
-    monkeypatch.setattr(numpy_, "_run", run_spy)
+    monkeypatch.setattr(engine, "row_sums", run_spy)
     monkeypatch.setattr(numpy_, "_small", small_spy)
     monkeypatch.setattr(numpy_, "_as_written", written_spy)
     monkeypatch.setattr(numpy_, "SMALL_ELEMENTS", 0)  # the blocked kernel, unless a test says
@@ -116,8 +116,8 @@ def test_numpy_bitwise_equal_to_generic(case: str, dtype: Any, kernel: str,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # a small block and thread threshold, so the blocking, the threads and the pairwise
     # column split all run on inputs this small
-    monkeypatch.setattr(numpy_, "BLOCK_BYTES", 4096)
-    monkeypatch.setattr(numpy_, "MIN_PARALLEL", 1000)
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(engine, "MIN_PARALLEL", 1000)
     if kernel == "small":
         monkeypatch.setattr(numpy_, "SMALL_ELEMENTS", 10**9)
     t, p = _inputs(*NUMPY_CASES[case], dtype=dtype)
@@ -140,8 +140,8 @@ def test_numpy_bitwise_equal_to_generic(case: str, dtype: Any, kernel: str,
 @pytest.mark.parametrize("layout", ["transposed", "strided", "reversed"])
 def test_numpy_non_contiguous(layout: str, dtype: Any, kernel: str, numpy_spy: list[str],
                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(numpy_, "BLOCK_BYTES", 2048)
-    monkeypatch.setattr(numpy_, "MIN_PARALLEL", 1000)
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 2048)
+    monkeypatch.setattr(engine, "MIN_PARALLEL", 1000)
     if kernel == "small":
         monkeypatch.setattr(numpy_, "SMALL_ELEMENTS", 10**9)
     t, p = _inputs((300, 400), (300, 400), dtype=dtype)
@@ -165,7 +165,7 @@ def test_numpy_non_contiguous(layout: str, dtype: Any, kernel: str, numpy_spy: l
 
 def test_numpy_default_settings_large_input(numpy_spy: list[str]) -> None:
     """The production block size and thread count, on rows longer than one block."""
-    for shape in [(2048, 1000), (2, numpy_.BLOCK_BYTES // 4 + 12345)]:
+    for shape in [(2048, 1000), (2, engine.BLOCK_BYTES // 4 + 12345)]:
         t, p = _inputs(shape, shape, dtype=np.float32, special=False)
         assert np.array_equal(kldiv.kl_divergence(t, p), _generic(t, p))
     assert numpy_spy == ["blocked", "blocked"]
@@ -175,38 +175,38 @@ def test_numpy_seed_float64_example_exact() -> None:
     yt = np.array([[0.0, 1.0], [0.0, 0.0]])
     yp = np.array([[0.6, 0.4], [0.4, 0.6]])
     t, p = np.clip(yt, 1e-7, 1), np.clip(yp, 1e-7, 1)
-    assert numpy_.kl_divergence(yt, yp) is not NotImplemented
+    assert numpy_.keras_kl(yt, yp) is not NotImplemented
     assert np.array_equal(kldiv.kld(yt, yp), np.sum(t * np.log(t / p), axis=-1))
 
 
 def test_numpy_declines_empty_and_other_dtypes() -> None:
-    assert numpy_.kl_divergence(np.ones((0, 3)), np.ones((0, 3))) is NotImplemented
-    assert numpy_.kl_divergence(np.ones((2, 0)), np.ones((2, 0))) is NotImplemented
+    assert numpy_.keras_kl(np.ones((0, 3)), np.ones((0, 3))) is NotImplemented
+    assert numpy_.keras_kl(np.ones((2, 0)), np.ones((2, 0))) is NotImplemented
     half = np.ones((2, 3), np.float16)
-    assert numpy_.kl_divergence(half, half) is NotImplemented
+    assert numpy_.keras_kl(half, half) is NotImplemented
     np.testing.assert_array_equal(kldiv.kld(np.ones((2, 0)), np.ones((2, 0))), [0.0, 0.0])
 
 
 def test_numpy_scratch_memory_is_bounded() -> None:
     """Extra peak memory is the scratch (a few MiB), not a multiple of the input size."""
     t, p = _inputs((1024, 8192), (1024, 8192), dtype=np.float64, special=False)  # 64 MiB each
-    numpy_.kl_divergence(t[:8], p[:8])  # thread pool and imports exist already
+    numpy_.keras_kl(t[:8], p[:8])  # thread pool and imports exist already
     tracemalloc.start()
     try:
-        out = numpy_.kl_divergence(t, p)
+        out = numpy_.keras_kl(t, p)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    budget = 2 * numpy_.BLOCK_BYTES * (numpy_._n_threads() + 1) + (1 << 20)
+    budget = 2 * engine.BLOCK_BYTES * (engine._n_threads() + 1) + (1 << 20)
     assert peak - out.nbytes <= budget
     assert peak - out.nbytes <= 64 << 20
 
 
 def _threaded_inputs(monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray, np.ndarray]:
     """Inputs that take the threaded path (4 threads, whatever the number of CPUs)."""
-    monkeypatch.setattr(numpy_, "_n_threads", lambda: 4)
+    monkeypatch.setattr(engine, "_n_threads", lambda: 4)
     t, p = _inputs((600, 300), (600, 300))
-    assert t.size >= numpy_.MIN_PARALLEL
+    assert t.size >= engine.MIN_PARALLEL
     return t, p
 
 
@@ -214,9 +214,9 @@ def test_numpy_threaded_call_needs_no_live_worker(monkeypatch: pytest.MonkeyPatc
     """A pool whose workers never run (what a forked child inherits): the calling thread does
     every chunk itself instead of waiting forever."""
     t, p = _threaded_inputs(monkeypatch)
-    dead = numpy_._Pool()
+    dead = engine._Pool()
     dead.threads = [object()] * 3  # type: ignore[list-item]  # "workers" that never take a job
-    monkeypatch.setattr(numpy_, "_pool", dead)
+    monkeypatch.setattr(engine, "_pool", dead)
     assert np.array_equal(kldiv.kl_divergence(t, p), _generic(t, p))
     assert dead.jobs.qsize() == 3  # the job was offered to the three "workers"
 
@@ -224,7 +224,7 @@ def test_numpy_threaded_call_needs_no_live_worker(monkeypatch: pytest.MonkeyPatc
 def test_numpy_threaded_call_when_no_thread_can_start(monkeypatch: pytest.MonkeyPatch) -> None:
     """Interpreter shutdown (no thread can be started): the call runs serially."""
     t, p = _threaded_inputs(monkeypatch)
-    monkeypatch.setattr(numpy_, "_pool", None)
+    monkeypatch.setattr(engine, "_pool", None)
 
     def refuse(self: threading.Thread) -> None:
         raise RuntimeError("can't create new thread at interpreter shutdown")
@@ -233,22 +233,22 @@ def test_numpy_threaded_call_when_no_thread_can_start(monkeypatch: pytest.Monkey
         m.setattr(threading.Thread, "start", refuse)
         out = kldiv.kl_divergence(t, p)
     assert np.array_equal(out, _generic(t, p))
-    assert numpy_._pool is not None and numpy_._pool.threads == []
+    assert engine._pool is not None and engine._pool.threads == []
 
 
 def test_numpy_threaded_call_reports_worker_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     t, p = _threaded_inputs(monkeypatch)
-    real = numpy_._forward_rows
+    real = engine._sum_rows
     caller = threading.get_ident()
 
-    def flaky(full: list[Any], rows: list[Any], r0: int, r1: int) -> None:
+    def flaky(terms: Any, full: list[Any], rows: list[Any], r0: int, r1: int) -> None:
         if threading.get_ident() != caller:
             raise MemoryError("from a worker")
-        real(full, rows, r0, r1)
+        real(terms, full, rows, r0, r1)
 
-    monkeypatch.setattr(numpy_, "_forward_rows", flaky)
-    monkeypatch.setattr(numpy_, "_pool", None)
-    numpy_._get_pool(3)
+    monkeypatch.setattr(engine, "_sum_rows", flaky)
+    monkeypatch.setattr(engine, "_pool", None)
+    engine._get_pool(3)
     for _ in range(20):  # until a worker has taken a chunk (the caller may take them all)
         try:
             kldiv.kl_divergence(t, p)
@@ -257,7 +257,7 @@ def test_numpy_threaded_call_reports_worker_errors(monkeypatch: pytest.MonkeyPat
             break
     else:
         pytest.fail("no worker ever ran a chunk")
-    monkeypatch.setattr(numpy_, "_forward_rows", real)
+    monkeypatch.setattr(engine, "_sum_rows", real)
     assert np.array_equal(kldiv.kl_divergence(t, p), _generic(t, p))  # the pool still works
 
 
@@ -266,7 +266,7 @@ def test_numpy_reentrant_call_gets_fresh_scratch(monkeypatch: pytest.MonkeyPatch
     allocates its own buffers instead of overwriting the outer frame's."""
     t, p = _inputs((64, 1000), (64, 1000), seed=1)
     t2, p2 = _inputs((64, 1000), (64, 1000), seed=2)
-    monkeypatch.setattr(numpy_, "BLOCK_BYTES", 64 * 1000 * 8)  # one block: one scratch set
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 64 * 1000 * 8)  # one block: one scratch set
     want, want2 = _generic(t, p), _generic(t2, p2)
     inner: list[Any] = []
     real_terms = numpy_._terms
@@ -435,23 +435,23 @@ def test_torch_declines_when_tracing_or_small(monkeypatch: pytest.MonkeyPatch) -
     torch = _torch()
     torch_ = importlib.import_module("kldiv.backends.torch_")
     big = torch.rand(64, 100)
-    assert torch_.kl_divergence(big, big) is not NotImplemented
-    assert torch_.kl_divergence(big.half(), big.half()) is NotImplemented
+    assert torch_.keras_kl(big, big) is not NotImplemented
+    assert torch_.keras_kl(big.half(), big.half()) is NotImplemented
     # below MIN_ELEMENTS, and devices with no fused kernel: the native route (the generic
     # kernel on torch's own functions), with autograd
     small_t, small_p = big[:2].clone(), big[2:4].clone().requires_grad_(True)
     assert torch_._route(small_t, small_p) == "native"
-    out = torch_.kl_divergence(small_t, small_p)
+    out = torch_.keras_kl(small_t, small_p)
     with kldiv.use_generic():
         ref = kldiv.kld(small_t, small_p)
     assert torch.equal(out, ref)
     (g,) = torch.autograd.grad(out.sum(), small_p)
     (g_ref,) = torch.autograd.grad(ref.sum(), small_p)
     assert torch.equal(g, g_ref)
-    meta = torch_.kl_divergence(big.to("meta"), big.to("meta"))
+    meta = torch_.keras_kl(big.to("meta"), big.to("meta"))
     assert meta.device.type == "meta" and tuple(meta.shape) == (64,)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert torch_.kl_divergence(big, big) is NotImplemented
+    assert torch_.keras_kl(big, big) is NotImplemented
 
 
 def test_torch_func_transforms_use_generic(torch_spy: list[str]) -> None:
@@ -565,12 +565,12 @@ def test_jax_jit_matches_generic_under_transforms(monkeypatch: pytest.MonkeyPatc
 def test_every_backend_fast_path_agrees_with_generic(backend: Backend) -> None:
     """On each installed backend (CuPy, CUDA where there is a GPU), fast == generic."""
     base = backend.name.split("-")[0]
-    if base not in backends.registered():
+    if not _dispatch.fast_path_modules(base):
         pytest.skip(f"{backend.name} has no fast path (the generic kernel is the only one)")
     for dtype in ("float32", "float64"):
         t, p = _inputs((64, 130), (64, 130), dtype=dtype)
         yt, yp = backend.asarray(t, dtype), backend.asarray(p, dtype)
-        kernel = backends.fast_path(base)
+        kernel = _dispatch.fast_path(base, "keras_kl")
         assert kernel is not None
         direct = kernel(yt, yp)
         assert direct is not NotImplemented, f"{backend.name} fast path declined"
@@ -593,7 +593,7 @@ def test_numpy_large_fortran_input_is_memory_bounded(numpy_spy: list[str],
     import tracemalloc
 
     monkeypatch.setattr(numpy_, "AS_WRITTEN_MAX_BYTES", 1 << 16)
-    monkeypatch.setattr(numpy_, "BLOCK_BYTES", 8192)  # scratch far below the input size
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 8192)  # scratch far below the input size
     t, p = _inputs((2000, 300), (2000, 300), dtype=np.float64, special=False)
     tf_, pf = np.asfortranarray(t), np.asfortranarray(p)
     kldiv.kl_divergence(tf_, pf)  # warm-up: thread pool, scratch buffers, lazy imports
@@ -644,8 +644,8 @@ def test_numpy_bitwise_statement_per_layout(layout: str, dtype: Any, size: str, 
       inputs (rows summed pairwise), which NumPy's own sum of those layouts is not.
     """
     c_like, make = _LAYOUTS[layout]
-    monkeypatch.setattr(numpy_, "BLOCK_BYTES", 4096)
-    monkeypatch.setattr(numpy_, "MIN_PARALLEL", 1000)
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(engine, "MIN_PARALLEL", 1000)
     if kernel == "small":
         monkeypatch.setattr(numpy_, "SMALL_ELEMENTS", 10**9)
     if size == "above":

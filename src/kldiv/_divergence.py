@@ -14,8 +14,15 @@ TensorFlow) never multiplies a zero cotangent by an infinite local derivative (t
 gradients of optax#1786 and pytorch#89558). ``lq = -inf`` where ``lp > -inf`` gives ``+inf``,
 the mathematically right value.
 
+The Keras KL (:data:`KERAS_KL`) is a member too, the only one whose kernel takes
+probabilities: ``sum(t * log(t / p))`` on ``clip(x, 1e-7, 1)`` (:mod:`kldiv._kernel`), the
+formula of ``tf.keras.losses.kl_divergence``. The forward and reverse KL on ``"probs"``
+inputs are computed by it (the reverse one with its arguments swapped): see
+:attr:`Divergence.keras_swap` and :func:`kldiv._dispatch.resolve`.
+
 Members (``beta`` is the only parameter so far):
 
+- ``keras_kl``: the Keras KL on probabilities (op ``"keras_kl"``);
 - ``kl``: ``KL(P || Q) = sum p (lp - lq)``;
 - ``reverse_kl``: ``KL(Q || P) = sum q (lq - lp)``;
 - ``js``: ``beta KL(P || M) + (1 - beta) KL(Q || M)`` with ``M = beta P + (1 - beta) Q``,
@@ -30,10 +37,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType, ModuleType
 from typing import Any
 
+from ._kernel import kl_divergence_generic
+from ._namespace import native_namespace
 from ._spaces import _real
 
-__all__ = ["JS", "KL", "MEMBERS", "REVERSE_KL", "Divergence", "get", "js_parts", "js_terms",
-           "kl_terms"]
+__all__ = ["JS", "KERAS_KL", "KL", "MEMBERS", "REVERSE_KL", "Divergence", "get", "js_parts",
+           "js_terms", "kl_terms"]
 
 _INF = math.inf
 
@@ -93,12 +102,10 @@ def _js(xp: ModuleType, lp: Any, lq: Any, *, beta: float) -> Any:
     return js_terms(xp, lp, lq, beta)
 
 
-def _swap(y_true: Any, y_pred: Any) -> tuple[Any, Any]:
-    return y_pred, y_true
-
-
-def _same(y_true: Any, y_pred: Any) -> tuple[Any, Any]:
-    return y_true, y_pred
+def _keras_kl(xp: ModuleType, y_true: Any, y_pred: Any) -> Any:
+    # in the library's own module where it has one the kernel may use (NumPy: its functions
+    # keep the inputs' memory layout and a subclass's semantics, see ``native_namespace``)
+    return kl_divergence_generic(native_namespace(xp), y_true, y_pred)
 
 
 def _validate_beta(beta: Any) -> float:
@@ -132,16 +139,21 @@ class Divergence:
     name : str
         The public function's name, e.g. ``"reverse_kl_divergence"``.
     op : str
-        The name fast paths are looked up by, per library: ``"kl"``, ``"reverse_kl"``, ``"js"``.
+        The name fast paths are looked up by, per library: ``"keras_kl"``, ``"kl"``,
+        ``"reverse_kl"``, ``"js"`` (a backend module's function of that name).
     kernel : callable
-        ``kernel(xp, lp, lq, **params)``: the generic per-row divergence of log-probabilities
-        ``lp`` (``y_true``'s P) and ``lq`` (``y_pred``'s Q).
-    keras_probs : callable or None
-        For members that are a Keras KL on probabilities with ``inputs="probs"``: maps
-        ``(y_true, y_pred)`` to the Keras KL's ``(y_true, y_pred)`` (as given, or swapped for the
-        reverse KL), so that ``"probs"`` runs ``kl_divergence``'s own code and fast paths, bit
-        for bit. ``None``: ``"probs"`` inputs go through ``log(clip(x, 1e-7, 1))`` and
-        :attr:`kernel`.
+        ``kernel(xp, a, b, **params)``: the generic per-row divergence. ``a``/``b`` are
+        log-probabilities ``lp`` (``y_true``'s P) and ``lq`` (``y_pred``'s Q), or for a member
+        with ``space="probs"`` the (unclipped) probabilities themselves.
+    space : {"log_probs", "probs"}
+        What :attr:`kernel` and the fast paths take. ``"log_probs"``: any input space, brought
+        to log space first; fast paths are called ``fast(y_true, y_pred, spaces=...,
+        temperature=..., **params)``. ``"probs"``: probabilities only (the Keras KL); fast
+        paths are called ``fast(y_true, y_pred, **params)``.
+    keras_swap : bool or None
+        For the forward (``False``) and reverse (``True``, arguments swapped) KL: with
+        ``inputs="probs"`` the call is the Keras KL's (:data:`KERAS_KL`), bit for bit.
+        ``None``: ``"probs"`` inputs go through ``log(clip(x, 1e-7, 1))`` and :attr:`kernel`.
     aliases : tuple of str
         Other public names of the function.
     params : mapping
@@ -151,7 +163,8 @@ class Divergence:
     name: str
     op: str
     kernel: Callable[..., Any]
-    keras_probs: Callable[[Any, Any], tuple[Any, Any]] | None = None
+    space: str = "log_probs"
+    keras_swap: bool | None = None
     aliases: tuple[str, ...] = ()
     # plain dicts, read-only by contract (typed Mapping): torch.compile (dynamo) breaks its
     # graph on reading a MappingProxyType once any dict was built in the traced code
@@ -168,22 +181,29 @@ class Divergence:
         return {key: check(params[key]) for key, check in self.params.items()}
 
     def generic(self, xp: ModuleType, lp: Any, lq: Any, **params: Any) -> Any:
-        """The generic kernel on log-probabilities (``params`` already bound)."""
+        """The generic kernel (``params`` already bound; inputs in :attr:`space`)."""
         return self.kernel(xp, lp, lq, **params)
 
 
+KERAS_KL = Divergence(
+    name="keras_kl",
+    op="keras_kl",
+    kernel=_keras_kl,
+    space="probs",
+)
+"""Keras' ``kl_divergence``: what the forward and reverse KL compute on ``"probs"`` inputs."""
 KL = Divergence(
     name="kl_divergence",
     op="kl",
     kernel=_forward_kl,
-    keras_probs=_same,
+    keras_swap=False,
     aliases=("kld", "KLD", "kullback_leibler_divergence"),
 )
 REVERSE_KL = Divergence(
     name="reverse_kl_divergence",
     op="reverse_kl",
     kernel=_reverse_kl,
-    keras_probs=_swap,
+    keras_swap=True,
 )
 JS = Divergence(
     name="js_divergence",
@@ -196,7 +216,8 @@ JS = Divergence(
 MEMBERS: Mapping[str, Divergence] = MappingProxyType(
     {name: d for d in (KL, REVERSE_KL, JS) for name in (d.name, d.op, *d.aliases)}
 )
-"""Every member by its name, op name and aliases."""
+"""Every public member by its name, op name and aliases (:data:`KERAS_KL` is reached through
+``kl_divergence``'s ``"probs"`` inputs)."""
 
 
 def get(name: str | Divergence) -> Divergence:

@@ -1,17 +1,12 @@
 """The divergence functions: the Keras KL, KL from any input space, reverse KL, Jensen-Shannon.
 
-Every call validates its options first (``inputs``, ``temperature``, ``beta``), then brings
-``y_true`` to ``y_pred``'s library, device and dtype (:func:`kldiv._spaces.prepare`:
-float16/bfloat16 computed in float32 and returned in the input dtype), then runs, in that
-library and on that device:
-
-1. for a member that is a Keras KL on probabilities (forward or reverse) with
-   ``inputs="probs"``: the Keras KL's own dispatch, :func:`compute` (its fast paths, by
-   library, in :mod:`kldiv.backends`), bit for bit;
-2. else the fast path registered for ``(library, op)``, if any, unless switched off with
-   :func:`kldiv.use_generic` / ``KLDIV_GENERIC=1``; a fast path may decline a call by
-   returning ``NotImplemented``;
-3. else the member's generic array-API kernel on the inputs brought to log space.
+Every call validates its options first (``inputs``, ``temperature``, ``beta``:
+:func:`kldiv._dispatch.resolve`), then brings ``y_true`` to ``y_pred``'s library, device and
+dtype (:func:`kldiv._spaces.prepare`: float16/bfloat16 computed in float32 and returned in the
+input dtype), then runs the one dispatch, :func:`kldiv._dispatch.compute`: the fast path for
+``(library, op)`` unless switched off with :func:`kldiv.use_generic` / ``KLDIV_GENERIC=1``,
+else the member's generic array-API kernel. The forward and reverse KL with
+``inputs="probs"`` are the Keras KL (:data:`kldiv._divergence.KERAS_KL`), bit for bit.
 
 The public functions (:func:`kl_divergence`, :func:`reverse_kl_divergence`,
 :func:`js_divergence`) are defined here and exported by :mod:`kldiv`, :mod:`kldiv.losses` and
@@ -20,243 +15,29 @@ The public functions (:func:`kl_divergence`, :func:`reverse_kl_divergence`,
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib
-import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
-import numpy as np
-
-from . import _divergence, backends
-from ._divergence import JS, KL, REVERSE_KL, Divergence
-from ._kernel import kl_divergence_generic
-from ._namespace import (
-    device_scope,
-    namespace_name,
-    native_namespace,
-    numpy_result,
-    torch_compiling,
-)
-from ._spaces import Prepared, _shape_str, parse_inputs, prepare, to_log_space, validate_temperature
-from .backends import generic_forced
+from ._dispatch import Call, compute, resolve
+from ._divergence import JS, KERAS_KL, KL, REVERSE_KL
+from ._namespace import numpy_result
+from ._spaces import Prepared, prepare
 
 __all__ = [
-    "Call",
-    "compute",
-    "compute_family",
-    "fast_path",
+    "evaluate",
     "jensen_shannon_divergence",
     "js_divergence",
     "kl_divergence",
-    "prepare_family",
-    "resolve",
     "reverse_kl_divergence",
 ]
 
-
-# ---------------------------------------------------------------- the Keras KL's dispatch
-def compute(prep: Prepared, *, cast: bool = True) -> Any:
-    """The Keras KL of prepared inputs: the fast path for ``prep.xp`` if there is one (see
-    :func:`kldiv.backends.fast_path`), else the generic kernel.
-
-    With ``cast=False`` the loss stays in the compute dtype (float32 for float16/bfloat16
-    inputs), for a reduction that must not overflow before the final cast.
-    """
-    scope = device_scope(prep.xp, prep.device)
-    if scope is None:
-        return _compute_keras(prep, cast)
-    with scope:
-        return _compute_keras(prep, cast)
-
-
-def _compute_keras(prep: Prepared, cast: bool) -> Any:
-    xp = prep.xp
-    kernel_xp = xp
-    if torch_compiling():
-        # dynamo traces the generic kernel; with torch's own functions, as array-api-compat's
-        # wrappers hold Python checks that break the graph (clip's isnan on symbolic bounds)
-        kernel = None
-        if namespace_name(xp) == "torch":
-            kernel_xp = sys.modules["torch"]
-    else:
-        kernel = backends.fast_path(namespace_name(xp))
-        kernel_xp = native_namespace(xp)
-    loss = NotImplemented
-    if kernel is not None:
-        loss = kernel(prep.y_true, prep.y_pred)
-    if loss is NotImplemented:
-        loss = kl_divergence_generic(kernel_xp, prep.y_true, prep.y_pred)
-    if cast and loss.dtype != prep.out_dtype:
-        loss = xp.astype(loss, prep.out_dtype)
-    return loss
-
-
-
-# ------------------------------------------------------------------------ the family's
-FAST_PATHS: dict[str, str] = {
-    "numpy": "kldiv.backends.numpy_family",
-    "torch": "kldiv.backends.torch_family",
-    "jax": "kldiv.backends.jax_family",
-}
-"""Library short name -> module whose functions, named by op, are the family's fast paths."""
-
-KERNEL_NAMESPACES: dict[str, str] = {"tensorflow": "kldiv.backends.tensorflow_family"}
-"""Library -> module whose ``namespace`` extends kldiv's shim with what the kernels call."""
-
-_QUIET = functools.partial(np.errstate, invalid="ignore", divide="ignore", over="ignore")
-_LOADED: dict[tuple[str, str], Callable[..., Any] | None] = {}
-
-
-@dataclass(frozen=True)
-class Call:
-    """One member with its options resolved and validated (nothing array-dependent)."""
-
-    divergence: Divergence
-    spaces: tuple[str, str]
-    temperature: float = 1.0
-    params: Mapping[str, Any] = field(default_factory=dict)  # read-only (see Divergence.params)
-
-    @property
-    def keras_route(self) -> bool:
-        """True when the Keras KL's own code computes this call (``"probs"`` inputs)."""
-        return self.spaces == ("probs", "probs") and self.divergence.keras_probs is not None
-
-
-_RESOLVED: dict[tuple[Any, ...], Call] = {}
-_RESOLVED_MAX = 256
-
-
-def _options_key(div: Divergence, inputs: Any, temperature: Any,
-                 params: dict[str, Any]) -> tuple[Any, ...] | None:
-    """A key for options of plain Python types (types included: ``True`` is not ``1.0``), or
-    ``None`` for anything else (validated every time)."""
-    if type(inputs) is str:
-        spaces: Any = inputs
-    elif type(inputs) in (tuple, list) and all(type(x) is str for x in inputs):
-        spaces = tuple(inputs)
-    else:
-        return None
-    values = [temperature, *params.values()]
-    if any(type(v) not in (float, int) for v in values):
-        return None
-    options = (("temperature", temperature), *sorted(params.items()))
-    return (div.name, spaces, *((k, type(v), v) for k, v in options))
-
-
-def resolve(divergence: Divergence | str, *, inputs: Any = "probs", temperature: Any = 1.0,
-            **params: Any) -> Call:
-    """Validate a member's options: ``ValueError``/``TypeError`` naming what is wrong.
-
-    Valid options are remembered (a few hundred combinations at most), so that a loss class
-    called once per step does not check them again each time.
-    """
-    div = _divergence.get(divergence)
-    key = _options_key(div, inputs, temperature, params)
-    call = _RESOLVED.get(key) if key is not None else None
-    if call is None:
-        spaces = parse_inputs(inputs)
-        t = validate_temperature(temperature, spaces)
-        call = Call(div, spaces, t, div.bind(**params))
-        # never written while dynamo traces: a mutated global dict breaks its graph
-        if key is not None and len(_RESOLVED) < _RESOLVED_MAX and not torch_compiling():
-            _RESOLVED[key] = call
-    return call
+# TEMPORARY re-exports for the modules not yet switched to kldiv._dispatch / kldiv._spaces
+# (losses, _accumulate, _metric_base): remove once ``grep`` finds no user.
+compute_family = compute
 
 
 def prepare_family(y_true: Any, y_pred: Any, *, squeeze: bool = False) -> Prepared:
-    """:func:`kldiv._spaces.prepare`: the functions broadcast as given (``squeeze=False``,
-    like ``kl_divergence``); the loss classes pass ``squeeze=True`` (Keras' rank rule)."""
+    """TEMPORARY: :func:`kldiv._spaces.prepare` (use it directly)."""
     return prepare(y_true, y_pred, squeeze=squeeze)
-
-
-def fast_path(library: str, op: str) -> Callable[..., Any] | None:
-    """The family's fast path for ``(library, op)``, or ``None`` (none, or switched off)."""
-    if generic_forced():
-        return None
-    key = (library, op)
-    try:
-        return _LOADED[key]
-    except KeyError:
-        pass
-    module = FAST_PATHS.get(library)
-    fn = None
-    if module is not None:
-        fn = getattr(importlib.import_module(module), op, None)
-    _LOADED[key] = fn
-    return fn
-
-
-def _kernel_namespace(library: str, xp: ModuleType) -> ModuleType:
-    if torch_compiling() and library == "torch":
-        # dynamo traces torch's own functions (array-api-compat's wrappers hold Python checks
-        # that break the graph), through a small adapter with the array API's signatures
-        from .backends import torch_family
-
-        return torch_family.array_api
-    module = KERNEL_NAMESPACES.get(library)
-    if module is None:
-        return xp
-    ns: ModuleType = importlib.import_module(module).namespace
-    return ns
-
-
-def _check_class_axes(call: Call, prep: Prepared) -> None:
-    """A logits input must hold the whole class axis: softmax over a broadcast axis of 1 is
-    not the softmax of the broadcast logits."""
-    shapes = (tuple(prep.y_true.shape), tuple(prep.y_pred.shape))
-    classes = [s[-1] if s else 1 for s in shapes]
-    full = None
-    for c in classes:
-        if c is not None and c == c and c != 1:  # known (not None, not NaN), not broadcast
-            full = c
-    for what, space, shape, c in zip(("y_true", "y_pred"), call.spaces, shapes, classes, strict=True):
-        if space == "logits" and full is not None and c != full and c == 1:
-            raise ValueError(
-                f"{what} holds logits of shape {_shape_str(shape)}: its class (last) axis must "
-                f"have the full size {full}, not broadcast against the other input "
-                f"(y_true of shape {_shape_str(shapes[0])}, y_pred of shape {_shape_str(shapes[1])})."
-            )
-
-
-def compute_family(call: Call, prep: Prepared, *, cast: bool = True) -> Any:
-    """The per-row divergence of prepared inputs (``cast=False``: in the compute dtype)."""
-    if call.keras_route:
-        a, b = call.divergence.keras_probs(prep.y_true, prep.y_pred)  # type: ignore[misc]
-        if a is not prep.y_true:  # swapped (reverse KL)
-            prep = prep._replace(y_true=a, y_pred=b)
-        return compute(prep, cast=cast)
-    _check_class_axes(call, prep)
-    scope = device_scope(prep.xp, prep.device)
-    if scope is None:
-        return _compute(call, prep, cast)
-    with scope:
-        return _compute(call, prep, cast)
-
-
-def _compute(call: Call, prep: Prepared, cast: bool) -> Any:
-    xp = prep.xp
-    library = namespace_name(xp)
-    kxp = _kernel_namespace(library, xp)
-    fast = None if torch_compiling() else fast_path(library, call.divergence.op)
-    loss = NotImplemented
-    if fast is not None:
-        loss = fast(prep.y_true, prep.y_pred, spaces=call.spaces,
-                    temperature=call.temperature, **call.params)
-    if loss is NotImplemented:
-        # NumPy would warn about the 0 * inf and -inf - (-inf) that the kernels compute on
-        # purpose and then select away
-        quiet = _QUIET() if library == "numpy" else contextlib.nullcontext()
-        with quiet:
-            lp = to_log_space(kxp, prep.y_true, call.spaces[0], call.temperature)
-            lq = to_log_space(kxp, prep.y_pred, call.spaces[1], call.temperature)
-            loss = call.divergence.generic(kxp, lp, lq, **call.params)
-    if cast and loss.dtype != prep.out_dtype:
-        loss = xp.astype(loss, prep.out_dtype)
-    return loss
 
 
 def evaluate(call: Call, y_true: Any, y_pred: Any) -> Any:
@@ -265,10 +46,10 @@ def evaluate(call: Call, y_true: Any, y_pred: Any) -> Any:
     The inputs broadcast as given (no rank squeeze); a 0-d NumPy result is a NumPy scalar
     (:func:`kldiv._namespace.numpy_result`), as NumPy's own reductions give.
     """
-    return numpy_result(compute_family(call, prepare(y_true, y_pred, squeeze=False)))
+    return numpy_result(compute(call, prepare(y_true, y_pred, squeeze=False)))
 
 
-_KERAS_KL = Call(KL, ("probs", "probs"))
+_KERAS_KL = Call(KERAS_KL, ("probs", "probs"))  # resolve(KL): the defaults
 
 
 def kl_divergence(y_true: Any, y_pred: Any, /, *, inputs: Any = "probs",

@@ -45,7 +45,7 @@ from torch.utils.dlpack import to_dlpack
 
 from .._kernel import kl_divergence_generic
 
-__all__ = ["MIN_ELEMENTS", "fused", "kl_divergence"]
+__all__ = ["MIN_ELEMENTS", "float_tensors", "fused", "keras_kl"]
 
 EPSILON = 1e-7
 MIN_ELEMENTS = 4096
@@ -266,20 +266,26 @@ class _KLDivergence(torch.autograd.Function):
         return terms.sum(-1)
 
 
-def _route(y_true: Any, y_pred: Any) -> str | None:
-    """The route for these inputs, or ``None`` to decline."""
+def float_tensors(y_true: Any, y_pred: Any) -> bool:
+    """True for two plain dense tensors (no subclass) of one dtype, float32 or float64, on one
+    device: what the fused kernels (here and in :mod:`kldiv.backends.torch_family`) take."""
     if type(y_pred) not in _TENSOR_TYPES or type(y_true) not in _TENSOR_TYPES:
-        return None
+        return False
     dtype = y_pred.dtype
     if dtype not in _FLOATS or y_true.dtype != dtype:
-        return None
+        return False
     if y_pred.layout != torch.strided or y_true.layout != torch.strided:
+        return False
+    return bool(y_true.device == y_pred.device)
+
+
+def _route(y_true: Any, y_pred: Any) -> str | None:
+    """The route for these inputs, or ``None`` to decline."""
+    if not float_tensors(y_true, y_pred):
         return None
     if y_pred.numel() == 0 or y_true.numel() == 0 or max(y_pred.ndim, y_true.ndim) == 0:
         return None
     device = y_pred.device
-    if y_true.device != device:
-        return None
     if max(y_pred.numel(), y_true.numel()) < MIN_ELEMENTS:
         return "native"
     if device.type == "cpu":
@@ -306,8 +312,8 @@ def fused(y_true: torch.Tensor, y_pred: torch.Tensor, route: str) -> torch.Tenso
     return _ROUTES[route][0](y_true, y_pred)
 
 
-def kl_divergence(y_true: Any, y_pred: Any) -> Any:
-    """Fused ``sum(t * log(t / p), axis=-1)`` on clipped torch tensors, or ``NotImplemented``.
+def keras_kl(y_true: Any, y_pred: Any) -> Any:
+    """The Keras KL's fast path (op ``"keras_kl"``): fused ``sum(t * log(t / p), axis=-1)`` on clipped torch tensors, or ``NotImplemented``.
 
     Parameters
     ----------

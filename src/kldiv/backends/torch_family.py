@@ -52,15 +52,13 @@ import torch
 from .._divergence import MEMBERS, js_parts, kl_terms
 from .._kernel import EPSILON
 from .._spaces import to_log_space
-from .torch_ import _batched, _has_tangent, _private, _tracing
+from .torch_ import _batched, _has_tangent, _private, _tracing, float_tensors
 
 __all__ = ["BLOCK_ELEMENTS", "array_api", "js", "kl", "reverse_kl"]
 
 BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 24}
 """Elements of one block of rows, per device type (others use the CUDA size)."""
 
-_FLOATS = (torch.float32, torch.float64)
-_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _INF = math.inf
 
 
@@ -325,14 +323,7 @@ def _generic_grads(plan: _Plan, a: torch.Tensor, b: torch.Tensor, grad: torch.Te
 
 
 def _accepts(y_true: Any, y_pred: Any) -> bool:
-    if type(y_pred) not in _TENSOR_TYPES or type(y_true) not in _TENSOR_TYPES:
-        return False
-    dtype = y_pred.dtype
-    if dtype not in _FLOATS or y_true.dtype != dtype:
-        return False
-    if y_pred.layout != torch.strided or y_true.layout != torch.strided:
-        return False
-    if y_true.device != y_pred.device:
+    if not float_tensors(y_true, y_pred):
         return False
     if y_pred.ndim == 0 and y_true.ndim == 0:
         return False

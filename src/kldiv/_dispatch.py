@@ -1,0 +1,262 @@
+"""The one dispatch: a member's options resolved once (:func:`resolve`), then
+:func:`compute` on prepared inputs, for every member of the family and every library.
+
+:func:`compute` runs, in ``y_pred``'s library and on its device (the library's device scope):
+
+1. the fast path for ``(library, op)`` (:func:`fast_path`): the function named ``op`` in the
+   modules the libraries table lists for the library (``Library.fast_paths``), unless switched
+   off with :func:`use_generic` / ``KLDIV_GENERIC=1`` or while ``torch.compile`` traces. A
+   fast path may decline a call by returning ``NotImplemented``;
+2. else the member's generic array-API kernel (:class:`kldiv._divergence.Divergence`), in the
+   namespace the table names for the library (a shim, or torch's own functions while dynamo
+   traces), on the inputs brought to the kernel's space.
+
+The forward and reverse KL with ``inputs="probs"`` resolve to the Keras KL's record
+(:data:`kldiv._divergence.KERAS_KL`, op ``"keras_kl"``; the reverse KL with the arguments
+swapped), so that they run exactly the Keras KL's code and fast paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from . import _divergence
+from ._divergence import KERAS_KL, Divergence
+from ._libraries import Library, library, load
+from ._namespace import device_scope, torch_compiling
+from ._spaces import Prepared, parse_inputs, shape_str, to_log_space, validate_temperature
+
+__all__ = ["Call", "compute", "fast_path", "fast_path_modules", "generic_forced", "resolve",
+           "use_generic"]
+
+
+# ------------------------------------------------------------------------ switching off
+_FORCE_GENERIC: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "kldiv_force_generic", default=False
+)
+
+
+def generic_forced() -> bool:
+    """True when fast paths are switched off (``KLDIV_GENERIC`` or :func:`use_generic`)."""
+    if _FORCE_GENERIC.get():
+        return True
+    return os.environ.get("KLDIV_GENERIC", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@contextlib.contextmanager
+def use_generic(enabled: bool = True) -> Iterator[None]:
+    """Context manager: inside it, every call uses the generic array-API kernel.
+
+    Examples
+    --------
+    >>> import numpy as np, kldiv
+    >>> with kldiv.use_generic():
+    ...     float(kldiv.kld(np.array([.4, .9, .2]), np.array([.5, .8, .12])))
+    0.11891...
+    """
+    token = _FORCE_GENERIC.set(enabled)
+    try:
+        yield
+    finally:
+        _FORCE_GENERIC.reset(token)
+
+
+# --------------------------------------------------------------------------- fast paths
+_LOADED: dict[tuple[str, str], Callable[..., Any] | None] = {}
+
+
+def fast_path_modules(name: str) -> tuple[str, ...]:
+    """The modules holding library ``name``'s fast paths (from the libraries table); none for
+    a library the table does not list."""
+    try:
+        return library(name).fast_paths
+    except ValueError:
+        return ()
+
+
+def fast_path(name: str, op: str) -> Callable[..., Any] | None:
+    """The fast path for op ``op`` on library ``name``, or ``None`` (none, or switched off).
+
+    The first function called ``op`` in the library's fast-path modules, each imported the
+    first time it is looked in (so ``import kldiv`` imports no framework).
+    """
+    if generic_forced():
+        return None
+    key = (name, op)
+    try:
+        return _LOADED[key]
+    except KeyError:
+        pass
+    fn = None
+    for module in fast_path_modules(name):
+        fn = getattr(load(module), op, None)
+        if fn is not None:
+            break
+    _LOADED[key] = fn
+    return fn
+
+
+# ------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class Call:
+    """One member with its options resolved and validated (nothing array-dependent).
+
+    ``swap``: the member runs on ``(y_pred, y_true)`` (the reverse KL as the Keras KL).
+    """
+
+    divergence: Divergence
+    spaces: tuple[str, str]
+    temperature: float = 1.0
+    params: Mapping[str, Any] = field(default_factory=dict)  # read-only (see Divergence.params)
+    swap: bool = False
+
+
+_RESOLVED: dict[tuple[Any, ...], Call] = {}
+_RESOLVED_MAX = 256
+
+
+def _options_key(div: Divergence, inputs: Any, temperature: Any,
+                 params: dict[str, Any]) -> tuple[Any, ...] | None:
+    """A key for options of plain Python types (types included: ``True`` is not ``1.0``), or
+    ``None`` for anything else (validated every time)."""
+    if type(inputs) is str:
+        spaces: Any = inputs
+    elif type(inputs) in (tuple, list) and all(type(x) is str for x in inputs):
+        spaces = tuple(inputs)
+    else:
+        return None
+    values = [temperature, *params.values()]
+    if any(type(v) not in (float, int) for v in values):
+        return None
+    options = (("temperature", temperature), *sorted(params.items()))
+    return (div.name, spaces, *((k, type(v), v) for k, v in options))
+
+
+def resolve(divergence: Divergence | str, *, inputs: Any = "probs", temperature: Any = 1.0,
+            **params: Any) -> Call:
+    """Validate a member's options: ``ValueError``/``TypeError`` naming what is wrong.
+
+    The forward and reverse KL on ``"probs"`` inputs resolve to the Keras KL
+    (:data:`~kldiv._divergence.KERAS_KL`; reversed: arguments swapped). Valid options are
+    remembered (a few hundred combinations at most), so that a loss class called once per
+    step does not check them again each time.
+    """
+    div = _divergence.get(divergence)
+    key = _options_key(div, inputs, temperature, params)
+    call = _RESOLVED.get(key) if key is not None else None
+    if call is None:
+        spaces = parse_inputs(inputs)
+        t = validate_temperature(temperature, spaces)
+        bound = div.bind(**params)
+        probs = spaces == ("probs", "probs")
+        if div.space == "probs" and not probs:
+            raise ValueError(f"{div.name} takes probabilities only (inputs='probs'), "
+                             f"got inputs={inputs!r}.")
+        if probs and div.keras_swap is not None:
+            call = Call(KERAS_KL, spaces, t, bound, swap=div.keras_swap)
+        else:
+            call = Call(div, spaces, t, bound)
+        # never written while dynamo traces: a mutated global dict breaks its graph
+        if key is not None and len(_RESOLVED) < _RESOLVED_MAX and not torch_compiling():
+            _RESOLVED[key] = call
+    return call
+
+
+# ------------------------------------------------------------------------------ compute
+def _check_class_axes(call: Call, prep: Prepared) -> None:
+    """A logits input must hold the whole class axis: softmax over a broadcast axis of 1 is
+    not the softmax of the broadcast logits."""
+    shapes = (tuple(prep.y_true.shape), tuple(prep.y_pred.shape))
+    classes = [s[-1] if s else 1 for s in shapes]
+    full = None
+    for c in classes:
+        if c is not None and c == c and c != 1:  # known (not None, not NaN), not broadcast
+            full = c
+    for what, space, shape, c in zip(("y_true", "y_pred"), call.spaces, shapes, classes, strict=True):
+        if space == "logits" and full is not None and c != full and c == 1:
+            raise ValueError(
+                f"{what} holds logits of shape {shape_str(shape)}: its class (last) axis must "
+                f"have the full size {full}, not broadcast against the other input "
+                f"(y_true of shape {shape_str(shapes[0])}, y_pred of shape {shape_str(shapes[1])})."
+            )
+
+
+def compute(call: Call, prep: Prepared, *, cast: bool = True) -> Any:
+    """The per-row divergence of prepared inputs (see the module docstring).
+
+    With ``cast=False`` the result stays in the compute dtype (float32 for float16/bfloat16
+    inputs), for a reduction that must not overflow before the final cast.
+    """
+    if call.swap:
+        prep = prep._replace(y_true=prep.y_pred, y_pred=prep.y_true)
+    elif "logits" in call.spaces:
+        _check_class_axes(call, prep)
+    scope = device_scope(prep.xp, prep.device)
+    if scope is None:
+        return _compute(call, prep, cast)
+    with scope:
+        return _compute(call, prep, cast)
+
+
+# NumPy would warn about the 0 * inf and -inf - (-inf) that the log-space kernels compute on
+# purpose and then select away (other libraries do not read NumPy's error state)
+_QUIET = functools.partial(np.errstate, invalid="ignore", divide="ignore", over="ignore")
+
+
+def _loaded(path: str) -> Any:
+    """:func:`kldiv._libraries.load`, reading ``sys.modules`` first: dynamo (torch.compile)
+    cannot trace ``importlib``, but reads a module that is already imported."""
+    module, _, attr = path.partition(":")
+    mod = sys.modules.get(module)
+    if mod is None:
+        return load(path)
+    return getattr(mod, attr) if attr else mod
+
+
+def _kernel_namespace(lib: Library, xp: ModuleType, compiling: bool) -> ModuleType:
+    if compiling and lib.compiled_namespace is not None:
+        # dynamo traces the library's own functions (array-api-compat's wrappers hold Python
+        # checks that break the graph: clip's isnan on symbolic bounds)
+        ns: ModuleType = _loaded(lib.compiled_namespace)
+        return ns
+    if lib.kernel_namespace is not None:  # a shim with what the kernels call
+        shim: ModuleType = load(lib.kernel_namespace).namespace
+        return shim
+    return xp
+
+
+def _compute(call: Call, prep: Prepared, cast: bool) -> Any:
+    xp = prep.xp
+    div = call.divergence
+    lib = library(xp)
+    compiling = torch_compiling()
+    fast = None if compiling else fast_path(lib.name, div.op)
+    loss = NotImplemented
+    if fast is not None:
+        if div.space == "probs":
+            loss = fast(prep.y_true, prep.y_pred, **call.params)
+        else:
+            loss = fast(prep.y_true, prep.y_pred, spaces=call.spaces,
+                        temperature=call.temperature, **call.params)
+    if loss is NotImplemented:
+        kxp = _kernel_namespace(lib, xp, compiling)
+        if div.space == "probs":
+            loss = div.generic(kxp, prep.y_true, prep.y_pred, **call.params)
+        else:
+            with contextlib.nullcontext() if compiling else _QUIET():
+                lp = to_log_space(kxp, prep.y_true, call.spaces[0], call.temperature)
+                lq = to_log_space(kxp, prep.y_pred, call.spaces[1], call.temperature)
+                loss = div.generic(kxp, lp, lq, **call.params)
+    if cast and loss.dtype != prep.out_dtype:
+        loss = xp.astype(loss, prep.out_dtype)
+    return loss
