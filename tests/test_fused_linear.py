@@ -249,22 +249,22 @@ def test_torch_half_precision_in_float32(torch: Any, dtype: str) -> None:
 def test_torch_half_operands_route(torch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """CUDA's half-precision route (half operands kept half in the matrix products, no
     workspace), run on CPU: the same values and gradients as the float32 route."""
-    from kldiv.backends import torch_fused
+    from kldiv.backends import torch_fused_chunks
 
     d = _data(17)
     bf = torch.bfloat16
     results = []
     half_products = []
-    real_mm = torch_fused._mm
+    real_mm = torch_fused_chunks._mm
 
     def spy(a: Any, b: Any, cd: Any) -> Any:
         half_products.append(bf in (a.dtype, b.dtype))
         return real_mm(a, b, cd)
 
-    monkeypatch.setattr(torch_fused, "_mm", spy)
+    monkeypatch.setattr(torch_fused_chunks, "_mm", spy)
     for keep_half in (False, True):
         if keep_half:
-            monkeypatch.setattr(torch_fused, "_operand",
+            monkeypatch.setattr(torch_fused_chunks, "_operand",
                                 lambda x, cd: x if x is None or x.dtype in (bf, cd) else x.to(cd))
             half_products.clear()
         h, w = (torch.tensor(d[k]).to(bf).requires_grad_() for k in ("h", "w"))
@@ -345,7 +345,7 @@ def test_torch_sample_weight_is_constant(torch: Any) -> None:
 
 def test_torch_mixed_precision_products(torch: Any) -> None:
     """The half-operand matrix product (CUDA's route) accumulates and returns float32."""
-    from kldiv.backends.torch_fused import _mm
+    from kldiv.backends.torch_fused_chunks import _mm
 
     a, b = torch.randn(5, 300), torch.randn(300, 7)
     for lo in (torch.bfloat16, torch.float16):
@@ -364,16 +364,16 @@ def test_torch_mixed_precision_products(torch: Any) -> None:
 
 def test_torch_chunk_size_bounds_every_chunk(torch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """No chunk of logits has more than chunk_size rows, forward and backward."""
-    from kldiv.backends import torch_fused
+    from kldiv.backends import torch_fused_chunks
 
     rows: list[int] = []
-    real = torch_fused.chunk_terms_
+    real = torch_fused_chunks.chunk_terms_
 
     def spy(s: Any, *args: Any) -> Any:
         rows.append(s.shape[0])
         return real(s, *args)
 
-    monkeypatch.setattr(torch_fused, "chunk_terms_", spy)
+    monkeypatch.setattr(torch_fused_chunks, "chunk_terms_", spy)
     d = _data(8, tokens=(3, 7))
     h = torch.tensor(d["h"], requires_grad=True)
     out = fused_linear_divergence(h, torch.tensor(d["w"]), torch.tensor(d["tl"]), chunk_size=4,
@@ -1056,11 +1056,11 @@ def test_loss_class_config_pickle_and_call() -> None:
 # -------------------------------------------------------------------- Triton, interpreted
 _TRITON_SCRIPT = r"""
 import math, numpy as np, torch, triton
-from kldiv.backends import torch_fused, triton_fused
+from kldiv.backends import torch_fused_chunks, triton_fused
 from kldiv._fused_linear import fused_linear_divergence
 from tests.test_fused_linear import _data, _teacher, _call, plain, reduce, BETA, DIVS
 import array_api_compat
-torch_fused.FORCE_ROUTE = "triton"
+torch_fused_chunks.FORCE_ROUTE = "triton"
 calls = []
 real_chunk = triton_fused.chunk
 def spy(*a, **k):

@@ -8,9 +8,11 @@ policy sampled, one number per token. With ``d = logprob - ref_logprob``:
   estimate of the gradient of the KL;
 - ``k3 = exp(-d) + d - 1``: unbiased, low variance, never negative.
 
-This module holds the arithmetic once, for every array library: the functional face
-:func:`kl_estimate`, and the pieces the loss class (``_estimator_loss``) and the metric
-(``_estimator_metric``) share: option validation, input preparation, the per-token terms.
+The arithmetic is written once, for every array library, in :mod:`kldiv._estimator_math`
+(option validation, the per-token terms). This module holds the functional face
+:func:`kl_estimate` and the pieces the loss class (``_estimator_loss``) and the metric
+(``_estimator_metric``) share with it: input preparation and the weighted per-token
+estimates.
 The docs page ``docs/estimators.md`` says which estimator to choose and how verl, TRL and
 OpenRLHF name them.
 """
@@ -18,16 +20,20 @@ OpenRLHF name them.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
-import sys
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._functional import broadcast_shapes
+from ._estimator_math import (
+    ESTIMATORS,
+    GRADIENTS,
+    EstimatorOptions,
+    estimate_terms,
+    estimator_options,
+    log_ratio,
+    ops_for,
+)
 from ._namespace import (
     array_namespace,
     as_pred_array,
@@ -42,70 +48,10 @@ from ._namespace import (
     to_namespace,
 )
 from ._reduction import apply_sample_weight
+from ._spaces import broadcast_shapes
 
-__all__ = ["ESTIMATORS", "GRADIENTS", "EstimatorOptions", "kl_estimate"]
-
-ESTIMATORS = ("k1", "k2", "k3")
-"""The estimator names, exactly as :func:`kl_estimate` takes them."""
-
-GRADIENTS = ("same", "k2")
-"""``"same"``: each estimator's own gradient; ``"k2"``: straight-through, k2's gradient."""
-
-# k3 = d**2 * P(-d) on |d| < _SERIES_RADIUS, where expm1(-d) + d would cancel (it loses
-# 2 eps / |d| of relative precision: all of it at |d| = 1e-8 in float32); outside, the
-# closed form expm1(-d) + d is within a few ulp.
-_SERIES_RADIUS = 0.5
-
-
-# --------------------------------------------------------------------------------------
-# Options
-# --------------------------------------------------------------------------------------
-
-
-class EstimatorOptions(NamedTuple):
-    """Validated options of one estimator (see :func:`kl_estimate`)."""
-
-    estimator: str
-    log_ratio_clamp: float | None
-    value_clamp: float | None
-    gradient: str
-
-
-def _validate_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
-    if isinstance(value, str) and value in choices:
-        return value
-    raise ValueError(f"Invalid {what} {value!r}. Expected one of: " + ", ".join(repr(c) for c in choices) + ".")
-
-
-def _validate_clamp(value: Any, what: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a positive number or None, got {type(value).__name__} {value!r}.")
-    bound = float(value)
-    if not (math.isfinite(bound) and bound > 0):
-        raise ValueError(f"{what} must be a positive, finite number or None, got {value!r}.")
-    return bound
-
-
-def estimator_options(
-    estimator: Any = "k3", log_ratio_clamp: Any = None, value_clamp: Any = None, gradient: Any = "same"
-) -> EstimatorOptions:
-    """Validate the options shared by :func:`kl_estimate`, the loss class and the metric.
-
-    Raises
-    ------
-    ValueError
-        For an unknown estimator or gradient name, or a clamp that is not positive and finite.
-    TypeError
-        For a clamp that is not a real number (``True`` is not a clamp).
-    """
-    return EstimatorOptions(
-        _validate_choice(estimator, ESTIMATORS, "estimator"),
-        _validate_clamp(log_ratio_clamp, "log_ratio_clamp"),
-        _validate_clamp(value_clamp, "value_clamp"),
-        _validate_choice(gradient, GRADIENTS, "gradient"),
-    )
+__all__ = ["ESTIMATORS", "GRADIENTS", "EstimatorOptions", "compute_estimate",
+           "estimator_options", "kl_estimate", "prepare_estimate"]
 
 
 # --------------------------------------------------------------------------------------
@@ -176,167 +122,6 @@ def prepare_estimate(logprob: Any, ref_logprob: Any) -> Inputs:
     ref = to_namespace(ref, xp, device, compute_dtype, what="ref_logprob")
     broadcast_shapes(tuple(lp.shape), tuple(ref.shape), what="logprob and ref_logprob")
     return Inputs(xp, lp, ref, out_dtype, device)
-
-
-# --------------------------------------------------------------------------------------
-# Per-library operations the array API leaves out (stop_gradient) or kldiv's TensorFlow
-# shim does not hold
-# --------------------------------------------------------------------------------------
-
-
-class Ops(NamedTuple):
-    """The few operations the estimators need, for one namespace."""
-
-    where: Callable[[Any, Any, Any], Any]
-    expm1: Callable[[Any], Any]
-    isfinite: Callable[[Any], Any]
-    isnan: Callable[[Any], Any]
-    # None where the library has no automatic differentiation: nothing to stop
-    stop_gradient: Callable[[Any], Any] | None
-
-
-def _torch_detach(x: Any) -> Any:
-    return x.detach()
-
-
-def ops_for(xp: ModuleType) -> Ops:
-    """:class:`Ops` for namespace ``xp`` (torch's own functions for torch: no wrapper in a
-    ``torch.compile`` graph)."""
-    name = namespace_name(xp)
-    if name == "torch":
-        torch = sys.modules["torch"]
-        return Ops(torch.where, torch.expm1, torch.isfinite, torch.isnan, _torch_detach)
-    if name == "tensorflow":
-        tf = sys.modules["tensorflow"]
-        return Ops(xp.where, tf.math.expm1, tf.math.is_finite, tf.math.is_nan, tf.stop_gradient)
-    if name == "jax":
-        import jax
-
-        return Ops(xp.where, xp.expm1, xp.isfinite, xp.isnan, jax.lax.stop_gradient)
-    return Ops(xp.where, xp.expm1, xp.isfinite, xp.isnan, None)
-
-
-_LOG_MAX: dict[str, float] = {}
-
-
-def _log_max(xp: ModuleType, dtype: Any) -> float:
-    """Slightly less than ``log(largest finite value of dtype)``: ``exp`` of anything up to
-    it is finite, so are k3 and its derivative."""
-    key = str(dtype)
-    value = _LOG_MAX.get(key)
-    if value is None:
-        try:
-            largest = float(xp.finfo(dtype).max)
-        except Exception:  # TensorFlow's shim has no finfo; its dtypes know their range
-            largest = float(getattr(dtype, "max", np.finfo(np.float32).max))
-        value = _LOG_MAX[key] = math.log(largest) - 1e-3
-    return value
-
-
-_COEFFICIENTS: dict[str, tuple[float, ...]] = {}
-
-
-def _series_coefficients(xp: ModuleType, dtype: Any) -> tuple[float, ...]:
-    """``1 / (m + 2)!`` for m = 0..M, M the smallest that keeps the truncation of
-    ``(exp(u) - 1 - u) / u**2`` on ``|u| < 0.5`` below an eighth of dtype's epsilon."""
-    key = str(dtype)
-    coeffs = _COEFFICIENTS.get(key)
-    if coeffs is None:
-        try:
-            eps = float(xp.finfo(dtype).eps)
-        except Exception:  # TensorFlow's shim has no finfo
-            eps = float(np.finfo(np.float64 if "64" in key else np.float32).eps)
-        m = 1
-        while 2 * _SERIES_RADIUS ** (m + 1) / math.factorial(m + 3) >= eps / 8:
-            m += 1
-        coeffs = _COEFFICIENTS[key] = tuple(1.0 / math.factorial(k + 2) for k in range(m + 1))
-    return coeffs
-
-
-# --------------------------------------------------------------------------------------
-# The terms
-# --------------------------------------------------------------------------------------
-
-
-def log_ratio(ops: Ops, logprob: Any, ref_logprob: Any) -> Any:
-    """``d = logprob - ref_logprob``, and 0 where both are the same infinity (``-inf``: a
-    token neither model can produce, such as padding), where the difference is NaN.
-
-    ``where`` keeps that NaN out of the gradient too: the unused branch's derivatives are
-    the constants 1 and -1. (Finite equal inputs take the subtraction, whose gradient k1
-    needs: a policy initialised from the reference has ``d = 0`` everywhere.)
-    """
-    same_infinity = (logprob == ref_logprob) & ~ops.isfinite(logprob)
-    return ops.where(same_infinity, 0.0, logprob - ref_logprob)
-
-
-def _clamp(ops: Ops, x: Any, bound: float) -> Any:
-    # where, not clip: gradient 1 on the closed interval and 0 outside on every library
-    # (JAX's clip would halve it at the bounds); NaN passes through
-    return ops.where(x < -bound, -bound, ops.where(x > bound, bound, x))
-
-
-def _k3_finite(ops: Ops, xp: ModuleType, x: Any) -> Any:
-    """``exp(-x) + x - 1`` for finite ``x > -log_max``, to a few ulp, never negative."""
-    small = (x > -_SERIES_RADIUS) & (x < _SERIES_RADIUS)
-    u = ops.where(small, -x, 0.0)  # bounded, so the unused series terms cannot overflow
-    coeffs = _series_coefficients(xp, x.dtype)
-    poly = coeffs[-1] * u + coeffs[-2]
-    for c in reversed(coeffs[:-2]):
-        poly = poly * u + c
-    series = (u * u) * poly  # P(u) > 0.4 on |u| < 0.5: exactly non-negative
-    closed = ops.expm1(-x) + x  # >= 0.1 for |x| >= 0.5, far above its rounding error
-    return ops.where(small, series, closed)
-
-
-def _terms(ops: Ops, xp: ModuleType, x: Any, estimator: str) -> Any:
-    """The estimator at (already clamped) log-ratios ``x``.
-
-    Where ``x`` is ±inf (or NaN), or k3 would overflow (``x < -log_max``), the value is the
-    limit (k1: ±inf; k2, k3: +inf; NaN stays NaN) and the gradient 0: the formula is
-    evaluated at a safe 0 there and the limit is a constant, so no ``inf * 0`` reaches the
-    gradient (also under a later value clamp or mask).
-    """
-    ok = ops.isfinite(x)
-    if estimator == "k3":
-        ok = ok & (x > -_log_max(xp, x.dtype))
-    safe = ops.where(ok, x, 0.0)
-    if estimator == "k1":
-        value = safe
-    elif estimator == "k2":
-        value = 0.5 * (safe * safe)
-    else:
-        value = _k3_finite(ops, xp, safe)
-    const = x if ops.stop_gradient is None else ops.stop_gradient(x)
-    # k1: ±inf; k2, k3: +inf; NaN stays NaN
-    limit = const if estimator == "k1" else ops.where(ops.isnan(const), const, math.inf)
-    return ops.where(ok, value, limit)
-
-
-def _straight_through(ops: Ops, value: Any, d: Any) -> Any:
-    """``value``, with the gradient ``d`` (k2's) with respect to ``d``.
-
-    ``stop(value) + (s - stop(s)) * stop(s)`` with ``s = d`` where finite, else 0: the second
-    term is exactly 0 and its derivative is ``d``. (``k2 + stop(value - k2)``, verl's form,
-    turns ``inf - inf`` into NaN where k2 or the value overflows.)
-    """
-    stop = ops.stop_gradient
-    assert stop is not None
-    s = ops.where(ops.isfinite(d), d, 0.0)
-    return stop(value) + (s - stop(s)) * stop(s)
-
-
-def estimate_terms(xp: ModuleType, ops: Ops, d: Any, options: EstimatorOptions) -> Any:
-    """Per-token estimates from log-ratios ``d`` (see :func:`log_ratio`), in ``d``'s dtype."""
-    estimator, c, v, gradient = options
-    x = d if c is None else _clamp(ops, d, c)
-    est = _terms(ops, xp, x, estimator)
-    if v is not None:
-        est = _clamp(ops, est, v)
-    plain_k2 = estimator == "k2" and c is None and v is None  # already k2's gradient
-    if gradient == "k2" and ops.stop_gradient is not None and not plain_k2:
-        est = _straight_through(ops, est, d)
-    return est
 
 
 def compute_estimate(inputs: Inputs, options: EstimatorOptions, sample_weight: Any = None) -> tuple[Any, Any]:

@@ -4,173 +4,29 @@
 validates, resolves the chunk size and the reduction's per-token weights, and dispatches:
 torch (:mod:`kldiv.backends.torch_fused`, with gradients), JAX
 (:mod:`kldiv.backends.jax_fused`, with gradients), and every other array-API library (NumPy,
-CuPy, ...) through the forward-only loop below. The per-chunk math is
-:mod:`kldiv._fused_linear_math`.
+CuPy, ...) through the forward-only loop below. The input checks are
+:mod:`kldiv._fused_linear_checks`, the per-chunk math :mod:`kldiv._fused_linear_math`.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from types import ModuleType
 from typing import Any
 
-import numpy as np
-
+from ._fused_linear_checks import BATCHMEAN, check_arrays, check_shapes, validate_options
 from ._fused_linear_math import (
     CHUNK_BUFFERS,
-    DIVERGENCES,
     Plan,
     auto_chunk_size,
     available_memory,
     chunk_terms,
+    on_accelerator,
 )
-from ._namespace import (
-    array_namespace,
-    call_time_values,
-    dtype_kind,
-    get_device,
-    is_array,
-    namespace_name,
-)
-from ._reduction import Reduction, apply_sample_weight, validate_reduction
+from ._namespace import call_time_values, get_device
+from ._reduction import Reduction, apply_sample_weight
 
 __all__ = ["FusedLinearDivergence", "fused_linear_divergence"]
-
-BATCHMEAN = "batchmean"
-
-
-# ------------------------------------------------------------------------------ validation
-def _shape(shape: tuple[Any, ...]) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
-def _real(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a real number, got {type(value).__name__}.")
-    return float(value)
-
-
-def validate_options(divergence: Any, beta: Any, temperature: Any, reduction: Any,
-                     chunk_size: Any) -> tuple[str, float, float, str, int | None]:
-    """Canonical ``(divergence, beta, temperature, reduction, chunk_size)``, or a clear error."""
-    if not isinstance(divergence, str) or divergence.lower() not in DIVERGENCES:
-        raise ValueError(
-            f"Invalid divergence {divergence!r}. Expected one of: "
-            + ", ".join(repr(d) for d in DIVERGENCES) + "."
-        )
-    divergence = divergence.lower()
-    beta = _real(beta, "beta")
-    if divergence == "js" and not 0.0 < beta < 1.0:
-        raise ValueError(
-            f"beta must be in the open interval (0, 1) for divergence='js', got {beta!r}: at 0 "
-            "and 1 the generalized Jensen-Shannon divergence vanishes. For KL(teacher || "
-            "student) (Liger's and TRL's beta=0) use divergence='kl'; for KL(student || "
-            "teacher) (their beta=1) use divergence='reverse_kl'."
-        )
-    temperature = _real(temperature, "temperature")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
-    if isinstance(reduction, str) and reduction.lower() == BATCHMEAN:
-        reduction = BATCHMEAN
-    else:
-        try:
-            reduction = validate_reduction(reduction)
-        except ValueError:
-            raise ValueError(
-                f"Invalid reduction {reduction!r}. Expected one of: "
-                + ", ".join(repr(r) for r in (*Reduction.all(), BATCHMEAN)) + " or None."
-            ) from None
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-            raise TypeError(
-                f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}."
-            )
-        if chunk_size <= 0:
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-        chunk_size = int(chunk_size)
-    return divergence, beta, temperature, reduction, chunk_size
-
-
-def _arrays(named: dict[str, Any]) -> tuple[ModuleType, str]:
-    """The common namespace of the given arrays; TypeError for non-arrays, mixed libraries,
-    non-floating dtypes; ValueError for mixed devices."""
-    xp = lib = device = first = None
-    for what, x in named.items():
-        if x is None:
-            continue
-        # Python and NumPy scalars are not arrays, whatever kldiv has seen before
-        # (``is_array`` answers from a per-type cache that other calls fill, and NumPy's
-        # float64 scalar is a Python float)
-        if isinstance(x, (numbers.Number, np.generic)) or not is_array(x):
-            raise TypeError(f"{what} must be an array (NumPy, torch, JAX, CuPy, ...), "
-                            f"got {type(x).__name__}.")
-        x_xp = array_namespace(x)
-        x_lib = namespace_name(x_xp)
-        if xp is None:
-            xp, lib, device, first = x_xp, x_lib, get_device(x), what
-        elif x_lib != lib:
-            raise TypeError(f"All arrays must come from one library: {first} is {lib}, "
-                            f"{what} is {x_lib}.")
-        elif device is not None and get_device(x) is not None and \
-                str(get_device(x)) != str(device):  # a JAX tracer has no device
-            raise ValueError(f"All arrays must be on one device: {first} is on {device}, "
-                             f"{what} is on {get_device(x)}.")
-        if dtype_kind(x.dtype) != "float":
-            raise TypeError(f"{what} must have a floating dtype, got {x.dtype}.")
-    assert xp is not None and lib is not None
-    if lib not in ("torch", "jax"):
-        missing = [f for f in _GENERIC_FUNCTIONS if not hasattr(xp, f)]
-        if missing:  # e.g. TensorFlow tensors, which kldiv's loss functions take
-            raise TypeError(
-                f"fused_linear_divergence does not support {lib} arrays (their namespace "
-                f"has no {missing[0]}). Pass NumPy, CuPy or other array-API arrays (value "
-                "only), or torch or JAX arrays (with gradients).")
-    return xp, lib
-
-
-_GENERIC_FUNCTIONS = ("astype", "broadcast_to", "concat", "exp", "expand_dims",
-                      "isfinite", "log", "logaddexp", "matmul", "max", "ones", "ones_like",
-                      "reshape", "sum", "where", "zeros", "zeros_like")
-"""What the forward-only loop (:func:`_generic_forward`) and the reductions call."""
-
-
-def _check_shapes(h: Any, w: Any, b: Any, tl: Any, th: Any, tw: Any, tb: Any) -> None:
-    if h.ndim < 1:
-        raise ValueError("student_hidden must have at least one axis (..., H), got a 0-d array.")
-    if w.ndim != 2 or w.shape[1] != h.shape[-1]:
-        raise ValueError(f"student_weight must have shape (V, H) = (V, {h.shape[-1]}) to match "
-                         f"student_hidden {_shape(tuple(h.shape))}; got {_shape(tuple(w.shape))}.")
-    v, tokens = w.shape[0], tuple(h.shape[:-1])
-    if b is not None and tuple(b.shape) != (v,):
-        raise ValueError(f"student_bias must have shape ({v},) (V of student_weight "
-                         f"{_shape(tuple(w.shape))}); got {_shape(tuple(b.shape))}.")
-    if (tl is None) == (th is None and tw is None):
-        raise ValueError("Give the teacher either as teacher_logits or as teacher_hidden with "
-                         "teacher_weight (and optionally teacher_bias), not both and not neither.")
-    if tl is not None:
-        if tb is not None:
-            raise ValueError("teacher_bias goes with teacher_hidden/teacher_weight, not with "
-                             "teacher_logits (add it to the logits).")
-        if tuple(tl.shape) != (*tokens, v):
-            raise ValueError(f"teacher_logits must have shape {_shape((*tokens, v))} (the tokens "
-                             f"of student_hidden {_shape(tuple(h.shape))} by V of student_weight "
-                             f"{_shape(tuple(w.shape))}); got {_shape(tuple(tl.shape))}.")
-        return
-    if th is None or tw is None:
-        raise ValueError("teacher_hidden and teacher_weight go together: give both "
-                         f"(got {'teacher_hidden' if th is not None else 'teacher_weight'} only).")
-    if th.ndim < 1 or tuple(th.shape[:-1]) != tokens:
-        raise ValueError(f"teacher_hidden must have shape {_shape((*tokens, 'H_t'))} (the tokens "
-                         f"of student_hidden {_shape(tuple(h.shape))}); got "
-                         f"{_shape(tuple(th.shape))}.")
-    if tw.ndim != 2 or tuple(tw.shape) != (v, th.shape[-1]):
-        raise ValueError(f"teacher_weight must have shape {_shape((v, th.shape[-1]))} (V of "
-                         f"student_weight, H_t of teacher_hidden {_shape(tuple(th.shape))}); "
-                         f"got {_shape(tuple(tw.shape))}.")
-    if tb is not None and tuple(tb.shape) != (v,):
-        raise ValueError(f"teacher_bias must have shape ({v},); got {_shape(tuple(tb.shape))}.")
-
 
 # ------------------------------------------------------------------------------- reductions
 def _weights(xp: ModuleType, h: Any, tokens: tuple[int, ...], sample_weight: Any,
@@ -356,19 +212,18 @@ def fused_linear_divergence(
         divergence, beta, temperature, reduction, chunk_size)
     h, w, b = student_hidden, student_weight, student_bias
     tl, th, tw, tb = teacher_logits, teacher_hidden, teacher_weight, teacher_bias
-    xp, lib = _arrays({"student_hidden": h, "student_weight": w, "student_bias": b,
+    xp, lib = check_arrays({"student_hidden": h, "student_weight": w, "student_bias": b,
                        "teacher_logits": tl, "teacher_hidden": th, "teacher_weight": tw,
                        "teacher_bias": tb})
     if h is None or w is None:
         raise TypeError("student_hidden and student_weight are required arrays.")
-    _check_shapes(h, w, b, tl, th, tw, tb)
+    check_shapes(h, w, b, tl, th, tw, tb)
     tokens = tuple(int(d) for d in h.shape[:-1])
     n, v, hid = math.prod(tokens), int(w.shape[0]), int(h.shape[-1])
     cd = _compute_dtype(xp, h, w)
     device = get_device(h)
     if chunk_size is None:
-        on_gpu = lib == "cupy" or getattr(device, "type", None) == "cuda" or (
-            lib == "jax" and getattr(device, "platform", "cpu") != "cpu")
+        on_gpu = on_accelerator(device)
         itemsize = 8 if cd == xp.float64 else 4
         chunk_size = auto_chunk_size(n, v, itemsize=itemsize, buffers=CHUNK_BUFFERS[divergence],
                                      on_gpu=on_gpu, available=available_memory(device))

@@ -178,6 +178,16 @@ def available_memory(device: Any = None) -> int | None:
         return None
 
 
+def on_accelerator(device: Any) -> bool:
+    """True for a GPU device (a torch CUDA device, a CuPy device, a JAX GPU/TPU), told by
+    the device object's own attributes, as :func:`available_memory` reads them."""
+    if getattr(device, "type", None) == "cuda":  # a torch device
+        return True
+    if hasattr(device, "mem_info") and hasattr(device, "compute_capability"):  # CuPy's
+        return True
+    return getattr(device, "platform", "cpu") != "cpu"  # a JAX device
+
+
 def _gpu_free(device: Any) -> int | None:
     if getattr(device, "type", None) == "cuda":  # a torch device
         import torch

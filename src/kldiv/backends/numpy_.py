@@ -66,6 +66,7 @@ def _grad_terms(full: list[np.ndarray | None], columns: list[np.ndarray],
                 scratch: list[np.ndarray]) -> None:
     """Gradients of one block: ``-t/p * g`` and ``(log(t/p) + 1) * g``, 0 where clipped."""
     t_src, p_src, gt, gp = full
+    assert t_src is not None and p_src is not None
     gcol = columns[0]
     tb, pb, rb, mb = scratch
     np.clip(t_src, EPSILON, 1.0, out=tb)

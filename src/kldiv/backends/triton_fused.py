@@ -1,6 +1,6 @@
 """Triton kernel for one chunk of :func:`kldiv.fused_linear_divergence` (CUDA route).
 
-The matrix products run on cuBLAS (:mod:`kldiv.backends.torch_fused`); this kernel does all
+The matrix products run on cuBLAS (:mod:`kldiv.backends.torch_fused_chunks`); this kernel does all
 the rest of a chunk in one launch, one program per token row, without any ``(rows, V)``
 temporary: it reads the student's logits (float32, written by the matrix product) and the
 teacher's (any float dtype and row stride: a slice of the caller's logits is read where it
@@ -68,6 +68,17 @@ def _log_m(lp, lq, log_beta, log_1mb):
 
 
 @triton.jit
+def _log_probs(s_row, t_row, sb_ptr, tb_ptr, c0, n_cols, lse_s, lse_t, temperature,
+               HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, BLOCK: tl.constexpr):
+    # one vocabulary block of both rows: (log q, log p, column mask, columns)
+    cols = c0 + tl.arange(0, BLOCK)
+    msk = cols < n_cols
+    lq = _load_row(s_row, sb_ptr, cols, msk, temperature, HAS_SB) - lse_s
+    lp = _load_row(t_row, tb_ptr, cols, msk, temperature, HAS_TB) - lse_t
+    return lq, lp, msk, cols
+
+
+@triton.jit
 def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, n_cols, s_stride, t_stride,
               temperature, beta, log_beta, log_1mb,
               DIV: tl.constexpr, HAS_SB: tl.constexpr, HAS_TB: tl.constexpr,
@@ -75,7 +86,6 @@ def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, n_cols, s_strid
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
-    offs = tl.arange(0, BLOCK)
     lse_s = _online_lse(s_row, sb_ptr, n_cols, temperature, HAS_SB, BLOCK)
     lse_t = _online_lse(t_row, tb_ptr, n_cols, temperature, HAS_TB, BLOCK)
     gscale = 0.0
@@ -84,10 +94,8 @@ def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, n_cols, s_strid
     acc = tl.zeros([BLOCK], tl.float32)
     acc_g = tl.zeros([BLOCK], tl.float32)
     for c0 in range(0, n_cols, BLOCK):
-        cols = c0 + offs
-        msk = cols < n_cols
-        lq = _load_row(s_row, sb_ptr, cols, msk, temperature, HAS_SB) - lse_s
-        lp = _load_row(t_row, tb_ptr, cols, msk, temperature, HAS_TB) - lse_t
+        lq, lp, msk, cols = _log_probs(s_row, t_row, sb_ptr, tb_ptr, c0, n_cols, lse_s, lse_t,
+                                       temperature, HAS_SB, HAS_TB, BLOCK)
         q = tl.exp(lq)
         p = tl.exp(lp)
         if DIV == 0:
@@ -109,10 +117,8 @@ def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, n_cols, s_strid
         if DIV == 2:
             row_const = tl.sum(acc_g, axis=0)
         for c0 in range(0, n_cols, BLOCK):
-            cols = c0 + offs
-            msk = cols < n_cols
-            lq = _load_row(s_row, sb_ptr, cols, msk, temperature, HAS_SB) - lse_s
-            lp = _load_row(t_row, tb_ptr, cols, msk, temperature, HAS_TB) - lse_t
+            lq, lp, msk, cols = _log_probs(s_row, t_row, sb_ptr, tb_ptr, c0, n_cols, lse_s,
+                                           lse_t, temperature, HAS_SB, HAS_TB, BLOCK)
             q = tl.exp(lq)
             if DIV == 1:
                 g = tl.where(q == 0.0, 0.0, q * (lq - lp - row_const))

@@ -1,0 +1,289 @@
+"""The chunk loop of the PyTorch fused linear divergence (:mod:`kldiv.backends.torch_fused`).
+
+The tokens are walked ``chunk_size`` rows at a time. For each chunk the student's logits
+``h_c @ W.T (+ b)`` and the teacher's (a slice of its logits, or its own matrix product) are
+formed in float32 (float64 for float64 inputs), the divergence and its gradient with respect
+to the logits are computed in buffers allocated once per call (:class:`Workspace`,
+:func:`chunk_terms_`, the in-place twin of :func:`kldiv._fused_linear_math.chunk_terms`), and
+the gradient is pushed through the two matrix products at once: ``dh_c = G @ W``,
+``dW += G.T @ h_c``, ``db += G.sum(0)`` (:func:`chunks`; :func:`linear_backward` for a
+batched incoming gradient or one with a forward-mode tangent). No more than one chunk of
+``(rows, V)`` buffers exists at any time.
+
+On CUDA the per-chunk softmax, divergence and gradient run in one Triton kernel
+(:mod:`kldiv.backends.triton_fused`: online log-sum-exp over vocabulary blocks) beside
+cuBLAS's matrix products; half-precision operands are multiplied in their own dtype with
+float32 accumulation and float32 output. On CPU, half-precision inputs are converted to float32
+once (the weight: one ``V x H`` float32 copy).
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from .._fused_linear_math import Plan
+from .torch_ import optional_module
+
+__all__ = ["FORCE_ROUTE", "SPARE_BUFFERS", "Workspace", "chunk_terms_", "chunks",
+           "compute_dtype", "linear_backward"]
+
+FORCE_ROUTE: str | None = None
+"""Tests only: ``"triton"`` runs the Triton kernel on any device (CPU under
+``TRITON_INTERPRET=1``), ``"torch"`` the in-place torch ops on any device."""
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _triton_module() -> ModuleType | None:
+    """:mod:`kldiv.backends.triton_fused`, or ``None`` when Triton cannot be imported."""
+    return optional_module("triton_fused")
+
+
+# ------------------------------------------------------------------------------ chunk math
+SPARE_BUFFERS = {"kl": 2, "reverse_kl": 2, "js": 4}
+"""``(rows, V)`` buffers :func:`chunk_terms_` needs beside the two logits."""
+
+
+class Workspace:
+    """The chunk's ``(rows, V)`` buffers, allocated once per call and reused by every chunk:
+    fresh multi-MiB allocations per chunk cost page faults (glibc returns such blocks to the
+    system), and the count of live buffers stays fixed."""
+
+    def __init__(self, rows: int, v: int, n_float: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.floats = [torch.empty((rows, v), dtype=dtype, device=device)
+                       for _ in range(n_float)]
+        self.mask = torch.empty((rows, v), dtype=torch.bool, device=device)
+
+    def take(self, rows: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return [b[:rows] for b in self.floats], self.mask[:rows]
+
+
+def chunk_terms_(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float,
+                 need_grad: bool, spare: list[torch.Tensor] | None = None,
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row loss and ``d loss / d s`` of one chunk; every buffer is overwritten.
+
+    Same definitions as :func:`kldiv._fused_linear_math.chunk_terms`; ``s`` and ``t`` are
+    the (temperature-divided) student and teacher logits, private buffers of the caller;
+    ``spare`` holds ``SPARE_BUFFERS[divergence]`` more of their shape (allocated when
+    ``None``), ``mask`` a boolean one. The gradient is returned in one of these buffers.
+    """
+    if spare is None:
+        spare = [torch.empty_like(s) for _ in range(SPARE_BUFFERS[divergence])]
+    if mask is None:
+        mask = torch.empty(s.shape, dtype=torch.bool, device=s.device)
+    lq, lp = spare[0], spare[1]
+    torch.log_softmax(s, -1, out=lq)  # one fused kernel (max, sum of exp, shift) per side
+    torch.log_softmax(t, -1, out=lp)
+    q = torch.exp(lq, out=s)
+    grad = None
+    if divergence == "kl":
+        p = torch.exp(lp, out=t)
+        d = torch.sub(lp, lq, out=lq).mul_(p)  # p (log p - log q), with 0 log 0 = 0:
+        d.masked_fill_(torch.eq(p, 0, out=mask), 0.0)
+        loss = d.sum(-1)
+        if need_grad:
+            grad = q.sub_(p)
+    elif divergence == "reverse_kl":
+        d = lq.sub_(lp)  # log q - log p
+        torch.eq(q, 0, out=mask)
+        terms = torch.mul(q, d, out=lp).masked_fill_(mask, 0.0)
+        loss = terms.sum(-1)
+        if need_grad:
+            grad = d.sub_(loss.unsqueeze(-1)).mul_(q).masked_fill_(mask, 0.0)
+    else:
+        p = torch.exp(lp, out=t)
+        lm, a = spare[2], spare[3]
+        torch.add(lp, math.log(beta), out=lm)
+        torch.add(lq, math.log1p(-beta), out=a)
+        torch.logaddexp(lm, a, out=lm)  # log m
+        torch.sub(lq, lm, out=a)  # log q - log m
+        lp.sub_(lm).mul_(p).masked_fill_(torch.eq(p, 0, out=mask), 0.0)
+        loss = lp.sum(-1).mul_(beta)
+        a.mul_(q).masked_fill_(torch.eq(q, 0, out=mask), 0.0)  # q (log q - log m)
+        loss.add_(a.sum(-1), alpha=1 - beta)
+        if need_grad:
+            g = a.mul_(1 - beta)
+            grad = g.sub_(q.mul_(g.sum(-1, keepdim=True)))
+    return loss, grad
+
+
+# ------------------------------------------------------------------------------ chunk loop
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) \
+        else torch.float32
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in ``cd``; half operands (CUDA) are multiplied in their dtype with ``cd``
+    accumulation and output (``torch.mm(..., out_dtype=)``; where torch has no such kernel,
+    the operands are converted to ``cd`` for the product, never the output rounded)."""
+    if a.dtype == cd and b.dtype == cd:
+        return a @ b
+    lo = a.dtype if a.dtype != cd else b.dtype
+    try:
+        return torch.mm(a.to(lo), b.to(lo), out_dtype=cd)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return a.to(cd) @ b.to(cd)
+
+
+def _operand(x: torch.Tensor | None, cd: torch.dtype) -> torch.Tensor | None:
+    """``x`` as the matrix products take it: half stays half on CUDA (mixed-precision GEMM),
+    everything else is converted to the compute dtype once."""
+    if x is None or x.dtype == cd or (x.device.type == "cuda" and x.dtype in _HALF):
+        return x
+    return x.to(cd)
+
+
+def _route(h: torch.Tensor) -> str:
+    if FORCE_ROUTE is not None:
+        return FORCE_ROUTE
+    if h.device.type == "cuda" and h.dtype != torch.float64 and _triton_module() is not None:
+        return "triton"
+    return "torch"
+
+
+class _Setup:
+    """What every chunk of one call shares: the compute dtype, the route, the operands in
+    the form the products take them, and (torch-ops route) the reused buffers."""
+
+    def __init__(self, h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
+                 teacher: tuple[Any, ...], plan: Plan) -> None:
+        self.cd = cd = compute_dtype(h2, W)
+        self.route = _route(h2) if cd != torch.float64 else "torch"
+        self.plan, self.teacher = plan, teacher
+        self.W = _operand(W, cd)
+        self.b = None if b is None else b.to(cd)
+        self.t_w = _operand(teacher[2], cd) if teacher[0] == "hidden" else None
+        self.t_b = None if teacher[0] != "hidden" or teacher[3] is None else teacher[3].to(cd)
+        self.ws = None
+        if self.route == "torch" and self.W is not None and self.W.dtype == cd and (
+                self.t_w is None or self.t_w.dtype == cd):
+            self.ws = Workspace(min(plan.chunk_size, h2.shape[0]), W.shape[0],
+                                2 + SPARE_BUFFERS[plan.divergence], cd, h2.device)
+
+    def chunk(self, h2: torch.Tensor, i0: int, i1: int, sc: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(hc, loss, g)`` of rows ``i0:i1``: ``hc`` the rows as the products take them,
+        ``g`` (``sc`` given) ``d loss / d logits`` times ``sc / temperature`` per row, in a
+        buffer that the next chunk overwrites."""
+        cd, teacher, temp = self.cd, self.teacher, self.plan.temperature
+        W_ = self.W
+        hc = _operand(h2[i0:i1], cd)
+        assert hc is not None and W_ is not None
+        bufs: list[torch.Tensor] = []
+        mask: torch.Tensor | None = None
+        if self.ws is not None:  # the torch-ops route: products written into the workspace
+            bufs, mask = self.ws.take(i1 - i0)
+            s, t = bufs[0], bufs[1]
+            torch.mm(hc, W_.T, out=s)
+            if teacher[0] == "logits":
+                t.copy_(teacher[1][i0:i1])
+            else:
+                torch.mm(_operand(teacher[1][i0:i1], cd), self.t_w.T, out=t)  # type: ignore[arg-type, union-attr, unused-ignore]
+        else:
+            s = _mm(hc, W_.T, cd)
+            if teacher[0] == "logits":
+                t = teacher[1][i0:i1]
+            else:
+                t = _mm(_operand(teacher[1][i0:i1], cd), self.t_w.T, cd)  # type: ignore[arg-type, union-attr, unused-ignore]
+        need_grad = sc is not None
+        if self.route == "triton":
+            tri = _triton_module()
+            assert tri is not None
+            loss = tri.chunk(s, t, self.b, self.t_b, sc, self.plan, need_grad)
+            return hc, loss, s if need_grad else None
+        if self.ws is None and teacher[0] == "logits":
+            t = t.to(cd, copy=True)
+        if self.b is not None:
+            s.add_(self.b)
+        if self.t_b is not None:
+            t.add_(self.t_b)
+        if temp != 1.0:
+            s.div_(temp)
+            t.div_(temp)
+        loss, g = chunk_terms_(s, t, self.plan.divergence, self.plan.beta, need_grad,
+                               bufs[2:] or None, mask)
+        if g is not None:
+            assert sc is not None
+            g.mul_(sc.div(temp).unsqueeze(-1))
+        return hc, loss, g
+
+
+def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
+           teacher: tuple[Any, ...], plan: Plan, scale: torch.Tensor | None,
+           need: tuple[bool, bool, bool]) -> tuple[Any, ...]:
+    """``(loss, dh, dW, db)``: per-token losses and, where ``need``, the gradients of
+    ``sum(loss * scale)`` (``scale`` per token) in the compute dtype."""
+    setup = _Setup(h2, W, b, teacher, plan)
+    cd, W_ = setup.cd, setup.W
+    assert W_ is not None
+    n, hid = h2.shape
+    v = W.shape[0]
+    dev = h2.device
+    loss = torch.empty(n, dtype=cd, device=dev)
+    need_grad = scale is not None and any(need)
+    dh = torch.empty((n, hid), dtype=cd, device=dev) if need_grad and need[0] else None
+    dW = torch.zeros((v, hid), dtype=cd, device=dev) if need_grad and need[1] else None
+    db = torch.zeros(v, dtype=cd, device=dev) if need_grad and need[2] else None
+    for i0 in range(0, n, plan.chunk_size):
+        i1 = min(n, i0 + plan.chunk_size)
+        hc, loss[i0:i1], g = setup.chunk(h2, i0, i1, scale[i0:i1] if need_grad else None)  # type: ignore[index]
+        if g is not None:
+            if dh is not None:
+                if W_.dtype == cd:
+                    torch.mm(g, W_, out=dh[i0:i1])
+                else:
+                    dh[i0:i1] = _mm(g, W_, cd)
+            if dW is not None:
+                if hc.dtype == cd:  # in place: no (V, H) temporary per chunk
+                    dW.addmm_(g.T, hc)
+                else:
+                    dW.add_(_mm(g.T, hc, cd))
+            if db is not None:
+                db.add_(g.sum(0))
+        del hc, g
+    return loss, dh, dW, db
+
+
+def linear_backward(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
+                    teacher: tuple[Any, ...], plan: Plan, grad: torch.Tensor,
+                    need: tuple[bool, bool, bool]) -> tuple[Any, ...]:
+    """``(dh, dW, db)`` of ``sum(loss * grad)`` for an incoming per-token gradient that is
+    batched (``autograd.grad(..., is_grads_batched=True)``, ``jacobian(vectorize=True)``)
+    or carries a forward-mode tangent: each chunk's ``d loss / d logits`` is computed as
+    usual (it does not depend on ``grad``), and combined with ``grad`` by out-of-place ops,
+    which torch batches and differentiates forward."""
+    with torch.no_grad():
+        setup = _Setup(h2, W, b, teacher, plan)
+    cd = setup.cd
+    W_ = W.to(cd)
+    n = h2.shape[0]
+    ones = torch.ones(min(plan.chunk_size, max(n, 1)), dtype=cd, device=h2.device)
+    dh_parts: list[torch.Tensor] = []
+    dW: Any = 0
+    db: Any = 0
+    for i0 in range(0, n, plan.chunk_size):
+        i1 = min(n, i0 + plan.chunk_size)
+        with torch.no_grad():
+            hc, _, g = setup.chunk(h2, i0, i1, ones[: i1 - i0])
+        assert g is not None
+        G = g * grad[i0:i1].to(cd).unsqueeze(-1)  # a new tensor: g's buffer is reused
+        if need[0]:
+            dh_parts.append(G @ W_)
+        if need[1]:
+            dW = dW + G.T @ hc.to(cd)
+        if need[2]:
+            db = db + G.sum(0)
+    dh = (torch.cat(dh_parts) if dh_parts else grad.new_zeros(h2.shape, dtype=cd)) \
+        if need[0] else None
+    if need[1] and isinstance(dW, int):  # no tokens
+        dW = grad.new_zeros(W.shape, dtype=cd)
+    if need[2] and isinstance(db, int):
+        db = grad.new_zeros((W.shape[0],), dtype=cd)
+    return dh, dW if need[1] else None, db if need[2] else None
