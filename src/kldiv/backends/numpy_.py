@@ -42,7 +42,7 @@ from .._kernel import EPSILON
 from . import numpy_engine as engine
 from ._common import broadcast_floats
 
-__all__ = ["backward", "forward", "keras_kl", "kl_divergence"]
+__all__ = ["backward", "forward", "keras_kl"]
 
 SMALL_ELEMENTS = 1 << 14
 """Inputs of at most this many elements skip the blocking (see :func:`_small`)."""
@@ -209,8 +209,3 @@ def keras_kl(y_true: Any, y_pred: Any) -> Any:
     if out.ndim == 0:
         return out[()]
     return out
-
-
-kl_divergence = keras_kl
-"""The name the fast path had before the dispatch looked fast paths up by op (a temporary
-re-export, until the registry and the tests use ``keras_kl``)."""
