@@ -32,6 +32,7 @@ __all__ = [
     "COMPAT_PACKAGE",
     "array_namespace",
     "compat_submodule",
+    "compat_torch",
     "device",
     "is_array_api_obj",
     "is_array_api_strict_namespace",
@@ -58,3 +59,13 @@ def compat_submodule(name: str) -> ModuleType:
     import importlib
 
     return importlib.import_module(f"{COMPAT_PACKAGE}.{name}")
+
+
+def compat_torch() -> ModuleType:
+    """array-api-compat's torch namespace (what its ``array_namespace`` gives a tensor).
+
+    An ``import`` statement, not :func:`compat_submodule`: ``torch.compile`` (dynamo) traces
+    through this while it traces kldiv, and it refuses ``importlib.import_module``."""
+    import array_api_compat.torch as compat_torch_namespace
+
+    return compat_torch_namespace

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import _compat
-from ._libraries import library, shim_namespace
+from ._libraries import HOSTED, library, shim_namespace
 from ._namespace import (
     _COMPILER,
     _dtype_name,
@@ -25,7 +25,6 @@ from ._namespace import (
     dtype_kind,
     get_device,
     is_array,
-    is_dask,
     is_low_precision,
     namespace_name,
     torch_compiling,
@@ -58,10 +57,9 @@ def host_numpy(x: Any) -> np.ndarray:
         if is_low_precision(x.dtype):
             x = x.float()
         return x.numpy()
-    if _compat.is_cupy_array(x):
-        return x.get()
-    if is_dask(x):
-        return np.asarray(x.compute())
+    for lib in HOSTED:  # CuPy (device memory), Dask (a task graph)
+        if lib.is_instance(x):
+            return np.asarray(getattr(x, lib.to_host)())
     return np.asarray(x)
 
 
@@ -75,11 +73,11 @@ def _from_python(x: Any, what: str) -> np.ndarray:
 
 
 def _read_variable(x: Any) -> Any:
-    """A TensorFlow variable's value as a tensor (a read GradientTape watches); else ``x``."""
-    tf = sys.modules.get("tensorflow")
-    if tf is not None and isinstance(x, tf.Variable):
-        return tf.convert_to_tensor(x)
-    return x
+    """A TensorFlow variable's value as a tensor (a read GradientTape watches); else ``x``.
+
+    The shim's ``asarray`` reads variables and gives tensors back as they are."""
+    shim = shim_namespace(x)
+    return x if shim is None else shim.asarray(x)
 
 
 def _native_byte_order(x: Any) -> Any:
@@ -252,16 +250,14 @@ def _asarray(xp: ModuleType, arr: Any, device: Any, dtype: Any) -> Any:
     if device is None:  # inside a JAX trace there is no device to name
         out = xp.asarray(arr)
         return xp.astype(out, dtype) if out.dtype != dtype else out
-    if _compat.is_jax_namespace(xp):
+    lib = library(xp)
+    if lib.place_after:  # JAX, Dask
         out = xp.asarray(arr)
         out = xp.astype(out, dtype) if out.dtype != dtype else out
-        return out if get_device(out) == device else _compat.to_device(out, device)
-    if _compat.is_dask_namespace(xp):
-        out = xp.asarray(arr)
-        return xp.astype(out, dtype) if out.dtype != dtype else out
-    if _compat.is_torch_namespace(xp):
-        torch = sys.modules["torch"]
-        return torch.as_tensor(np.asarray(arr), dtype=dtype, device=device)
+        return out if lib.lazy or get_device(out) == device else _compat.to_device(out, device)
+    if lib is _COMPILER:  # torch: its own as_tensor, not compat's asarray
+        module = sys.modules[_COMPILER.modules[0]]
+        return module.as_tensor(np.asarray(arr), dtype=dtype, device=device)
     try:  # cast while converting: the device may not hold NumPy's dtype (no float64)
         return xp.asarray(arr, dtype=dtype, device=device)
     except (TypeError, ValueError):
@@ -273,9 +269,10 @@ def _foreign_to(x: Any, xp: ModuleType, device: Any, dtype: Any) -> Any:
     """Array of another library -> ``xp`` on ``device``."""
     if _is_torch(x):
         x = x.detach()  # y_true / sample_weight carry no gradient across libraries
-    if _compat.is_dask_namespace(xp):
+    lib = library(xp)
+    if lib.lazy:  # Dask: host chunks
         return xp.asarray(host_numpy(x) if not _compat.is_numpy_array(x) else x)
-    if _compat.is_jax_namespace(xp):
+    if lib.place_after:  # JAX: a copy it owns, then placed
         try:
             if _compat.is_numpy_array(x):
                 out = xp.asarray(x)  # a copy, made during the call
@@ -292,7 +289,7 @@ def _foreign_to(x: Any, xp: ModuleType, device: Any, dtype: Any) -> Any:
         out = None
     if out is None:
         return _asarray(xp, host_numpy(x), device, dtype)
-    if library(xp).immutable:
+    if lib.immutable:  # TensorFlow
         out = _own_copy(xp, out, x)
     if device is not None and get_device(out) != device:
         out = _to_device(out, device)

@@ -34,6 +34,7 @@ from . import _compat
 
 __all__ = [
     "BACKENDS",
+    "HOSTED",
     "LIBRARIES",
     "Library",
     "WrongDevice",
@@ -52,7 +53,9 @@ __all__ = [
 def load(path: str) -> Any:
     """The object at ``"package.module"`` or ``"package.module:attribute"`` (imports it)."""
     module, _, attr = path.partition(":")
-    obj: Any = importlib.import_module(module)
+    obj: Any = sys.modules.get(module)  # first: what dynamo (torch.compile) can trace
+    if obj is None:
+        obj = importlib.import_module(module)
     return getattr(obj, attr) if attr else obj
 
 
@@ -80,6 +83,10 @@ class Library:
     """Module whose ``namespace`` the family's generic kernels run in (a shim), if any."""
     compiled_namespace: str | None = None
     """``"module:attr"``: the namespace the generic kernels use while ``torch.compile`` traces."""
+    to_host: str = ""
+    """The array method giving host data NumPy takes (CuPy's ``get``, Dask's ``compute``)."""
+    place_after: bool = False
+    """``asarray`` then cast, then move to the device (its ``asarray`` takes neither reliably)."""
     lazy: bool = False
     """Arrays are lazy task graphs of host chunks (computed on demand, no device to name)."""
     where_clip: bool = False
@@ -207,14 +214,16 @@ LIBRARIES: tuple[Library, ...] = (
             install="pip install 'kldiv[torch]'",
             install_note="CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu"),
     Library("jax", ("jax",), "is_jax_namespace", adapter=_B + "jax_",
-            fast_paths=(_B + "jax_", _B + "jax_family"), where_clip=True, no_fma=True,
+            fast_paths=(_B + "jax_", _B + "jax_family"), place_after=True, where_clip=True,
+            no_fma=True,
             immutable=True, float64_rule=True,
             install="pip install 'kldiv[jax]'", install_note="GPU: pip install 'jax[cuda12]'"),
     Library("cupy", ("cupy",), "is_cupy_namespace", adapter=_B + "cupy_",
-            fast_paths=(_B + "cupy_",),
+            fast_paths=(_B + "cupy_",), tensor_type="ndarray", to_host="get",
             install="pip install 'kldiv[cupy]'", install_note="needs an NVIDIA GPU and CUDA 12"),
     Library("dask", ("dask.array", "dask"), "is_dask_namespace", adapter=_B + "dask_",
-            tensor_type="Array", lazy=True, where_clip=True, install="pip install 'kldiv[dask]'"),
+            tensor_type="Array", to_host="compute", place_after=True, lazy=True,
+            where_clip=True, install="pip install 'kldiv[dask]'"),
     Library("array_api_strict", ("array_api_strict",), "is_array_api_strict_namespace",
             adapter=_B + "array_api_strict_", install="pip install array-api-strict"),
     # last: slow to import, and a process that has imported it must not import Triton after
@@ -230,6 +239,8 @@ _BY_NAME = {lib.name: lib for lib in LIBRARIES}
 BACKENDS: tuple[str, ...] = tuple(_BY_NAME)
 """Backends :func:`kldiv.evaluate_files` can run on (``backend=`` names)."""
 _SHIMMED = tuple(lib for lib in LIBRARIES if lib.array_types)
+HOSTED: tuple[Library, ...] = tuple(lib for lib in LIBRARIES if lib.to_host)
+"""Libraries whose arrays NumPy cannot read directly (:attr:`Library.to_host`)."""
 _BY_ID: dict[int, Library] = {}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -67,7 +67,7 @@ def _is_torch(x: object) -> bool:
 
 def _torch_namespace() -> ModuleType:
     """array-api-compat's torch namespace (what its ``array_namespace`` gives a tensor)."""
-    return _compat.compat_submodule(_COMPILER.name)
+    return _compat.compat_torch()
 
 
 def array_namespace(x: Any) -> ModuleType:
@@ -255,9 +255,19 @@ _MOVED = frozenset({"_host_numpy", "as_pred_array", "call_time_values", "check_d
                     "to_namespace"})
 
 
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        from . import _convert
+if TYPE_CHECKING:  # the moved names' types, for the modules not switched yet
+    from ._convert import (  # noqa: F401
+        _host_numpy,
+        as_pred_array,
+        call_time_values,
+        check_dense,
+        to_namespace,
+    )
+else:
 
-        return getattr(_convert, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> Any:
+        if name in _MOVED:
+            from . import _convert
+
+            return getattr(_convert, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,16 +26,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._convert import as_pred_array, to_namespace
 from ._kernel import clip_unit
-from ._namespace import (
-    array_namespace,
-    as_pred_array,
-    dtype_kind,
-    get_device,
-    is_dask,
-    is_low_precision,
-    to_namespace,
-)
+from ._namespace import array_namespace, dtype_kind, get_device, is_dask, is_low_precision
 
 __all__ = ["SPACES", "Prepared", "broadcast_shapes", "log_softmax", "parse_inputs", "prepare",
            "shape_str", "to_log_space", "validate_temperature"]
