@@ -1,7 +1,26 @@
-"""Backend fixtures: every test that takes ``backend`` runs once per array library/device.
+"""Backend fixtures in the array-api-extra style: one ``Backend`` enum, one member per array
+library on one device, and the fixtures built on it.
 
-A backend that is not installed, or a GPU that is not present, is a clean skip with the
-reason; never a failure and never a silent pass.
+- ``backend``: every test that takes it runs once per member of ``SUITE_BACKENDS`` (the CPU
+  libraries always, the GPU ones where a GPU is present); it yields an ``ArrayBackend`` handle
+  (``asarray``, ``to_numpy``, ``is_native``, ``dtype``, ``module``, ``device``, ``name``,
+  ``differentiable``, ``float_dtypes``, ``member``, ``xp``).
+- ``diff_backend``: the members with automatic differentiation (torch, JAX, their GPU ones).
+- ``xp``: the array-API namespace of ``backend``'s arrays (array_api_compat's wrapper where
+  the library needs one), as array-api-extra's ``xp`` fixture.
+
+Test IDs are the members' values (``numpy``, ``torch-cuda``, ...). GPU members carry the
+``gpu`` mark (``-m "not gpu"`` deselects them). A library that is not installed, or a GPU that
+is not present, is a clean skip with the reason when the fixture is set up; never a failure
+and never a silent pass. ``CPU_BACKENDS``, ``GPU_BACKENDS``, ``DIFF_BACKENDS`` (lists of
+member values) and ``BACKEND_FACTORIES`` (value -> handle factory) are derived from the enum
+for the test files that still use names.
+
+Import style of the test suite: the public API through the package (``import kldiv``, then
+``kldiv.kld``, ``kldiv.KLDivergence``, ``kldiv.losses.KLDivergence``); a private module as
+``from kldiv import _module`` (then ``_module.name``), never ``from kldiv._module import
+name``; this file's names as ``from conftest import Backend, ArrayBackend, oracle`` (never
+``tests.conftest``: that imports this file a second time, as another module).
 """
 
 from __future__ import annotations
@@ -11,6 +30,8 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -25,17 +46,95 @@ if importlib.util.find_spec("triton") is not None:
         import triton  # noqa: F401
 
 
-@dataclass
-class Backend:
-    """One array library on one device, with converters to and from NumPy."""
+class Backend(Enum):
+    """Every array library/device the test suite runs on.
 
-    name: str
+    A member's value is its test ID; ``library`` is kldiv's name of the array library (the
+    ``--backend`` of the CLI), ``modname`` the module the tests use as ``module``, ``device``
+    the device kind and ``differentiable`` whether the library has automatic differentiation.
+    """
+
+    NUMPY = "numpy", "numpy", "numpy", "cpu", False
+    ARRAY_API_STRICT = "array_api_strict", "array_api_strict", "array_api_strict", "cpu", False
+    TORCH = "torch", "torch", "torch", "cpu", True
+    JAX = "jax", "jax", "jax.numpy", "cpu", True
+    DASK = "dask", "dask", "dask.array", "cpu", False
+    TENSORFLOW = "tensorflow", "tensorflow", "tensorflow", "cpu", False
+    TORCH_CUDA = "torch-cuda", "torch", "torch", "cuda", True
+    JAX_GPU = "jax-gpu", "jax", "jax.numpy", "gpu", True
+    CUPY = "cupy", "cupy", "cupy", "cuda", False
+
+    def __new__(cls, value: str, *_fields: object) -> Backend:
+        obj = object.__new__(cls)
+        obj._value_ = value
+        return obj
+
+    def __init__(self, _value: str, library: str, modname: str, device: str, differentiable: bool) -> None:
+        self.library = library
+        self.modname = modname
+        self.device_kind = device
+        self.differentiable = differentiable
+
+    def __str__(self) -> str:
+        """The test ID."""
+        return str(self.value)
+
+    @property
+    def gpu(self) -> bool:
+        return self.device_kind != "cpu"
+
+    def like(self, other: Backend) -> bool:
+        """Same array library (``TORCH_CUDA.like(TORCH)``), whatever the device."""
+        return self.library == other.library
+
+    def pytest_param(self) -> Any:
+        """This member as a ``pytest.param``: its value as ID, the ``gpu`` mark on GPU members
+        (their skip reason, when no GPU is present, comes from ``handle()``)."""
+        return pytest.param(self, id=str(self), marks=[pytest.mark.gpu] if self.gpu else [])
+
+    def handle(self) -> ArrayBackend:
+        """The handle the ``backend`` fixture yields; a clean skip, with the reason, when the
+        library is not installed or the device is not present."""
+        return _BUILDERS[self.library](self)
+
+
+# The ``backend`` fixture's members: TensorFlow is covered by its own test files (and the
+# property tests' ``cpu_backend``), not by every backend test.
+SUITE_BACKENDS = tuple(b for b in Backend if b is not Backend.TENSORFLOW)
+CPU_BACKENDS = [str(b) for b in SUITE_BACKENDS if not b.gpu]
+GPU_BACKENDS = [str(b) for b in SUITE_BACKENDS if b.gpu]
+DIFF_BACKENDS = [str(b) for b in SUITE_BACKENDS if b.differentiable]
+
+
+@dataclass
+class ArrayBackend:
+    """One array library on one device (a ``Backend`` member, built), with converters to
+    and from NumPy."""
+
+    member: Backend
     module: Any  # the native module (numpy, torch, jax.numpy, dask.array, ...)
     device: Any
     _asarray: Callable[[np.ndarray], Any]
     _to_numpy: Callable[[Any], np.ndarray]
-    differentiable: bool = False
+    _is_native: Callable[[Any], bool]
     float_dtypes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.member)
+
+    @property
+    def differentiable(self) -> bool:
+        return self.member.differentiable
+
+    @property
+    def xp(self) -> ModuleType:
+        """The array-API namespace of this backend's arrays."""
+        if self.member is Backend.TENSORFLOW:
+            pytest.skip("tensorflow: no array API namespace (array_api_compat has none)")
+        import array_api_compat as aac
+
+        return aac.array_namespace(self.asarray(np.zeros(1, np.float32)))
 
     def asarray(self, x: Any, dtype: str | None = None) -> Any:
         arr = np.asarray(x)
@@ -50,7 +149,7 @@ class Backend:
 
     def is_native(self, x: Any) -> bool:
         """True when ``x`` is an array of this backend's library on its device."""
-        return _is_native(self, x)
+        return self._is_native(x)
 
     def dtype(self, name: str) -> Any:
         return self.float_dtypes[name]
@@ -66,113 +165,120 @@ def _import(name: str) -> Any:
         pytest.skip(f"{name} is not installed ({exc}); install it to run this backend's tests")
 
 
-def _numpy() -> Backend:
-    return Backend("numpy", np, "cpu", lambda a: a, lambda a: a,
-                   float_dtypes={"float32": np.float32, "float64": np.float64, "float16": np.float16})
+def _numpy(member: Backend) -> ArrayBackend:
+    return ArrayBackend(member, np, "cpu", lambda a: a, lambda a: a,
+                        lambda x: isinstance(x, (np.ndarray, np.generic)),
+                        float_dtypes={"float32": np.float32, "float64": np.float64, "float16": np.float16})
 
 
-def _strict() -> Backend:
-    xps = _import("array_api_strict")
-    return Backend(
-        "array_api_strict", xps, xps.Device("CPU_DEVICE") if hasattr(xps, "Device") else None,
+def _strict(member: Backend) -> ArrayBackend:
+    xps = _import(member.modname)
+    return ArrayBackend(
+        member, xps, xps.Device("CPU_DEVICE") if hasattr(xps, "Device") else None,
         lambda a: xps.asarray(a), lambda a: np.asarray(a),
+        lambda x: type(x).__module__.startswith("array_api_strict"),
         float_dtypes={"float32": xps.float32, "float64": xps.float64},
     )
 
 
-def _torch(device: str) -> Backend:
-    torch = _import("torch")
+def _torch(member: Backend) -> ArrayBackend:
+    torch = _import(member.modname)
+    device = member.device_kind
     if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("torch-cuda: no CUDA GPU on this machine")
-    return Backend(
-        f"torch-{device}" if device != "cpu" else "torch", torch, torch.device(device),
+        pytest.skip(f"{member}: no CUDA GPU on this machine")
+    dev = torch.device(device)
+    return ArrayBackend(
+        member, torch, dev,
         lambda a: torch.as_tensor(a, device=device),
         lambda a: a.detach().cpu().float().numpy() if a.dtype == torch.bfloat16 else a.detach().cpu().numpy(),
-        differentiable=True,
+        lambda x: isinstance(x, torch.Tensor) and x.device.type == dev.type,
         float_dtypes={"float32": torch.float32, "float64": torch.float64,
                       "float16": torch.float16, "bfloat16": torch.bfloat16},
     )
 
 
-def _jax(platform: str) -> Backend:
-    jax = _import("jax")
+def _jax(member: Backend) -> ArrayBackend:
+    import array_api_compat as aac
+
+    jax = _import(member.library)
     jax.config.update("jax_enable_x64", True)
-    jnp = importlib.import_module("jax.numpy")
+    jnp = importlib.import_module(member.modname)
+    platform = member.device_kind
     try:
         dev = jax.devices(platform)[0]
     except RuntimeError:
         pytest.skip(f"jax-{platform}: no {platform.upper()} device for JAX on this machine")
-    return Backend(
-        "jax" if platform == "cpu" else f"jax-{platform}", jnp, dev,
+    return ArrayBackend(
+        member, jnp, dev,
         lambda a: jax.device_put(jnp.asarray(a), dev), lambda a: np.asarray(a),
-        differentiable=True,
+        lambda x: aac.is_jax_array(x) and (not hasattr(x, "devices") or dev in x.devices()),
         float_dtypes={"float32": jnp.float32, "float64": jnp.float64,
                       "float16": jnp.float16, "bfloat16": jnp.bfloat16},
     )
 
 
-def _dask() -> Backend:
-    da = _import("dask.array")
-    return Backend(
-        "dask", da, "cpu", lambda a: da.from_array(a, chunks=tuple(max(1, (s + 1) // 2) for s in a.shape) or ()),
+def _dask(member: Backend) -> ArrayBackend:
+    import array_api_compat as aac
+
+    da = _import(member.modname)
+    return ArrayBackend(
+        member, da, "cpu",
+        lambda a: da.from_array(a, chunks=tuple(max(1, (s + 1) // 2) for s in a.shape) or ()),
         lambda a: np.asarray(a.compute()),
+        aac.is_dask_array,
         float_dtypes={"float32": np.float32, "float64": np.float64},
     )
 
 
-def _cupy() -> Backend:
-    cp = _import("cupy")
+def _tensorflow(member: Backend) -> ArrayBackend:
+    tf = _import(member.modname)  # after Triton: see the top of this file
+    return ArrayBackend(member, tf, "cpu", lambda a: tf.constant(a), lambda a: a.numpy(),
+                        lambda x: isinstance(x, tf.Tensor),
+                        float_dtypes={"float32": tf.float32, "float64": tf.float64, "float16": tf.float16})
+
+
+def _cupy(member: Backend) -> ArrayBackend:
+    import array_api_compat as aac
+
+    cp = _import(member.modname)
     try:
         if cp.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("no device")
     except Exception as exc:
-        pytest.skip(f"cupy: no CUDA GPU on this machine ({type(exc).__name__})")
-    return Backend("cupy", cp, cp.cuda.Device(0), lambda a: cp.asarray(a), lambda a: cp.asnumpy(a),
-                   float_dtypes={"float32": cp.float32, "float64": cp.float64, "float16": cp.float16})
+        pytest.skip(f"{member}: no CUDA GPU on this machine ({type(exc).__name__})")
+    return ArrayBackend(member, cp, cp.cuda.Device(0), lambda a: cp.asarray(a), lambda a: cp.asnumpy(a),
+                        aac.is_cupy_array,
+                        float_dtypes={"float32": cp.float32, "float64": cp.float64, "float16": cp.float16})
 
 
-BACKEND_FACTORIES: dict[str, Callable[[], Backend]] = {
-    "numpy": _numpy,
-    "array_api_strict": _strict,
-    "torch": lambda: _torch("cpu"),
-    "jax": lambda: _jax("cpu"),
-    "dask": _dask,
-    "torch-cuda": lambda: _torch("cuda"),
-    "jax-gpu": lambda: _jax("gpu"),
-    "cupy": _cupy,
+# kldiv's library name -> the builder of its handle (one per library; the member gives the device)
+_BUILDERS: dict[str, Callable[[Backend], ArrayBackend]] = {
+    "numpy": _numpy, "array_api_strict": _strict, "torch": _torch, "jax": _jax,
+    "dask": _dask, "tensorflow": _tensorflow, "cupy": _cupy,
 }
-CPU_BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "dask"]
-GPU_BACKENDS = ["torch-cuda", "jax-gpu", "cupy"]
-DIFF_BACKENDS = ["torch", "jax", "torch-cuda", "jax-gpu"]
+assert set(_BUILDERS) == {b.library for b in Backend}, "every Backend library needs a builder"
+
+BACKEND_FACTORIES: dict[str, Callable[[], ArrayBackend]] = {str(b): b.handle for b in Backend}
 
 
-def _is_native(b: Backend, x: Any) -> bool:
-    import array_api_compat as aac
-
-    base = b.name.split("-")[0]
-    if base == "numpy":
-        return isinstance(x, (np.ndarray, np.generic))
-    if base == "torch":
-        return isinstance(x, b.module.Tensor) and x.device.type == b.device.type
-    if base == "jax":
-        return aac.is_jax_array(x) and (not hasattr(x, "devices") or b.device in x.devices())
-    if base == "dask":
-        return aac.is_dask_array(x)
-    if base == "cupy":
-        return aac.is_cupy_array(x)
-    return type(x).__module__.startswith("array_api_strict")
-
-
-@pytest.fixture(params=CPU_BACKENDS + GPU_BACKENDS)
-def backend(request: pytest.FixtureRequest) -> Backend:
+@pytest.fixture(params=[b.pytest_param() for b in SUITE_BACKENDS])
+def backend(request: pytest.FixtureRequest) -> ArrayBackend:
     """Every backend: CPU ones always, GPU ones where a GPU is present (else skipped)."""
-    return BACKEND_FACTORIES[request.param]()
+    member: Backend = request.param
+    return member.handle()
 
 
-@pytest.fixture(params=DIFF_BACKENDS)
-def diff_backend(request: pytest.FixtureRequest) -> Backend:
+@pytest.fixture(params=[b.pytest_param() for b in SUITE_BACKENDS if b.differentiable])
+def diff_backend(request: pytest.FixtureRequest) -> ArrayBackend:
     """Backends with automatic differentiation (torch, JAX; CUDA variants where present)."""
-    return BACKEND_FACTORIES[request.param]()
+    member: Backend = request.param
+    return member.handle()
+
+
+@pytest.fixture
+def xp(backend: ArrayBackend) -> ModuleType:
+    """The array-API namespace of ``backend`` (runs once per backend, like ``backend``)."""
+    return backend.xp
 
 
 def oracle(y_true: Any, y_pred: Any) -> np.ndarray:

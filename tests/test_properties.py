@@ -25,7 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
 import kldiv  # noqa: E402
-from conftest import BACKEND_FACTORIES, CPU_BACKENDS, Backend  # noqa: E402
+from conftest import ArrayBackend, Backend  # noqa: E402
 
 EPS = 1e-7
 PROPERTY_SETTINGS = settings(
@@ -42,18 +42,11 @@ REDUCTIONS = ["auto", "sum_over_batch_size", "mean", "sum", "none", "mean_with_s
 WEIGHT_FORMS = ["none", "scalar", "full", "rank+1", "rank-1", "broadcast"]
 
 
-def _tensorflow() -> Backend:
-    tf = pytest.importorskip("tensorflow", reason="tensorflow is not installed")
-    return Backend("tensorflow", tf, "cpu", lambda a: tf.constant(a), lambda a: a.numpy(),
-                   float_dtypes={"float32": tf.float32, "float64": tf.float64, "float16": tf.float16})
-
-
-@pytest.fixture(params=[*CPU_BACKENDS, "tensorflow"])
-def cpu_backend(request: pytest.FixtureRequest) -> Backend:
+@pytest.fixture(params=[b.pytest_param() for b in Backend if not b.gpu])
+def cpu_backend(request: pytest.FixtureRequest) -> ArrayBackend:
     """Every CPU backend of the test suite, and TensorFlow where it is installed."""
-    if request.param == "tensorflow":
-        return _tensorflow()
-    return BACKEND_FACTORIES[request.param]()
+    member: Backend = request.param
+    return member.handle()
 
 
 # ---- strategies -----------------------------------------------------------------------------
@@ -141,20 +134,20 @@ def _weight_to_loss(w: Any, loss_shape: tuple[int, ...]) -> np.ndarray:
     return np.broadcast_to(w, loss_shape)
 
 
-def _to_numpy(backend: Backend, x: Any) -> np.ndarray:
+def _to_numpy(backend: ArrayBackend, x: Any) -> np.ndarray:
     out = backend.to_numpy(x)
     return np.asarray(out, np.float64)
 
 
 # ---- properties -------------------------------------------------------------------------------
 
-def _dtypes(backend: Backend) -> tuple[str, ...]:
+def _dtypes(backend: ArrayBackend) -> tuple[str, ...]:
     return tuple(d for d in ("float32", "float64", "float16") if d in backend.float_dtypes)
 
 
 @PROPERTY_SETTINGS
 @given(data=st.data())
-def test_function_matches_the_definition(cpu_backend: Backend, data: st.DataObject) -> None:
+def test_function_matches_the_definition(cpu_backend: ArrayBackend, data: st.DataObject) -> None:
     t, p, dtype = data.draw(_pair(_dtypes(cpu_backend)))
     out = kldiv.kld(cpu_backend.asarray(t, dtype=dtype), cpu_backend.asarray(p, dtype=dtype))
     assert cpu_backend.is_native(out) or cpu_backend.name == "tensorflow"
@@ -168,7 +161,7 @@ def test_function_matches_the_definition(cpu_backend: Backend, data: st.DataObje
 
 @PROPERTY_SETTINGS
 @given(data=st.data(), reduction=st.sampled_from(REDUCTIONS))
-def test_loss_class_matches_the_definition(cpu_backend: Backend, data: st.DataObject, reduction: str) -> None:
+def test_loss_class_matches_the_definition(cpu_backend: ArrayBackend, data: st.DataObject, reduction: str) -> None:
     t, p, dtype = data.draw(_pair(_dtypes(cpu_backend)))
     ts, ps = _squeeze(t, p)
     per = _terms(ts, ps).sum(axis=-1)
@@ -205,7 +198,7 @@ def test_loss_class_matches_the_definition(cpu_backend: Backend, data: st.DataOb
 
 @PROPERTY_SETTINGS
 @given(data=st.data())
-def test_fast_path_and_generic_kernel_agree(cpu_backend: Backend, data: st.DataObject) -> None:
+def test_fast_path_and_generic_kernel_agree(cpu_backend: ArrayBackend, data: st.DataObject) -> None:
     """Both routes obey the same bound; where kldiv promises bitwise equality (NumPy, JAX) it
     holds."""
     t, p, dtype = data.draw(_pair(_dtypes(cpu_backend)))

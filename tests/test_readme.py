@@ -43,6 +43,8 @@ from typing import Any
 
 import pytest
 
+from conftest import Backend
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCUMENTS = [README, *sorted(p for p in (ROOT / "docs" / "getting-started").glob("*.md")
@@ -54,9 +56,7 @@ OPTIONAL = {
     "keras", "tensorflow", "tf_keras", "triton", "tqdm", "rich",
 }
 # kldiv's --backend names -> the module each needs.
-BACKEND_MODULES = {"numpy": "numpy", "torch": "torch", "jax": "jax", "cupy": "cupy",
-                   "dask": "dask", "array_api_strict": "array_api_strict",
-                   "tensorflow": "tensorflow"}
+BACKEND_MODULES = {b.library: b.modname.partition(".")[0] for b in Backend}
 TAGS = {"gpu"}
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,})(?P<info>[^`]*)$")
 
