@@ -22,7 +22,6 @@ import contextlib
 import contextvars
 import functools
 import os
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -213,21 +212,25 @@ def compute(call: Call, prep: Prepared, *, cast: bool = True) -> Any:
 _QUIET = functools.partial(np.errstate, invalid="ignore", divide="ignore", over="ignore")
 
 
-def _loaded(path: str) -> Any:
-    """:func:`kldiv._libraries.load`, reading ``sys.modules`` first: dynamo (torch.compile)
-    cannot trace ``importlib``, but reads a module that is already imported."""
+def _compiled_namespace(path: str) -> Any:
+    """The object at ``"module:attr"`` while dynamo traces: dynamo runs import statements but
+    cannot trace ``importlib`` (nor a ``sys.modules`` that changes under its guards), so the
+    module is imported by a statement (and read from it, not from ``sys.modules``: dynamo's
+    view of that is a snapshot), also when ``torch.compile`` comes before any eager call."""
+    # TEMPORARY: a statement naming the one such module the table lists today, until the
+    # libraries table offers a loader dynamo can trace (a library's name belongs there)
+    from .backends import torch_family
+
     module, _, attr = path.partition(":")
-    mod = sys.modules.get(module)
-    if mod is None:
-        return load(path)
-    return getattr(mod, attr) if attr else mod
+    assert module == torch_family.__name__, module
+    return getattr(torch_family, attr)
 
 
 def _kernel_namespace(lib: Library, xp: ModuleType, compiling: bool) -> ModuleType:
     if compiling and lib.compiled_namespace is not None:
         # dynamo traces the library's own functions (array-api-compat's wrappers hold Python
         # checks that break the graph: clip's isnan on symbolic bounds)
-        ns: ModuleType = _loaded(lib.compiled_namespace)
+        ns: ModuleType = _compiled_namespace(lib.compiled_namespace)
         return ns
     if lib.kernel_namespace is not None:  # a shim with what the kernels call
         shim: ModuleType = load(lib.kernel_namespace).namespace
