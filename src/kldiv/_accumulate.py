@@ -1,10 +1,9 @@
 """The metrics' accumulation engine: running sums in the inputs' library, batch sums, checks.
 
 Shared by the metric classes (:mod:`kldiv._metric_base`, :mod:`kldiv._estimator_metric`) and
-the streaming evaluation (:mod:`kldiv._chunked`), and re-exported by :mod:`kldiv.metrics`.
-The accumulator dtype is chosen by ``kldiv.metrics.accumulator_dtype`` (which asks
-``kldiv.metrics.has_float64``), read through that module at call time: it is the one place
-that says where float64 is missing.
+the streaming evaluation, and re-exported by :mod:`kldiv.metrics`. It imports nothing from the
+faces above it. :func:`accumulator_dtype` is the one place that chooses the accumulator dtype
+(float64 where the library has it on the device, :func:`has_float64`).
 """
 
 from __future__ import annotations
@@ -14,19 +13,25 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._dispatch import Call, compute, resolve
 from ._divergence import KL
-from ._family import Call, compute_family, prepare_family, resolve
+from ._libraries import library
 from ._namespace import array_namespace, get_device, is_dask, namespace_name
-from ._reduction import apply_sample_weight
-from ._spaces import Prepared
+from ._reduction import apply_sample_weight, num_elements
+from ._spaces import prepare
 
 __all__ = [
     "BatchSums",
     "RunningSum",
+    "accumulator_dtype",
     "batch_sums",
     "check_same_place",
+    "detached",
+    "has_float64",
     "metric_dtype",
+    "num_elements",
     "qualified",
+    "running_sums",
     "safe_divide",
 ]
 
@@ -126,46 +131,52 @@ class BatchSums(NamedTuple):
     loss: Any  # the weighted per-sample loss, in the accumulator dtype
 
 
-def num_elements(shape: tuple[Any, ...]) -> int | None:
-    """The number of elements of ``shape``; ``None`` when a size is unknown."""
-    n = 1
-    for d in shape:
-        if d is None or d != d:  # unknown (a tracer's None, Dask's NaN)
-            return None
-        n *= int(d)
-    return n
-
-
-def _detached(prep: Prepared) -> Prepared:
-    """No autograd graph in accumulated state: torch inputs are detached."""
-    if namespace_name(prep.xp) != "torch":
-        return prep
-    return prep._replace(y_true=prep.y_true.detach(), y_pred=prep.y_pred.detach())
+def detached(xp: ModuleType, *arrays: Any) -> tuple[Any, ...]:
+    """``arrays`` without an autograd graph (torch's are detached): accumulated state keeps none."""
+    if namespace_name(xp) != "torch":  # TODO(H1): a table flag (arrays that carry a graph)
+        return arrays
+    return tuple(a.detach() for a in arrays)
 
 
 _KERAS_KL = resolve(KL)  # the Keras KL: probabilities, no options
 
 
-def accumulator_dtype(xp: ModuleType, device: Any) -> Any:
-    """``kldiv.metrics.accumulator_dtype``, looked up when called (see the module's docs)."""
-    from . import metrics
+def has_float64(xp: ModuleType, device: Any) -> bool:
+    """True when namespace ``xp`` can hold float64 arrays on ``device`` (the libraries table
+    answers: JAX only with ``jax_enable_x64``, torch not on Apple's MPS, other libraries
+    through the array API's inspection API where they have it)."""
+    return library(xp).has_float64(xp, device)
 
-    return metrics.accumulator_dtype(xp, device)
+
+def accumulator_dtype(xp: ModuleType, device: Any) -> Any:
+    """float64 where ``xp`` has it on ``device``, else float32 (summed with compensation)."""
+    return xp.float64 if has_float64(xp, device) else xp.float32
+
+
+def running_sums(total: Any, count: Any, xp: ModuleType) -> tuple[RunningSum, RunningSum]:
+    """A new state ``(total, count)`` from one batch's ``total`` (a 0-d array in the
+    accumulator dtype) and ``count`` (the same, or an int): compensated unless float64."""
+    compensated = total.dtype != xp.float64
+    if not hasattr(count, "shape"):
+        count = xp.zeros_like(total) + count
+    return RunningSum(total, compensated), RunningSum(count, compensated)
 
 
 def batch_sums(y_true: Any, y_pred: Any, sample_weight: Any = None, *, call: Call | None = None) -> BatchSums:
     """Per-sample divergence of one batch (in float64 where the library has it), weighted and
     summed.
 
-    ``call`` is the family member with its options (:func:`kldiv._family.resolve`); ``None``
+    ``call`` is the family member with its options (:func:`kldiv._dispatch.resolve`); ``None``
     is the Keras KL. Uses the same preparation (Keras' rank rule), kernel and Keras 2
     sample-weight rules as the loss classes; the per-sample values are cast to the
     accumulator dtype before they are weighted and summed.
     """
-    prep = _detached(prepare_family(y_true, y_pred, squeeze=True))
+    prep = prepare(y_true, y_pred, squeeze=True)
     xp = prep.xp
+    y_true, y_pred = detached(xp, prep.y_true, prep.y_pred)
+    prep = prep._replace(y_true=y_true, y_pred=y_pred)
     acc = accumulator_dtype(xp, prep.device)
-    loss = compute_family(_KERAS_KL if call is None else call, prep._replace(out_dtype=acc))
+    loss = compute(_KERAS_KL if call is None else call, prep._replace(out_dtype=acc))
     weight_sum = None
     if sample_weight is not None:
         loss, w = apply_sample_weight(xp, loss, sample_weight)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
+from typing import Any, ClassVar
 
 from ._estimators import (
     EstimatorOptions,
@@ -12,30 +11,13 @@ from ._estimators import (
     kl_estimate,
     prepare_estimate,
 )
-from ._namespace import device_scope, numpy_result
-from ._reduction import reduce_loss, validate_reduction
-from .losses import (
-    _keras_loss_bases,
-    _kldiv_class,
-    _kldiv_class_of_type,
-    _restore,
-    _result_dtype,
-    _validate_dtype,
-    _with_keras_bases,
-    keras_aware_class,
-)
+from ._loss_base import LossBase
+from ._reduction import reduce_loss
 
 __all__ = ["KLEstimator"]
 
-_OPTION_KEYS = ("estimator", "log_ratio_clamp", "value_clamp", "gradient")
 
-
-def _as_ours(exc: ValueError) -> ValueError:
-    """The KL loss' dtype error, naming this class."""
-    return ValueError(str(exc).replace("KLDivergence", "KLEstimator"))
-
-
-class KLEstimator:
+class KLEstimator(LossBase):
     """Loss: the mean (or another reduction) of per-token estimates of ``KL(policy || reference)``.
 
     Called as ``loss(logprob, ref_logprob, sample_weight=None)``: the per-token estimates of
@@ -91,38 +73,16 @@ class KLEstimator:
     -0.06
     """
 
-    # With Keras loaded, the instance is also a keras.losses.Loss, as kldiv.KLDivergence is
-    # (see kldiv.losses): from the start when Keras was imported first, else at the first
-    # isinstance check
-    __class__ = keras_aware_class
+    _INPUT: ClassVar[str] = "logprob"
+    _OPTION_KEYS: ClassVar[tuple[str, ...]] = ("estimator", "log_ratio_clamp", "value_clamp", "gradient")
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> KLEstimator:
-        bases = tuple(b for b in _keras_loss_bases() if not issubclass(cls, b))
-        if bases:
-            cls = _with_keras_bases(_kldiv_class_of_type(cls), _keras_loss_bases())
-        return super().__new__(cls)
-
-    def __init__(
-        self,
-        estimator: str = "k3",
-        *,
-        reduction: str | None = "mean_with_sample_weight",
-        name: str = "kl_estimator",
-        log_ratio_clamp: float | None = None,
-        value_clamp: float | None = None,
-        gradient: str = "same",
-        dtype: Any = None,
-    ) -> None:
+    def __init__(self, estimator: str = "k3", *, reduction: str | None = "mean_with_sample_weight",
+                 name: str = "kl_estimator", log_ratio_clamp: float | None = None,
+                 value_clamp: float | None = None, gradient: str = "same", dtype: Any = None) -> None:
         options = estimator_options(estimator, log_ratio_clamp, value_clamp, gradient)
         self.estimator, self.log_ratio_clamp, self.value_clamp, self.gradient = options
-        self.reduction = validate_reduction(reduction, batchmean=True)
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}.")
-        self.name = name
-        try:
-            self.dtype = _validate_dtype(dtype)
-        except ValueError as exc:
-            raise _as_ours(exc) from None
+        self._set_common(reduction, name)
+        self._set_dtype(dtype)
 
     @property
     def options(self) -> EstimatorOptions:
@@ -137,74 +97,18 @@ class KLEstimator:
         """The weighted, reduced estimate (a 0-d array of ``logprob``'s library)."""
         options = self.options
         inputs = prepare_estimate(logprob, ref_logprob)
-        xp = inputs.xp
-        scope = device_scope(xp, inputs.device)
-        # weighted and reduced in the compute dtype (float32 for half precision), then cast
-        if scope is None:
-            est, weights = compute_estimate(inputs, options, sample_weight)
-            out = reduce_loss(xp, est, weights, reduction=self.reduction)
-        else:
-            with scope:  # TensorFlow, eagerly: on logprob's device
-                est, weights = compute_estimate(inputs, options, sample_weight)
-                out = reduce_loss(xp, est, weights, reduction=self.reduction)
-        try:
-            dtype = inputs.out_dtype if self.dtype is None else _result_dtype(xp, self.dtype)
-        except ValueError as exc:
-            raise _as_ours(exc) from None
-        if out.dtype != dtype:
-            try:
-                out = xp.astype(out, dtype)
-            except (TypeError, ValueError, RuntimeError) as exc:  # e.g. no float64 on the device
-                raise ValueError(
-                    f"KLEstimator(dtype={self.dtype!r}): the result cannot be cast to {dtype} "
-                    f"on logprob's device {inputs.device}: {exc}"
-                ) from None
-        return numpy_result(out)
 
-    def get_config(self) -> dict[str, Any]:
-        """The constructor arguments, as Keras would save them."""
-        config: dict[str, Any] = {
-            "estimator": self.estimator,
-            "reduction": self.reduction,
-            "name": self.name,
-            "log_ratio_clamp": self.log_ratio_clamp,
-            "value_clamp": self.value_clamp,
-            "gradient": self.gradient,
-        }
-        if self.dtype is not None:
-            config["dtype"] = self.dtype
-        return config
+        def reduce() -> Any:
+            est, weights = compute_estimate(inputs, options, sample_weight)
+            return reduce_loss(inputs.xp, est, weights, reduction=self.reduction)
+
+        return self._reduced(inputs.xp, inputs.device, inputs.out_dtype, reduce)
+
+    def _config(self) -> dict[str, Any]:
+        return {"estimator": self.estimator, "reduction": self.reduction, "name": self.name,
+                "log_ratio_clamp": self.log_ratio_clamp, "value_clamp": self.value_clamp,
+                "gradient": self.gradient}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> KLEstimator:
-        """Rebuild a loss from :meth:`get_config` output (a Keras 3 config may hold
-        ``"reduction": None`` and a ``"dtype"`` policy). Unknown keys raise ``TypeError``."""
-        config = dict(config)
-        dtype = config.pop("dtype", None)
-        if isinstance(dtype, dict):  # Keras 3 DTypePolicy config
-            dtype = dtype.get("config", {}).get("name")
-        unknown = set(config) - {"reduction", "name", *_OPTION_KEYS}
-        if unknown:
-            raise TypeError(f"Unknown KLEstimator config keys: {sorted(unknown)}.")
-        return cls(**config, dtype=dtype)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
-        return f"{type(self).__name__}({args})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # The kldiv class, not the Keras-aware subclass (nor Keras' own __reduce__)
-        return (_restore, (_kldiv_class(self), dict(self.__dict__)))
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, KLEstimator) or _kldiv_class(other) is not _kldiv_class(self):
-            return NotImplemented
-        return self.get_config() == other.get_config()
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-# ``inspect.signature(KLEstimator)`` (IDEs, ``help()``) reads ``__new__``: show ``__init__``'s
-KLEstimator.__new__.__signature__ = inspect.signature(KLEstimator.__init__).replace(  # type: ignore[attr-defined]
-    return_annotation=inspect.Signature.empty
-)
+    def _config_keys(cls) -> tuple[str, ...]:
+        return ("reduction", "name", *cls._OPTION_KEYS)

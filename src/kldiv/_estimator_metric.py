@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from . import metrics as _metrics
-from ._accumulate import num_elements
+from ._accumulate import accumulator_dtype, detached, num_elements
 from ._estimators import compute_estimate, estimator_options, prepare_estimate
 from ._metric_base import RunningMean
-from ._namespace import device_scope, namespace_name
+from ._namespace import device_scope
 
 __all__ = ["KLEstimator"]
 
@@ -61,15 +60,9 @@ class KLEstimator(RunningMean):
     _DTYPE_OWNER = "Metric"
     _CONFIG_OWNER = "KLEstimator metric"
 
-    def __init__(
-        self,
-        estimator: str = "k3",
-        *,
-        log_ratio_clamp: float | None = None,
-        value_clamp: float | None = None,
-        name: str = "kl_estimator",
-        dtype: Any = None,
-    ) -> None:
+    def __init__(self, estimator: str = "k3", *, log_ratio_clamp: float | None = None,
+                 value_clamp: float | None = None, name: str = "kl_estimator",
+                 dtype: Any = None) -> None:
         options = estimator_options(estimator, log_ratio_clamp, value_clamp)
         self.estimator, self.log_ratio_clamp, self.value_clamp = options[:3]
         self._kldiv_init(name, dtype)
@@ -78,7 +71,7 @@ class KLEstimator(RunningMean):
         """``(sum(w * est), sum(w) or the count)`` of one batch, in the accumulator dtype."""
         xp = inputs.xp
         options = estimator_options(self.estimator, self.log_ratio_clamp, self.value_clamp)
-        acc = _metrics.accumulator_dtype(xp, inputs.device)
+        acc = accumulator_dtype(xp, inputs.device)
         est, weights = compute_estimate(inputs, options, sample_weight)
         est = est if est.dtype == acc else xp.astype(est, acc)
         n = num_elements(tuple(est.shape))
@@ -97,8 +90,8 @@ class KLEstimator(RunningMean):
         """
         inputs = prepare_estimate(logprob, ref_logprob)
         xp = inputs.xp
-        if namespace_name(xp) == "torch":  # no autograd graph in accumulated state
-            inputs = inputs._replace(logprob=inputs.logprob.detach(), ref_logprob=inputs.ref_logprob.detach())
+        logprob, ref_logprob = detached(xp, inputs.logprob, inputs.ref_logprob)
+        inputs = inputs._replace(logprob=logprob, ref_logprob=ref_logprob)
         scope = device_scope(xp, inputs.device)
         if scope is None:
             total, count = self._batch(inputs, sample_weight)

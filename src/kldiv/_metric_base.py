@@ -11,7 +11,7 @@ which options it has (:meth:`RunningMean._options`, :meth:`RunningMean.get_confi
 :class:`DivergenceMetric` is the mean of one member of the divergence family
 (:mod:`kldiv._divergence`) with its options (``inputs``, ``temperature``, the member's
 parameters), computed exactly as the loss classes compute it. Created while a Keras is
-imported it is also a ``keras.metrics.Metric`` (:mod:`kldiv._keras`): a ``MeanMetricWrapper``
+imported it is also a ``keras.metrics.Metric`` (:mod:`kldiv._keras.metric`): a ``MeanMetricWrapper``
 of the member's public function with those options. The public classes are in
 :mod:`kldiv.metrics`; :class:`kldiv.metrics.KLEstimator` uses :class:`RunningMean` too.
 """
@@ -24,17 +24,18 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from . import _keras
 from ._accumulate import (
     RunningSum,
     batch_sums,
     check_same_place,
     metric_dtype,
     qualified,
+    running_sums,
     safe_divide,
 )
+from ._dispatch import Call, resolve
 from ._divergence import Divergence
-from ._family import Call, resolve
+from ._keras import called_by_keras_wrapper, called_by_tf_keras_compile, metric_class
 from ._namespace import array_namespace, get_device, namespace_name, numpy_result
 
 __all__ = ["DivergenceMetric", "RunningMean", "public_name", "restore_metric"]
@@ -63,6 +64,10 @@ def restore_metric(cls: Any, config: dict[str, Any], mode: str | None, state: An
         mode, state = "plain", (RunningSum(total, False), RunningSum(count, False))
     obj._kldiv_set_state(mode, state)
     return obj
+
+
+# Pickles name it as they always have (``kldiv.metrics`` re-exports it under this name).
+restore_metric.__module__, restore_metric.__qualname__ = "kldiv.metrics", "_restore_metric"
 
 
 class RunningMean:
@@ -128,21 +133,23 @@ class RunningMean:
         """The state arrays ``[total, count]`` (compensation folded in); empty before any update."""
         if self._total is None or self._count is None:
             return []
-        if _keras.called_by_tf_keras_compile():
+        if called_by_tf_keras_compile():
             # tf.keras checks a compiled metric's variables are TensorFlow's; it wraps this one
             # (created before tf.keras was imported) and keeps the state in the wrapper
             return []
         return [self._total.total(), self._count.total()]
 
+    def running_total(self) -> Any:
+        """The running ``total`` (``sum(w * value)`` over every update, compensation folded in):
+        a 0-d array of the state's library and device, in the accumulator dtype; ``None``
+        before any update (and while Keras' variables hold the state)."""
+        return None if self._total is None else self._total.total()
+
     def _add(self, xp: Any, total: Any, count: Any) -> None:
         """Add one batch's ``total`` (a 0-d array in the accumulator dtype) and ``count`` (the
         same, or an int): the first batch creates the state in its library and on its device."""
         if self._total is None or self._count is None:
-            compensated = total.dtype != xp.float64
-            self._total = RunningSum(total, compensated)
-            if not hasattr(count, "shape"):
-                count = xp.zeros_like(total) + count
-            self._count = RunningSum(count, compensated)
+            self._total, self._count = running_sums(total, count, xp)
             return
         check_same_place(self._total.value, total, what="update_state", owner=self._describe())
         self._total.add(total)
@@ -278,19 +285,20 @@ class RunningMean:
             self._total, self._count = state
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Rebuilt through the constructor, so that it is Keras-aware exactly when the
-        # unpickling process has a Keras loaded (see DivergenceMetric.__new__).
-        from . import metrics
-
-        return (metrics._restore_metric, (type(self), self.get_config(), *self._kldiv_state()))
+        # Rebuilt through the constructor (of the kldiv class, not a Keras-aware subclass), so
+        # that it is Keras-aware exactly when the unpickling process has a Keras loaded (see
+        # DivergenceMetric.__new__).
+        plain = getattr(type(self), "_kldiv_class", type(self))
+        return (restore_metric, (plain, self.get_config(), *self._kldiv_state()))
 
 
 class DivergenceMetric(RunningMean):
     """The running, weighted mean of one divergence of the family, with its options.
 
-    A subclass sets :attr:`divergence` (the member), :attr:`_function` (its public function,
-    which Keras' ``MeanMetricWrapper`` calls), :attr:`_title` (the member in messages) and an
-    ``__init__`` with its defaults, calling ``super().__init__``.
+    A subclass names, as class keywords, its ``member`` (:attr:`divergence`), its public
+    ``function`` (:attr:`_function`, which Keras' ``MeanMetricWrapper`` calls) and its
+    ``title`` (:attr:`_title`, the member in messages), and has an ``__init__`` with its
+    defaults, calling ``super().__init__``.
     """
 
     divergence: ClassVar[Divergence]
@@ -298,10 +306,22 @@ class DivergenceMetric(RunningMean):
     _title: ClassVar[str]
     _kldiv_call: Call
 
+    def __init_subclass__(cls, member: Divergence | None = None,
+                          function: Callable[..., Any] | None = None, title: str = "",
+                          **kwargs: Any) -> None:
+        """``class KLDivergence(DivergenceMetric, member=KL, function=kl_divergence,
+        title="KL divergence")``: the member, its public function and its name in messages
+        (subclasses without them, and Keras-aware classes, inherit their base's)."""
+        super().__init_subclass__(**kwargs)
+        if member is not None and function is not None:
+            cls.divergence, cls._title = member, title
+            cls._function = staticmethod(function)
+
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        # With a Keras loaded, the instance is also a keras.metrics.Metric (see kldiv._keras),
-        # so that model.compile(metrics=[kldiv.metrics.KLDivergence()]) uses it as one.
-        made = _keras.metric_class(cls)
+        # With a Keras loaded, the instance is also a keras.metrics.Metric (see
+        # kldiv._keras.metric), so that model.compile(metrics=[kldiv.metrics.KLDivergence()])
+        # uses it as one.
+        made = metric_class(cls)
         if made is not None:
             return made.__new__(made, *args, **kwargs)
         return super().__new__(cls)
@@ -383,7 +403,7 @@ class DivergenceMetric(RunningMean):
         divergence instead, which is what the wrapper averages: Keras then computes this
         metric's running mean in its own variables.
         """
-        if _keras.called_by_keras_wrapper(self):
+        if called_by_keras_wrapper(self):
             return self._per_sample(y_true, y_pred)
         self.update_state(y_true, y_pred, sample_weight)
         return self.result()

@@ -5,10 +5,11 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from ._functional import _shape_str, broadcast_shapes
-from ._namespace import get_device, numpy_result, to_namespace
+from ._convert import to_namespace
+from ._namespace import get_device, numpy_result
+from ._spaces import broadcast_shapes, shape_str
 
-__all__ = ["Reduction", "apply_sample_weight", "reduce_loss", "validate_reduction"]
+__all__ = ["Reduction", "apply_sample_weight", "num_elements", "reduce_loss", "validate_reduction"]
 
 
 class Reduction:
@@ -90,7 +91,7 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[
     ``loss * w`` saves ``w`` for the loss' backward pass: a weight over memory torch does not
     own (a NumPy array converted without a copy) is copied when that gradient may be needed,
     so that refilling its buffer before ``backward()`` cannot change the gradient
-    (:func:`kldiv._namespace.call_time_values`).
+    (:func:`kldiv._convert.call_time_values`).
     """
     w = to_namespace(sample_weight, xp, get_device(loss), loss.dtype, what="sample_weight",
                      peer=loss)
@@ -108,13 +109,15 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[
             raise ValueError
     except ValueError:
         raise ValueError(
-            f"sample_weight of shape {_shape_str(tuple(w.shape))} does not broadcast to the "
-            f"per-sample loss of shape {_shape_str(loss_shape)}."
+            f"sample_weight of shape {shape_str(tuple(w.shape))} does not broadcast to the "
+            f"per-sample loss of shape {shape_str(loss_shape)}."
         ) from None
     return loss * w, w
 
 
-def _num_elements(shape: tuple[Any, ...]) -> int | None:
+def num_elements(shape: tuple[Any, ...]) -> int | None:
+    """The number of elements of ``shape``; ``None`` when a size is unknown (a tracer's
+    ``None``, Dask's NaN)."""
     n = 1
     for d in shape:
         if d is None or d != d:
@@ -153,7 +156,7 @@ def _reduce(xp: ModuleType, loss: Any, sample_weight: Any, reduction: str) -> An
         safe = xp.where(zero, xp.ones_like(denom), denom)
         return xp.where(zero, xp.zeros_like(total), total / safe)
     # auto, sum_over_batch_size, mean (and mean_with_sample_weight without weights)
-    n = _num_elements(tuple(loss.shape))
+    n = num_elements(tuple(loss.shape))
     if n is None:  # unknown (lazy) size: let the library count
         size = xp.sum(xp.ones_like(loss))
         return xp.where(size == 0, xp.zeros_like(total), total / xp.where(size == 0, 1, size))
@@ -170,7 +173,7 @@ def _batchmean(xp: ModuleType, loss: Any, total: Any) -> Any:
     rows = loss.shape[0]
     if rows is not None and rows == rows:  # known: not None, not NaN (Dask)
         return xp.zeros_like(total) if rows == 0 else total / int(rows)
-    rest = _num_elements(tuple(loss.shape[1:]))
+    rest = num_elements(tuple(loss.shape[1:]))
     if rest == 0:  # no elements at all: the sum is 0 whatever the rows
         return xp.zeros_like(total)
     if rest is None:  # count the rows of one column

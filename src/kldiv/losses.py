@@ -1,26 +1,21 @@
 """Keras-style losses: the functional aliases and the divergence loss classes
-:class:`KLDivergence`, :class:`ReverseKLDivergence` and :class:`JensenShannonDivergence`."""
+:class:`KLDivergence`, :class:`ReverseKLDivergence` and :class:`JensenShannonDivergence`.
+
+The machinery they share (reductions, config, pickling, Keras interop) is
+:class:`kldiv._loss_base.DivergenceLoss`; this module holds the members' classes and their
+documentation.
+"""
 
 from __future__ import annotations
 
-import sys
-from typing import Any, ClassVar, TypeVar
+from typing import Any
 
-import numpy as np
-
-from ._divergence import JS, KL, REVERSE_KL, Divergence
-from ._family import (
-    Call,
-    compute_family,
-    jensen_shannon_divergence,
-    js_divergence,
-    prepare_family,
-    resolve,
-    reverse_kl_divergence,
-)
+from ._divergence import JS, KL, REVERSE_KL
+from ._family import jensen_shannon_divergence, js_divergence, reverse_kl_divergence
 from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
-from ._namespace import device_scope, dtype_name, namespace_name, numpy_result, torch_compiling
-from ._reduction import Reduction, reduce_loss, validate_reduction
+from ._loss_base import DivergenceLoss
+from ._loss_base import restore as _restore  # noqa: F401  (pickles name kldiv.losses._restore)
+from ._reduction import Reduction
 
 __all__ = [
     "KLD",
@@ -35,296 +30,6 @@ __all__ = [
     "kullback_leibler_divergence",
     "reverse_kl_divergence",
 ]
-
-
-def _keras_loss_bases() -> tuple[type, ...]:
-    """``Loss`` of each Keras already imported (Keras 3 / Keras 2 as ``keras``, and tf-keras).
-
-    Looks only in ``sys.modules``: kldiv never imports Keras.
-    """
-    bases = []
-    for package in ("keras", "tf_keras"):
-        losses = getattr(sys.modules.get(package), "losses", None)
-        base = getattr(losses, "Loss", None)
-        if isinstance(base, type) and base not in bases:
-            bases.append(base)
-    return tuple(bases)
-
-
-_KERAS_CLASSES: dict[tuple[type, tuple[type, ...]], type] = {}
-
-
-def _with_keras_bases(cls: type, bases: tuple[type, ...]) -> type:
-    """``cls`` that also subclasses Keras' ``Loss`` class(es), under the same name and module.
-
-    Keras' ``compile`` calls a ``Loss`` as ``loss(y_true, y_pred, sample_weight)`` and uses
-    the result as is, while any other callable is wrapped in Keras' ``LossFunctionWrapper``,
-    which would weight and reduce kldiv's already reduced loss a second time. Only kldiv's
-    own methods run: they come first in the MRO, and Keras' ``__init__`` is never called.
-    """
-    made = _KERAS_CLASSES.get((cls, bases))
-    if made is not None:
-        return made
-    namespace = {
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        "__doc__": cls.__doc__,
-        "_kldiv_class": cls,
-        # Keras 3's Loss.dtype is a read-only property: kldiv keeps its own attribute.
-        "dtype": None,
-    }
-    made = _KERAS_CLASSES[(cls, bases)] = type(cls.__name__, (cls, *bases), namespace)
-    return made
-
-
-def _kldiv_class(obj: object) -> type:
-    """The kldiv class of ``obj``, seen through the Keras-aware subclass."""
-    return getattr(type(obj), "_kldiv_class", type(obj))
-
-
-_set_class = object.__dict__["__class__"].__set__  # the slot behind ``obj.__class__ = cls``
-
-
-def _keras_aware_class(obj: Any) -> type:
-    """``type(obj)``, first moved to the Keras-aware subclass if a Keras was imported after
-    ``obj`` was made (or since it was last looked at).
-
-    Installed as ``__class__`` (a property), which ``isinstance`` consults when ``type(obj)``
-    alone does not answer: Keras' ``compile`` asks ``isinstance(loss, keras.losses.Loss)``
-    before it ever calls the loss, and from then on ``obj`` really is an instance of the
-    subclass (the same class an instance made after the import gets). kldiv never imports
-    Keras: this only looks in ``sys.modules``.
-    """
-    cls = type(obj)
-    bases = _keras_loss_bases()
-    if bases and not all(issubclass(cls, b) for b in bases):
-        made = _with_keras_bases(_kldiv_class(obj), bases)
-        _set_class(obj, made)
-        # isinstance() only trusts a __class__ that differs from type(obj): this once, answer
-        # with an empty subclass of the new class
-        return _fresh_view(made)
-    return cls
-
-
-_VIEWS: dict[type, type] = {}
-
-
-def _fresh_view(cls: type) -> type:
-    view = _VIEWS.get(cls)
-    if view is None:
-        view = _VIEWS[cls] = type(cls.__name__, (cls,), {"__module__": cls.__module__,
-                                                         "__qualname__": cls.__qualname__})
-    return view
-
-
-keras_aware_class = property(_keras_aware_class, doc="The instance's class (Keras-aware).")
-"""A ``__class__`` property for kldiv classes that may become Keras ``Loss`` subclasses."""
-
-
-_DTYPE_NAMES = frozenset({"float16", "bfloat16", "float32", "float64"})
-_MIXED_POLICIES = frozenset({"mixed_float16", "mixed_bfloat16"})  # Keras' mixed precision policies
-
-
-def _validate_dtype(dtype: Any, *, owner: str = "KLDivergence") -> str | None:
-    """``None``, or the name of a floating dtype: a name (Keras' ``"mixed_..."`` policies give
-    their compute dtype), a Keras ``DTypePolicy``, or any library's dtype object
-    (``np.float64``, ``torch.float64``, ``tf.float64``, ``ml_dtypes.bfloat16``, ...). Stored as
-    the name, so that configs hold a string that Keras and :meth:`KLDivergence.from_config`
-    read back. ``owner`` is the class the messages name."""
-    if dtype is None:
-        return None
-    given = dtype
-    if not isinstance(dtype, str):
-        policy_dtype = getattr(dtype, "compute_dtype", None)  # a Keras DTypePolicy
-        dtype = policy_dtype if isinstance(policy_dtype, str) else dtype_name(dtype)
-    name = dtype[len("mixed_"):] if dtype in _MIXED_POLICIES else dtype
-    if name not in _DTYPE_NAMES:
-        raise ValueError(
-            f"Invalid dtype {given!r} for {owner}: expected one of "
-            f"{', '.join(sorted(_DTYPE_NAMES))} (a name, a Keras 'mixed_float16' / "
-            "'mixed_bfloat16' policy, or a library's floating dtype object) or None."
-        )
-    return name
-
-
-def _result_dtype(xp: Any, name: str, *, owner: str = "KLDivergence") -> Any:
-    """The dtype called ``name`` in ``xp`` (NumPy's and Dask's bfloat16 from ml_dtypes)."""
-    dtype = getattr(xp, name, None)
-    if dtype is None and name != "bfloat16" and namespace_name(xp) in {"numpy", "dask"}:
-        dtype = np.dtype(name)  # float16: not in the array API, so not in every compat namespace
-    if dtype is None and name == "bfloat16" and namespace_name(xp) in {"numpy", "dask"}:
-        try:
-            import ml_dtypes
-        except ImportError:
-            raise ValueError(
-                f"{owner}(dtype='bfloat16'): NumPy has no bfloat16 of its own; install "
-                "ml_dtypes (pip install ml_dtypes) for it, or choose another dtype."
-            ) from None
-        dtype = np.dtype(ml_dtypes.bfloat16)
-    if dtype is None:
-        raise ValueError(
-            f"{owner}(dtype={name!r}): {namespace_name(xp)} has no {name} dtype; choose "
-            "one y_pred's library holds."
-        )
-    return dtype
-
-
-def _restore(cls: Any, state: dict[str, Any]) -> Any:
-    obj = cls.__new__(cls)
-    obj.__dict__.update(state)
-    return obj
-
-
-_L = TypeVar("_L", bound="_DivergenceLoss")
-
-
-class _DivergenceLoss:
-    """The loss classes' common base: a member of the divergence family (``divergence``),
-    its options, Keras-style reductions and sample weights, config, pickling and Keras
-    interop. A subclass names its member and gives ``__init__`` its defaults and docstring.
-
-    An instance made before Keras (or tf_keras) is imported becomes a Keras ``Loss`` the first
-    time Keras checks ``isinstance(loss, keras.losses.Loss)`` (see ``_with_keras_bases``).
-    """
-
-    divergence: ClassVar[Divergence]
-    _title: ClassVar[str]  # what the member is called in messages
-
-    # Defaults for instances unpickled from before these options existed
-    inputs: str | tuple[str, str] = "probs"
-    temperature: float = 1.0
-
-    # With Keras loaded, the instance is also a keras.losses.Loss (see _with_keras_bases), so
-    # that model.compile(loss=kldiv.KLDivergence()) calls it with the sample weights: from the
-    # start when Keras was imported first, else at the first isinstance check (Keras' compile).
-    __class__ = keras_aware_class
-
-    def __new__(cls: type[_L], *args: Any, **kwargs: Any) -> _L:
-        bases = tuple(b for b in _keras_loss_bases() if not issubclass(cls, b))
-        if bases:
-            cls = _with_keras_bases(_kldiv_class_of_type(cls), _keras_loss_bases())
-        obj: _L = super().__new__(cls)
-        return obj
-
-    def __init__(self, reduction: str | None, name: str, *, inputs: Any = "probs",
-                 temperature: Any = 1.0, dtype: Any = None, **params: Any) -> None:
-        owner = type(self).__name__
-        self.reduction = validate_reduction(reduction, batchmean=True)
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}.")
-        self.name = name
-        call = resolve(self.divergence, inputs=inputs, temperature=temperature, **params)
-        self._call = call
-        spaces = call.spaces
-        self.inputs = spaces[0] if spaces[0] == spaces[1] else spaces
-        self.temperature = call.temperature
-        for key, value in call.params.items():  # the member's parameters (beta)
-            setattr(self, key, value)
-        self.dtype = _validate_dtype(dtype, owner=owner)
-
-    def _resolved(self) -> Call:
-        """The member with this loss' options (validated again: attributes may be set).
-
-        While ``torch.compile`` traces, the options last validated eagerly are used as they
-        are: dynamo may trace Python float attributes as symbolic values (dynamic shapes),
-        and checks such as ``math.isfinite`` on them cannot be traced.
-        """
-        cached: Call | None = self.__dict__.get("_call")  # absent in pickles of older versions
-        if cached is not None and torch_compiling():
-            return cached
-        params = {key: getattr(self, key) for key in self.divergence.params}
-        self._call = resolve(self.divergence, inputs=self.inputs,
-                                   temperature=self.temperature, **params)
-        return self._call
-
-    def call(self, y_true: Any, y_pred: Any) -> Any:
-        """The unreduced, unweighted per-sample loss (Keras' ``Loss.call``), after Keras 2's
-        rank squeeze (see :meth:`__call__`)."""
-        call = self._resolved()
-        return numpy_result(compute_family(call, prepare_family(y_true, y_pred, squeeze=True)))
-
-    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
-        """Weighted, reduced loss. ``sample_weight`` follows Keras 2's rank rules; a mask
-        (``labels != -100``, bool or 0/1) is a sample weight."""
-        call = self._resolved()
-        prep = prepare_family(y_true, y_pred, squeeze=True)
-        xp = prep.xp
-        scope = device_scope(xp, prep.device)
-        # weighted and reduced in the compute dtype (float32 for float16/bfloat16: a sum of
-        # many float16 losses overflows), then cast once
-        if scope is None:
-            out = reduce_loss(xp, compute_family(call, prep, cast=False), sample_weight,
-                              reduction=self.reduction)
-        else:
-            with scope:  # TensorFlow, eagerly: on y_pred's device
-                out = reduce_loss(xp, compute_family(call, prep, cast=False), sample_weight,
-                                  reduction=self.reduction)
-        owner = type(self).__name__
-        dtype = prep.out_dtype if self.dtype is None else _result_dtype(xp, self.dtype, owner=owner)
-        if out.dtype != dtype:
-            try:
-                out = xp.astype(out, dtype)
-            except (TypeError, ValueError, RuntimeError) as exc:  # e.g. no float64 on the device
-                raise ValueError(
-                    f"{owner}(dtype={self.dtype!r}): the result cannot be cast to {dtype} "
-                    f"on y_pred's device {prep.device}: {exc}"
-                ) from None
-        return numpy_result(out)
-
-    def _options(self) -> dict[str, Any]:
-        """The member's options as config entries: its parameters always, ``inputs`` and
-        ``temperature`` when not the defaults (so that a default KL's config is Keras')."""
-        options: dict[str, Any] = {key: getattr(self, key) for key in self.divergence.params}
-        if self.inputs != "probs":
-            options["inputs"] = self.inputs if isinstance(self.inputs, str) else list(self.inputs)
-        if self.temperature != 1.0:
-            options["temperature"] = self.temperature
-        return options
-
-    def get_config(self) -> dict[str, Any]:
-        """The constructor arguments, as Keras would save them (JSON-ready: a pair of input
-        spaces is a list)."""
-        config: dict[str, Any] = {"reduction": self.reduction, "name": self.name}
-        config.update(self._options())
-        if self.dtype is not None:
-            config["dtype"] = self.dtype
-        return config
-
-    @classmethod
-    def from_config(cls: type[_L], config: dict[str, Any]) -> _L:
-        """Rebuild a loss from :meth:`get_config` output, or a Keras 2 / Keras 3 config.
-
-        Keras 2 configs carry an ``"fn"`` key naming the function; Keras 3 configs may hold
-        ``"reduction": None`` and a ``"dtype"``. Unknown keys raise ``TypeError``.
-        """
-        config = dict(config)
-        div = cls.divergence
-        fn = config.pop("fn", None)
-        if fn is not None and fn not in {div.name, *div.aliases}:
-            raise ValueError(f"config names function {fn!r}, not the {cls._title}.")
-        dtype = config.pop("dtype", None)
-        if isinstance(dtype, dict):  # Keras 3 DTypePolicy config
-            dtype = dtype.get("config", {}).get("name")
-        unknown = set(config) - {"reduction", "name", "inputs", "temperature", *div.params}
-        if unknown:
-            raise TypeError(f"Unknown {cls.__name__} config keys: {sorted(unknown)}.")
-        return cls(**config, dtype=dtype)
-
-    def __repr__(self) -> str:
-        options = "".join(f", {key}={getattr(self, key)!r}" for key in self._options())
-        return f"{type(self).__name__}(reduction={self.reduction!r}, name={self.name!r}{options})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # The kldiv class, not the Keras-aware subclass (nor Keras' own __reduce__)
-        state = {k: v for k, v in self.__dict__.items() if k != "_call"}  # rebuilt on use
-        return (_restore, (_kldiv_class(self), state))
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _DivergenceLoss) or _kldiv_class(other) is not _kldiv_class(self):
-            return NotImplemented
-        return self.get_config() == other.get_config()
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 _PARAMETERS = """
@@ -377,7 +82,7 @@ _NOTES = """
     imports does not matter."""
 
 
-class KLDivergence(_DivergenceLoss):
+class KLDivergence(DivergenceLoss, member=KL, title="KL divergence"):
     __doc__ = """Keras' ``KLDivergence`` loss, on any array library and device; also from
     log-probabilities or logits.
 
@@ -408,15 +113,12 @@ class KLDivergence(_DivergenceLoss):
     0.06192
     """
 
-    divergence = KL
-    _title = "KL divergence"
-
     def __init__(self, reduction: str | None = "auto", name: str = "kl_divergence", *,
                  inputs: Any = "probs", temperature: Any = 1.0, dtype: Any = None) -> None:
         super().__init__(reduction, name, inputs=inputs, temperature=temperature, dtype=dtype)
 
 
-class ReverseKLDivergence(_DivergenceLoss):
+class ReverseKLDivergence(DivergenceLoss, member=REVERSE_KL, title="reverse KL divergence"):
     __doc__ = """The reverse Kullback-Leibler divergence loss ``KL(Q || P)``, P from ``y_true``,
     Q from ``y_pred``: :func:`kldiv.reverse_kl_divergence`, weighted and reduced.
 
@@ -439,15 +141,12 @@ class ReverseKLDivergence(_DivergenceLoss):
     ReverseKLDivergence(reduction='auto', name='reverse_kl_divergence', inputs='log_probs')
     """
 
-    divergence = REVERSE_KL
-    _title = "reverse KL divergence"
-
     def __init__(self, reduction: str | None = "auto", name: str = "reverse_kl_divergence", *,
                  inputs: Any = "probs", temperature: Any = 1.0, dtype: Any = None) -> None:
         super().__init__(reduction, name, inputs=inputs, temperature=temperature, dtype=dtype)
 
 
-class JensenShannonDivergence(_DivergenceLoss):
+class JensenShannonDivergence(DivergenceLoss, member=JS, title="Jensen-Shannon divergence"):
     __doc__ = """The generalized Jensen-Shannon divergence loss: :func:`kldiv.js_divergence`
     (``beta KL(P || M) + (1 - beta) KL(Q || M)``, ``M = beta P + (1 - beta) Q``, P from
     ``y_true``), weighted and reduced.
@@ -474,15 +173,9 @@ class JensenShannonDivergence(_DivergenceLoss):
     {'reduction': 'mean_with_sample_weight', 'name': 'js_divergence', 'beta': 0.5, 'inputs': 'logits'}
     """
 
-    divergence = JS
-    _title = "Jensen-Shannon divergence"
-
     def __init__(self, reduction: str | None = "auto", name: str = "js_divergence", *,
                  beta: Any = 0.5, inputs: Any = "probs", temperature: Any = 1.0,
                  dtype: Any = None) -> None:
         super().__init__(reduction, name, inputs=inputs, temperature=temperature, dtype=dtype,
                          beta=beta)
 
-
-def _kldiv_class_of_type(cls: type) -> type:
-    return getattr(cls, "_kldiv_class", cls)

@@ -17,22 +17,23 @@ works in ``model.compile(metrics=[...])``: see :class:`KLDivergence`'s Notes and
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
-# Re-exported: the accumulation engine, which streaming (kldiv._chunked) and tests reach here.
+# Re-exported: the accumulation engine (streaming and tests reach it here) and where float64 is
 from ._accumulate import BatchSums as BatchSums
 from ._accumulate import RunningSum as RunningSum
+from ._accumulate import accumulator_dtype as accumulator_dtype
 from ._accumulate import batch_sums as batch_sums
 from ._accumulate import check_same_place as check_same_place
-from ._accumulate import qualified as _qualified  # noqa: F401  (kldiv._chunked's messages)
+from ._accumulate import has_float64 as has_float64
+from ._accumulate import qualified as _qualified  # noqa: F401  (streaming's messages)
 from ._accumulate import safe_divide as safe_divide
 from ._divergence import JS, KL, REVERSE_KL
+from ._estimator_metric import KLEstimator
 from ._family import js_divergence, reverse_kl_divergence
 from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
 from ._metric_base import DivergenceMetric
 from ._metric_base import restore_metric as _restore_metric  # noqa: F401  (pickles name it)
-from ._namespace import namespace_name
 
 __all__ = [
     "KLD",
@@ -46,46 +47,22 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------
-# Where float64 is (the one place that decides the accumulator dtype; read at call time)
-# --------------------------------------------------------------------------------------
-
-
-def has_float64(xp: ModuleType, device: Any) -> bool:
-    """True when namespace ``xp`` can hold float64 arrays on ``device``.
-
-    JAX has float64 only with ``jax_enable_x64``; torch has none on Apple's MPS; other
-    libraries are asked through the array API's inspection API where they have it.
-    """
-    name = namespace_name(xp)
-    if name == "jax":
-        import jax
-
-        try:
-            return bool(jax.config.read("jax_enable_x64"))
-        except Exception:  # older JAX
-            return bool(getattr(jax.config, "jax_enable_x64", False))
-    if name == "torch":
-        return getattr(device, "type", str(device)) != "mps"
-    if getattr(xp, "float64", None) is None:
-        return False
-    try:
-        info = xp.__array_namespace_info__()
-        return "float64" in info.dtypes(device=device, kind="real floating")
-    except Exception:
-        return True
-
-
-def accumulator_dtype(xp: ModuleType, device: Any) -> Any:
-    """float64 where ``xp`` has it on ``device``, else float32 (summed with compensation)."""
-    return xp.float64 if has_float64(xp, device) else xp.float32
-
-
-# --------------------------------------------------------------------------------------
 # The metrics
 # --------------------------------------------------------------------------------------
 
 
-class KLDivergence(DivergenceMetric):
+_DTYPE = """    dtype : str or dtype, default "float32"
+        The dtype of :meth:`result`; accumulation is in float64 where the library has it."""
+
+_OPTIONS = """
+    inputs : {"probs", "log_probs", "logits"} or pair of them, default "probs"
+        The space of both inputs, or ``(y_true's, y_pred's)``.
+    temperature : float, default 1.0
+        Divides logits (> 0, only with ``"logits"`` inputs)."""
+
+
+class KLDivergence(DivergenceMetric, member=KL, function=kl_divergence,
+                   title="KL divergence"):
     """Keras' ``metrics.KLDivergence``: a running (weighted) mean of the KL divergence.
 
     Each :meth:`update_state` computes the per-sample loss ``sum(t * log(t / p), axis=-1)``
@@ -193,17 +170,14 @@ class KLDivergence(DivergenceMetric):
     0.45814306
     """
 
-    divergence = KL
-    _function = staticmethod(kl_divergence)
-    _title = "KL divergence"
-
     def __init__(self, name: str = "kullback_leibler_divergence", dtype: Any = None, *,
                  inputs: Any = "probs", temperature: Any = 1.0) -> None:
         super().__init__(name, dtype, inputs=inputs, temperature=temperature)
 
 
-class ReverseKLDivergence(DivergenceMetric):
-    """A running (weighted) mean of the reverse KL divergence ``KL(Q || P)``.
+class ReverseKLDivergence(DivergenceMetric, member=REVERSE_KL, function=reverse_kl_divergence,
+                          title="reverse KL divergence"):
+    __doc__ = """A running (weighted) mean of the reverse KL divergence ``KL(Q || P)``.
 
     :class:`KLDivergence`'s metric (state, precision, sample weights, :meth:`merge_state`,
     config, pickling and Keras) of :func:`kldiv.reverse_kl_divergence`: P from ``y_true``, Q
@@ -214,12 +188,7 @@ class ReverseKLDivergence(DivergenceMetric):
     Parameters
     ----------
     name : str, default "reverse_kl_divergence"
-    dtype : str or dtype, default "float32"
-        The dtype of :meth:`result`; accumulation is in float64 where the library has it.
-    inputs : {"probs", "log_probs", "logits"} or pair of them, default "probs"
-        The space of both inputs, or ``(y_true's, y_pred's)``.
-    temperature : float, default 1.0
-        Divides logits (> 0, only with ``"logits"`` inputs).
+""" + _DTYPE + _OPTIONS + """
 
     See Also
     --------
@@ -240,17 +209,14 @@ class ReverseKLDivergence(DivergenceMetric):
     {'name': 'reverse_kl_divergence', 'dtype': 'float32', 'inputs': 'logits', 'temperature': 2.0}
     """
 
-    divergence = REVERSE_KL
-    _function = staticmethod(reverse_kl_divergence)
-    _title = "reverse KL divergence"
-
     def __init__(self, name: str = "reverse_kl_divergence", dtype: Any = None, *,
                  inputs: Any = "probs", temperature: Any = 1.0) -> None:
         super().__init__(name, dtype, inputs=inputs, temperature=temperature)
 
 
-class JensenShannonDivergence(DivergenceMetric):
-    """A running (weighted) mean of the generalized Jensen-Shannon divergence.
+class JensenShannonDivergence(DivergenceMetric, member=JS, function=js_divergence,
+                              title="Jensen-Shannon divergence"):
+    __doc__ = """A running (weighted) mean of the generalized Jensen-Shannon divergence.
 
     :class:`KLDivergence`'s metric (state, precision, sample weights, :meth:`merge_state`,
     config, pickling and Keras) of :func:`kldiv.js_divergence`: per sample
@@ -260,15 +226,10 @@ class JensenShannonDivergence(DivergenceMetric):
     Parameters
     ----------
     name : str, default "js_divergence"
-    dtype : str or dtype, default "float32"
-        The dtype of :meth:`result`; accumulation is in float64 where the library has it.
+""" + _DTYPE + """
     beta : float, default 0.5
         The weight of P in the mixture, in the open interval (0, 1) (0 and 1 are a
-        ``ValueError`` pointing to :class:`KLDivergence` / :class:`ReverseKLDivergence`).
-    inputs : {"probs", "log_probs", "logits"} or pair of them, default "probs"
-        The space of both inputs, or ``(y_true's, y_pred's)``.
-    temperature : float, default 1.0
-        Divides logits (> 0, only with ``"logits"`` inputs).
+        ``ValueError`` pointing to :class:`KLDivergence` / :class:`ReverseKLDivergence`).""" + _OPTIONS + """
 
     See Also
     --------
@@ -292,10 +253,6 @@ class JensenShannonDivergence(DivergenceMetric):
     {'name': 'js_divergence', 'dtype': 'float32', 'beta': 0.3}
     """
 
-    divergence = JS
-    _function = staticmethod(js_divergence)
-    _title = "Jensen-Shannon divergence"
-
     def __init__(self, name: str = "js_divergence", dtype: Any = None, *, beta: Any = 0.5,
                  inputs: Any = "probs", temperature: Any = 1.0) -> None:
         super().__init__(name, dtype, inputs=inputs, temperature=temperature, beta=beta)
@@ -305,5 +262,3 @@ class JensenShannonDivergence(DivergenceMetric):
         """The weight of P (``y_true``) in the mixture."""
         return float(self._kldiv_call.params["beta"])
 
-
-from ._estimator_metric import KLEstimator  # noqa: E402  (reads kldiv.metrics at call time)

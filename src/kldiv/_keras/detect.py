@@ -1,8 +1,8 @@
 """Where a metric stands with Keras: which Keras is loaded, and whether Keras is calling.
 
 kldiv never imports Keras: everything here looks in ``sys.modules`` (and, for who is calling,
-at the caller's frames). Used by :mod:`kldiv._keras` (the Keras-aware metric class) and the
-metrics (:mod:`kldiv._metric_base`), through :mod:`kldiv._keras`, which re-exports these names.
+at the caller's frames). Used by the Keras-aware metric class (:mod:`kldiv._keras.metric`) and
+the metrics (:mod:`kldiv._metric_base`, through :mod:`kldiv._keras`, which re-exports them).
 """
 
 from __future__ import annotations

@@ -39,18 +39,18 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from ._keras_detect import (
+from .._namespace import get_device
+from .detect import (
     called_by_keras_wrapper,
     called_by_tf_keras_compile,
+    host_float,
     in_graph,
     in_keras_scope,
+    is_tf_tensor,
     loaded_keras,
 )
-from ._keras_detect import host_float as _host_float
-from ._keras_detect import is_tf_tensor as _is_tf_tensor
-from ._namespace import get_device
 
-__all__ = ["called_by_keras_wrapper", "called_by_tf_keras_compile", "in_graph", "in_keras_scope", "loaded_keras", "metric_class"]
+__all__ = ["metric_class"]
 
 
 def _holds_keras(metric: Any) -> bool:
@@ -152,7 +152,7 @@ class _KerasMetric:
         self._kldiv_mode = "keras"
         self._total = self._count = None
         if held is not None and not in_keras_scope():
-            self._kldiv_keras_add([_host_float(s.total()) for s in held])
+            self._kldiv_keras_add([host_float(s.total()) for s in held])
 
     def _kldiv_keras_add(self, values: list[float]) -> None:
         """``assign_add`` host numbers ``[total, count]`` to the Keras variables, eagerly (also
@@ -176,7 +176,7 @@ class _KerasMetric:
         """An update for Keras' engine: one in a TensorFlow graph (kldiv's state cannot live
         there), or of TensorFlow tensors while Keras runs on TensorFlow (Keras 3's TensorFlow
         backend calls its metrics eagerly with them when ``run_eagerly=True``)."""
-        return in_graph(*arrays) or (self._kldiv_on_tensorflow() and _is_tf_tensor(arrays[1:2]))
+        return in_graph(*arrays) or (self._kldiv_on_tensorflow() and is_tf_tensor(arrays[1:2]))
 
     def _kldiv_on_tensorflow(self) -> bool:
         return True
@@ -257,7 +257,7 @@ class _KerasMetric:
             if _holds_keras(other):
                 self._kldiv_keras_add([float(v) for v in other._kldiv_state()[1]])
             elif other._total is not None:
-                self._kldiv_keras_add([_host_float(s.total()) for s in (other._total, other._count)])
+                self._kldiv_keras_add([host_float(s.total()) for s in (other._total, other._count)])
         return None
 
     # -- config, copies, repr --------------------------------------------------------------------
@@ -291,14 +291,12 @@ class _KerasMetric:
             self._kldiv_mode = "plain"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        from . import metrics
-
-        return (metrics._restore_metric, (self._kldiv_class, self.get_config(), *self._kldiv_state()))
+        # kldiv's (rebuilt through the constructor, with this engine's state), not Keras'
+        return self._kldiv_class.__reduce__(self)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        from . import metrics
-
-        new = metrics._restore_metric(self._kldiv_class, self.get_config(), *self._kldiv_state())
+        restore, args = self.__reduce__()
+        new = restore(*args)
         memo[id(self)] = new
         return new
 

@@ -1,0 +1,40 @@
+"""Keras interop, in one place: kldiv's losses and metrics as Keras ``Loss``/``Metric`` objects.
+
+kldiv never imports Keras: everything here looks in ``sys.modules``.
+
+- :mod:`kldiv._keras.detect`: which Keras is loaded, and whether Keras is calling.
+- :mod:`kldiv._keras.loss`: the Keras-aware loss classes (:class:`KerasAwareLoss`).
+- :mod:`kldiv._keras.metric`: the Keras-aware metric classes (:func:`metric_class`).
+"""
+
+from .detect import (
+    called_by_keras_wrapper,
+    called_by_tf_keras_compile,
+    in_graph,
+    in_keras_scope,
+    loaded_keras,
+)
+from .loss import (
+    KerasAwareLoss,
+    keras_aware_class,
+    keras_loss_bases,
+    kldiv_class,
+    kldiv_class_of_type,
+    with_keras_bases,
+)
+from .metric import metric_class
+
+__all__ = [
+    "KerasAwareLoss",
+    "called_by_keras_wrapper",
+    "called_by_tf_keras_compile",
+    "in_graph",
+    "in_keras_scope",
+    "keras_aware_class",
+    "keras_loss_bases",
+    "kldiv_class",
+    "kldiv_class_of_type",
+    "loaded_keras",
+    "metric_class",
+    "with_keras_bases",
+]

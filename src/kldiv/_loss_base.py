@@ -1,0 +1,293 @@
+"""The loss classes' common base.
+
+:class:`LossBase` is what every kldiv loss class shares: Keras interop
+(:class:`kldiv._keras.KerasAwareLoss`), the ``reduction``/``name``/``dtype`` arguments, the
+reduction run on the inputs' device and the final cast, config (``get_config`` /
+``from_config``), ``repr``, pickling and equality. :class:`DivergenceLoss` is the loss of one
+member of the divergence family (:mod:`kldiv._divergence`) with its options; the public
+classes are in :mod:`kldiv.losses`. :class:`kldiv.KLEstimator` (:mod:`kldiv._estimator_loss`)
+is a :class:`LossBase` too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from ._dispatch import Call, compute, resolve
+from ._divergence import Divergence
+from ._keras import KerasAwareLoss, kldiv_class
+from ._namespace import device_scope, dtype_name, namespace_name, numpy_result, torch_compiling
+from ._reduction import reduce_loss, validate_reduction
+from ._spaces import prepare
+
+__all__ = ["DivergenceLoss", "LossBase", "restore", "result_dtype", "validate_dtype"]
+
+_DTYPE_NAMES = frozenset({"float16", "bfloat16", "float32", "float64"})
+_MIXED_POLICIES = frozenset({"mixed_float16", "mixed_bfloat16"})  # Keras' mixed precision policies
+
+
+def validate_dtype(dtype: Any, *, owner: str = "KLDivergence") -> str | None:
+    """``None``, or the name of a floating dtype: a name (Keras' ``"mixed_..."`` policies give
+    their compute dtype), a Keras ``DTypePolicy``, or any library's dtype object
+    (``np.float64``, ``torch.float64``, ``tf.float64``, ``ml_dtypes.bfloat16``, ...). Stored as
+    the name, so that configs hold a string that Keras and :meth:`LossBase.from_config`
+    read back. ``owner`` is the class the messages name."""
+    if dtype is None:
+        return None
+    given = dtype
+    if not isinstance(dtype, str):
+        policy_dtype = getattr(dtype, "compute_dtype", None)  # a Keras DTypePolicy
+        dtype = policy_dtype if isinstance(policy_dtype, str) else dtype_name(dtype)
+    name = dtype[len("mixed_"):] if dtype in _MIXED_POLICIES else dtype
+    if name not in _DTYPE_NAMES:
+        raise ValueError(
+            f"Invalid dtype {given!r} for {owner}: expected one of "
+            f"{', '.join(sorted(_DTYPE_NAMES))} (a name, a Keras 'mixed_float16' / "
+            "'mixed_bfloat16' policy, or a library's floating dtype object) or None."
+        )
+    return name
+
+
+def result_dtype(xp: Any, name: str, *, owner: str = "KLDivergence") -> Any:
+    """The dtype called ``name`` in ``xp`` (NumPy's and Dask's bfloat16 from ml_dtypes)."""
+    dtype = getattr(xp, name, None)
+    numpy_dtypes = namespace_name(xp) in {"numpy", "dask"}  # TODO(H1): a table flag
+    if dtype is None and name != "bfloat16" and numpy_dtypes:
+        dtype = np.dtype(name)  # float16: not in the array API, so not in every compat namespace
+    if dtype is None and name == "bfloat16" and numpy_dtypes:
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ValueError(
+                f"{owner}(dtype='bfloat16'): NumPy has no bfloat16 of its own; install "
+                "ml_dtypes (pip install ml_dtypes) for it, or choose another dtype."
+            ) from None
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    if dtype is None:
+        raise ValueError(
+            f"{owner}(dtype={name!r}): {namespace_name(xp)} has no {name} dtype; choose "
+            "one y_pred's library holds."
+        )
+    return dtype
+
+
+def restore(cls: Any, state: dict[str, Any]) -> Any:
+    """Unpickle a loss: an instance of ``cls`` (Keras-aware when a Keras is loaded) with ``state``."""
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
+
+
+# Pickles name it as they always have (``kldiv.losses`` re-exports it under this name).
+restore.__module__, restore.__qualname__ = "kldiv.losses", "_restore"
+
+_L = TypeVar("_L", bound="LossBase")
+
+
+class LossBase(KerasAwareLoss):
+    """A Keras-style loss: ``loss(a, b, sample_weight=None)`` weighted, reduced and cast.
+
+    A subclass calls :meth:`_set_common` and :meth:`_set_dtype` from ``__init__``, implements ``call`` and
+    ``__call__`` (through :meth:`_reduced`), :meth:`_config` (its constructor arguments but
+    ``dtype``) and :meth:`_config_keys`; it may override :meth:`_config_arguments` (what
+    Keras adds to a config) and :meth:`_repr_items`.
+    """
+
+    _INPUT: ClassVar[str] = "y_pred"  # the argument whose library, device and dtype the result has
+
+    reduction: str
+    name: str
+    dtype: str | None
+
+    def _set_common(self, reduction: str | None, name: Any) -> None:
+        """Validate and set ``reduction`` and ``name``."""
+        self.reduction = validate_reduction(reduction, batchmean=True)
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}.")
+        self.name = name
+
+    def _set_dtype(self, dtype: Any) -> None:
+        """Validate and set ``dtype`` (messages name this class)."""
+        self.dtype = validate_dtype(dtype, owner=type(self).__name__)
+
+    def _reduced(self, xp: Any, device: Any, out_dtype: Any, reduce: Callable[[], Any]) -> Any:
+        """``reduce()`` (the weighted, reduced loss in the compute dtype: float32 for half
+        precision, as a sum of many float16 losses overflows) run on the inputs' ``device``,
+        then cast once to ``self.dtype`` (by default ``out_dtype``, the inputs')."""
+        scope = device_scope(xp, device)
+        if scope is None:
+            out = reduce()
+        else:
+            with scope:  # TensorFlow, eagerly: on the inputs' device
+                out = reduce()
+        owner = type(self).__name__
+        dtype = out_dtype if self.dtype is None else result_dtype(xp, self.dtype, owner=owner)
+        if out.dtype != dtype:
+            try:
+                out = xp.astype(out, dtype)
+            except (TypeError, ValueError, RuntimeError) as exc:  # e.g. no float64 on the device
+                raise ValueError(
+                    f"{owner}(dtype={self.dtype!r}): the result cannot be cast to {dtype} "
+                    f"on {self._INPUT}'s device {device}: {exc}"
+                ) from None
+        return numpy_result(out)
+
+    # -- config, repr, pickling --------------------------------------------------------------
+
+    def _config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def _config_keys(cls) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @classmethod
+    def _config_arguments(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The constructor's arguments from a config (a copy): subclasses drop what Keras adds."""
+        return dict(config)
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, as Keras would save them (JSON-ready: a pair of input
+        spaces is a list)."""
+        config = self._config()
+        if self.dtype is not None:
+            config["dtype"] = self.dtype
+        return config
+
+    @classmethod
+    def from_config(cls: type[_L], config: dict[str, Any]) -> _L:
+        """Rebuild a loss from :meth:`get_config` output, or a Keras 2 / Keras 3 config.
+
+        Keras 2 configs of a divergence carry an ``"fn"`` key naming the function; Keras 3
+        configs may hold ``"reduction": None`` and a ``"dtype"`` policy. Unknown keys raise
+        ``TypeError``.
+        """
+        config = cls._config_arguments(config)
+        dtype = config.pop("dtype", None)
+        if isinstance(dtype, dict):  # Keras 3 DTypePolicy config
+            dtype = dtype.get("config", {}).get("name")
+        unknown = set(config) - set(cls._config_keys())
+        if unknown:
+            raise TypeError(f"Unknown {cls.__name__} config keys: {sorted(unknown)}.")
+        return cls(**config, dtype=dtype)
+
+    def _repr_items(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._repr_items()})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The kldiv class, not the Keras-aware subclass (nor Keras' own __reduce__)
+        state = {k: v for k, v in self.__dict__.items() if k != "_call"}  # rebuilt on use
+        return (restore, (kldiv_class(self), state))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LossBase) or kldiv_class(other) is not kldiv_class(self):
+            return NotImplemented
+        return self.get_config() == other.get_config()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class DivergenceLoss(LossBase):
+    """The loss of a member of the divergence family (``divergence``) with its options,
+    Keras-style reductions and sample weights. A subclass names its member (class keywords
+    ``member=`` and ``title=``) and gives ``__init__`` its defaults and docstring.
+
+    An instance made before Keras (or tf_keras) is imported becomes a Keras ``Loss`` the first
+    time Keras checks ``isinstance(loss, keras.losses.Loss)`` (see :mod:`kldiv._keras.loss`).
+    """
+
+    divergence: ClassVar[Divergence]
+    _title: ClassVar[str]  # what the member is called in messages
+
+    # Defaults for instances unpickled from before these options existed
+    inputs: str | tuple[str, str] = "probs"
+    temperature: float = 1.0
+
+    def __init_subclass__(cls, member: Divergence | None = None, title: str = "",
+                          **kwargs: Any) -> None:
+        """``class KLDivergence(DivergenceLoss, member=KL, title="KL divergence")``: the
+        member and its name in messages (subclasses without them inherit their base's)."""
+        super().__init_subclass__(**kwargs)
+        if member is not None:
+            cls.divergence, cls._title = member, title
+
+    def __init__(self, reduction: str | None, name: str, *, inputs: Any = "probs",
+                 temperature: Any = 1.0, dtype: Any = None, **params: Any) -> None:
+        self._set_common(reduction, name)
+        call = resolve(self.divergence, inputs=inputs, temperature=temperature, **params)
+        self._call = call
+        spaces = call.spaces
+        self.inputs = spaces[0] if spaces[0] == spaces[1] else spaces
+        self.temperature = call.temperature
+        for key, value in call.params.items():  # the member's parameters (beta)
+            setattr(self, key, value)
+        self._set_dtype(dtype)
+
+    def _resolved(self) -> Call:
+        """The member with this loss' options (validated again: attributes may be set).
+
+        While ``torch.compile`` traces, the options last validated eagerly are used as they
+        are: dynamo may trace Python float attributes as symbolic values (dynamic shapes),
+        and checks such as ``math.isfinite`` on them cannot be traced.
+        """
+        cached: Call | None = self.__dict__.get("_call")  # absent in pickles of older versions
+        if cached is not None and torch_compiling():
+            return cached
+        params = {key: getattr(self, key) for key in self.divergence.params}
+        self._call = resolve(self.divergence, inputs=self.inputs,
+                             temperature=self.temperature, **params)
+        return self._call
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        """The unreduced, unweighted per-sample loss (Keras' ``Loss.call``), after Keras 2's
+        rank squeeze (see :meth:`__call__`)."""
+        call = self._resolved()
+        return numpy_result(compute(call, prepare(y_true, y_pred, squeeze=True)))
+
+    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        """Weighted, reduced loss. ``sample_weight`` follows Keras 2's rank rules; a mask
+        (``labels != -100``, bool or 0/1) is a sample weight."""
+        call = self._resolved()
+        prep = prepare(y_true, y_pred, squeeze=True)
+
+        def reduce() -> Any:
+            per_sample = compute(call, prep, cast=False)
+            return reduce_loss(prep.xp, per_sample, sample_weight, reduction=self.reduction)
+
+        return self._reduced(prep.xp, prep.device, prep.out_dtype, reduce)
+
+    def _options(self) -> dict[str, Any]:
+        """The member's options as config entries: its parameters always, ``inputs`` and
+        ``temperature`` when not the defaults (so that a default KL's config is Keras')."""
+        options: dict[str, Any] = {key: getattr(self, key) for key in self.divergence.params}
+        if self.inputs != "probs":
+            options["inputs"] = self.inputs if isinstance(self.inputs, str) else list(self.inputs)
+        if self.temperature != 1.0:
+            options["temperature"] = self.temperature
+        return options
+
+    def _config(self) -> dict[str, Any]:
+        return {"reduction": self.reduction, "name": self.name, **self._options()}
+
+    @classmethod
+    def _config_keys(cls) -> tuple[str, ...]:
+        return ("reduction", "name", "inputs", "temperature", *cls.divergence.params)
+
+    @classmethod
+    def _config_arguments(cls, config: dict[str, Any]) -> dict[str, Any]:
+        config = dict(config)
+        div = cls.divergence
+        fn = config.pop("fn", None)  # Keras 2 configs name the function
+        if fn is not None and fn not in {div.name, *div.aliases}:
+            raise ValueError(f"config names function {fn!r}, not the {cls._title}.")
+        return config
+
+    def _repr_items(self) -> str:
+        options = "".join(f", {key}={getattr(self, key)!r}" for key in self._options())
+        return f"reduction={self.reduction!r}, name={self.name!r}{options}"
