@@ -32,7 +32,7 @@ import numpy as np
 from . import _divergence
 from ._divergence import KERAS_KL, Divergence
 from ._libraries import Library, library, load
-from ._namespace import device_scope, torch_compiling
+from ._namespace import torch_compiling
 from ._spaces import Prepared, parse_inputs, shape_str, to_log_space, validate_temperature
 
 __all__ = ["Call", "compute", "fast_path", "fast_path_modules", "generic_forced", "resolve",
@@ -200,7 +200,7 @@ def compute(call: Call, prep: Prepared, *, cast: bool = True) -> Any:
         prep = prep._replace(y_true=prep.y_pred, y_pred=prep.y_true)
     elif "logits" in call.spaces:
         _check_class_axes(call, prep)
-    scope = device_scope(prep.xp, prep.device)
+    scope = library(prep.xp).device_scope(prep.device)
     if scope is None:
         return _compute(call, prep, cast)
     with scope:
@@ -212,26 +212,11 @@ def compute(call: Call, prep: Prepared, *, cast: bool = True) -> Any:
 _QUIET = functools.partial(np.errstate, invalid="ignore", divide="ignore", over="ignore")
 
 
-def _compiled_namespace(path: str) -> Any:
-    """The object at ``"module:attr"`` while dynamo traces: dynamo runs import statements but
-    cannot trace ``importlib`` (nor a ``sys.modules`` that changes under its guards), so the
-    module is imported by a statement (and read from it, not from ``sys.modules``: dynamo's
-    view of that is a snapshot), also when ``torch.compile`` comes before any eager call."""
-    # TEMPORARY: a statement naming the one such module the table lists today, until the
-    # libraries table offers a loader dynamo can trace (a library's name belongs there)
-    from .backends import torch_family
-
-    module, _, attr = path.partition(":")
-    assert module == torch_family.__name__, module
-    return getattr(torch_family, attr)
-
-
 def _kernel_namespace(lib: Library, xp: ModuleType, compiling: bool) -> ModuleType:
     if compiling and lib.compiled_namespace is not None:
         # dynamo traces the library's own functions (array-api-compat's wrappers hold Python
         # checks that break the graph: clip's isnan on symbolic bounds)
-        ns: ModuleType = _compiled_namespace(lib.compiled_namespace)
-        return ns
+        return lib.compiled_namespace()
     if lib.kernel_namespace is not None:  # a shim with what the kernels call
         shim: ModuleType = load(lib.kernel_namespace).namespace
         return shim

@@ -81,8 +81,10 @@ class Library:
     """Modules whose functions, named by op (``keras_kl``, ``kl``, ...), are fast paths."""
     kernel_namespace: str | None = None
     """Module whose ``namespace`` the family's generic kernels run in (a shim), if any."""
-    compiled_namespace: str | None = None
-    """``"module:attr"``: the namespace the generic kernels use while ``torch.compile`` traces."""
+    compiled_namespace: Callable[[], ModuleType] | None = None
+    """Loader of the namespace the generic kernels use while ``torch.compile`` traces: a
+    function of this module whose import statement dynamo traces (it cannot trace
+    ``importlib``)."""
     to_host: str = ""
     """The array method giving host data NumPy takes (CuPy's ``get``, Dask's ``compute``)."""
     place_after: bool = False
@@ -203,6 +205,19 @@ def _info_has_float64(xp: ModuleType, device: Any) -> bool:
 # --------------------------------------------------------------------------- the table
 _B = "kldiv.backends."
 
+
+def _torch_compiled_namespace() -> ModuleType:
+    """torch's own functions as the generic kernels' namespace, while dynamo traces.
+
+    Dynamo runs import statements but cannot trace ``importlib`` (nor a ``sys.modules`` that
+    changes under its guards), so the module is imported by a statement and read from it,
+    also when ``torch.compile`` comes before any eager call."""
+    from .backends import torch_namespace  # imports nothing of kldiv (no import circle)
+
+    ns: ModuleType = torch_namespace.array_api
+    return ns
+
+
 LIBRARIES: tuple[Library, ...] = (
     Library("numpy", ("numpy",), "is_numpy_namespace", adapter=_B + "numpy_adapter",
             fast_paths=(_B + "numpy_", _B + "numpy_family"), native_kernel=True,
@@ -210,7 +225,7 @@ LIBRARIES: tuple[Library, ...] = (
     Library("torch", ("torch",), "is_torch_namespace", adapter=_B + "torch_adapter",
             fast_paths=(_B + "torch_", _B + "torch_family"), tensor_type="Tensor",
             plain_types=("Tensor", "nn.Parameter"),
-            compiled_namespace=_B + "torch_family:array_api", float64_rule=True,
+            compiled_namespace=_torch_compiled_namespace, float64_rule=True,
             install="pip install 'kldiv[torch]'",
             install_note="CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu"),
     Library("jax", ("jax",), "is_jax_namespace", adapter=_B + "jax_",

@@ -44,7 +44,6 @@ Autograd contracts, as on the Keras KL's fast path (:mod:`kldiv.backends.torch_`
 from __future__ import annotations
 
 import math
-import types
 from typing import Any
 
 import torch
@@ -53,6 +52,7 @@ from .._divergence import MEMBERS, js_parts, kl_terms
 from .._kernel import EPSILON
 from .._spaces import to_log_space
 from .torch_ import _batched, _has_tangent, _private, _tracing, float_tensors
+from .torch_namespace import array_api
 
 __all__ = ["BLOCK_ELEMENTS", "array_api", "js", "kl", "reverse_kl"]
 
@@ -60,39 +60,6 @@ BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 24}
 """Elements of one block of rows, per device type (others use the CUDA size)."""
 
 _INF = math.inf
-
-
-# ------------------------------------------------------------------ array-API adapter (tracing)
-def _max(x: torch.Tensor, /, *, axis: Any = None, keepdims: bool = False) -> torch.Tensor:
-    return torch.amax(x, dim=() if axis is None else axis, keepdim=keepdims)
-
-
-def _sum(x: torch.Tensor, /, *, axis: Any = None, keepdims: bool = False,
-         dtype: Any = None) -> torch.Tensor:
-    if axis is None:
-        return torch.sum(x, dtype=dtype)
-    return torch.sum(x, dim=axis, keepdim=keepdims, dtype=dtype)
-
-
-def _astype(x: torch.Tensor, dtype: Any, /, *, copy: bool = True) -> torch.Tensor:
-    return x.to(dtype)
-
-
-def _build_array_api() -> types.ModuleType:
-    ns = types.ModuleType(
-        "kldiv.backends.torch_family.array_api",
-        "torch's own functions under the array API names the family's kernels call.",
-    )
-    for name, fn in {"exp": torch.exp, "log": torch.log, "logaddexp": torch.logaddexp,
-                     "where": torch.where, "clip": torch.clamp, "max": _max, "sum": _sum,
-                     "astype": _astype}.items():
-        setattr(ns, name, fn)
-    ns.__kldiv_name__ = "torch"  # type: ignore[attr-defined]
-    return ns
-
-
-array_api = _build_array_api()
-"""torch's own functions, array-API spelled: what dynamo traces the generic kernel with."""
 
 
 # ------------------------------------------------------------------------------ block math
