@@ -43,6 +43,12 @@ _PARAMETERS = """
         divided by the size of the per-sample loss' first axis (torch's). See
         :class:`Reduction`."""
 
+def _name(default: str) -> str:
+    return f"""
+    name : str, default "{default}"
+        The loss' name (Keras uses it to label logs)."""
+
+
 _OPTIONS = """
     inputs : {"probs", "log_probs", "logits"} or pair of them, default "probs"
         The space of both inputs, or ``(y_true's, y_pred's)``; see
@@ -89,9 +95,7 @@ class KLDivergence(DivergenceLoss, member=KL, title="KL divergence"):
     ``loss = y_true * log(y_true / y_pred)`` summed over the last axis (both clipped to
     ``[1e-7, 1]``; with ``inputs=``, :func:`kldiv.kl_divergence`'s ``KL(P || Q)`` of the
     given spaces), then weighted by ``sample_weight`` and reduced.
-""" + _PARAMETERS + """
-    name : str, default "kl_divergence"
-        The loss' name (Keras uses it to label logs).""" + _OPTIONS + _NOTES + """
+""" + _PARAMETERS + _name("kl_divergence") + _OPTIONS + _NOTES + """
 
     Examples
     --------
@@ -124,9 +128,7 @@ class ReverseKLDivergence(DivergenceLoss, member=REVERSE_KL, title="reverse KL d
 
     Mode-seeking where :class:`KLDivergence` is mass-covering. With ``inputs="probs"`` it is
     exactly ``KLDivergence`` with the inputs swapped (computed in ``y_pred``'s library).
-""" + _PARAMETERS + """
-    name : str, default "reverse_kl_divergence"
-        The loss' name (Keras uses it to label logs).""" + _OPTIONS + _NOTES + """
+""" + _PARAMETERS + _name("reverse_kl_divergence") + _OPTIONS + _NOTES + """
 
     Examples
     --------
@@ -150,9 +152,7 @@ class JensenShannonDivergence(DivergenceLoss, member=JS, title="Jensen-Shannon d
     __doc__ = """The generalized Jensen-Shannon divergence loss: :func:`kldiv.js_divergence`
     (``beta KL(P || M) + (1 - beta) KL(Q || M)``, ``M = beta P + (1 - beta) Q``, P from
     ``y_true``), weighted and reduced.
-""" + _PARAMETERS + """
-    name : str, default "js_divergence"
-        The loss' name (Keras uses it to label logs).
+""" + _PARAMETERS + _name("js_divergence") + """
     beta : float, default 0.5
         The weight of P in the mixture, in the open interval (0, 1) (TRL's and Liger's
         ``beta``; their 0 and 1 are :class:`KLDivergence` and :class:`ReverseKLDivergence`
