@@ -13,15 +13,17 @@ an array of it is passed in.
 """
 
 from . import backends, losses, metrics
-from ._chunked import DataFileError, evaluate_batches, evaluate_files
+from ._dispatch import use_generic
 from ._estimator_loss import KLEstimator
 from ._estimators import kl_estimate
 from ._family import jensen_shannon_divergence, js_divergence, reverse_kl_divergence
+from ._files import evaluate_files
 from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
 from ._fused_linear import FusedLinearDivergence, fused_linear_divergence
 from ._kernel import EPSILON
+from ._npyio import DataFileError
 from ._reduction import Reduction
-from .backends import use_generic
+from ._stream import evaluate_batches
 from .losses import JensenShannonDivergence, KLDivergence, ReverseKLDivergence
 
 __version__ = "0.1.0"
