@@ -35,8 +35,8 @@ from ._libraries import Library, library, load
 from ._namespace import torch_compiling
 from ._spaces import Prepared, parse_inputs, shape_str, to_log_space, validate_temperature
 
-__all__ = ["Call", "compute", "fast_path", "fast_path_modules", "generic_forced", "resolve",
-           "use_generic"]
+__all__ = ["Call", "compute", "fast_path", "fast_path_modules", "generic_forced", "library_op",
+           "resolve", "use_generic"]
 
 
 # ------------------------------------------------------------------------ switching off
@@ -86,11 +86,20 @@ def fast_path_modules(name: str) -> tuple[str, ...]:
 def fast_path(name: str, op: str) -> Callable[..., Any] | None:
     """The fast path for op ``op`` on library ``name``, or ``None`` (none, or switched off).
 
-    The first function called ``op`` in the library's fast-path modules, each imported the
-    first time it is looked in (so ``import kldiv`` imports no framework).
+    :func:`library_op`, unless fast paths are switched off (:func:`use_generic`).
     """
     if generic_forced():
         return None
+    return library_op(name, op)
+
+
+def library_op(name: str, op: str) -> Callable[..., Any] | None:
+    """The first function called ``op`` in library ``name``'s fast-path modules, or ``None``.
+
+    Each module is imported the first time it is looked in (so ``import kldiv`` imports no
+    framework). Not switched off by :func:`use_generic`: the fused linear divergence's
+    library routes (op ``"fused_linear"``, ``"stop_gradient"``) are found here too.
+    """
     key = (name, op)
     try:
         return _LOADED[key]

@@ -8,16 +8,16 @@ per-token terms (:func:`log_ratio`, :func:`estimate_terms`). The faces are
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._namespace import namespace_name
+from ._libraries import library
 
 __all__ = ["ESTIMATORS", "GRADIENTS", "EstimatorOptions", "Ops", "estimate_terms",
            "estimator_options", "log_ratio", "ops_for"]
@@ -86,8 +86,8 @@ def estimator_options(
 
 
 # --------------------------------------------------------------------------------------
-# Per-library operations the array API leaves out (stop_gradient) or kldiv's TensorFlow
-# shim does not hold
+# Per-library operations the array API leaves out (stop_gradient, NumPy's error state) or
+# kldiv's TensorFlow shim does not hold: each library's adapter says (``estimator_ops``)
 # --------------------------------------------------------------------------------------
 
 
@@ -100,26 +100,16 @@ class Ops(NamedTuple):
     isnan: Callable[[Any], Any]
     # None where the library has no automatic differentiation: nothing to stop
     stop_gradient: Callable[[Any], Any] | None
-
-
-def _torch_detach(x: Any) -> Any:
-    return x.detach()
+    # the context the computation runs in (NumPy: no warning for an expected -inf - -inf)
+    quiet: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
 
 
 def ops_for(xp: ModuleType) -> Ops:
-    """:class:`Ops` for namespace ``xp`` (torch's own functions for torch: no wrapper in a
-    ``torch.compile`` graph)."""
-    name = namespace_name(xp)
-    if name == "torch":
-        torch = sys.modules["torch"]
-        return Ops(torch.where, torch.expm1, torch.isfinite, torch.isnan, _torch_detach)
-    if name == "tensorflow":
-        tf = sys.modules["tensorflow"]
-        return Ops(xp.where, tf.math.expm1, tf.math.is_finite, tf.math.is_nan, tf.stop_gradient)
-    if name == "jax":
-        import jax
-
-        return Ops(xp.where, xp.expm1, xp.isfinite, xp.isnan, jax.lax.stop_gradient)
+    """:class:`Ops` for namespace ``xp``: its adapter's ``estimator_ops`` (the libraries
+    table), else the array API's functions with nothing to stop and no context."""
+    ops = library(xp).estimator_ops(xp)
+    if ops is not None:
+        return Ops(*ops)
     return Ops(xp.where, xp.expm1, xp.isfinite, xp.isnan, None)
 
 

@@ -2,9 +2,10 @@
 
 :func:`fused_linear_divergence` and its loss class :class:`FusedLinearDivergence`. This module
 validates, resolves the chunk size and the reduction's per-token weights, and dispatches:
-torch (:mod:`kldiv.backends.torch_fused`, with gradients), JAX
-(:mod:`kldiv.backends.jax_fused`, with gradients), and every other array-API library (NumPy,
-CuPy, ...) through the forward-only loop below. The input checks are
+to the library's own route where the libraries table lists one (op ``fused_linear`` among its
+fast-path modules: :mod:`kldiv.backends.torch_fused` and :mod:`kldiv.backends.jax_fused`,
+with gradients), and every other array-API library (NumPy, CuPy, ...) through the
+forward-only loop below. The input checks are
 :mod:`kldiv._fused_linear_checks`, the per-chunk math :mod:`kldiv._fused_linear_math`.
 """
 
@@ -14,6 +15,7 @@ import math
 from types import ModuleType
 from typing import Any
 
+from ._dispatch import library_op
 from ._fused_linear_checks import BATCHMEAN, check_arrays, check_shapes, validate_options
 from ._fused_linear_math import (
     CHUNK_BUFFERS,
@@ -99,14 +101,10 @@ def _generic_forward(xp: ModuleType, h2: Any, w: Any, b: Any, teacher: dict[str,
 
 
 def _constant(lib: str, x: Any) -> Any:
-    """``x`` cut off from differentiation (sample weights are constants)."""
-    if lib == "torch":
-        return x.detach()
-    if lib == "jax":
-        from jax import lax
-
-        return lax.stop_gradient(x)
-    return x
+    """``x`` cut off from differentiation (sample weights are constants): the library
+    route's ``stop_gradient`` (none where there is no route: no gradients either)."""
+    stop = library_op(lib, "stop_gradient")
+    return x if stop is None else stop(x)
 
 
 def _compute_dtype(xp: ModuleType, *arrays: Any) -> Any:
@@ -236,14 +234,9 @@ def fused_linear_divergence(
         teacher: dict[str, Any] = {"logits": xp.reshape(tl, (n, v))}
     else:
         teacher = {"hidden": xp.reshape(th, (n, int(th.shape[-1]))), "weight": tw, "bias": tb}
-    if lib == "torch":
-        from .backends import torch_fused
-
-        out = torch_fused.run(h2, w, b, teacher, plan, scale)
-    elif lib == "jax":
-        from .backends import jax_fused
-
-        out = jax_fused.run(h2, w, b, teacher, plan, scale)
+    route = library_op(lib, "fused_linear")  # the library's own, with gradients
+    if route is not None:
+        out = route(h2, w, b, teacher, plan, scale)
     else:
         out = _generic_forward(xp, h2, w, b, teacher, plan, cd)
         if scale is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ._dispatch import library_op
 from ._fused_linear_math import DIVERGENCES
 from ._namespace import array_namespace, dtype_kind, get_device, is_array, namespace_name
 from ._reduction import Reduction, validate_reduction
@@ -97,7 +98,7 @@ def check_arrays(named: dict[str, Any]) -> tuple[ModuleType, str]:
         if dtype_kind(x.dtype) != "float":
             raise TypeError(f"{what} must have a floating dtype, got {x.dtype}.")
     assert xp is not None and lib is not None
-    if lib not in ("torch", "jax"):
+    if library_op(lib, "fused_linear") is None:  # the generic route: value only
         missing = [f for f in _GENERIC_FUNCTIONS if not hasattr(xp, f)]
         if missing:  # e.g. TensorFlow tensors, which kldiv's loss functions take
             raise TypeError(

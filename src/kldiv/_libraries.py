@@ -78,7 +78,8 @@ class Library:
     adapter: str | None = None
     """The library's own module in :mod:`kldiv.backends` (imported lazily)."""
     fast_paths: tuple[str, ...] = ()
-    """Modules whose functions, named by op (``keras_kl``, ``kl``, ...), are fast paths."""
+    """Modules whose functions, named by op, are fast paths (``keras_kl``, ``kl``, ...) and the
+    fused linear divergence's library route (``fused_linear``, with ``stop_gradient``)."""
     kernel_namespace: str | None = None
     """Module whose ``namespace`` the family's generic kernels run in (a shim), if any."""
     compiled_namespace: Callable[[], ModuleType] | None = None
@@ -136,7 +137,7 @@ class Library:
         """The adapter module (imports it, and so the library: ``ImportError`` if missing)."""
         if self.adapter is None:
             raise LookupError(f"kldiv has no adapter module for {self.name}")
-        module: ModuleType = importlib.import_module(self.adapter)
+        module: ModuleType = load(self.adapter)
         return module
 
     def is_array(self, x: object) -> bool:
@@ -170,6 +171,14 @@ class Library:
             return None
         scope: contextlib.AbstractContextManager[Any] | None = self.load_adapter().device_scope(device)
         return scope
+
+    def estimator_ops(self, xp: ModuleType) -> tuple[Any, ...] | None:
+        """The adapter's ``estimator_ops(xp)``: ``(where, expm1, isfinite, isnan, stop_gradient,
+        quiet)`` for the sampled-token estimators, or ``None`` where it has none."""
+        if self.adapter is None:
+            return None
+        ops = getattr(self.load_adapter(), "estimator_ops", None)
+        return None if ops is None else tuple(ops(xp))
 
     def has_float64(self, xp: ModuleType, device: Any) -> bool:
         """True when ``xp`` (this library's namespace) holds float64 arrays on ``device``."""
@@ -223,13 +232,13 @@ LIBRARIES: tuple[Library, ...] = (
             fast_paths=(_B + "numpy_", _B + "numpy_family"), native_kernel=True,
             install="pip install numpy"),
     Library("torch", ("torch",), "is_torch_namespace", adapter=_B + "torch_adapter",
-            fast_paths=(_B + "torch_", _B + "torch_family"), tensor_type="Tensor",
+            fast_paths=(_B + "torch_", _B + "torch_family", _B + "torch_fused"), tensor_type="Tensor",
             plain_types=("Tensor", "nn.Parameter"),
             compiled_namespace=_torch_compiled_namespace, float64_rule=True,
             install="pip install 'kldiv[torch]'",
             install_note="CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu"),
     Library("jax", ("jax",), "is_jax_namespace", adapter=_B + "jax_",
-            fast_paths=(_B + "jax_", _B + "jax_family"), place_after=True, where_clip=True,
+            fast_paths=(_B + "jax_", _B + "jax_family", _B + "jax_fused"), place_after=True, where_clip=True,
             no_fma=True,
             immutable=True, float64_rule=True,
             install="pip install 'kldiv[jax]'", install_note="GPU: pip install 'jax[cuda12]'"),

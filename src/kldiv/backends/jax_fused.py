@@ -26,7 +26,7 @@ from jax import lax
 
 from .._fused_linear_math import Plan, chunk_terms
 
-__all__ = ["GRAD_MODE", "run"]
+__all__ = ["GRAD_MODE", "fused_linear", "run", "stop_gradient"]
 
 GRAD_MODE = "forward"
 """``"forward"``: gradients computed in the forward rule (reduced results); ``"recompute"``:
@@ -148,3 +148,10 @@ def run(h2: Any, w: Any, b: Any, teacher: dict[str, Any], plan: Plan, scale: Any
         return _reduced(plan, h2, w, b, teacher, scale)
     loss = _per_token(plan, h2, w, b, teacher)
     return jnp.sum(loss * scale.astype(loss.dtype))
+
+
+fused_linear = run
+"""The fused linear divergence's JAX route (the libraries table's op ``fused_linear``)."""
+
+stop_gradient = lax.stop_gradient
+"""``x`` cut off from differentiation (sample weights are constants)."""

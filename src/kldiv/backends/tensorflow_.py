@@ -19,6 +19,7 @@ imports it).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ import tensorflow as tf
 
 from .._targets import Target
 
-__all__ = ["device_scope", "namespace", "show_devices", "target"]
+__all__ = ["device_scope", "estimator_ops", "namespace", "show_devices", "target"]
 
 _DTYPES = (
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -210,6 +211,13 @@ def _build() -> types.ModuleType:
 
 namespace: types.ModuleType = _build()
 """The namespace kldiv uses for TensorFlow tensors (``kldiv._namespace.array_namespace``)."""
+
+
+def estimator_ops(xp: types.ModuleType) -> tuple[Any, ...]:
+    """The estimators' ``(where, expm1, isfinite, isnan, stop_gradient, quiet)``: what the
+    shim does not hold comes from ``tf.math``."""
+    return (xp.where, tf.math.expm1, tf.math.is_finite, tf.math.is_nan, tf.stop_gradient,
+            contextlib.nullcontext)
 
 
 def device_scope(device: Any) -> Any:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from functools import partial
 from types import ModuleType
@@ -15,7 +16,17 @@ import torch
 
 from .._targets import Target
 
-__all__ = ["has_float64", "show_devices", "target"]
+__all__ = ["estimator_ops", "has_float64", "show_devices", "target"]
+
+
+def _detach(x: torch.Tensor) -> torch.Tensor:
+    return x.detach()
+
+
+def estimator_ops(xp: ModuleType) -> tuple[Any, ...]:
+    """The estimators' ``(where, expm1, isfinite, isnan, stop_gradient, quiet)``: torch's own
+    functions (no compat wrapper in a ``torch.compile`` graph)."""
+    return (torch.where, torch.expm1, torch.isfinite, torch.isnan, _detach, contextlib.nullcontext)
 
 
 def has_float64(xp: ModuleType, device: Any) -> bool:

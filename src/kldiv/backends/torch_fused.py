@@ -46,7 +46,7 @@ from .._namespace import call_time_values
 from .torch_ import _batched, _has_tangent, _tracing
 from .torch_fused_chunks import chunks, compute_dtype, linear_backward
 
-__all__ = ["GRAD_MODE", "differentiable", "run"]
+__all__ = ["GRAD_MODE", "differentiable", "fused_linear", "run", "stop_gradient"]
 
 GRAD_MODE = "forward"
 """``"forward"``: gradients computed in the forward pass (reduced results); ``"recompute"``:
@@ -243,3 +243,12 @@ def _call_time(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
         return None if x is None else call_time_values(x, peer)
 
     return own(h2), own(W), own(b), tuple(own(x) for x in teacher), own(scale)
+
+
+fused_linear = run
+"""The fused linear divergence's torch route (the libraries table's op ``fused_linear``)."""
+
+
+def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cut off from differentiation (sample weights are constants)."""
+    return x.detach()
