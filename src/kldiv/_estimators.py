@@ -19,12 +19,12 @@ OpenRLHF name them.
 
 from __future__ import annotations
 
-import contextlib
 from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._convert import as_pred_array, to_namespace
 from ._estimator_math import (
     ESTIMATORS,
     GRADIENTS,
@@ -35,20 +35,15 @@ from ._estimator_math import (
     ops_for,
 )
 from ._namespace import (
-    array_namespace,
-    as_pred_array,
     device_scope,
     dtype_kind,
     get_device,
     is_array,
-    is_dask,
     is_low_precision,
-    namespace_name,
     numpy_result,
-    to_namespace,
 )
 from ._reduction import apply_sample_weight
-from ._spaces import broadcast_shapes
+from ._spaces import broadcast_shapes, pred_namespace
 
 __all__ = ["ESTIMATORS", "GRADIENTS", "EstimatorOptions", "compute_estimate",
            "estimator_options", "kl_estimate", "prepare_estimate"]
@@ -92,14 +87,7 @@ def prepare_estimate(logprob: Any, ref_logprob: Any) -> Inputs:
         raise TypeError("logprob and ref_logprob must be arrays, lists or numbers, not None.")
     lp = as_pred_array(logprob) if is_array(logprob) else _python_to_numpy(logprob, "logprob")
     ref = ref_logprob if is_array(ref_logprob) else _python_to_numpy(ref_logprob, "ref_logprob")
-    if is_dask(ref) and isinstance(lp, np.ndarray):
-        import dask.array as da  # Dask is NumPy's lazy container: stay lazy, as dask + ndarray
-
-        lp = da.asarray(lp)
-    try:
-        xp = array_namespace(lp)
-    except TypeError as exc:
-        raise TypeError(f"logprob of type {type(lp).__name__} is not a supported array: {exc}") from None
+    lp, xp = pred_namespace(lp, ref, what="logprob")
 
     kind = dtype_kind(lp.dtype)
     if kind in {"int", "bool"}:
@@ -135,8 +123,7 @@ def compute_estimate(inputs: Inputs, options: EstimatorOptions, sample_weight: A
     xp = inputs.xp
     ops = ops_for(xp)
     # NumPy: -inf - -inf in log_ratio's unused branch is expected, not worth a warning
-    quiet = np.errstate(invalid="ignore") if namespace_name(xp) == "numpy" else contextlib.nullcontext()
-    with quiet:
+    with ops.quiet():
         d = log_ratio(ops, inputs.logprob, inputs.ref_logprob)
         weights = None
         if sample_weight is not None:

@@ -28,10 +28,11 @@ import numpy as np
 
 from ._convert import as_pred_array, to_namespace
 from ._kernel import clip_unit
+from ._libraries import lazy_library
 from ._namespace import array_namespace, dtype_kind, get_device, is_dask, is_low_precision
 
-__all__ = ["SPACES", "Prepared", "broadcast_shapes", "log_softmax", "parse_inputs", "prepare",
-           "shape_str", "to_log_space", "validate_temperature"]
+__all__ = ["SPACES", "Prepared", "broadcast_shapes", "log_softmax", "parse_inputs", "pred_namespace",
+           "prepare", "shape_str", "to_log_space", "validate_temperature"]
 
 
 # ------------------------------------------------------------------------------ the inputs
@@ -89,6 +90,33 @@ def _squeeze_last(xp: ModuleType, x: Any) -> Any:
     return xp.reshape(x, tuple(x.shape[:-1]))
 
 
+def pred_namespace(pred: Any, other: Any, *, what: str) -> tuple[Any, ModuleType]:
+    """``pred`` (the input whose library the call runs in) and its namespace.
+
+    The lazy library (Dask) is NumPy's chunked container: as with ``dask_array + ndarray``,
+    a Dask ``other`` against a NumPy ``pred`` keeps the call lazy (``pred`` becomes a Dask
+    array) rather than computing ``other``. Against any other library, ``other`` is later
+    computed and moved to ``pred``'s library and device.
+
+    Raises
+    ------
+    TypeError
+        ``"{what} of type T is not a supported array"``.
+    """
+    if is_dask(other) and isinstance(pred, np.ndarray):
+        lazy = _LAZY.loaded()  # loaded: ``other`` is one of its arrays
+        assert lazy is not None
+        pred = lazy.asarray(pred)
+    try:
+        xp = array_namespace(pred)
+    except TypeError as exc:
+        raise TypeError(f"{what} of type {type(pred).__name__} is not a supported array: {exc}") from None
+    return pred, xp
+
+
+_LAZY = lazy_library()
+
+
 def prepare(y_true: Any, y_pred: Any, *, squeeze: bool = True) -> Prepared:
     """Validate and convert both inputs (SPEC §1-2). Never modifies them.
 
@@ -99,18 +127,7 @@ def prepare(y_true: Any, y_pred: Any, *, squeeze: bool = True) -> Prepared:
     """
     if y_pred is None or y_true is None:
         raise TypeError("y_true and y_pred must be arrays, lists or numbers, not None.")
-    y_pred = as_pred_array(y_pred)
-    if is_dask(y_true) and isinstance(y_pred, np.ndarray):
-        # Dask is NumPy's chunked container: as with ``dask_array + ndarray``, a Dask y_true
-        # against a NumPy y_pred keeps the call lazy rather than computing y_true. Against
-        # any other library, y_true is computed and moved to y_pred's library and device.
-        import dask.array as da
-
-        y_pred = da.asarray(y_pred)
-    try:
-        xp = array_namespace(y_pred)
-    except TypeError as exc:
-        raise TypeError(f"y_pred of type {type(y_pred).__name__} is not a supported array: {exc}") from None
+    y_pred, xp = pred_namespace(as_pred_array(y_pred), y_true, what="y_pred")
 
     pred_dtype = y_pred.dtype
     kind = dtype_kind(pred_dtype)
