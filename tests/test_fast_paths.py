@@ -533,6 +533,24 @@ def test_triton_kernels_interpreted() -> None:
 
 
 # ---------------------------------------------------------------------------------------- JAX
+@pytest.mark.parametrize("shape_t", [(5, 1), (1, 26), (1, 1), (26,), (1,)])
+def test_jax_fast_path_bitwise_equal_to_generic_with_broadcast_y_true(
+        shape_t: tuple[int, ...]) -> None:
+    """kldiv promises bitwise equality of JAX's jitted fast path and the generic kernel. A
+    y_true broadcast against y_pred (an axis of size 1) must not let XLA hoist it out of the
+    row sum (a different rounding: 1 ulp)."""
+    jnp = pytest.importorskip("jax.numpy")
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        t = rng.random(shape_t).astype(np.float32) * rng.choice([1e-3, 1.0, 10.0])
+        p = rng.random((5, 26)).astype(np.float32)
+        yt, yp = jnp.asarray(t), jnp.asarray(p)
+        fast = np.asarray(kldiv.kld(yt, yp))
+        with kldiv.use_generic():
+            generic = np.asarray(kldiv.kld(yt, yp))
+        np.testing.assert_array_equal(fast, generic)
+
+
 def test_jax_jit_matches_generic_under_transforms(monkeypatch: pytest.MonkeyPatch) -> None:
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)

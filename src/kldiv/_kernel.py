@@ -34,12 +34,15 @@ def kl_divergence_generic(xp: ModuleType, y_true: Any, y_pred: Any) -> Any:
     """
     t = clip_unit(xp, y_true)
     p = clip_unit(xp, y_pred)
-    terms = t * xp.log(t / p)
+    ratio = t / p
+    terms = t * xp.log(ratio)
     if library(xp).no_fma:
         # JAX: fused by XLA, the product would be contracted into the row sum's addition (one FMA,
         # one rounding instead of two): float32 -3.0809076e-06 for SPEC's -3.0809074e-06, and
         # the jitted fast path would differ from the un-fused ops. A select between the two
-        # (``t > 0`` always holds after the clip; a NaN ``t`` passes through) stops the
-        # contraction; the loop stays fused.
-        terms = xp.where(t > 0, terms, t)
+        # (``ratio > 0`` always holds after the clips; a NaN passes through) stops the
+        # contraction; the loop stays fused. The select asks the ratio, which varies along the
+        # row, not ``t``: a ``t`` broadcast along the class axis would make the select
+        # loop-invariant, hoisted out of the row loop, and the product contracted after all.
+        terms = xp.where(ratio > 0, terms, ratio)
     return xp.sum(terms, axis=-1)

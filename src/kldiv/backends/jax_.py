@@ -17,6 +17,7 @@ element in five differs from NumPy's by an ulp) and XLA sums rows in its own ord
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
@@ -27,11 +28,15 @@ import jax.numpy as jnp
 from .._kernel import kl_divergence_generic
 from .._targets import Target
 
-__all__ = ["has_float64", "keras_kl", "show_devices", "target"]
+__all__ = ["estimator_ops", "has_float64", "keras_kl", "show_devices", "target"]
 
 
 @jax.jit
 def _kld(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
+    if y_true.shape != y_pred.shape:
+        # materialised at the common shape first: XLA would otherwise fuse the broadcast into
+        # the row loop, which then sums in another order than the generic kernel's (an ulp)
+        y_true, y_pred = jax.lax.optimization_barrier(jnp.broadcast_arrays(y_true, y_pred))
     return kl_divergence_generic(jnp, y_true, y_pred)
 
 
@@ -55,6 +60,12 @@ kl_divergence = keras_kl  # temporary: the old op name, until the dispatch asks 
 
 
 # ------------------------------------------------------------------------------ the adapter
+def estimator_ops(xp: ModuleType) -> tuple[Any, ...]:
+    """The estimators' ``(where, expm1, isfinite, isnan, stop_gradient, quiet)``."""
+    return (xp.where, xp.expm1, xp.isfinite, xp.isnan, jax.lax.stop_gradient,
+            contextlib.nullcontext)
+
+
 def has_float64(xp: ModuleType, device: Any) -> bool:
     """JAX holds float64 only with ``jax_enable_x64``."""
     try:
