@@ -9,23 +9,19 @@ is the last-resort trip through the host. Detection (namespaces, devices, dtypes
 
 from __future__ import annotations
 
-import sys
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from . import _compat
-from ._libraries import HOSTED, library, shim_namespace
+from ._libraries import GRAPHED, HOSTED, compiler_library, library, shim_namespace, sparse_hint
 from ._namespace import (
-    _COMPILER,
     _dtype_name,
-    _is_torch,
     array_namespace,
     dtype_kind,
     get_device,
     is_array,
-    is_low_precision,
     namespace_name,
     torch_compiling,
 )
@@ -37,6 +33,8 @@ __all__ = [
     "host_numpy",
     "to_namespace",
 ]
+
+_COMPILER = compiler_library()  # torch: dynamo traces kldiv's Python (torch.compile)
 
 
 def _to_device(x: Any, device: Any) -> Any:
@@ -52,11 +50,10 @@ def _to_device(x: Any, device: Any) -> Any:
 
 def host_numpy(x: Any) -> np.ndarray:
     """Last-resort conversion of a foreign array to NumPy (a trip through the host)."""
-    if _is_torch(x):
-        x = x.detach().cpu()
-        if is_low_precision(x.dtype):
-            x = x.float()
-        return x.numpy()
+    for lib in GRAPHED:  # torch: detached, on the CPU, low precision as float32
+        if lib.is_instance(x):
+            out: np.ndarray = lib.load_adapter().host_numpy(x)
+            return out
     for lib in HOSTED:  # CuPy (device memory), Dask (a task graph)
         if lib.is_instance(x):
             return np.asarray(getattr(x, lib.to_host)())
@@ -89,21 +86,16 @@ def _native_byte_order(x: Any) -> Any:
 
 
 def _sparse_hint(x: object) -> str | None:
-    """How to densify ``x`` if it is a sparse array of a known library, else ``None``."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        if x.layout == torch.strided:
-            return None
-        return f"torch tensor (layout {x.layout}); call .to_dense() first"
+    """How to densify ``x`` if it is a sparse array (the table's libraries' sparse types, and
+    the sparse-only libraries SciPy and pydata/sparse), else ``None``."""
+    hint = sparse_hint(x)  # first: a dense tensor under torch.compile ends there
+    if hint is not None:
+        return hint
     module = type(x).__module__
     if module.startswith("scipy.sparse"):
         return f"SciPy {type(x).__name__}; call .toarray() first"
-    if module.startswith("jax.experimental.sparse"):
-        return f"JAX {type(x).__name__} array; call .todense() first"
     if module.startswith("sparse."):  # pydata/sparse
         return f"pydata sparse {type(x).__name__}; call .todense() first"
-    if module.startswith("tensorflow") and type(x).__name__ == "SparseTensor":
-        return "TensorFlow SparseTensor; call tf.sparse.to_dense() first"
     return None
 
 
@@ -155,10 +147,10 @@ def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str,
     ``peer`` is an array whose gradient autograd may compute from the result later (the loss
     that a ``sample_weight`` multiplies): see :func:`call_time_values`.
     """
-    if torch_compiling() and not _is_torch(x) and library(xp) is _COMPILER:
+    if torch_compiling() and not _COMPILER.is_instance(x) and library(xp) is _COMPILER:
         # dynamo traces NumPy (and Python lists through np.asarray) as torch, but cannot read
         # an ndarray's dtype: go straight to a tensor
-        return sys.modules[_COMPILER.modules[0]].as_tensor(x, dtype=dtype, device=device)
+        return _COMPILER.loaded().as_tensor(x, dtype=dtype, device=device)  # type: ignore[union-attr]
     out = _to_namespace(x, xp, device, dtype, what)
     return out if peer is None else call_time_values(out, peer)
 
@@ -177,15 +169,10 @@ def call_time_values(x: Any, peer: Any) -> Any:
     (``kldiv.backends.torch_._private``). Not applied while ``torch.compile`` traces: the
     compiled backward reads its graph inputs when it runs, a copy inside the graph or not.
     """
-    torch = sys.modules.get("torch")
-    if (torch is None or not isinstance(x, torch.Tensor) or not isinstance(peer, torch.Tensor)
-            or not peer.requires_grad or not torch.is_grad_enabled() or torch_compiling()):
-        return x
-    try:
-        own = x.layout != torch.strided or x.untyped_storage().resizable()
-    except (RuntimeError, NotImplementedError):  # no storage to ask (functorch wrappers)
-        return x
-    return x if own else x.clone()
+    for lib in GRAPHED:  # the adapter's rule (torch's), never loaded while dynamo traces
+        if lib.is_instance(x) and lib.is_instance(peer) and not torch_compiling():
+            return lib.load_adapter().call_time_values(x, peer)
+    return x
 
 
 def _to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, what: str) -> Any:
@@ -238,8 +225,7 @@ def _cast_at_source(x: Any, src_xp: ModuleType, dtype: Any) -> Any:
     src_dtype = getattr(src_xp, name, None)
     if src_dtype is None:
         return x
-    if _is_torch(x):
-        x = x.detach()  # y_true / sample_weight carry no gradient across libraries
+    x = _without_graph(x)  # y_true / sample_weight carry no gradient across libraries
     try:
         return src_xp.astype(x, src_dtype)
     except (TypeError, ValueError, RuntimeError):
@@ -256,7 +242,7 @@ def _asarray(xp: ModuleType, arr: Any, device: Any, dtype: Any) -> Any:
         out = xp.astype(out, dtype) if out.dtype != dtype else out
         return out if lib.lazy or get_device(out) == device else _compat.to_device(out, device)
     if lib is _COMPILER:  # torch: its own as_tensor, not compat's asarray
-        module = sys.modules[_COMPILER.modules[0]]
+        module: Any = lib.loaded()
         return module.as_tensor(np.asarray(arr), dtype=dtype, device=device)
     try:  # cast while converting: the device may not hold NumPy's dtype (no float64)
         return xp.asarray(arr, dtype=dtype, device=device)
@@ -267,8 +253,7 @@ def _asarray(xp: ModuleType, arr: Any, device: Any, dtype: Any) -> Any:
 
 def _foreign_to(x: Any, xp: ModuleType, device: Any, dtype: Any) -> Any:
     """Array of another library -> ``xp`` on ``device``."""
-    if _is_torch(x):
-        x = x.detach()  # y_true / sample_weight carry no gradient across libraries
+    x = _without_graph(x)  # y_true / sample_weight carry no gradient across libraries
     lib = library(xp)
     if lib.lazy:  # Dask: host chunks
         return xp.asarray(host_numpy(x) if not _compat.is_numpy_array(x) else x)
@@ -294,6 +279,14 @@ def _foreign_to(x: Any, xp: ModuleType, device: Any, dtype: Any) -> Any:
     if device is not None and get_device(out) != device:
         out = _to_device(out, device)
     return out
+
+
+def _without_graph(x: Any) -> Any:
+    """``x`` without an autograd graph (the table's :attr:`~kldiv._libraries.Library.detach`)."""
+    for lib in GRAPHED:
+        if lib.is_instance(x):
+            return getattr(x, lib.detach)()
+    return x
 
 
 def _own_copy(xp: ModuleType, out: Any, source: Any) -> Any:

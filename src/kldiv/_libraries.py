@@ -34,6 +34,7 @@ from . import _compat
 
 __all__ = [
     "BACKENDS",
+    "GRAPHED",
     "HOSTED",
     "LIBRARIES",
     "Library",
@@ -46,6 +47,7 @@ __all__ = [
     "load",
     "names",
     "shim_namespace",
+    "sparse_hint",
     "target",
 ]
 
@@ -104,6 +106,18 @@ class Library:
     """Its eager ops need a device scope (the adapter's ``device_scope``)."""
     float64_rule: bool = False
     """Its adapter's ``has_float64`` answers (else the array API inspection API)."""
+    detach: str = ""
+    """The array method that drops an autograd graph (torch's ``detach``): accumulated state
+    and arrays crossing to another library keep none; its adapter's ``host_numpy`` and
+    ``call_time_values`` take its arrays."""
+    numpy_dtypes: bool = False
+    """Its dtypes are NumPy's (``np.dtype(name)`` where its namespace lacks a name: float16)."""
+    dense_layout: str = ""
+    """Where its arrays have a ``layout``: the dense layout's name in its module."""
+    sparse_types: tuple[str, ...] = ()
+    """``"module prefix"`` or ``"module prefix:Type"`` of its sparse array types."""
+    densify: str = ""
+    """How to densify one of its sparse arrays (``{type}`` and ``{layout}`` filled in)."""
     quiet: tuple[tuple[str, str], ...] = ()
     """Environment defaults set before importing it (start-up chatter off)."""
     install: str = ""
@@ -132,6 +146,23 @@ class Library:
             if tp is obj:
                 return True
         return False
+
+    def sparse_hint(self, x: object) -> str | None:
+        """How to densify ``x`` if it is one of this library's sparse arrays, else ``None``.
+
+        Asks a loaded library's array of its ``layout`` first (a dense tensor ends there: what
+        dynamo traces), else the type's module and name (never imports the library)."""
+        if self.dense_layout and self.is_instance(x):
+            layout = x.layout  # type: ignore[attr-defined]
+            if layout == getattr(self.loaded(), self.dense_layout):
+                return None
+            return self.densify.format(type=type(x).__name__, layout=layout)
+        tp = type(x)
+        for spec in self.sparse_types:
+            prefix, _, name = spec.partition(":")
+            if tp.__module__.startswith(prefix) and (not name or tp.__name__ == name):
+                return self.densify.format(type=tp.__name__, layout="")
+        return None
 
     def load_adapter(self) -> ModuleType:
         """The adapter module (imports it, and so the library: ``ImportError`` if missing)."""
@@ -194,6 +225,11 @@ class Library:
         importlib.import_module(self.modules[0])
         return self.load_adapter().target(device)
 
+    def file_input(self, src: Any, sliced: bool, batch_rows: int) -> Any:
+        """The adapter's lazy array of an ``.npy`` :class:`kldiv._npyio.Source` (read by
+        blocks of ``batch_rows`` rows where ``sliced``, else whole): Dask's."""
+        return self.load_adapter().file_input(src, sliced, batch_rows)
+
     def show_devices(self) -> Iterator[tuple[str, Callable[[Any], Any] | None, str]]:
         """The CLI's rows: ``(device, converter from nested lists or None, reason)``."""
         importlib.import_module(self.modules[0])
@@ -229,31 +265,35 @@ def _torch_compiled_namespace() -> ModuleType:
 
 LIBRARIES: tuple[Library, ...] = (
     Library("numpy", ("numpy",), "is_numpy_namespace", adapter=_B + "numpy_adapter",
-            fast_paths=(_B + "numpy_", _B + "numpy_family"), native_kernel=True,
+            fast_paths=(_B + "numpy_", _B + "numpy_family"), native_kernel=True, numpy_dtypes=True,
             install="pip install numpy"),
     Library("torch", ("torch",), "is_torch_namespace", adapter=_B + "torch_adapter",
             fast_paths=(_B + "torch_", _B + "torch_family", _B + "torch_fused"), tensor_type="Tensor",
             plain_types=("Tensor", "nn.Parameter"),
-            compiled_namespace=_torch_compiled_namespace, float64_rule=True,
+            compiled_namespace=_torch_compiled_namespace, float64_rule=True, detach="detach",
+            dense_layout="strided", densify="torch tensor (layout {layout}); call .to_dense() first",
             install="pip install 'kldiv[torch]'",
             install_note="CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu"),
     Library("jax", ("jax",), "is_jax_namespace", adapter=_B + "jax_",
             fast_paths=(_B + "jax_", _B + "jax_family", _B + "jax_fused"), place_after=True, where_clip=True,
             no_fma=True,
-            immutable=True, float64_rule=True,
+            immutable=True, float64_rule=True, sparse_types=("jax.experimental.sparse",),
+            densify="JAX {type} array; call .todense() first",
             install="pip install 'kldiv[jax]'", install_note="GPU: pip install 'jax[cuda12]'"),
     Library("cupy", ("cupy",), "is_cupy_namespace", adapter=_B + "cupy_",
             fast_paths=(_B + "cupy_",), tensor_type="ndarray", to_host="get",
             install="pip install 'kldiv[cupy]'", install_note="needs an NVIDIA GPU and CUDA 12"),
     Library("dask", ("dask.array", "dask"), "is_dask_namespace", adapter=_B + "dask_",
             tensor_type="Array", to_host="compute", place_after=True, lazy=True,
-            where_clip=True, install="pip install 'kldiv[dask]'"),
+            where_clip=True, numpy_dtypes=True, install="pip install 'kldiv[dask]'"),
     Library("array_api_strict", ("array_api_strict",), "is_array_api_strict_namespace",
             adapter=_B + "array_api_strict_", install="pip install array-api-strict"),
     # last: slow to import, and a process that has imported it must not import Triton after
     Library("tensorflow", ("tensorflow",), None,
             array_types=("tensorflow:Tensor", "tensorflow:Variable"), adapter=_B + "tensorflow_",
             kernel_namespace=_B + "tensorflow_family", immutable=True, scoped=True,
+            sparse_types=("tensorflow:SparseTensor",),
+            densify="TensorFlow {type}; call tf.sparse.to_dense() first",
             quiet=(("TF_CPP_MIN_LOG_LEVEL", "2"),),
             install="pip install tensorflow"),
 )
@@ -266,6 +306,22 @@ _SHIMMED = tuple(lib for lib in LIBRARIES if lib.array_types)
 HOSTED: tuple[Library, ...] = tuple(lib for lib in LIBRARIES if lib.to_host)
 """Libraries whose arrays NumPy cannot read directly (:attr:`Library.to_host`)."""
 _BY_ID: dict[int, Library] = {}
+_LAYOUTS = tuple(lib for lib in LIBRARIES if lib.dense_layout)
+_SPARSE = tuple(lib for lib in LIBRARIES if lib.sparse_types)
+GRAPHED: tuple[Library, ...] = tuple(lib for lib in LIBRARIES if lib.detach)
+"""Libraries whose arrays may carry an autograd graph (:attr:`Library.detach`)."""
+
+
+def sparse_hint(x: object) -> str | None:
+    """How to densify ``x`` if it is a sparse array of a library in the table, else ``None``."""
+    for lib in _LAYOUTS:  # first: a dense torch tensor (what dynamo traces) ends here
+        if lib.is_instance(x):
+            return lib.sparse_hint(x)
+    for lib in _SPARSE:
+        hint = lib.sparse_hint(x)
+        if hint is not None:
+            return hint
+    return None
 
 
 def compiler_library() -> Library:

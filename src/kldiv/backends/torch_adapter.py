@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._namespace import is_low_precision
 from .._targets import Target
 
-__all__ = ["estimator_ops", "has_float64", "show_devices", "target"]
+__all__ = ["call_time_values", "estimator_ops", "has_float64", "host_numpy", "show_devices", "target"]
 
 
 def _detach(x: torch.Tensor) -> torch.Tensor:
@@ -27,6 +28,26 @@ def estimator_ops(xp: ModuleType) -> tuple[Any, ...]:
     """The estimators' ``(where, expm1, isfinite, isnan, stop_gradient, quiet)``: torch's own
     functions (no compat wrapper in a ``torch.compile`` graph)."""
     return (torch.where, torch.expm1, torch.isfinite, torch.isnan, _detach, contextlib.nullcontext)
+
+
+def host_numpy(x: torch.Tensor) -> np.ndarray:
+    """A tensor's values in NumPy: detached, on the CPU, low precision as float32."""
+    x = x.detach().cpu()
+    if is_low_precision(x.dtype):
+        x = x.float()
+    return x.numpy()
+
+
+def call_time_values(x: torch.Tensor, peer: torch.Tensor) -> torch.Tensor:
+    """``x``, or a copy in memory torch owns where autograd may save it for ``peer``'s backward
+    pass and its memory is not torch's own (see :func:`kldiv._convert.call_time_values`)."""
+    if not peer.requires_grad or not torch.is_grad_enabled():
+        return x
+    try:
+        own = x.layout != torch.strided or x.untyped_storage().resizable()
+    except (RuntimeError, NotImplementedError):  # no storage to ask (functorch wrappers)
+        return x
+    return x if own else x.clone()
 
 
 def has_float64(xp: ModuleType, device: Any) -> bool:
