@@ -57,11 +57,12 @@ def _targets() -> Iterator[tuple[str, str, Converter | None, str]]:
 
 
 def _fmt(x: Any) -> str:
-    from ._convert import host_numpy as _host_numpy
+    from ._convert import host_numpy
+    from ._libraries import lazy_library
     from ._namespace import get_device
 
-    dev = get_device(x) if not hasattr(x, "dask") else "cpu"
-    arr = _host_numpy(x)  # torch (detached), CuPy, Dask (computed), TensorFlow, ...
+    dev = "cpu" if lazy_library().is_instance(x) else get_device(x)  # Dask: host chunks
+    arr = host_numpy(x)  # torch (detached), CuPy, Dask (computed), TensorFlow, ...
     vals = np.array2string(np.asarray(arr), precision=8, separator=", ")
     name = getattr(x.dtype, "name", None)  # NumPy, JAX, TensorFlow
     dtype = name if isinstance(name, str) else str(x.dtype).rsplit(".", 1)[-1]  # torch.float32

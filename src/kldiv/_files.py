@@ -11,7 +11,6 @@ answer; reading and writing ``.npy`` files lives in :mod:`kldiv._npyio`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Generator
 from typing import Any
 
@@ -19,7 +18,6 @@ import numpy as np
 
 from ._libraries import BACKENDS, backend_name, library, target
 from ._metric_base import DivergenceMetric
-from ._namespace import is_dask
 from ._npyio import (
     DataFileError,
     NpyWriter,
@@ -27,9 +25,7 @@ from ._npyio import (
     Source,
     backing_file,
     check_output,
-    host_ready,
     open_source,
-    to_host,
 )
 from ._reduction import Reduction
 from ._stream import STREAMING_NOTES, run_batches
@@ -42,44 +38,9 @@ _BATCH_BYTES = 64 * 2**20  # default batch: about 64 MiB of the widest input
 
 
 # --------------------------------------------------------------------------------------
-# Dask: lazy arrays reading the files on the workers
+# Dask: inputs are lazy arrays read on the workers (the table's file_input); a per-sample
+# loss is stored block by block
 # --------------------------------------------------------------------------------------
-
-
-def _read_block(path: str, offset: int, dtype: str, shape: tuple[int, ...], fortran: bool,
-                block_info: Any = None) -> np.ndarray:
-    """Dask task: read one block of rows of an ``.npy`` file (on whichever worker runs it)."""
-    start, stop = block_info[None]["array-location"][0]
-    dt = np.dtype(dtype)
-    src = Source("", shape, dt, "float", dt.itemsize, path=path, offset=offset, fortran=fortran)
-    return host_ready(src.rows(start, stop))
-
-
-def _dask_input(src: Source, sliced: bool, batch_rows: int) -> Any:
-    """A lazy Dask array of ``src``: read by blocks of rows (only the path travels to the
-    workers), or whole when it broadcasts; in the machine's byte order."""
-    import dask.array as da
-    from dask.base import tokenize
-
-    if src.path is None:
-        x = src.array
-        if not is_dask(x):
-            x = da.from_array(host_ready(to_host(x)), chunks=(batch_rows, *src.shape[1:]) if sliced else -1)
-        elif not np.dtype(x.dtype).isnative:
-            x = x.astype(np.dtype(x.dtype).newbyteorder("="))
-        return x
-    if not sliced:
-        return da.from_array(host_ready(src.whole()), chunks=-1)
-    n = src.shape[0]
-    native = src.dtype.newbyteorder("=")
-    row_chunks = tuple(min(batch_rows, n - i) for i in range(0, n, batch_rows)) or (0,)
-    chunks = (row_chunks, *((d,) for d in src.shape[1:]))
-    return da.map_blocks(
-        _read_block, src.path, src.offset, src.dtype.str, src.shape, src.fortran,
-        dtype=native, chunks=chunks, meta=np.empty((0,) * len(src.shape), dtype=native),
-        name="kldiv-read-" + tokenize(src.path, os.stat(src.path).st_mtime_ns, src.offset, src.dtype.str,
-                                      src.shape, chunks),
-    )
 
 
 def _store_blocks(loss: Any, out: PathLike, inputs: list[tuple[str, str]]) -> np.ndarray:
@@ -229,8 +190,10 @@ def evaluate_files(
     rows = batch_rows
 
     if library(name).lazy:  # Dask: lazy arrays, read on the workers
+        lib = library(name)
+
         def lazy(s: Source | None, sliced: bool) -> Any:
-            return sample_weight if s is None else _dask_input(s, sliced, rows)
+            return sample_weight if s is None else lib.file_input(s, sliced, rows)
 
         yt, yp, sw = (lazy(s, sl) for s, sl in zip(all_sources, plan.sliced, strict=True))
         if the_metric is not None:

@@ -27,7 +27,6 @@ from ._accumulate import (
     running_sums,
     safe_divide,
 )
-from ._libraries import library
 from ._metric_base import DivergenceMetric
 from ._namespace import array_namespace, device_scope, get_device, numpy_result
 from ._npyio import NpyWriter, PathLike, backing_file, check_output, refuse_input, to_host
@@ -67,15 +66,10 @@ def _unreduced_result(x: Any) -> Any:
 
 def _concat(parts: list[Any]) -> Any:
     """Concatenate per-sample losses along the first axis, in their library and device."""
-    xp = array_namespace(parts[0])
-    concat = getattr(xp, "concat", None)
-    if concat is None:  # a kldiv shim namespace (TensorFlow's): the library's own concat
-        module = library(xp).loaded()
-        assert module is not None  # its arrays are here, so it is loaded
-        concat = module.concat
+    xp = array_namespace(parts[0])  # a kldiv shim (TensorFlow's) has its concat too
     scope = device_scope(xp, get_device(parts[0]))
     with scope if scope is not None else contextlib.nullcontext():
-        return concat(parts, axis=0)
+        return xp.concat(parts, axis=0)
 
 
 class _Accumulator:

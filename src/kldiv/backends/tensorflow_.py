@@ -170,6 +170,18 @@ def zeros_like(x: Any, /, *, dtype: Any = None, device: Any = None) -> Any:
     return tf.zeros_like(x, dtype=_dtype(dtype))
 
 
+def concat(arrays: Any, /, *, axis: int | None = 0) -> Any:
+    """The tensors joined along ``axis`` (``None``: flattened first), on the first's device."""
+    arrays = list(arrays)
+    if axis is None:
+        arrays, axis = [tf.reshape(a, [-1]) for a in arrays], 0
+    device = _eager_device(arrays[0]) if arrays else None
+    if device is None:
+        return tf.concat(arrays, axis=axis)
+    with tf.device(device):
+        return tf.concat(arrays, axis=axis)
+
+
 def device(x: Any, /) -> Any:
     """The tensor's device string (``None`` in a graph, where TensorFlow places ops)."""
     return x.device or None
@@ -201,7 +213,7 @@ def from_dlpack(x: Any, /) -> Any:
 def _build() -> types.ModuleType:
     ns = types.ModuleType("kldiv.backends.tensorflow_.namespace", "kldiv's TensorFlow namespace.")
     for fn in (asarray, astype, where, clip, sum, mean, log, isnan, reshape, expand_dims,
-               squeeze, broadcast_to, ones_like, zeros_like, device, to_device, from_dlpack):
+               squeeze, broadcast_to, ones_like, zeros_like, concat, device, to_device, from_dlpack):
         setattr(ns, fn.__name__, fn)
     for name in _DTYPES:
         setattr(ns, name, tf.as_dtype(name))
