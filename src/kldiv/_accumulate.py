@@ -132,10 +132,12 @@ class BatchSums(NamedTuple):
 
 
 def detached(xp: ModuleType, *arrays: Any) -> tuple[Any, ...]:
-    """``arrays`` without an autograd graph (torch's are detached): accumulated state keeps none."""
-    if namespace_name(xp) != "torch":  # TODO(H1): a table flag (arrays that carry a graph)
+    """``arrays`` without an autograd graph (torch's are detached: the table's
+    :attr:`~kldiv._libraries.Library.detach`): accumulated state keeps none."""
+    detach = library(xp).detach
+    if not detach:
         return arrays
-    return tuple(a.detach() for a in arrays)
+    return tuple(getattr(a, detach)() for a in arrays)
 
 
 _KERAS_KL = resolve(KL)  # the Keras KL: probabilities, no options

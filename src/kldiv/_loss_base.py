@@ -19,6 +19,7 @@ import numpy as np
 from ._dispatch import Call, compute, resolve
 from ._divergence import Divergence
 from ._keras import KerasAwareLoss, kldiv_class
+from ._libraries import library
 from ._namespace import device_scope, dtype_name, namespace_name, numpy_result, torch_compiling
 from ._reduction import reduce_loss, validate_reduction
 from ._spaces import prepare
@@ -54,7 +55,7 @@ def validate_dtype(dtype: Any, *, owner: str = "KLDivergence") -> str | None:
 def result_dtype(xp: Any, name: str, *, owner: str = "KLDivergence") -> Any:
     """The dtype called ``name`` in ``xp`` (NumPy's and Dask's bfloat16 from ml_dtypes)."""
     dtype = getattr(xp, name, None)
-    numpy_dtypes = namespace_name(xp) in {"numpy", "dask"}  # TODO(H1): a table flag
+    numpy_dtypes = library(xp).numpy_dtypes  # NumPy's and Dask's dtypes are NumPy's
     if dtype is None and name != "bfloat16" and numpy_dtypes:
         dtype = np.dtype(name)  # float16: not in the array API, so not in every compat namespace
     if dtype is None and name == "bfloat16" and numpy_dtypes:
