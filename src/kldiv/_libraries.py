@@ -42,6 +42,7 @@ __all__ = [
     "backend_name",
     "compiler_library",
     "find",
+    "graph_library",
     "lazy_library",
     "library",
     "load",
@@ -118,6 +119,9 @@ class Library:
     """``"module prefix"`` or ``"module prefix:Type"`` of its sparse array types."""
     densify: str = ""
     """How to densify one of its sparse arrays (``{type}`` and ``{layout}`` filled in)."""
+    eager_check: str = ""
+    """Its module's function answering whether ops run eagerly (false while a graph is built,
+    ``tf.function``: kldiv's state cannot live there)."""
     quiet: tuple[tuple[str, str], ...] = ()
     """Environment defaults set before importing it (start-up chatter off)."""
     install: str = ""
@@ -292,7 +296,7 @@ LIBRARIES: tuple[Library, ...] = (
     Library("tensorflow", ("tensorflow",), None,
             array_types=("tensorflow:Tensor", "tensorflow:Variable"), adapter=_B + "tensorflow_",
             kernel_namespace=_B + "tensorflow_family", immutable=True, scoped=True,
-            sparse_types=("tensorflow:SparseTensor",),
+            sparse_types=("tensorflow:SparseTensor",), eager_check="executing_eagerly",
             densify="TensorFlow {type}; call tf.sparse.to_dense() first",
             quiet=(("TF_CPP_MIN_LOG_LEVEL", "2"),),
             install="pip install tensorflow"),
@@ -327,6 +331,12 @@ def sparse_hint(x: object) -> str | None:
 def compiler_library() -> Library:
     """The library whose compiler traces kldiv's Python (``torch.compile``'s dynamo)."""
     return next(lib for lib in LIBRARIES if lib.compiled_namespace)
+
+
+def graph_library() -> Library:
+    """The library that builds graphs kldiv's state cannot live in (TensorFlow's
+    ``tf.function``; the one Keras 2, tf-keras, runs on)."""
+    return next(lib for lib in LIBRARIES if lib.eager_check)
 
 
 def lazy_library() -> Library:

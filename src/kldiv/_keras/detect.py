@@ -11,8 +11,22 @@ import sys
 from types import FrameType, ModuleType
 from typing import Any
 
-__all__ = ["called_by_keras_wrapper", "called_by_tf_keras_compile", "host_float", "in_graph",
-           "in_keras_scope", "is_tf_tensor", "loaded_keras"]
+from .._libraries import graph_library
+
+__all__ = ["TF_BACKEND", "called_by_keras_wrapper", "called_by_tf_keras_compile", "graph_module",
+           "host_float", "in_graph", "in_keras_scope", "is_tf_tensor", "loaded_keras"]
+
+TF_BACKEND = "tensorflow"
+"""Keras' own name of its TensorFlow backend (``keras.backend.backend()``); tf-keras (Keras 2)
+runs on nothing else."""
+
+_GRAPHS = graph_library()  # the table's record of the library building graphs (TensorFlow)
+
+
+def graph_module() -> ModuleType | None:
+    """TensorFlow's module where it is loaded (the table's :func:`~kldiv._libraries.graph_library`;
+    never imports it)."""
+    return _GRAPHS.loaded()
 
 
 # ---- which Keras ----------------------------------------------------------------------------
@@ -92,10 +106,10 @@ def in_graph(*arrays: Any) -> bool:
 
     kldiv's own state cannot live there: graph tensors would outlive their graph.
     """
-    tf = sys.modules.get("tensorflow")
+    tf = _GRAPHS.loaded()
     if tf is not None:
         try:
-            if not tf.executing_eagerly():
+            if not getattr(tf, _GRAPHS.eager_check)():
                 return True
         except Exception:
             pass
@@ -117,8 +131,8 @@ def host_float(x: Any) -> float:
 
 
 def is_tf_tensor(arrays: tuple[Any, ...]) -> bool:
-    tf = sys.modules.get("tensorflow")
-    return tf is not None and any(isinstance(a, (tf.Tensor, tf.Variable)) for a in arrays)
+    """A TensorFlow tensor or variable among ``arrays`` (the table's array types)."""
+    return _GRAPHS.loaded() is not None and any(_GRAPHS.is_array(a) for a in arrays)
 
 
 def called_by_tf_keras_compile() -> bool:

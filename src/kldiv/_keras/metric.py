@@ -35,14 +35,15 @@ computes the same running mean (in Keras variables) either way.
 from __future__ import annotations
 
 import contextlib
-import sys
 from types import ModuleType
 from typing import Any
 
 from .._namespace import get_device
 from .detect import (
+    TF_BACKEND,
     called_by_keras_wrapper,
     called_by_tf_keras_compile,
+    graph_module,
     host_float,
     in_graph,
     in_keras_scope,
@@ -157,7 +158,7 @@ class _KerasMetric:
     def _kldiv_keras_add(self, values: list[float]) -> None:
         """``assign_add`` host numbers ``[total, count]`` to the Keras variables, eagerly (also
         from inside a ``tf.function`` being traced: once, not at every call of the graph)."""
-        tf = sys.modules.get("tensorflow")
+        tf = graph_module()
         scope = tf.init_scope() if tf is not None else contextlib.nullcontext()
         with scope:
             for variable, value in zip(super().variables, values, strict=True):  # type: ignore[misc]
@@ -321,7 +322,7 @@ class _Keras3Metric(_KerasMetric):
         return str(self._kldiv_keras.backend.backend())
 
     def _kldiv_on_tensorflow(self) -> bool:
-        return self._kldiv_keras_library() == "tensorflow"
+        return self._kldiv_keras_library() == TF_BACKEND
 
     def _kldiv_keras_numpy(self, variable: Any) -> Any:
         return self._kldiv_keras.ops.convert_to_numpy(variable)
@@ -348,11 +349,18 @@ class _Keras3Metric(_KerasMetric):
         return super().stateless_reset_state()  # type: ignore[misc]
 
 
+def _tf() -> ModuleType:
+    """TensorFlow's module: loaded wherever tf-keras is (it imports it)."""
+    tf = graph_module()
+    assert tf is not None
+    return tf
+
+
 class _Keras2Metric(_KerasMetric):
     """tf.keras (Keras 2, ``tf_keras``): TensorFlow graphs (``tf.function``) drive the metric."""
 
     def _kldiv_keras_init(self, name: str, dtype: str) -> None:
-        tf = sys.modules["tensorflow"]
+        tf = _tf()
         fn, kwargs = self._kldiv_function()  # type: ignore[attr-defined]
         # autograph must not rewrite kldiv's Python (it is graph-safe as written)
         fn = tf.autograph.experimental.do_not_convert(fn)
@@ -363,7 +371,7 @@ class _Keras2Metric(_KerasMetric):
             self.__dict__.pop(attr, None)
 
     def _kldiv_keras_result(self) -> Any:
-        tf = sys.modules["tensorflow"]
+        tf = _tf()
         # what tf.keras' result wrapper does outside a merge call: read the (sync-on-read)
         # variables across replicas, and order the read after the updates
         with tf.__internal__.distribute.variable_sync_on_read_context():
@@ -379,7 +387,7 @@ class _Keras2Metric(_KerasMetric):
         return super().variables
 
     def _kldiv_keras_library(self) -> str:
-        return "tensorflow"
+        return TF_BACKEND
 
     def _kldiv_keras_numpy(self, variable: Any) -> Any:
         return variable.numpy()
