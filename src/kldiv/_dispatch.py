@@ -3,10 +3,11 @@
 
 :func:`compute` runs, in ``y_pred``'s library and on its device (the library's device scope):
 
-1. the fast path for ``(library, op)`` (:func:`fast_path`): the function named ``op`` in the
-   modules the libraries table lists for the library (``Library.fast_paths``), unless switched
-   off with :func:`use_generic` / ``KLDIV_GENERIC=1`` or while ``torch.compile`` traces. A
-   fast path may decline a call by returning ``NotImplemented``;
+1. the fast path for ``(library, op)`` (:func:`fast_path`, from :mod:`kldiv._switch`): the
+   function named ``op`` in the modules the libraries table lists for the library
+   (``Library.fast_paths``, after one given to :func:`kldiv.backends.register`), unless
+   switched off with :func:`use_generic` / ``KLDIV_GENERIC=1`` or while ``torch.compile``
+   traces. A fast path may decline a call by returning ``NotImplemented``;
 2. else the member's generic array-API kernel (:class:`kldiv._divergence.Divergence`), in the
    namespace the table names for the library (a shim, or torch's own functions while dynamo
    traces), on the inputs brought to the kernel's space.
@@ -19,10 +20,8 @@ swapped), so that they run exactly the Keras KL's code and fast paths.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
-import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -34,84 +33,10 @@ from ._divergence import KERAS_KL, Divergence
 from ._libraries import Library, library, load
 from ._namespace import torch_compiling
 from ._spaces import Prepared, parse_inputs, shape_str, to_log_space, validate_temperature
+from ._switch import fast_path, fast_path_modules, generic_forced, library_op, use_generic
 
 __all__ = ["Call", "compute", "fast_path", "fast_path_modules", "generic_forced", "library_op",
            "resolve", "use_generic"]
-
-
-# ------------------------------------------------------------------------ switching off
-_FORCE_GENERIC: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "kldiv_force_generic", default=False
-)
-
-
-def generic_forced() -> bool:
-    """True when fast paths are switched off (``KLDIV_GENERIC`` or :func:`use_generic`)."""
-    if _FORCE_GENERIC.get():
-        return True
-    return os.environ.get("KLDIV_GENERIC", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-@contextlib.contextmanager
-def use_generic(enabled: bool = True) -> Iterator[None]:
-    """Context manager: inside it, every call uses the generic array-API kernel.
-
-    Examples
-    --------
-    >>> import numpy as np, kldiv
-    >>> with kldiv.use_generic():
-    ...     float(kldiv.kld(np.array([.4, .9, .2]), np.array([.5, .8, .12])))
-    0.11891...
-    """
-    token = _FORCE_GENERIC.set(enabled)
-    try:
-        yield
-    finally:
-        _FORCE_GENERIC.reset(token)
-
-
-# --------------------------------------------------------------------------- fast paths
-_LOADED: dict[tuple[str, str], Callable[..., Any] | None] = {}
-
-
-def fast_path_modules(name: str) -> tuple[str, ...]:
-    """The modules holding library ``name``'s fast paths (from the libraries table); none for
-    a library the table does not list."""
-    try:
-        return library(name).fast_paths
-    except ValueError:
-        return ()
-
-
-def fast_path(name: str, op: str) -> Callable[..., Any] | None:
-    """The fast path for op ``op`` on library ``name``, or ``None`` (none, or switched off).
-
-    :func:`library_op`, unless fast paths are switched off (:func:`use_generic`).
-    """
-    if generic_forced():
-        return None
-    return library_op(name, op)
-
-
-def library_op(name: str, op: str) -> Callable[..., Any] | None:
-    """The first function called ``op`` in library ``name``'s fast-path modules, or ``None``.
-
-    Each module is imported the first time it is looked in (so ``import kldiv`` imports no
-    framework). Not switched off by :func:`use_generic`: the fused linear divergence's
-    library routes (op ``"fused_linear"``, ``"stop_gradient"``) are found here too.
-    """
-    key = (name, op)
-    try:
-        return _LOADED[key]
-    except KeyError:
-        pass
-    fn = None
-    for module in fast_path_modules(name):
-        fn = getattr(load(module), op, None)
-        if fn is not None:
-            break
-    _LOADED[key] = fn
-    return fn
 
 
 # ------------------------------------------------------------------------------ options

@@ -11,20 +11,42 @@ these modules lazily, the first time an array of their library is seen, so ``imp
 imports no framework. They import only from kldiv's lower layers (inputs and kernels).
 
 The fast paths can be switched off, for tests that compare them with the generic kernel:
-the environment variable ``KLDIV_GENERIC=1`` (read at every call), or the context manager
-:func:`kldiv.use_generic`.
+
+- the environment variable ``KLDIV_GENERIC=1`` (read at every call), or
+- the context manager :func:`kldiv.use_generic`.
+
+A third-party module can be registered as a library's fast path (:func:`register`): its
+functions, named by op, are looked up before kldiv's own. The registry and the switch live
+under both this package and the dispatch, in :mod:`kldiv._switch`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from .. import _switch
+from .._switch import generic_forced, register, registered, use_generic
 
-def __getattr__(name: str) -> Any:
-    # TEMPORARY (until kldiv/__init__.py imports use_generic from kldiv._dispatch): the names
-    # this package held before the dispatch moved; remove once ``grep`` finds no user
-    if name in ("use_generic", "generic_forced"):
-        from .. import _dispatch
+__all__ = ["fast_path", "generic_forced", "register", "registered", "use_generic"]
 
-        return getattr(_dispatch, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+Kernel = Callable[[Any, Any], Any]
+"""A Keras KL fast path: ``kernel(y_true, y_pred)``, or ``NotImplemented`` to decline."""
+
+
+def fast_path(name: str) -> Kernel | None:
+    """The fast kernel for namespace ``name``, or ``None`` (none registered, or switched off).
+
+    The Keras KL's (op ``"keras_kl"``); the divergence family's ops are looked up by the
+    dispatch (:func:`kldiv._switch.fast_path`).
+
+    Examples
+    --------
+    >>> import kldiv
+    >>> kldiv.backends.fast_path("numpy") is not None
+    True
+    >>> with kldiv.use_generic():
+    ...     kldiv.backends.fast_path("numpy") is None
+    True
+    """
+    return _switch.fast_path(name, _switch.KERAS_KL_OP)
