@@ -105,7 +105,7 @@ def _format(value: Any) -> str:
 
 
 def _run(args: argparse.Namespace) -> str:
-    from ._chunked import evaluate_files
+    from ._files import evaluate_files
     from ._libraries import lazy_library, library
 
     if args.batch_rows is not None and args.batch_rows < 1:
@@ -153,7 +153,7 @@ def compute_main(argv: list[str], *, prog: str = PROG) -> int:
     input or options (one line on stderr), 1 for a missing backend or device and any other
     failure (one line on stderr), 130 when interrupted.
     """
-    from ._chunked import DataFileError
+    from ._npyio import DataFileError
 
     def fail(status: int, message: str) -> int:
         message = " ".join(str(message).split())  # one line

@@ -20,7 +20,7 @@ from typing import Any
 from ._dispatch import Call, compute, resolve
 from ._divergence import JS, KERAS_KL, KL, REVERSE_KL
 from ._namespace import numpy_result
-from ._spaces import Prepared, prepare
+from ._spaces import prepare
 
 __all__ = [
     "evaluate",
@@ -29,16 +29,6 @@ __all__ = [
     "kl_divergence",
     "reverse_kl_divergence",
 ]
-
-# TEMPORARY re-exports for the modules not yet switched to kldiv._dispatch / kldiv._spaces
-# (losses, _accumulate, _metric_base): remove once ``grep`` finds no user.
-compute_family = compute
-
-
-def prepare_family(y_true: Any, y_pred: Any, *, squeeze: bool = False) -> Prepared:
-    """TEMPORARY: :func:`kldiv._spaces.prepare` (use it directly)."""
-    return prepare(y_true, y_pred, squeeze=squeeze)
-
 
 def evaluate(call: Call, y_true: Any, y_pred: Any) -> Any:
     """Prepare and compute one resolved call: the functions' common body.

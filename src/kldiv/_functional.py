@@ -18,14 +18,7 @@ from __future__ import annotations
 
 from ._family import kl_divergence
 
-# TEMPORARY re-exports of kldiv._spaces names for modules not yet switched (_chunked,
-# _reduction, _estimators): remove once ``grep`` finds no user.
-from ._spaces import Prepared as Prepared
-from ._spaces import broadcast_shapes as broadcast_shapes
-from ._spaces import prepare as prepare
-from ._spaces import shape_str as _shape_str  # noqa: F401
-
-__all__ = ["KLD", "kl_divergence", "kld", "kullback_leibler_divergence", "prepare"]
+__all__ = ["KLD", "kl_divergence", "kld", "kullback_leibler_divergence"]
 
 kld = kl_divergence
 KLD = kl_divergence

@@ -15,6 +15,7 @@ import math
 from types import ModuleType
 from typing import Any
 
+from ._convert import call_time_values
 from ._dispatch import library_op
 from ._fused_linear_checks import BATCHMEAN, check_arrays, check_shapes, validate_options
 from ._fused_linear_math import (
@@ -25,7 +26,7 @@ from ._fused_linear_math import (
     chunk_terms,
     on_accelerator,
 )
-from ._namespace import call_time_values, get_device
+from ._namespace import get_device
 from ._reduction import Reduction, apply_sample_weight
 
 __all__ = ["FusedLinearDivergence", "fused_linear_divergence"]
@@ -41,7 +42,7 @@ def _weights(xp: ModuleType, h: Any, tokens: tuple[int, ...], sample_weight: Any
     input that needs a gradient): a weight over memory torch does not own (a NumPy array
     converted without a copy, ``torch.from_numpy``) is copied, so that refilling its buffer
     before ``backward()`` cannot change the gradient
-    (:func:`kldiv._namespace.call_time_values`).
+    (:func:`kldiv._convert.call_time_values`).
     """
     if sample_weight is None:
         return None, None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -247,27 +247,3 @@ def is_low_precision(dtype: Any) -> bool:
 
 _LOW_CACHE: dict[type, dict[Any, bool]] = {}
 """One dict per dtype type (see ``_KIND_CACHE``)."""
-
-
-# Temporary re-exports: these moved to kldiv._convert (the layer above); looked up lazily
-# (no import circle) until their importers switch.
-_MOVED = frozenset({"_host_numpy", "as_pred_array", "call_time_values", "check_dense",
-                    "to_namespace"})
-
-
-if TYPE_CHECKING:  # the moved names' types, for the modules not switched yet
-    from ._convert import (  # noqa: F401
-        _host_numpy,
-        as_pred_array,
-        call_time_values,
-        check_dense,
-        to_namespace,
-    )
-else:
-
-    def __getattr__(name: str) -> Any:
-        if name in _MOVED:
-            from . import _convert
-
-            return getattr(_convert, name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -57,8 +57,6 @@ def shape_str(shape: tuple[Any, ...]) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-_shape_str = shape_str  # temporary: the old private name, until its importers switch
-
 
 def broadcast_shapes(a: tuple[Any, ...], b: tuple[Any, ...], *, what: str) -> tuple[Any, ...]:
     """NumPy broadcasting of two shapes, with a ``ValueError`` naming both when it fails.

@@ -17,11 +17,9 @@ from typing import Any
 
 import numpy as np
 
-# The table's lookups, here too for streaming's imports (``kldiv._libraries`` is their home).
-from ._libraries import BACKENDS, backend_name, target
 from ._npyio import host_ready, to_host
 
-__all__ = ["BACKENDS", "Target", "backend_name", "target"]
+__all__ = ["Target"]
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any
 from ._divergence import JS, KL, REVERSE_KL
 from ._family import jensen_shannon_divergence, js_divergence, reverse_kl_divergence
 from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
+from ._keras import keras_aware_class  # noqa: F401  (a public name of this module before)
 from ._loss_base import DivergenceLoss
 from ._loss_base import restore as _restore  # noqa: F401  (pickles name kldiv.losses._restore)
 from ._reduction import Reduction

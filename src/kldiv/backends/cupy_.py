@@ -62,9 +62,6 @@ def keras_kl(y_true: Any, y_pred: Any) -> Any:
     return _kernel(*tp, axis=-1)
 
 
-kl_divergence = keras_kl  # temporary: the old op name, until the dispatch asks for keras_kl
-
-
 # ------------------------------------------------------------------------------ the adapter
 def target(device: str | None) -> Target:
     """A target on a CUDA device (``"cuda"``, ``"cuda:1"``; default ``cuda:0``)."""

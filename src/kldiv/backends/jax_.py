@@ -56,9 +56,6 @@ def keras_kl(y_true: Any, y_pred: Any) -> Any:
     return _kld(y_true, y_pred)
 
 
-kl_divergence = keras_kl  # temporary: the old op name, until the dispatch asks for keras_kl
-
-
 # ------------------------------------------------------------------------------ the adapter
 def estimator_ops(xp: ModuleType) -> tuple[Any, ...]:
     """The estimators' ``(where, expm1, isfinite, isnan, stop_gradient, quiet)``."""

@@ -22,7 +22,7 @@ Autograd contracts:
 
 - The gradient uses the inputs' values at call time. What ``_Recompute`` saves (the inputs)
   is either a tensor that autograd versions or a private copy where its memory is not
-  torch's own (:func:`kldiv._namespace.call_time_values`); ``_ForwardGrads`` saves only the
+  torch's own (:func:`kldiv._convert.call_time_values`); ``_ForwardGrads`` saves only the
   gradients it computed, so it copies nothing.
 - ``torch.func`` transforms, forward-mode AD, TorchScript tracing and the legacy vmap:
   :func:`differentiable`, the chunked formula in ordinary torch operations, instead of the
@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
+from .._convert import call_time_values
 from .._fused_linear_math import Plan, divergence_rows
-from .._namespace import call_time_values
 from .torch_ import _batched, _has_tangent, _tracing
 from .torch_fused_chunks import chunks, compute_dtype, linear_backward
 
@@ -236,7 +236,7 @@ def _call_time(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
     """The inputs, each a private copy where autograd will keep it for a later backward
     pass and its memory is not torch's own (``torch.from_numpy``, a NumPy array, DLPack):
     refilling such a buffer before ``backward()`` must not change the gradient
-    (:func:`kldiv._namespace.call_time_values`; ``clone`` passes gradients through)."""
+    (:func:`kldiv._convert.call_time_values`; ``clone`` passes gradients through)."""
     peer = next((x for x in (h2, W, b) if x is not None and x.requires_grad), h2)
 
     def own(x: Any) -> Any:
