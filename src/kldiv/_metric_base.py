@@ -4,7 +4,8 @@ flavour.
 :class:`RunningMean` is the engine every kldiv metric shares: the state (a total and a count,
 :class:`kldiv._accumulate.RunningSum`, in the first batch's library and on its device, float64
 where the library has it there), ``result``, ``reset_state``, ``merge_state`` (metrics of the
-same class and the same options only), ``get_config``/``from_config``, ``repr`` and pickling.
+same class and the same options only), ``get_config``/``from_config``, ``repr`` and pickling
+(through :func:`kldiv._metric_restore.restore_metric`).
 A subclass says what one batch adds (``update_state``, through :meth:`RunningMean._add`) and
 which options it has (:meth:`RunningMean._options`, :meth:`RunningMean.get_config`).
 
@@ -18,7 +19,6 @@ of the member's public function with those options. The public classes are in
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -29,45 +29,18 @@ from ._accumulate import (
     batch_sums,
     check_same_place,
     metric_dtype,
-    qualified,
     running_sums,
     safe_divide,
 )
 from ._dispatch import Call, resolve
 from ._divergence import Divergence
 from ._keras import called_by_keras_wrapper, called_by_tf_keras_compile, metric_class
+from ._metric_restore import public_name, restore_metric
 from ._namespace import array_namespace, get_device, namespace_name, numpy_result
 
-__all__ = ["DivergenceMetric", "RunningMean", "public_name", "restore_metric"]
+__all__ = ["DivergenceMetric", "RunningMean"]
 
 _M = TypeVar("_M", bound="RunningMean")
-
-
-def public_name(tp: type) -> str:
-    """The name a user knows a class by: ``kldiv.metrics.KLEstimator`` (where kldiv exports it),
-    ``kldiv.losses.KLDivergence``, ``numpy.ndarray``, ``int``."""
-    plain = getattr(tp, "_kldiv_class", tp)  # a Keras-aware class: its kldiv class
-    name = getattr(plain, "__name__", "")
-    for module in ("kldiv.metrics", "kldiv.losses"):
-        if getattr(sys.modules.get(module), name, None) is plain:
-            return f"{module}.{name}"
-    return qualified(plain)
-
-
-def restore_metric(cls: Any, config: dict[str, Any], mode: str | None, state: Any) -> Any:
-    """Unpickle (or deep-copy) a metric: constructed anew, so it is Keras-aware exactly when a
-    Keras is loaded here, then given its state (Keras variables' values become kldiv's own
-    NumPy float64 state in a process without Keras)."""
-    obj = cls.from_config(config)
-    if mode == "keras" and not hasattr(obj, "_kldiv_keras_engine"):
-        total, count = (np.asarray(v, dtype=np.float64) for v in state)
-        mode, state = "plain", (RunningSum(total, False), RunningSum(count, False))
-    obj._kldiv_set_state(mode, state)
-    return obj
-
-
-# Pickles name it as they always have (``kldiv.metrics`` re-exports it under this name).
-restore_metric.__module__, restore_metric.__qualname__ = "kldiv.metrics", "_restore_metric"
 
 
 class RunningMean:

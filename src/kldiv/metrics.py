@@ -33,7 +33,7 @@ from ._estimator_metric import KLEstimator
 from ._family import js_divergence, reverse_kl_divergence
 from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
 from ._metric_base import DivergenceMetric
-from ._metric_base import restore_metric as _restore_metric  # noqa: F401  (pickles name it)
+from ._metric_restore import restore_metric as _restore_metric  # noqa: F401  (pickles name it)
 
 __all__ = [
     "KLD",
