@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from ._libraries import device_library
+
 __all__ = [
     "DIVERGENCES",
     "Plan",
@@ -189,13 +191,9 @@ def on_accelerator(device: Any) -> bool:
 
 
 def _gpu_free(device: Any) -> int | None:
-    if getattr(device, "type", None) == "cuda":  # a torch device
-        import torch
-
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
-        except Exception:
-            return None
+    if getattr(device, "type", None) == "cuda":  # a torch device: its adapter asks
+        lib = device_library(device)
+        return None if lib is None else lib.free_memory(device)
     mem_info = getattr(device, "mem_info", None)  # a CuPy device: (free, total)
     if isinstance(mem_info, tuple):
         return int(mem_info[0])

@@ -41,6 +41,7 @@ __all__ = [
     "WrongDevice",
     "backend_name",
     "compiler_library",
+    "device_library",
     "find",
     "graph_library",
     "lazy_library",
@@ -215,6 +216,14 @@ class Library:
         ops = getattr(self.load_adapter(), "estimator_ops", None)
         return None if ops is None else tuple(ops(xp))
 
+    def free_memory(self, device: Any) -> int | None:
+        """The adapter's ``free_memory(device)``: free bytes on one of the library's devices
+        (``None`` where its adapter cannot tell)."""
+        if self.adapter is None:
+            return None
+        free = getattr(self.load_adapter(), "free_memory", None)
+        return None if free is None else free(device)
+
     def has_float64(self, xp: ModuleType, device: Any) -> bool:
         """True when ``xp`` (this library's namespace) holds float64 arrays on ``device``."""
         if self.float64_rule:
@@ -331,6 +340,12 @@ def sparse_hint(x: object) -> str | None:
 def compiler_library() -> Library:
     """The library whose compiler traces kldiv's Python (``torch.compile``'s dynamo)."""
     return next(lib for lib in LIBRARIES if lib.compiled_namespace)
+
+
+def device_library(device: Any) -> Library | None:
+    """The record of the library whose device object ``device`` is (its type's package)."""
+    package = type(device).__module__.partition(".")[0]
+    return next((lib for lib in LIBRARIES if lib.modules[0].partition(".")[0] == package), None)
 
 
 def graph_library() -> Library:

@@ -17,7 +17,8 @@ import torch
 from .._namespace import is_low_precision
 from .._targets import Target
 
-__all__ = ["call_time_values", "estimator_ops", "has_float64", "host_numpy", "show_devices", "target"]
+__all__ = ["call_time_values", "estimator_ops", "free_memory", "has_float64", "host_numpy", "show_devices",
+           "target"]
 
 
 def _detach(x: torch.Tensor) -> torch.Tensor:
@@ -48,6 +49,16 @@ def call_time_values(x: torch.Tensor, peer: torch.Tensor) -> torch.Tensor:
     except (RuntimeError, NotImplementedError):  # no storage to ask (functorch wrappers)
         return x
     return x if own else x.clone()
+
+
+def free_memory(device: Any) -> int | None:
+    """Free bytes on a CUDA device (``None`` for another device, or where CUDA cannot tell)."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    try:
+        return int(torch.cuda.mem_get_info(device)[0])
+    except Exception:
+        return None
 
 
 def has_float64(xp: ModuleType, device: Any) -> bool:
