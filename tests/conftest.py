@@ -12,9 +12,9 @@ library on one device, and the fixtures built on it.
 Test IDs are the members' values (``numpy``, ``torch-cuda``, ...). GPU members carry the
 ``gpu`` mark (``-m "not gpu"`` deselects them). A library that is not installed, or a GPU that
 is not present, is a clean skip with the reason when the fixture is set up; never a failure
-and never a silent pass. ``CPU_BACKENDS``, ``GPU_BACKENDS``, ``DIFF_BACKENDS`` (lists of
-member values) and ``BACKEND_FACTORIES`` (value -> handle factory) are derived from the enum
-for the test files that still use names.
+and never a silent pass. A test that picks its own members parametrizes over them the same way
+(``[b.pytest_param() for b in Backend if ...]``) and builds a handle with ``member.handle()``
+(``Backend.TORCH.handle()``, ``Backend("dask").handle()``).
 
 Import style of the test suite: the public API through the package (``import kldiv``, then
 ``kldiv.kld``, ``kldiv.KLDivergence``, ``kldiv.losses.KLDivergence``); a private module as
@@ -101,9 +101,6 @@ class Backend(Enum):
 # The ``backend`` fixture's members: TensorFlow is covered by its own test files (and the
 # property tests' ``cpu_backend``), not by every backend test.
 SUITE_BACKENDS = tuple(b for b in Backend if b is not Backend.TENSORFLOW)
-CPU_BACKENDS = [str(b) for b in SUITE_BACKENDS if not b.gpu]
-GPU_BACKENDS = [str(b) for b in SUITE_BACKENDS if b.gpu]
-DIFF_BACKENDS = [str(b) for b in SUITE_BACKENDS if b.differentiable]
 
 
 @dataclass
@@ -257,8 +254,6 @@ _BUILDERS: dict[str, Callable[[Backend], ArrayBackend]] = {
     "dask": _dask, "tensorflow": _tensorflow, "cupy": _cupy,
 }
 assert set(_BUILDERS) == {b.library for b in Backend}, "every Backend library needs a builder"
-
-BACKEND_FACTORIES: dict[str, Callable[[], ArrayBackend]] = {str(b): b.handle for b in Backend}
 
 
 @pytest.fixture(params=[b.pytest_param() for b in SUITE_BACKENDS])

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 import kldiv
-from conftest import CPU_BACKENDS
-from kldiv import KLDivergence
-from kldiv._cli import compute_main
+from conftest import SUITE_BACKENDS, Backend
+from kldiv import KLDivergence, _cli
+
+# the libraries of the CLI's --backend checked on every backend (TensorFlow: its own tests)
+CPU_MEMBERS = [b for b in SUITE_BACKENDS if not b.gpu]
 
 
 @pytest.fixture
@@ -36,16 +38,17 @@ def files(tmp_path: Path) -> dict[str, Any]:
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    rc = compute_main(argv)
+    rc = _cli.compute_main(argv)
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("member", [b.pytest_param() for b in CPU_MEMBERS])
 @pytest.mark.parametrize("reduction", ["auto", "sum", "mean_with_sample_weight"])
-def test_values_on_every_backend(files: dict[str, Any], backend: str, reduction: str,
+def test_values_on_every_backend(files: dict[str, Any], member: Backend, reduction: str,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip({"numpy": "numpy", "dask": "dask.array"}.get(backend, backend))
+    pytest.importorskip(member.modname)
+    backend = member.library
     rc, out, err = _run([files["tp"], files["pp"], "--backend", backend, "--batch-rows", "64",
                          "--reduction", reduction, "--sample-weight", files["wp"]], capsys)
     assert rc == 0, err
@@ -259,9 +262,9 @@ def test_big_endian_and_float16_files(files: dict[str, Any], capsys: pytest.Capt
     np.save(d / "pb.npy", files["p"].astype(">f4"))
     np.save(d / "th.npy", files["t"].astype(np.float16))
     np.save(d / "ph.npy", files["p"].astype(np.float16))
-    for backend in CPU_BACKENDS:
-        if backend != "numpy":
-            pytest.importorskip({"dask": "dask.array"}.get(backend, backend))
+    for member in CPU_MEMBERS:
+        pytest.importorskip(member.modname)
+        backend = member.library
         rc, out, err = _run([str(d / "tb.npy"), str(d / "pb.npy"), "--backend", backend, "--batch-rows", "50"], capsys)
         assert rc == 0, (backend, err)
         np.testing.assert_allclose(float(out), KLDivergence()(files["t"], files["p"]), rtol=1e-6)
@@ -377,7 +380,5 @@ def test_main_job_without_tensorflow(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_reduction_choices_are_what_streaming_supports() -> None:
     """'batchmean' is a loss-class reduction that streaming refuses: the CLI does not offer it."""
-    from kldiv._cli import _parser
-
-    out = _parser().format_help()
+    out = _cli._parser().format_help()
     assert "sum_over_batch_size" in out and "batchmean" not in out

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import oracle
 
 import kldiv
+from conftest import oracle
 from kldiv import _dispatch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -309,13 +309,13 @@ def test_local_cluster_16384x4096(cluster: Any, request: pytest.FixtureRequest) 
 
 def test_cli_on_an_existing_cluster(cluster: Any, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """``--backend dask --scheduler ADDRESS``: the same command on a running cluster."""
-    from kldiv._cli import compute_main
+    from kldiv import _cli
 
     t, p = _data(rows=30)
     np.save(tmp_path / "t.npy", t)
     np.save(tmp_path / "p.npy", p)
     address = cluster.scheduler.address
-    rc = compute_main([str(tmp_path / "t.npy"), str(tmp_path / "p.npy"), "--backend", "dask",
+    rc = _cli.compute_main([str(tmp_path / "t.npy"), str(tmp_path / "p.npy"), "--backend", "dask",
                        "--scheduler", address, "--batch-rows", "7", "--reduction", "sum"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import kldiv
-from conftest import Backend
-from kldiv._estimator_metric import KLEstimator as MetricKLEstimator
+from conftest import ArrayBackend
+from kldiv.metrics import KLEstimator as MetricKLEstimator
 
 ESTIMATORS = ["k1", "k2", "k3"]
 D_GRID = np.array(
@@ -89,7 +89,7 @@ def _finite_max(dtype_name: str) -> float:
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_values_match_the_formulas(backend: Backend, estimator: str, dtype: str) -> None:
+def test_values_match_the_formulas(backend: ArrayBackend, estimator: str, dtype: str) -> None:
     lp, ref = _logprobs((4, 7))
     lp[0, : D_GRID.size // 3] = D_GRID[: D_GRID.size // 3]  # the grid's d on row 0 (ref 0)
     ref[0, : D_GRID.size // 3] = 0.0
@@ -120,7 +120,7 @@ def test_k3_is_precise_for_tiny_and_large_log_ratios(dtype: str) -> None:
     assert np.nanmax(np.abs(naive.astype(np.float64) / want - 1)) > 0.5
 
 
-def test_k3_is_never_negative(backend: Backend) -> None:
+def test_k3_is_never_negative(backend: ArrayBackend) -> None:
     d = np.concatenate([np.linspace(-3, 3, 2001), np.logspace(-12, 1, 200), -np.logspace(-12, 1, 200)])
     for dtype in ("float32", "float64"):
         out = backend.to_numpy(kldiv.kl_estimate(backend.asarray(d, dtype=dtype), backend.asarray(np.zeros_like(d), dtype=dtype)))
@@ -128,7 +128,7 @@ def test_k3_is_never_negative(backend: Backend) -> None:
         assert (out[d == 0] == 0).all()
 
 
-def test_equal_inputs_give_zero_also_at_minus_inf(backend: Backend) -> None:
+def test_equal_inputs_give_zero_also_at_minus_inf(backend: ArrayBackend) -> None:
     lp = np.array([-np.inf, -2.0, 0.0, -np.inf, -1.0])
     ref = np.array([-np.inf, -2.0, 0.0, -1.0, -np.inf])
     for estimator in ESTIMATORS:
@@ -140,13 +140,13 @@ def test_equal_inputs_give_zero_also_at_minus_inf(backend: Backend) -> None:
         assert out[3] == (-np.inf if estimator == "k1" else np.inf)
 
 
-def test_nan_propagates_and_only_there(backend: Backend) -> None:
+def test_nan_propagates_and_only_there(backend: ArrayBackend) -> None:
     lp = np.array([np.nan, -1.0, -2.0])
     out = backend.to_numpy(kldiv.kl_estimate(backend.asarray(lp, "float32"), backend.asarray([-1.5, -1.5, -1.5], "float32")))
     assert np.isnan(out[0]) and np.isfinite(out[1:]).all()
 
 
-def test_broadcasting_scalars_and_lists(backend: Backend) -> None:
+def test_broadcasting_scalars_and_lists(backend: ArrayBackend) -> None:
     lp, _ = _logprobs((3, 4))
     row = np.array([-1.0, -2.0, -0.5, -3.0])
     out = kldiv.kl_estimate(backend.asarray(lp, "float64"), backend.asarray(row, "float64"))
@@ -217,7 +217,7 @@ Q = np.array([0.2, 0.2, 0.2, 0.2, 0.2])  # the reference
 EXACT_KL = float(np.sum(P * np.log(P / Q)))
 
 
-def test_expectations_are_exact_for_k1_and_k3_not_k2(backend: Backend) -> None:
+def test_expectations_are_exact_for_k1_and_k3_not_k2(backend: ArrayBackend) -> None:
     # E_{x ~ P}[k(x)] summed exactly over the support: k1 and k3 equal KL(P || Q); k2 not
     lp = backend.asarray(np.log(P), "float64")
     ref = backend.asarray(np.log(Q), "float64")
@@ -227,7 +227,7 @@ def test_expectations_are_exact_for_k1_and_k3_not_k2(backend: Backend) -> None:
     assert abs(means["k2"] - EXACT_KL) > 0.01
 
 
-def test_monte_carlo_k1_and_k3_are_unbiased(backend: Backend) -> None:
+def test_monte_carlo_k1_and_k3_are_unbiased(backend: ArrayBackend) -> None:
     rng = np.random.default_rng(20200307)
     n = 200_000
     x = rng.choice(P.size, size=n, p=P)
@@ -281,7 +281,7 @@ def _clamped_value_d(d: np.ndarray, c: float | None) -> np.ndarray:
 CLAMPS = [(None, None), (20.0, 10.0), (None, 2.0), (5.0, None)]
 
 
-def _torch_grads(b: Backend, lp: np.ndarray, ref: np.ndarray, cot: np.ndarray, **kw: Any) -> tuple[np.ndarray, ...]:
+def _torch_grads(b: ArrayBackend, lp: np.ndarray, ref: np.ndarray, cot: np.ndarray, **kw: Any) -> tuple[np.ndarray, ...]:
     torch = b.module
     a = torch.tensor(lp, device=b.device, requires_grad=True)
     r = torch.tensor(ref, device=b.device, requires_grad=True)
@@ -290,7 +290,7 @@ def _torch_grads(b: Backend, lp: np.ndarray, ref: np.ndarray, cot: np.ndarray, *
     return out.detach().cpu().numpy(), a.grad.cpu().numpy(), r.grad.cpu().numpy()
 
 
-def _jax_grads(b: Backend, lp: np.ndarray, ref: np.ndarray, cot: np.ndarray, **kw: Any) -> tuple[np.ndarray, ...]:
+def _jax_grads(b: ArrayBackend, lp: np.ndarray, ref: np.ndarray, cot: np.ndarray, **kw: Any) -> tuple[np.ndarray, ...]:
     import jax
 
     def f(a: Any, r: Any) -> Any:
@@ -304,7 +304,7 @@ def _jax_grads(b: Backend, lp: np.ndarray, ref: np.ndarray, cot: np.ndarray, **k
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("gradient", ["same", "k2"])
 @pytest.mark.parametrize(("c", "v"), CLAMPS)
-def test_gradients_match_analytic(diff_backend: Backend, estimator: str, gradient: str, c: Any, v: Any) -> None:
+def test_gradients_match_analytic(diff_backend: ArrayBackend, estimator: str, gradient: str, c: Any, v: Any) -> None:
     lp, ref, cot = _grad_case()
     kw = dict(estimator=estimator, gradient=gradient, log_ratio_clamp=c, value_clamp=v)
     grads = _torch_grads if diff_backend.name.startswith("torch") else _jax_grads
@@ -380,7 +380,7 @@ def test_tensorflow_gradient_tape() -> None:
 
 @pytest.mark.parametrize("gradient", ["same", "k2"])
 @pytest.mark.parametrize(("c", "v"), CLAMPS)
-def test_infinite_log_ratios(diff_backend: Backend, gradient: str, c: Any, v: Any) -> None:
+def test_infinite_log_ratios(diff_backend: ArrayBackend, gradient: str, c: Any, v: Any) -> None:
     # d = +inf (the reference gives the token probability 0), d = -inf (the policy does),
     # next to ordinary tokens: limits for the values, finite gradients, no NaN anywhere
     lp = np.array([-1.0, -np.inf, -2.0, -0.5])
@@ -407,7 +407,7 @@ def test_infinite_log_ratios(diff_backend: Backend, gradient: str, c: Any, v: An
 EXTREME_D = np.array([-1e4, -1e3, -100.0, -20.0, -12.0, -1.0, 0.0, 1.0, 12.0, 20.0, 100.0, 1e3, 1e4])
 
 
-def _extreme_case(b: Backend, dtype: str, estimator: str, gradient: str, c: Any, v: Any) -> tuple[np.ndarray, ...]:
+def _extreme_case(b: ArrayBackend, dtype: str, estimator: str, gradient: str, c: Any, v: Any) -> tuple[np.ndarray, ...]:
     """Values and gradients (to numpy float64) at lp = EXTREME_D, ref = 0, in ``dtype``."""
     kw = dict(estimator=estimator, gradient=gradient, log_ratio_clamp=c, value_clamp=v)
     if b.name.startswith("torch"):
@@ -433,7 +433,7 @@ def _extreme_case(b: Backend, dtype: str, estimator: str, gradient: str, c: Any,
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("gradient", ["same", "k2"])
 @pytest.mark.parametrize(("c", "v"), [(None, None), (20.0, 10.0), (None, 10.0)])
-def test_extreme_log_ratios_never_nan(diff_backend: Backend, dtype: str, estimator: str, gradient: str,
+def test_extreme_log_ratios_never_nan(diff_backend: ArrayBackend, dtype: str, estimator: str, gradient: str,
                                       c: Any, v: Any) -> None:
     d, out, ga, gr = _extreme_case(diff_backend, dtype, estimator, gradient, c, v)
     assert not np.isnan(out).any() and not np.isnan(ga).any() and not np.isnan(gr).any()
@@ -475,7 +475,7 @@ def _openrlhf(lp: np.ndarray, ref: np.ndarray, estimator: str) -> np.ndarray:
     return np.clip(raw, -10, 10)
 
 
-def test_reproduces_verl_and_openrlhf(backend: Backend) -> None:
+def test_reproduces_verl_and_openrlhf(backend: ArrayBackend) -> None:
     rng = np.random.default_rng(8)
     lp, ref = -rng.exponential(8.0, size=400), -rng.exponential(8.0, size=400)
     a, r = backend.asarray(lp, "float64"), backend.asarray(ref, "float64")
@@ -487,7 +487,7 @@ def test_reproduces_verl_and_openrlhf(backend: Backend) -> None:
         np.testing.assert_allclose(backend.to_numpy(out), _openrlhf(lp, ref, e), rtol=1e-12, atol=1e-15)
 
 
-def test_log_ratio_clamp_applies_before_the_estimator(backend: Backend) -> None:
+def test_log_ratio_clamp_applies_before_the_estimator(backend: ArrayBackend) -> None:
     d = np.array([-7.0, -3.0, -1.0, 0.5, 3.0, 9.0])
     for e in ESTIMATORS:
         out = kldiv.kl_estimate(backend.asarray(d, "float64"), backend.asarray(np.zeros(6), "float64"),
@@ -507,7 +507,7 @@ def _masked_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_loss_reductions_with_a_mask(backend: Backend, estimator: str) -> None:
+def test_loss_reductions_with_a_mask(backend: ArrayBackend, estimator: str) -> None:
     lp, ref, mask = _masked_case()
     est = oracle(_rounded_d(lp, ref, "float32"), estimator)
     expected = {
@@ -529,7 +529,7 @@ def test_loss_reductions_with_a_mask(backend: Backend, estimator: str) -> None:
     np.testing.assert_allclose(backend.to_numpy(out), est.mean(), rtol=2e-6, atol=1e-7)
 
 
-def test_loss_weight_ranks(backend: Backend) -> None:
+def test_loss_weight_ranks(backend: ArrayBackend) -> None:
     lp, ref, _ = _masked_case()
     est = oracle(_rounded_d(lp, ref, "float32"), "k3")
     per_seq = np.array([1.0, 0.0, 2.0], dtype=np.float32)
@@ -547,7 +547,7 @@ def test_loss_weight_ranks(backend: Backend) -> None:
         loss(a, r, sample_weight=backend.asarray(np.ones(4, np.float32)))
 
 
-def test_masked_tokens_are_left_out_not_multiplied(diff_backend: Backend) -> None:
+def test_masked_tokens_are_left_out_not_multiplied(diff_backend: ArrayBackend) -> None:
     # padding holds garbage: -inf under both models, a NaN, and a log-ratio of -1e4 (k3 = inf)
     lp, ref, mask = _masked_case()
     lp[1, 3], ref[1, 3] = -np.inf, -np.inf
@@ -565,7 +565,7 @@ def test_masked_tokens_are_left_out_not_multiplied(diff_backend: Backend) -> Non
         np.testing.assert_allclose(g_lp, w_lp, rtol=1e-13)
 
 
-def _loss_and_grads(b: Backend, loss: Any, lp: np.ndarray, ref: np.ndarray, w: np.ndarray) -> tuple[Any, ...]:
+def _loss_and_grads(b: ArrayBackend, loss: Any, lp: np.ndarray, ref: np.ndarray, w: np.ndarray) -> tuple[Any, ...]:
     if b.name.startswith("torch"):
         torch = b.module
         a = torch.tensor(lp, device=b.device, requires_grad=True)
@@ -581,7 +581,7 @@ def _loss_and_grads(b: Backend, loss: Any, lp: np.ndarray, ref: np.ndarray, w: n
 
 
 @pytest.mark.parametrize("reduction", ["mean_with_sample_weight", "auto", "sum", "mean"])
-def test_all_masked_batch_gives_zero_with_zero_gradients(diff_backend: Backend, reduction: str) -> None:
+def test_all_masked_batch_gives_zero_with_zero_gradients(diff_backend: ArrayBackend, reduction: str) -> None:
     lp, ref, _ = _masked_case()
     lp[0, 0] = -np.inf  # garbage under the mask too
     for estimator in ESTIMATORS:
@@ -592,7 +592,7 @@ def test_all_masked_batch_gives_zero_with_zero_gradients(diff_backend: Backend, 
         np.testing.assert_array_equal(gr, 0.0)
 
 
-def test_all_masked_and_empty_batches(backend: Backend) -> None:
+def test_all_masked_and_empty_batches(backend: ArrayBackend) -> None:
     lp, ref, _ = _masked_case()
     zeros = backend.asarray(np.zeros((3, 5), np.float32))
     out = kldiv.KLEstimator()(backend.asarray(lp, "float32"), backend.asarray(ref, "float32"), sample_weight=zeros)
@@ -693,7 +693,7 @@ def test_bad_clamps(name: str) -> None:
         assert kldiv.kl_estimate([-30.0], [0.0], estimator="k1", **{name: good})[0] == -20.0
 
 
-def test_bad_inputs(backend: Backend) -> None:
+def test_bad_inputs(backend: ArrayBackend) -> None:
     lp = backend.asarray(np.zeros((2, 3)), "float32")
     with pytest.raises(ValueError, match=r"logprob and ref_logprob: shapes \(2, 3\) and \(2,\) do not broadcast"):
         kldiv.kl_estimate(lp, backend.asarray(np.zeros(2), "float32"))
@@ -730,7 +730,7 @@ def test_bad_inputs_without_a_backend() -> None:
 
 # ---- the metric ---------------------------------------------------------------------------------
 
-def test_metric_running_weighted_mean(backend: Backend) -> None:
+def test_metric_running_weighted_mean(backend: ArrayBackend) -> None:
     batches = [_logprobs((3, 5), seed=s) for s in (10, 11, 12)]
     masks = [np.ones((3, 5)), (np.arange(15).reshape(3, 5) % 2).astype(np.float64), np.zeros((3, 5))]
     for estimator in ESTIMATORS:

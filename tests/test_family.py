@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import kldiv
-from conftest import Backend
+from conftest import ArrayBackend
 from kldiv import _dispatch, _family
 
 F_KL = kldiv.kl_divergence  # the public names (kldiv._family defines them)
@@ -171,7 +171,7 @@ def _close(got: Any, want: np.ndarray, dtype: str) -> None:
 # ------------------------------------------------------------------------ values vs. oracle
 @pytest.mark.parametrize("inputs", SPACES, ids=str)
 @pytest.mark.parametrize("member", list(MEMBERS))
-def test_matches_float64_oracle(backend: Backend, member: str, inputs: Any) -> None:
+def test_matches_float64_oracle(backend: ArrayBackend, member: str, inputs: Any) -> None:
     rng = np.random.default_rng(zlib.crc32(f"{member}{inputs}".encode()))  # stable per case
     for shape in SHAPES:
         for dtype in ("float32", "float64"):
@@ -255,7 +255,7 @@ def test_inf_against_underflowed_mass() -> None:
 
 
 # ------------------------------------------------------------------------ probs: Keras' KL
-def test_probs_forward_kl_is_kl_divergence_bit_for_bit(backend: Backend) -> None:
+def test_probs_forward_kl_is_kl_divergence_bit_for_bit(backend: ArrayBackend) -> None:
     rng = np.random.default_rng(5)
     t = rng.uniform(-0.2, 1.2, (6, 5)).astype(np.float32)
     p = rng.uniform(-0.2, 1.2, (6, 5)).astype(np.float32)
@@ -265,7 +265,7 @@ def test_probs_forward_kl_is_kl_divergence_bit_for_bit(backend: Backend) -> None
                                   backend.to_numpy(kldiv.kl_divergence(a, b)))
 
 
-def test_probs_reverse_kl_is_swapped_kl_divergence(backend: Backend) -> None:
+def test_probs_reverse_kl_is_swapped_kl_divergence(backend: ArrayBackend) -> None:
     rng = np.random.default_rng(6)
     t = rng.uniform(-0.2, 1.2, (6, 5)).astype(np.float32)
     p = rng.uniform(-0.2, 1.2, (6, 5)).astype(np.float32)
@@ -292,7 +292,7 @@ def test_clipped_probs_against_masked_logits() -> None:
 
 # ------------------------------------------------------------------ half precision, mixing
 @pytest.mark.parametrize("member", list(MEMBERS))
-def test_half_precision_computed_in_float32(backend: Backend, member: str) -> None:
+def test_half_precision_computed_in_float32(backend: ArrayBackend, member: str) -> None:
     halves = [d for d in ("float16", "bfloat16") if d in backend.float_dtypes]
     if not halves:
         pytest.skip(f"{backend.name} has no float16/bfloat16 here")
@@ -739,7 +739,7 @@ def _closed_forms(member: str, t: np.ndarray, p: np.ndarray, T: float,
 
 @pytest.mark.parametrize("generic", [False, True], ids=["fast", "generic"])
 @pytest.mark.parametrize("member", list(MEMBERS))
-def test_gradients_are_the_closed_forms(diff_backend: Backend, member: str, generic: bool) -> None:
+def test_gradients_are_the_closed_forms(diff_backend: ArrayBackend, member: str, generic: bool) -> None:
     """Masked vocabularies (shared -inf) and empty rows: finite gradients, 0 at -inf logits."""
     rng = np.random.default_rng(16)
     t, p = _inputs(rng, (6, 9), "logits", one_sided=False)
@@ -766,7 +766,7 @@ def test_gradients_are_the_closed_forms(diff_backend: Backend, member: str, gene
 
 
 @pytest.mark.parametrize("member", list(MEMBERS))
-def test_gradients_finite_at_zero_probabilities(diff_backend: Backend, member: str) -> None:
+def test_gradients_finite_at_zero_probabilities(diff_backend: ArrayBackend, member: str) -> None:
     """pytorch#89558: zeros in probability inputs give finite gradients (Keras' clip)."""
     t = np.array([[0.0, 0.3, 0.7], [1.0, 0.0, 0.0]])
     p = np.array([[0.2, 0.0, 0.8], [0.0, 0.5, 0.5]])

@@ -22,9 +22,8 @@ import numpy as np
 import pytest
 
 import kldiv
-from conftest import Backend
-from kldiv import JensenShannonDivergence, KLDivergence, Reduction, ReverseKLDivergence
-from kldiv._keras import kldiv_class as _kldiv_class
+from conftest import ArrayBackend
+from kldiv import JensenShannonDivergence, KLDivergence, Reduction, ReverseKLDivergence, _keras
 from test_family import _inputs, _spaces, oracle
 
 CLASSES: dict[str, tuple[type, dict[str, Any]]] = {
@@ -73,7 +72,7 @@ def test_batchmean_constant() -> None:
 
 
 @pytest.mark.parametrize("shape", [(3,), (4, 3), (2, 5, 3), (0, 3), (0, 4, 3), (4, 0, 3)], ids=str)
-def test_batchmean_divides_by_the_first_axis(backend: Backend, shape: tuple[int, ...]) -> None:
+def test_batchmean_divides_by_the_first_axis(backend: ArrayBackend, shape: tuple[int, ...]) -> None:
     """``sum(loss * w) / loss.shape[0]`` (torch's ``batchmean``): the tokens of a ``(B, T)``
     loss count once per row; a 0-d loss (1-d inputs) is one sample; an empty batch gives 0."""
     rng = np.random.default_rng(zlib.crc32(str(shape).encode()))
@@ -152,7 +151,7 @@ def _as_weight(w: np.ndarray | None, loss_shape: tuple[int, ...]) -> np.ndarray 
 
 @pytest.mark.parametrize("inputs", CLASS_SPACES, ids=str)
 @pytest.mark.parametrize("member", list(CLASSES))
-def test_classes_match_float64_oracle(backend: Backend, member: str, inputs: Any) -> None:
+def test_classes_match_float64_oracle(backend: ArrayBackend, member: str, inputs: Any) -> None:
     """Every reduction (with batchmean), weights per row, per token and boolean masks, on every
     backend, against the oracle reduced by the definitions above."""
     cls, params = CLASSES[member]
@@ -179,7 +178,7 @@ def test_classes_match_float64_oracle(backend: Backend, member: str, inputs: Any
                 per, rtol=2e-5 if dtype == "float32" else 1e-9, atol=5e-6 if dtype == "float32" else 1e-12)
 
 
-def test_kl_class_with_probs_is_today_s_bit_for_bit(backend: Backend) -> None:
+def test_kl_class_with_probs_is_today_s_bit_for_bit(backend: ArrayBackend) -> None:
     """``KLDivergence(inputs="probs")`` (the default, also given explicitly) runs the Keras KL."""
     rng = np.random.default_rng(32)
     t = rng.uniform(-0.2, 1.2, (6, 5)).astype(np.float32)
@@ -220,7 +219,7 @@ def _masked_logits(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np
     return t, p, mask
 
 
-def _grads(diff_backend: Backend, loss: Any, t: np.ndarray, p: np.ndarray,
+def _grads(diff_backend: ArrayBackend, loss: Any, t: np.ndarray, p: np.ndarray,
            w: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     name = diff_backend.name.split("-")[0]
     if name == "torch":
@@ -239,7 +238,7 @@ def _grads(diff_backend: Backend, loss: Any, t: np.ndarray, p: np.ndarray,
 
 @pytest.mark.parametrize("generic", [False, True], ids=["fast", "generic"])
 @pytest.mark.parametrize("member", list(CLASSES))
-def test_masks_are_sample_weights(diff_backend: Backend, member: str, generic: bool) -> None:
+def test_masks_are_sample_weights(diff_backend: ArrayBackend, member: str, generic: bool) -> None:
     """``sample_weight=(labels != -100)`` with ``"mean_with_sample_weight"``: the mean over the
     unmasked tokens, gradients those of that mean (zero on masked tokens), finite; and an
     all-masked batch gives 0 with zero, finite gradients, for every reducing reduction."""
@@ -344,7 +343,7 @@ def test_pickle_and_repr(member: str) -> None:
     loss = cls(reduction="batchmean", name="x", inputs=("log_probs", "logits"), temperature=3.0,
                **params)
     again = pickle.loads(pickle.dumps(loss))
-    assert again == loss and _kldiv_class(again) is cls  # (Keras-aware once Keras is loaded)
+    assert again == loss and _keras.kldiv_class(again) is cls  # (Keras-aware once Keras is loaded)
     rng = np.random.default_rng(35)
     t, p = _inputs(rng, (4, 6), loss.inputs, masked=False)
     np.testing.assert_array_equal(again(t, p), loss(t, p))
@@ -419,7 +418,7 @@ def test_public_function_names() -> None:
 
 
 @pytest.mark.parametrize("inputs", CLASS_SPACES[1:], ids=str)
-def test_kl_divergence_inputs_through_the_public_name(backend: Backend, inputs: Any) -> None:
+def test_kl_divergence_inputs_through_the_public_name(backend: ArrayBackend, inputs: Any) -> None:
     rng = np.random.default_rng(zlib.crc32(f"public{inputs}".encode()))
     t, p = _inputs(rng, (4, 9), inputs, one_sided=False)
     T = 2.0 if "logits" in _spaces(inputs) else 1.0

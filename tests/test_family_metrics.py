@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import kldiv
-from conftest import Backend
-from kldiv import _accumulate
+from conftest import ArrayBackend
+from kldiv import _accumulate, _namespace
 from kldiv.metrics import JensenShannonDivergence, KLDivergence, ReverseKLDivergence
 from test_family import _inputs, _maskable, oracle
 
@@ -91,7 +91,7 @@ def _batches(member: str, inputs: Any, seed: str) -> list[tuple[np.ndarray, np.n
     return out
 
 
-def _as(backend: Backend, w: Any, dtype: str) -> Any:
+def _as(backend: ArrayBackend, w: Any, dtype: str) -> Any:
     if w is None or isinstance(w, float):
         return w
     return backend.asarray(w, "bool" if w.dtype == bool else dtype)
@@ -100,7 +100,7 @@ def _as(backend: Backend, w: Any, dtype: str) -> Any:
 # --------------------------------------------------------------------- values vs. the oracle
 @pytest.mark.parametrize("inputs", SPACES, ids=str)
 @pytest.mark.parametrize("member", list(CLASSES))
-def test_weighted_mean_matches_float64_oracle(backend: Backend, member: str, inputs: Any) -> None:
+def test_weighted_mean_matches_float64_oracle(backend: ArrayBackend, member: str, inputs: Any) -> None:
     batches = _batches(member, inputs, "oracle")
     for dtype in ("float32", "float64"):
         # the oracle of what the metric is given: inputs and weights rounded to the dtype
@@ -125,7 +125,7 @@ def test_weighted_mean_matches_float64_oracle(backend: Backend, member: str, inp
 
 
 @pytest.mark.parametrize("member", list(CLASSES))
-def test_streaming_equals_one_update_and_the_loss_class(backend: Backend, member: str) -> None:
+def test_streaming_equals_one_update_and_the_loss_class(backend: ArrayBackend, member: str) -> None:
     inputs = ("probs", "logits")
     rng = np.random.default_rng(zlib.crc32(member.encode()))
     t, p = _inputs(rng, (12, 5, 7), inputs, masked=False)
@@ -146,7 +146,7 @@ def test_streaming_equals_one_update_and_the_loss_class(backend: Backend, member
     np.testing.assert_allclose(one, _mean64([_oracle(member, t, p, inputs)], [w]), rtol=1e-9)
 
 
-def test_all_masked_batches_give_zero(backend: Backend) -> None:
+def test_all_masked_batches_give_zero(backend: ArrayBackend) -> None:
     t, p = _inputs(np.random.default_rng(3), (2, 3, 6), "logits", masked=False)
     for member in CLASSES:
         m = _metric(member, inputs="logits")
@@ -198,13 +198,13 @@ def test_torch_state_holds_no_graph_and_jax_no_host_reads() -> None:
 
 
 # ------------------------------------------------------------ "probs": today's KL, bit for bit
-def test_probs_kl_and_reverse_kl_are_todays_kl_bit_for_bit(backend: Backend) -> None:
+def test_probs_kl_and_reverse_kl_are_todays_kl_bit_for_bit(backend: ArrayBackend) -> None:
     rng = np.random.default_rng(5)
     t = rng.uniform(-0.2, 1.2, (6, 5)).astype(np.float32)
     p = rng.uniform(-0.2, 1.2, (6, 5)).astype(np.float32)
     t[0, 0] = p[1, 1] = 0.0
     a, b = backend.asarray(t), backend.asarray(p)
-    xp = kldiv._namespace.array_namespace(b)
+    xp = _namespace.array_namespace(b)
     for cls, args in ((KLDivergence, (a, b)), (ReverseKLDivergence, (b, a))):
         m = cls()
         m.update_state(a, b)
@@ -232,7 +232,7 @@ def test_probs_kl_runs_the_keras_kls_own_dispatch(monkeypatch: pytest.MonkeyPatc
 
 # -------------------------------------------------------------------------------- merge_state
 @pytest.mark.parametrize("member", list(CLASSES))
-def test_merge_state_equals_one_metric(backend: Backend, member: str) -> None:
+def test_merge_state_equals_one_metric(backend: ArrayBackend, member: str) -> None:
     inputs = "log_probs"
     rng = np.random.default_rng(zlib.crc32(f"merge{member}".encode()))
     t, p = _inputs(rng, (9, 6), inputs, one_sided=False)

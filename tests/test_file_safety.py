@@ -21,9 +21,7 @@ import numpy as np
 import pytest
 
 import kldiv
-from kldiv import KLDivergence
-from kldiv._cli import compute_main
-from kldiv._npyio import Source as _Source  # the reader of .npy windows
+from kldiv import KLDivergence, _cli, _npyio
 
 PRECIOUS = b"an earlier result, which must survive a failed run"
 
@@ -128,7 +126,7 @@ def test_cli_output_that_is_an_input_exits_2(files: dict[str, Any], capsys: pyte
     d = files["dir"]
     os.symlink(files["tp"], d / "link.npy")
     for out in (files["pp"], d / "link.npy"):
-        rc = compute_main([str(files["tp"]), str(files["pp"]), "--reduction", "none", "--output", str(out)])
+        rc = _cli.compute_main([str(files["tp"]), str(files["pp"]), "--reduction", "none", "--output", str(out)])
         err = capsys.readouterr().err
         assert rc == 2, err
         assert "overwrite an input" in err and len(err.strip().splitlines()) == 1
@@ -172,7 +170,7 @@ def test_failed_evaluate_files_keeps_the_existing_output(files: dict[str, Any], 
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     out = files["dir"] / "loss.npy"
     out.write_bytes(PRECIOUS)
-    real_rows = _Source.rows
+    real_rows = _npyio.Source.rows  # the reader of .npy windows
     calls = []
 
     def rows(self: Any, start: int, stop: int) -> np.ndarray:
@@ -181,7 +179,7 @@ def test_failed_evaluate_files_keeps_the_existing_output(files: dict[str, Any], 
             raise failure
         return real_rows(self, start, stop)
 
-    monkeypatch.setattr(_Source, "rows", rows)
+    monkeypatch.setattr(_npyio.Source, "rows", rows)
     with pytest.raises(type(failure)):
         kldiv.evaluate_files(files["tp"], files["pp"], reduction="none", out=out, batch_rows=3)
     assert len(calls) == 4
@@ -193,7 +191,7 @@ def test_failed_dask_run_keeps_the_existing_output(files: dict[str, Any], monkey
     pytest.importorskip("dask.array")
     out = files["dir"] / "loss.npy"
     out.write_bytes(PRECIOUS)
-    real_rows = _Source.rows
+    real_rows = _npyio.Source.rows  # the reader of .npy windows
     calls = []
 
     def rows(self: Any, start: int, stop: int) -> np.ndarray:
@@ -202,7 +200,7 @@ def test_failed_dask_run_keeps_the_existing_output(files: dict[str, Any], monkey
             raise RuntimeError("worker lost")
         return real_rows(self, start, stop)
 
-    monkeypatch.setattr(_Source, "rows", rows)
+    monkeypatch.setattr(_npyio.Source, "rows", rows)
     with pytest.raises(RuntimeError, match="worker lost"):
         kldiv.evaluate_files(files["tp"], files["pp"], reduction="none", out=out, batch_rows=3,
                              backend="dask")
@@ -215,7 +213,7 @@ def test_cli_interrupted_run_keeps_the_existing_output(files: dict[str, Any], mo
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     out = files["dir"] / "loss.npy"
     out.write_bytes(PRECIOUS)
-    real_rows = _Source.rows
+    real_rows = _npyio.Source.rows  # the reader of .npy windows
     calls = []
 
     def rows(self: Any, start: int, stop: int) -> np.ndarray:
@@ -224,8 +222,8 @@ def test_cli_interrupted_run_keeps_the_existing_output(files: dict[str, Any], mo
             raise KeyboardInterrupt
         return real_rows(self, start, stop)
 
-    monkeypatch.setattr(_Source, "rows", rows)
-    rc = compute_main([str(files["tp"]), str(files["pp"]), "--reduction", "none", "--output", str(out),
+    monkeypatch.setattr(_npyio.Source, "rows", rows)
+    rc = _cli.compute_main([str(files["tp"]), str(files["pp"]), "--reduction", "none", "--output", str(out),
                        "--batch-rows", "4"])
     assert rc == 130
     assert "interrupted" in capsys.readouterr().err
@@ -325,7 +323,7 @@ def test_output_that_is_a_directory_is_refused(files: dict[str, Any], capsys: py
         kldiv.evaluate_files(files["tp"], files["pp"], reduction="none", out=d / "adir")
     with pytest.raises(ValueError, match="is a directory"):
         kldiv.evaluate_batches([files["t"]], [files["p"]], reduction="none", out=d / "adir")
-    rc = compute_main([str(files["tp"]), str(files["pp"]), "--reduction", "none", "--output", str(d / "adir")])
+    rc = _cli.compute_main([str(files["tp"]), str(files["pp"]), "--reduction", "none", "--output", str(d / "adir")])
     err = capsys.readouterr().err
     assert rc == 2 and "is a directory" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(ValueError, match="does not exist"):
@@ -382,7 +380,7 @@ def test_header_without_room_for_growth(files: dict[str, Any], monkeypatch: pyte
     if impl is None:
         pytest.skip("this NumPy's headers have no growth padding")
     monkeypatch.setattr(impl, "GROWTH_AXIS_MAX_DIGITS", 0)
-    from kldiv._npyio import _header
+    _header = _npyio._header
 
     rows = 1000  # '(0, 1, ...)' grows by 3 characters to '(1000, 1, ...)'
     k = next(k for k in range(1, 60)

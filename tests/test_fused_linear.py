@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests.conftest import BACKEND_FACTORIES
 
-from kldiv._fused_linear import FusedLinearDivergence, fused_linear_divergence
-from kldiv._fused_linear_math import auto_chunk_size
+from conftest import Backend
+from kldiv import FusedLinearDivergence, _fused_linear, _fused_linear_math, fused_linear_divergence
 
 DIVS = ["kl", "reverse_kl", "js"]
 BETA = 0.3
@@ -345,7 +344,9 @@ def test_torch_sample_weight_is_constant(torch: Any) -> None:
 
 def test_torch_mixed_precision_products(torch: Any) -> None:
     """The half-operand matrix product (CUDA's route) accumulates and returns float32."""
-    from kldiv.backends.torch_fused_chunks import _mm
+    from kldiv.backends import torch_fused_chunks
+
+    _mm = torch_fused_chunks._mm
 
     a, b = torch.randn(5, 300), torch.randn(300, 7)
     for lo in (torch.bfloat16, torch.float16):
@@ -384,6 +385,7 @@ def test_torch_chunk_size_bounds_every_chunk(torch: Any, monkeypatch: pytest.Mon
 
 def test_auto_chunk_size() -> None:
     """Powers of two within the budget; independent of the token count once it is large."""
+    auto_chunk_size = _fused_linear_math.auto_chunk_size
     kw = {"itemsize": 4, "buffers": 7, "on_gpu": False}
     big = auto_chunk_size(10**6, 32768, available=None, **kw)
     assert big == 256 and big * 7 * 32768 * 4 <= 256 * 2**20
@@ -397,7 +399,7 @@ def test_auto_chunk_size() -> None:
 
 
 def test_available_memory_reads_the_device() -> None:
-    from kldiv._fused_linear_math import available_memory
+    available_memory = _fused_linear_math.available_memory
 
     class CupyLike:
         mem_info = (3 * 2**30, 16 * 2**30)
@@ -874,10 +876,10 @@ def test_jax_forward_mode_is_a_clear_error(jax: Any) -> None:
 
 
 # ---------------------------------------------------------------------- forward-only libraries
-@pytest.mark.parametrize("name", ["numpy", "array_api_strict", "cupy"])
+@pytest.mark.parametrize("member", [b.pytest_param() for b in (Backend.NUMPY, Backend.ARRAY_API_STRICT, Backend.CUPY)])
 @pytest.mark.parametrize("div", DIVS)
-def test_forward_only_libraries(name: str, div: str) -> None:
-    b_ = BACKEND_FACTORIES[name]()
+def test_forward_only_libraries(member: Backend, div: str) -> None:
+    b_ = member.handle()
     d = _data(13, masked="both")
     for form in ("logits", "hidden"):
         teacher = _teacher(d, form, lambda a: b_.asarray(a, "float64"))
@@ -978,7 +980,9 @@ def test_validation_does_not_depend_on_earlier_calls() -> None:
     before. kldiv's per-type namespace cache is filled by other calls (a metric accumulating
     NumPy totals asks for the namespace of a NumPy scalar); once it held ``np.float64`` (a
     Python float subclass), ``student_hidden=np.float64(1.0)`` passed as an array."""
-    from kldiv._namespace import array_namespace
+    from kldiv import _namespace
+
+    array_namespace = _namespace.array_namespace
 
     x = _np_inputs()
     for scalar in (np.float64(1.0), np.float32(1.0), 1.0):
@@ -1057,7 +1061,7 @@ def test_loss_class_config_pickle_and_call() -> None:
 _TRITON_SCRIPT = r"""
 import math, numpy as np, torch, triton
 from kldiv.backends import torch_fused_chunks, triton_fused
-from kldiv._fused_linear import fused_linear_divergence
+from kldiv import fused_linear_divergence
 from tests.test_fused_linear import _data, _teacher, _call, plain, reduce, BETA, DIVS
 import array_api_compat
 torch_fused_chunks.FORCE_ROUTE = "triton"
@@ -1113,10 +1117,10 @@ for g, e in zip(got, want):
 # the kernel alone: a strided teacher slice in bfloat16, no gradient
 s = torch.randn(5, 300)
 t = torch.randn(5, 600, dtype=torch.bfloat16)[:, ::2]
-from kldiv._fused_linear_math import Plan, chunk_terms
-loss = triton_fused.chunk(s.clone(), t, None, None, None, Plan("js", 0.4, 1.0, 5), False)
+from kldiv import _fused_linear_math
+loss = triton_fused.chunk(s.clone(), t, None, None, None, _fused_linear_math.Plan("js", 0.4, 1.0, 5), False)
 xp = array_api_compat.array_namespace(s)
-want = chunk_terms(xp, s.double(), t.double(), "js", 0.4, False)[0]
+want = _fused_linear_math.chunk_terms(xp, s.double(), t.double(), "js", 0.4, False)[0]
 np.testing.assert_allclose(loss.double().numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
 assert len(calls) > 50, len(calls)  # the host code ran the kernel, not the torch ops
 print("TRITON-FUSED-OK")
@@ -1130,7 +1134,7 @@ def test_triton_kernel_interpreted(torch: Any) -> None:
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "src"),
+           "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "src"), os.path.join(root, "tests"),
                                           os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600, cwd=root)
@@ -1141,8 +1145,8 @@ def test_triton_kernel_interpreted(torch: Any) -> None:
 def test_public_names() -> None:
     import kldiv
 
-    assert kldiv.fused_linear_divergence is fused_linear_divergence
-    assert kldiv.FusedLinearDivergence is FusedLinearDivergence
+    assert kldiv.fused_linear_divergence is _fused_linear.fused_linear_divergence
+    assert kldiv.FusedLinearDivergence is _fused_linear.FusedLinearDivergence
     assert {"fused_linear_divergence", "FusedLinearDivergence"} <= set(kldiv.__all__)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import kldiv
-from conftest import Backend
+from conftest import ArrayBackend
 
 EPS = 1e-7
 
@@ -32,7 +32,7 @@ def _analytic(t: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, 
 
 
 @pytest.mark.parametrize("generic", [False, True])
-def test_gradients_match_analytic(diff_backend: Backend, generic: bool) -> None:
+def test_gradients_match_analytic(diff_backend: ArrayBackend, generic: bool) -> None:
     b = diff_backend
     t, p = _data()
     w = np.arange(1.0, 5.0)[:, None]  # sum(w_i * loss_i) -> per-row weight
@@ -57,7 +57,7 @@ def test_gradients_match_analytic(diff_backend: Backend, generic: bool) -> None:
     np.testing.assert_allclose(gt, gt_want, rtol=1e-10, atol=1e-12)
 
 
-def test_gradients_finite_for_zeros(diff_backend: Backend) -> None:
+def test_gradients_finite_for_zeros(diff_backend: ArrayBackend) -> None:
     b = diff_backend
     z = np.zeros((3, 4), dtype=np.float32)
     if b.name.startswith("torch"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import kldiv
-from conftest import Backend, oracle
+from conftest import ArrayBackend, oracle
 from kldiv import KLDivergence, Reduction
 
 SEED_T = [[0.0, 1.0], [0.0, 0.0]]
@@ -33,7 +33,7 @@ REFERENCE = [
 
 
 @pytest.mark.parametrize(("reduction", "weight", "expected"), REFERENCE)
-def test_reference_values(backend: Backend, reduction: str, weight: object, expected: object) -> None:
+def test_reference_values(backend: ArrayBackend, reduction: str, weight: object, expected: object) -> None:
     loss = KLDivergence(reduction=reduction)
     w = None if weight is None else (backend.asarray(weight) if not isinstance(weight, float) else weight)
     out = loss(backend.asarray(SEED_T), backend.asarray(SEED_P), sample_weight=w)
@@ -42,7 +42,7 @@ def test_reference_values(backend: Backend, reduction: str, weight: object, expe
     np.testing.assert_allclose(backend.to_numpy(out), expected, rtol=5e-6, atol=1e-12)
 
 
-def test_sample_weight_as_list_and_numpy(backend: Backend) -> None:
+def test_sample_weight_as_list_and_numpy(backend: ArrayBackend) -> None:
     loss = KLDivergence()
     t, p = backend.asarray(SEED_T), backend.asarray(SEED_P)
     for w in ([0.8, 0.2], np.array([0.8, 0.2], dtype=np.float64)):
@@ -58,7 +58,7 @@ def _rank3() -> tuple[np.ndarray, np.ndarray]:
     return t, p
 
 
-def test_rank_rules_against_oracle(backend: Backend) -> None:
+def test_rank_rules_against_oracle(backend: ArrayBackend) -> None:
     t, p = _rank3()
     per = oracle(t, p)  # (2, 3)
     loss = KLDivergence()
@@ -77,7 +77,7 @@ def test_rank_rules_against_oracle(backend: Backend) -> None:
         np.testing.assert_allclose(backend.to_numpy(none), weighted, rtol=1e-5, err_msg=name)
 
 
-def test_spec_rank3_weight_forms(backend: Backend) -> None:
+def test_spec_rank3_weight_forms(backend: ArrayBackend) -> None:
     # SPEC §3's (2, 3, 4) example: weight [1, 0] keeps the first batch row only (divided by
     # all 6 losses); ones((2, 3)) and ones((2, 3, 1)) equal no weight. (SPEC's own numbers
     # for it come from data it does not give, so the oracle stands in for them.)
@@ -92,7 +92,7 @@ def test_spec_rank3_weight_forms(backend: Backend) -> None:
         np.testing.assert_allclose(backend.to_numpy(out), expected_ones, rtol=1e-5)
 
 
-def test_mean_with_sample_weight(backend: Backend) -> None:
+def test_mean_with_sample_weight(backend: ArrayBackend) -> None:
     loss = KLDivergence(reduction=Reduction.MEAN_WITH_SAMPLE_WEIGHT)
     t, p = backend.asarray(SEED_T), backend.asarray(SEED_P)
     per = oracle(SEED_T, SEED_P)
@@ -107,7 +107,7 @@ def test_mean_with_sample_weight(backend: Backend) -> None:
 
 
 @pytest.mark.parametrize("reduction", ["auto", "sum_over_batch_size", "mean", "sum", "mean_with_sample_weight"])
-def test_empty_batch_reduces_to_zero(backend: Backend, reduction: str) -> None:
+def test_empty_batch_reduces_to_zero(backend: ArrayBackend, reduction: str) -> None:
     t = backend.asarray(np.zeros((0, 3), dtype=np.float32))
     p = backend.asarray(np.zeros((0, 3), dtype=np.float32))
     out = KLDivergence(reduction=reduction)(t, p)
@@ -116,7 +116,7 @@ def test_empty_batch_reduces_to_zero(backend: Backend, reduction: str) -> None:
     assert tuple(none.shape) == (0,)
 
 
-def test_float64_and_dtype_argument(backend: Backend) -> None:
+def test_float64_and_dtype_argument(backend: ArrayBackend) -> None:
     t = backend.asarray(np.array(SEED_T), dtype="float64")
     p = backend.asarray(np.array(SEED_P), dtype="float64")
     out = KLDivergence()(t, p)
@@ -195,7 +195,7 @@ def test_python_weights_on_a_device_without_float64() -> None:
 
 
 @pytest.mark.parametrize("reduction", ["auto", "mean_with_sample_weight", "none"])
-def test_half_precision_reduced_in_float32(backend: Backend, reduction: str) -> None:
+def test_half_precision_reduced_in_float32(backend: ArrayBackend, reduction: str) -> None:
     if "float16" not in backend.float_dtypes:
         pytest.skip(f"{backend.name} fixture has no float16")
     # 10000 rows of loss 9.21 each: their float16 sum would overflow (max 65504)
@@ -249,7 +249,7 @@ def _squeeze(t: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize(("t_shape", "p_shape", "loss_shape"), SQUEEZE_CASES)
 def test_class_applies_keras_rank_squeeze(
-    backend: Backend, t_shape: tuple[int, ...], p_shape: tuple[int, ...], loss_shape: tuple[int, ...]
+    backend: ArrayBackend, t_shape: tuple[int, ...], p_shape: tuple[int, ...], loss_shape: tuple[int, ...]
 ) -> None:
     rng = np.random.default_rng(len(t_shape) + 3 * len(p_shape))
     t = rng.random(t_shape).astype(np.float32)
@@ -264,7 +264,7 @@ def test_class_applies_keras_rank_squeeze(
     np.testing.assert_allclose(backend.to_numpy(mean), want.mean() if want.size else 0.0, rtol=1e-5, atol=1e-7)
 
 
-def test_class_shape_error_names_the_shapes_given(backend: Backend) -> None:
+def test_class_shape_error_names_the_shapes_given(backend: ArrayBackend) -> None:
     # Keras 2's class squeezes y_pred (5, 3, 1) to (5, 3), which does not broadcast with (3, 1)
     t = backend.asarray(np.ones((3, 1), np.float32))
     p = backend.asarray(np.ones((5, 3, 1), np.float32))
@@ -302,7 +302,7 @@ def test_dtype_that_is_not_a_float_is_refused(bad: object) -> None:
 
 
 @pytest.mark.parametrize("name", ["float16", "bfloat16", "float32", "float64"])
-def test_dtype_argument_on_every_backend(backend: Backend, name: str) -> None:
+def test_dtype_argument_on_every_backend(backend: ArrayBackend, name: str) -> None:
     """The result in the named dtype of y_pred's library; where the library has no such dtype
     a ValueError naming both (NumPy's bfloat16 comes from ml_dtypes)."""
     t, p = backend.asarray(SEED_T), backend.asarray(SEED_P)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import kldiv
-from conftest import Backend, oracle
+from conftest import ArrayBackend, oracle
 from kldiv import metrics
 from kldiv.metrics import KLDivergence
 
@@ -22,18 +22,18 @@ SEED_T = [[0.0, 1.0], [0.0, 0.0]]
 SEED_P = [[0.6, 0.4], [0.4, 0.6]]
 
 
-def _f(backend: Backend, x: Any) -> float:
+def _f(backend: ArrayBackend, x: Any) -> float:
     return float(backend.to_numpy(x))
 
 
-def _lib(backend: Backend) -> str:
+def _lib(backend: ArrayBackend) -> str:
     return backend.name.split("-")[0]
 
 
 # -- SPEC §5 reference values ------------------------------------------------------------------
 
 
-def test_reference_values(backend: Backend) -> None:
+def test_reference_values(backend: ArrayBackend) -> None:
     m = KLDivergence()
     t, p = backend.asarray(SEED_T), backend.asarray(SEED_P)
     m.update_state(t, p, sample_weight=backend.asarray([1.0, 0.0]))
@@ -75,7 +75,7 @@ def test_default_name_and_config() -> None:
     assert "kullback_leibler_divergence" in repr(m)
 
 
-def test_dtype_argument(backend: Backend) -> None:
+def test_dtype_argument(backend: ArrayBackend) -> None:
     assert KLDivergence(dtype=np.float64).dtype == "float64"
     with pytest.raises(ValueError, match="dtype"):
         KLDivergence(dtype="int32")
@@ -98,7 +98,7 @@ def test_low_precision_result_dtype() -> None:
     np.testing.assert_allclose(float(m.result()), 0.45814306, rtol=1e-3)
 
 
-def test_result_before_any_update_and_reset(backend: Backend) -> None:
+def test_result_before_any_update_and_reset(backend: ArrayBackend) -> None:
     m = KLDivergence()
     r0 = m.result()
     assert type(r0) is np.float32 and float(r0) == 0.0  # a NumPy scalar (the package rule)
@@ -112,7 +112,7 @@ def test_result_before_any_update_and_reset(backend: Backend) -> None:
     np.testing.assert_allclose(float(m.result()), 0.45814306, rtol=1e-6)
 
 
-def test_zero_weights_give_zero(backend: Backend) -> None:
+def test_zero_weights_give_zero(backend: ArrayBackend) -> None:
     m = KLDivergence()
     m.update_state(backend.asarray(SEED_T), backend.asarray(SEED_P), sample_weight=backend.asarray([0.0, 0.0]))
     assert _f(backend, m.result()) == 0.0
@@ -121,7 +121,7 @@ def test_zero_weights_give_zero(backend: Backend) -> None:
 # -- state: library, device, dtype --------------------------------------------------------------
 
 
-def test_state_stays_in_the_library_and_device(backend: Backend) -> None:
+def test_state_stays_in_the_library_and_device(backend: ArrayBackend) -> None:
     m = KLDivergence()
     m.update_state(backend.asarray(SEED_T), backend.asarray(SEED_P))
     total, count = m.variables
@@ -142,7 +142,7 @@ def test_state_stays_in_the_library_and_device(backend: Backend) -> None:
         (2.0, 4.0),  # scalar: every sample
     ],
 )
-def test_sample_weight_forms(backend: Backend, weight: Any, expected_count: float) -> None:
+def test_sample_weight_forms(backend: ArrayBackend, weight: Any, expected_count: float) -> None:
     m = KLDivergence()
     w = weight if isinstance(weight, float) else backend.asarray(np.asarray(weight, dtype=np.float32))
     m.update_state(backend.asarray(SEED_T), backend.asarray(SEED_P), sample_weight=w)
@@ -153,7 +153,7 @@ def test_sample_weight_forms(backend: Backend, weight: Any, expected_count: floa
     np.testing.assert_allclose(_f(backend, m.result()), (wb * loss).sum() / wb.sum(), rtol=1e-6)
 
 
-def test_rank3_weight_of_lower_rank_scales_rows(backend: Backend) -> None:
+def test_rank3_weight_of_lower_rank_scales_rows(backend: ArrayBackend) -> None:
     rng = np.random.default_rng(7)
     t = rng.random((2, 3, 4)).astype(np.float32)
     p = rng.random((2, 3, 4)).astype(np.float32)
@@ -164,7 +164,7 @@ def test_rank3_weight_of_lower_rank_scales_rows(backend: Backend) -> None:
     np.testing.assert_allclose(_f(backend, m.variables[1]), 3.0)
 
 
-def test_result_matches_loss_class_over_batches(backend: Backend) -> None:
+def test_result_matches_loss_class_over_batches(backend: ArrayBackend) -> None:
     rng = np.random.default_rng(1)
     t = rng.dirichlet(np.ones(6), size=300).astype(np.float32)
     p = rng.dirichlet(np.ones(6), size=300).astype(np.float32)
@@ -180,7 +180,7 @@ def test_result_matches_loss_class_over_batches(backend: Backend) -> None:
 # -- merge_state ----------------------------------------------------------------------------------
 
 
-def test_merge_state(backend: Backend) -> None:
+def test_merge_state(backend: ArrayBackend) -> None:
     rng = np.random.default_rng(2)
     t = rng.dirichlet(np.ones(4), size=90).astype(np.float32)
     p = rng.dirichlet(np.ones(4), size=90).astype(np.float32)
@@ -199,7 +199,7 @@ def test_merge_state(backend: Backend) -> None:
         head.merge_state(kldiv.KLDivergence())  # the loss class is not a metric
 
 
-def test_merge_state_of_pickled_workers(backend: Backend) -> None:
+def test_merge_state_of_pickled_workers(backend: ArrayBackend) -> None:
     """Workers' metrics travel as pickles (e.g. from Dask or multiprocessing) and merge."""
     if _lib(backend) == "jax":
         pytest.importorskip("jax")
@@ -330,7 +330,7 @@ def _ulps(a: float, b: float) -> float:
     return abs(np.float32(a) - np.float32(b)) / np.spacing(np.float32(b))
 
 
-def test_ten_million_rows_lose_no_precision(backend: Backend) -> None:
+def test_ten_million_rows_lose_no_precision(backend: ArrayBackend) -> None:
     """10^7 rows in 10 batches: the float32 result is the exact mean, to the last bit (±1 ulp)."""
     m = KLDivergence()
     exact = 0.0

@@ -327,7 +327,8 @@ def _close(a: Any, b: np.ndarray, dtype: Any) -> None:
 
 
 def _fused_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    torch_ = importlib.import_module("kldiv.backends.torch_")
+    from kldiv.backends import torch_
+
     calls: list[str] = []
     real = torch_.fused
 
@@ -455,7 +456,9 @@ def test_call_time_values_copies_only_foreign_memory_saved_for_backward() -> Non
     """The copy is made only where it is needed: grad mode on, a peer that requires grad,
     memory torch does not own."""
     torch = _torch()
-    from kldiv._namespace import call_time_values
+    from kldiv import _convert
+
+    call_time_values = _convert.call_time_values
 
     a = np.ones(8)
     foreign, own = torch.from_numpy(a), torch.ones(8, dtype=torch.float64)
@@ -614,7 +617,9 @@ def test_torch_batched_backward(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(g2, want, rtol=1e-10, atol=1e-12)
     assert spy and set(spy) == {"numpy"}
     # a Hessian (batched double backward) of a small input, made to take the fused route
-    monkeypatch.setattr(importlib.import_module("kldiv.backends.torch_"), "MIN_ELEMENTS", 16)
+    from kldiv.backends import torch_
+
+    monkeypatch.setattr(torch_, "MIN_ELEMENTS", 16)
     del spy[:]
     ts, ps = yt[:6, :8], torch.tensor(p[:6, :8])
 
@@ -630,7 +635,8 @@ def test_torch_batched_backward(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_torch_func_transforms_through_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.func grad / vmap / jacrev / jacfwd / jvp / hessian agree with the generic path."""
     torch = _torch()
-    torch_ = importlib.import_module("kldiv.backends.torch_")
+    from kldiv.backends import torch_
+
     monkeypatch.setattr(torch_, "MIN_ELEMENTS", 16)  # small inputs take the fused route
     func = torch.func
     yt, yp, _, _ = _fwd_inputs(torch)

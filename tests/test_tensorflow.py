@@ -20,9 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # (conftest.py imports Triton before anything can import TensorFlow: see there)
 tf = pytest.importorskip("tensorflow")
 
-from tests.conftest import oracle  # noqa: E402
-
 import kldiv  # noqa: E402
+from conftest import oracle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 YT = [[0.0, 1.0], [0.0, 0.0]]
