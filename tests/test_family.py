@@ -21,7 +21,7 @@ import pytest
 
 import kldiv
 from conftest import ArrayBackend
-from kldiv import _dispatch, _family
+from kldiv import _dispatch, _family, _switch
 
 F_KL = kldiv.kl_divergence  # the public names (kldiv._family defines them)
 F_RKL = kldiv.reverse_kl_divergence
@@ -437,7 +437,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch, library: str, op: str) -> list[int]:
         calls.append(out is not NotImplemented)
         return out
 
-    monkeypatch.setitem(_dispatch._LOADED, (library, op), spy)
+    monkeypatch.setitem(_switch._LOADED, (library, op), spy)
     return calls
 
 

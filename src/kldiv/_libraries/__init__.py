@@ -1,7 +1,7 @@
 """The libraries table: everything kldiv knows about each array library, in one place.
 
-One frozen :class:`~kldiv._library.Library` record per library (the record type is
-:mod:`kldiv._library`'s; its fields are documented there): how to recognise it without importing it
+One frozen :class:`~kldiv._libraries.record.Library` record per library (the record type is
+:mod:`kldiv._libraries.record`'s; its fields are documented there): how to recognise it without importing it
 (its module names in ``sys.modules``, array-api-compat's namespace predicate), the modules
 holding its fast paths, its adapter module in :mod:`kldiv.backends` (device scope, file
 targets, the CLI's device rows, float64 availability, TensorFlow's namespace shim), its
@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _compat
-from ._library import Library, load
+from .. import _compat
+from .record import Library, load
 
 __all__ = [
     "BACKENDS",
@@ -60,9 +60,9 @@ def _torch_compiled_namespace() -> ModuleType:
     Dynamo runs import statements but cannot trace ``importlib`` (nor a ``sys.modules`` that
     changes under its guards), so the module is imported by a statement and read from it,
     also when ``torch.compile`` comes before any eager call."""
-    from .backends import torch_namespace  # imports nothing of kldiv (no import circle)
+    from . import torch_traced  # imports nothing of kldiv (no import circle)
 
-    ns: ModuleType = torch_namespace.array_api
+    ns: ModuleType = torch_traced.array_api
     return ns
 
 

@@ -2,7 +2,7 @@
 
 What the generic kernels run in while ``torch.compile`` (dynamo) traces them: the
 array-api-compat wrappers hold Python checks that break the graph (``clip``'s ``isnan`` on
-symbolic bounds). The libraries table's torch record loads it
+symbolic bounds). The libraries table's torch record loads it (this module belongs to the table package)
 (:attr:`kldiv._libraries.Library.compiled_namespace`); it imports nothing of kldiv, so the
 table can import it by a statement, which dynamo traces.
 """
@@ -34,7 +34,7 @@ def _astype(x: torch.Tensor, dtype: Any, /, *, copy: bool = True) -> torch.Tenso
 
 def _build_array_api() -> types.ModuleType:
     ns = types.ModuleType(
-        "kldiv.backends.torch_namespace.array_api",
+        "kldiv._libraries.torch_traced.array_api",
         "torch's own functions under the array API names the family's kernels call.",
     )
     for name, fn in {"exp": torch.exp, "log": torch.log, "logaddexp": torch.logaddexp,
