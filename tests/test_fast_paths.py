@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+import types
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import pytest
 
 import kldiv
 from conftest import ArrayBackend, oracle
-from kldiv import _dispatch
+from kldiv import backends
 from kldiv.backends import numpy_
 from kldiv.backends import numpy_engine as engine  # blocks, threads, scratch
 
@@ -48,16 +49,46 @@ def _generic(y_true: Any, y_pred: Any) -> Any:
 
 # ----------------------------------------------------------------------------------- registry
 def test_registry_lists_every_fast_path() -> None:
+    reg = backends.registered()
     for name in ("numpy", "torch", "jax", "cupy"):
-        assert f"kldiv.backends.{name}_" in _dispatch.fast_path_modules(name)
+        assert reg[name] == f"kldiv.backends.{name}_"
 
 
 def test_use_generic_switches_fast_paths_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _dispatch.fast_path("numpy", "keras_kl") is not None
+    assert backends.fast_path("numpy") is not None
     with kldiv.use_generic():
-        assert _dispatch.fast_path("numpy", "keras_kl") is None
+        assert backends.fast_path("numpy") is None
     monkeypatch.setenv("KLDIV_GENERIC", "1")
-    assert _dispatch.fast_path("numpy", "keras_kl") is None
+    assert backends.fast_path("numpy") is None
+
+
+@pytest.mark.parametrize("attr", ["keras_kl", "kl_divergence"])
+def test_register_a_third_party_module(monkeypatch: pytest.MonkeyPatch, attr: str) -> None:
+    """``register`` takes a module with the op-named kernel or the pre-engine name."""
+    calls = []
+
+    def kernel(t: Any, p: Any) -> Any:
+        calls.append(1)
+        return NotImplemented  # declines: the generic kernel runs
+
+    mod = types.ModuleType("kldiv_test_third_party")
+    setattr(mod, attr, kernel)
+    monkeypatch.setitem(sys.modules, "kldiv_test_third_party", mod)
+    try:
+        backends.register("numpy", "kldiv_test_third_party")
+        assert backends.registered()["numpy"] == "kldiv_test_third_party"
+        assert backends.fast_path("numpy") is kernel
+        out = kldiv.kld(np.array([.4, .9, .2]), np.array([.5, .8, .12]))
+        assert calls == [1] and float(out) == pytest.approx(0.11891246, rel=1e-6)
+    finally:
+        backends.register("numpy", "kldiv.backends.numpy_")
+    assert backends.fast_path("numpy") is not kernel
+    assert backends.fast_path("numpy").__module__ == "kldiv.backends.numpy_"
+
+
+def test_register_checks_its_arguments() -> None:
+    with pytest.raises(TypeError, match="str"):
+        backends.register("numpy", None)  # type: ignore[arg-type]
 
 
 # -------------------------------------------------------------------------------------- NumPy
@@ -583,12 +614,12 @@ def test_jax_jit_matches_generic_under_transforms(monkeypatch: pytest.MonkeyPatc
 def test_every_backend_fast_path_agrees_with_generic(backend: ArrayBackend) -> None:
     """On each installed backend (CuPy, CUDA where there is a GPU), fast == generic."""
     base = backend.name.split("-")[0]
-    if not _dispatch.fast_path_modules(base):
+    if base not in backends.registered():
         pytest.skip(f"{backend.name} has no fast path (the generic kernel is the only one)")
     for dtype in ("float32", "float64"):
         t, p = _inputs((64, 130), (64, 130), dtype=dtype)
         yt, yp = backend.asarray(t, dtype), backend.asarray(p, dtype)
-        kernel = _dispatch.fast_path(base, "keras_kl")
+        kernel = backends.fast_path(base)
         assert kernel is not None
         direct = kernel(yt, yp)
         assert direct is not NotImplemented, f"{backend.name} fast path declined"
