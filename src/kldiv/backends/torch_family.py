@@ -50,9 +50,9 @@ import torch
 
 from .._divergence import MEMBERS, js_parts, kl_terms
 from .._kernel import EPSILON
+from .._libraries.torch_traced import array_api
 from .._spaces import to_log_space
 from .torch_ import _batched, _has_tangent, _private, _tracing, float_tensors
-from .._libraries.torch_traced import array_api
 
 __all__ = ["BLOCK_ELEMENTS", "array_api", "js", "kl", "reverse_kl"]
 
