@@ -29,6 +29,12 @@ more there than cache misses). Tracing (``torch.compile``, ``torch.func``, Torch
 forward-mode AD (inputs with a tangent), the legacy vmap, tensor subclasses, other dtypes and
 empty inputs return ``NotImplemented``: the generic kernel runs.
 
+On CUDA, when Triton is installed, both sides logits or both log-probabilities (same class
+axis) run the Triton kernels of :mod:`kldiv.backends.triton_family` instead of the blocks
+(one program per row: online log-sum-exp, then the terms; the same closed forms backward);
+everything else (``"probs"``, mixed pairs, a broadcast class axis, other devices) keeps the
+blocks.
+
 Autograd contracts, as on the Keras KL's fast path (:mod:`kldiv.backends.torch_`):
 
 - The gradient uses the inputs' values at call time: an input over memory torch does not own
@@ -44,6 +50,7 @@ Autograd contracts, as on the Keras KL's fast path (:mod:`kldiv.backends.torch_`
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -52,7 +59,7 @@ from .._divergence import MEMBERS, js_parts, kl_terms
 from .._kernel import EPSILON
 from .._libraries.torch_traced import array_api
 from .._spaces import to_log_space
-from .torch_ import _batched, _has_tangent, _private, _tracing, float_tensors
+from .torch_ import _batched, _has_tangent, _private, _tracing, float_tensors, optional_module
 
 __all__ = ["BLOCK_ELEMENTS", "array_api", "js", "kl", "reverse_kl"]
 
@@ -60,6 +67,26 @@ BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 24}
 """Elements of one block of rows, per device type (others use the CUDA size)."""
 
 _INF = math.inf
+_TRITON_DEVICES = ("cuda",)
+"""Device types the Triton kernels run on (the interpreted tests add ``"cpu"``)."""
+_triton: ModuleType | bool | None = False  # False: not tried yet; None: not available
+
+
+def _triton_module() -> ModuleType | None:
+    """:mod:`kldiv.backends.triton_family`, or ``None`` when Triton cannot be imported."""
+    global _triton
+    if _triton is False:  # tests may set ``_triton`` to force or refuse the module
+        _triton = optional_module("triton_family")
+    return _triton if isinstance(_triton, ModuleType) else None
+
+
+def _triton_for(x: torch.Tensor, y: torch.Tensor, spaces: tuple[str, str]) -> Any:
+    """The Triton module when it takes these sides, else ``None``: a Triton device, both
+    sides logits or both log-probabilities, one class axis (none broadcast)."""
+    if (x.device.type not in _TRITON_DEVICES or spaces[0] != spaces[1]
+            or spaces[0] not in ("logits", "log_probs") or x.shape[-1:] != y.shape[-1:]):
+        return None
+    return _triton_module()
 
 
 # ------------------------------------------------------------------------------ block math
@@ -79,12 +106,25 @@ def _prob(x: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
 
 
 class _Plan:
-    """One call's constants: the op, the sides' kinds, the temperature, ``beta``."""
+    """One call's constants: the op, the sides' kinds, the temperature, ``beta``, and the
+    Triton module when it runs the call."""
 
-    __slots__ = ("beta", "kinds", "op", "temperature")
+    __slots__ = ("beta", "kinds", "op", "temperature", "triton")
 
-    def __init__(self, op: str, kinds: tuple[str, str], temperature: float, beta: float) -> None:
+    def __init__(self, op: str, kinds: tuple[str, str], temperature: float, beta: float,
+                 triton: Any = None) -> None:
         self.op, self.kinds, self.temperature, self.beta = op, kinds, temperature, beta
+        self.triton = triton
+
+
+def _run_forward(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> tuple[Any, Any]:
+    """``(value, rows)``: the Triton kernels' or the blocks' forward pass."""
+    if plan.triton is not None:
+        out: tuple[Any, Any] = plan.triton.forward(plan.op, a, b, plan.kinds, plan.temperature,
+                                                   plan.beta)
+        return out
+    value, r1, r2, generic_blocks = _forward(plan, a, b)
+    return value, (r1, r2, generic_blocks)
 
 
 def _step(a: torch.Tensor) -> int:
@@ -254,9 +294,8 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        value, r1, r2, generic_blocks = _forward(plan, a, b)
+        value, ctx.rows = _run_forward(plan, a, b)
         ctx.plan = plan
-        ctx.rows = (r1, r2, generic_blocks)
         ctx.save_for_backward(a, b)
         return value
 
@@ -270,6 +309,8 @@ class _Fused(torch.autograd.Function):
             # AD over this backward, where the blocked closed forms' ``out=`` ops cannot run:
             # autograd through the generic formula, with ordinary (batchable) torch ops
             ga, gb = _generic_grads(ctx.plan, a, b, grad, need_a, need_b)
+        elif ctx.plan.triton is not None:
+            ga, gb = ctx.plan.triton.backward(a, b, ctx.rows, grad, need_a, need_b)
         else:
             ga, gb = _backward(ctx.plan, a, b, ctx.rows, grad, need_a, need_b)
         return ga, gb, None
@@ -312,6 +353,7 @@ def _run(op: str, y_true: Any, y_pred: Any, spaces: tuple[str, str], temperature
     # teacher converted without a copy, torch.from_numpy of a reused loader buffer) the values
     # at call time are kept in a private copy (``_private``), as on the Keras KL's fast path
     grad = torch.is_grad_enabled() and (y_true.requires_grad or y_pred.requires_grad)
+    tri = _triton_for(y_true, y_pred, spaces)
     kinds = []
     sides = []
     for x, space in ((y_true, spaces[0]), (y_pred, spaces[1])):
@@ -324,12 +366,12 @@ def _run(op: str, y_true: Any, y_pred: Any, spaces: tuple[str, str], temperature
             x = _private(x)
         kinds.append(space)
         sides.append(x.expand(shape).reshape(-1, shape[-1]))
-    plan = _Plan(op, (kinds[0], kinds[1]), temperature, beta)
+    plan = _Plan(op, (kinds[0], kinds[1]), temperature, beta, tri)
     a, b = sides
     if grad:
         out: torch.Tensor = _Fused.apply(a, b, plan)
     else:
-        out = _forward(plan, a, b)[0]
+        out = _run_forward(plan, a, b)[0]
     return out.reshape(shape[:-1])
 
 
