@@ -118,7 +118,10 @@ def gpu(session: nox.Session) -> None:
     session.install("-e", ".[test,dask]", "cupy-cuda12x", "torch", "jax[cuda12]", "dask-cuda",
                     "array-api-strict", "triton")
     session.run("python", "-m", "pytest", *_pytest_args(session, "-m", "not parity", "tests"),
-                env={"KLDIV_README_GPU": "1"})
+                # JAX preallocates 75% of the GPU per process, starving torch, CuPy and other
+                # test processes (pytest -n) beside it: on an H200 with 12 workers 611 GPU tests
+                # failed; with this set, the same selection passed (benchmarks/GPU.md)
+                env={"KLDIV_README_GPU": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
 
 
 @nox.session

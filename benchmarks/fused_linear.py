@@ -186,7 +186,7 @@ def worker(impl: str, div: str, n: int, h: int, v: int, reps: int, device: str =
 # ------------------------------------------------------------------------------ the driver
 def run_case(impl: str, div: str, n: int, h: int, v: int, reps: int, timeout: float,
              device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, div, str(n), str(h),
            str(v), str(reps), device, dtype]
     try:
