@@ -27,22 +27,28 @@ def clip_unit(xp: ModuleType, x: Any) -> Any:
     return xp.where(x < EPSILON, EPSILON, xp.where(x > 1.0, 1.0, x))
 
 
-def kl_divergence_generic(xp: ModuleType, y_true: Any, y_pred: Any) -> Any:
+def kl_divergence_generic(xp: ModuleType, y_true: Any, y_pred: Any, *,
+                          fused_rows: bool = False) -> Any:
     """``sum(t * log(t / p), axis=-1)`` on the clipped inputs, in namespace ``xp``.
 
     Inputs are already in ``xp``, on one device, of one floating dtype, and broadcastable.
+    ``fused_rows`` only matters where the table says ``no_fma`` (JAX), see below.
     """
     t = clip_unit(xp, y_true)
     p = clip_unit(xp, y_pred)
     ratio = t / p
     terms = t * xp.log(ratio)
     if library(xp).no_fma:
-        # JAX: fused by XLA, the product would be contracted into the row sum's addition (one FMA,
-        # one rounding instead of two): float32 -3.0809076e-06 for SPEC's -3.0809074e-06, and
-        # the jitted fast path would differ from the un-fused ops. A select between the two
-        # (``ratio > 0`` always holds after the clips; a NaN passes through) stops the
-        # contraction; the loop stays fused. The select asks the ratio, which varies along the
-        # row, not ``t``: a ``t`` broadcast along the class axis would make the select
-        # loop-invariant, hoisted out of the row loop, and the product contracted after all.
-        terms = xp.where(ratio > 0, terms, ratio)
+        # JAX: fused by XLA, the product would be contracted into the row sum's addition (one
+        # FMA, one rounding instead of two): float32 -3.0809076e-06 for SPEC's -3.0809074e-06,
+        # and the jitted fast path would differ from the op-by-op generic kernel. A select
+        # between the product and another value (always the product after the clips; a NaN
+        # passes through) stops the contraction. Asking ``t > 0`` keeps the whole row loop
+        # fused (fast: one pass); its row sums equal the op-by-op ones for full-shape rows of
+        # more than 32 classes, while rows of 17-32 classes are summed in another order and a
+        # ``t`` broadcast along the class axis makes the select loop-invariant (hoisted, the
+        # product contracted after all). Asking ``ratio > 0`` keeps the terms apart from the
+        # row sum: equal in every case, but the gradient then takes about six passes. The JAX
+        # fast path (``backends/jax_.py``) asks for the fused form where it is exact.
+        terms = xp.where(t > 0, terms, t) if fused_rows else xp.where(ratio > 0, terms, ratio)
     return xp.sum(terms, axis=-1)
