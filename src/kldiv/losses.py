@@ -2,7 +2,7 @@
 :class:`KLDivergence`, :class:`ReverseKLDivergence` and :class:`JensenShannonDivergence`.
 
 The machinery they share (reductions, config, pickling, Keras interop) is
-:class:`kldiv._loss_base.DivergenceLoss`; this module holds the members' classes and their
+``kldiv._loss_base.DivergenceLoss``; this module holds the members' classes and their
 documentation.
 """
 
