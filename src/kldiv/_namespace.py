@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -175,15 +176,22 @@ def _remember(cache: dict[type, dict[Any, Any]], tp: type, key: Any, value: Any)
         cache.setdefault(tp, {})[key] = value
 
 
+def _cached(cache: dict[type, dict[Any, Any]], dtype: Any, compute: Callable[[Any], Any]) -> Any:
+    """``compute(dtype)``, remembered in ``cache`` (one dict per dtype type, see
+    :func:`_remember`)."""
+    per_type = cache.get(type(dtype))
+    try:
+        return per_type[dtype]  # type: ignore[index]
+    except (KeyError, TypeError):  # not seen yet (or no dict for its type), or unhashable
+        pass
+    value = compute(dtype)
+    _remember(cache, type(dtype), dtype, value)
+    return value
+
+
 def dtype_kind(dtype: Any) -> str:
     """Classify a dtype of any library: 'float', 'int', 'bool', 'complex' or 'other'."""
-    cache = _KIND_CACHE.get(type(dtype))
-    try:
-        return cache[dtype]  # type: ignore[index]
-    except (KeyError, TypeError):
-        pass
-    kind = _dtype_kind(dtype)
-    _remember(_KIND_CACHE, type(dtype), dtype, kind)
+    kind: str = _cached(_KIND_CACHE, dtype, _dtype_kind)
     return kind
 
 
@@ -234,15 +242,13 @@ def _dtype_kind(dtype: Any) -> str:
 def is_low_precision(dtype: Any) -> bool:
     """float16, bfloat16 and the float8/float6/float4 formats (of any library): computed in
     float32 by kldiv and returned in the input dtype."""
-    cache = _LOW_CACHE.get(type(dtype))
-    try:
-        return cache[dtype]  # type: ignore[index]
-    except (KeyError, TypeError):
-        pass
-    name = _dtype_name(dtype)
-    low = name in {"float16", "bfloat16", "half"} or name.startswith(("float8_", "float6_", "float4_"))
-    _remember(_LOW_CACHE, type(dtype), dtype, low)
+    low: bool = _cached(_LOW_CACHE, dtype, _is_low_precision)
     return low
+
+
+def _is_low_precision(dtype: Any) -> bool:
+    name = _dtype_name(dtype)
+    return name in {"float16", "bfloat16", "half"} or name.startswith(("float8_", "float6_", "float4_"))
 
 
 _LOW_CACHE: dict[type, dict[Any, bool]] = {}

@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_fused import _log_m  # logaddexp(log beta + a, log(1 - beta) + b), -inf-safe
+
 __all__ = ["OPS", "backward", "forward"]
 
 OPS = {"kl": 0, "reverse_kl": 0, "js": 1}
@@ -79,16 +81,6 @@ def _side(row_ptr, s_c, cols, msk, lse, T, LOGITS: tl.constexpr, CT: tl.constexp
     if LOGITS:
         x = x / T - lse
     return x
-
-
-@triton.jit
-def _log_m(la, lb, log_beta, log_1mb):
-    """``logaddexp(log beta + la, log(1 - beta) + lb)``, -inf where both are -inf."""
-    a = la + log_beta
-    b = lb + log_1mb
-    hi = tl.maximum(a, b)
-    lo = tl.minimum(a, b)
-    return tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
 
 
 @triton.jit

@@ -60,6 +60,8 @@ def _online_lse(ptr, bias_ptr, n_cols, temperature, HAS_BIAS: tl.constexpr, BLOC
 
 @triton.jit
 def _log_m(lp, lq, log_beta, log_1mb):
+    """``logaddexp(log beta + lp, log(1 - beta) + lq)``, -inf where both are -inf (also the
+    family kernels' mixture, :mod:`kldiv.backends.triton_family`)."""
     a = lp + log_beta
     b = lq + log_1mb
     hi = tl.maximum(a, b)
