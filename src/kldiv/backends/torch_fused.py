@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from .._compat import compat_torch
 from .._convert import call_time_values
 from .._fused_linear_math import Plan, divergence_rows
 from .torch_ import _batched, _has_tangent, _tracing
@@ -63,7 +64,7 @@ def differentiable(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
     Forward-mode AD and ``vmap`` alone keep one chunk of logits at a time; a reverse-mode
     transform keeps every chunk's intermediates for its backward pass, as the plain formula
     does (memory grows with ``tokens x V``)."""
-    import array_api_compat.torch as xp
+    xp = compat_torch()  # array-api-compat's torch namespace, through kldiv._compat
 
     cd = compute_dtype(h2, W)
     W_ = W.to(cd)
