@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                          "torch.compile and Liger's Triton kernel; no curve")
     ap.add_argument("--no-curve", action="store_true", help="skip the memory curve over N")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (PNG beside it)")
+    ap.add_argument("--divs", default="js,kl", help="divergences, comma-separated")
+    ap.add_argument("--impls", default=None,
+                    help="implementations, comma-separated (default: all that apply)")
     ap.add_argument("--worker", nargs=8,
                     metavar=("IMPL", "DIV", "N", "H", "V", "REPS", "DEVICE", "DTYPE"),
                     help=argparse.SUPPRESS)
@@ -302,9 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("liger-kernel is not installed: its rows are left out "
               "(pip install liger-kernel -c ci/constraints-cpu.txt)")
+    if args.impls:
+        impls = [i for i in args.impls.split(",") if i]
     n, h, v = cfg["n"], cfg["h"], cfg["v"]
     rows = []
-    for div in ("js", "kl"):
+    for div in [d for d in args.divs.split(",") if d]:
         for impl in impls:
             row = run_case(impl, div, n, h, v, cfg["reps"], 1800, device, dtype)
             rows.append(row)

@@ -125,11 +125,76 @@ def _mm(a: torch.Tensor, b: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
     the operands are converted to ``cd`` for the product, never the output rounded)."""
     if a.dtype == cd and b.dtype == cd:
         return a @ b
+    a, b = _same_half(a, b, cd)
+    if _mixed_gemm(a):
+        try:
+            return torch.mm(a, b, out_dtype=cd)
+        except _NO_MIXED_KERNEL as exc:
+            _no_mixed_kernel(a, exc)
+    return a.to(cd) @ b.to(cd)
+
+
+_MIXED_GEMM: dict[str, bool] = {}
+"""Per device type: whether ``torch.mm``/``torch.addmm`` take ``out_dtype`` (half operands,
+float32 output); learnt on first use (CPU builds have no such kernel)."""
+
+_NO_MIXED_KERNEL = (RuntimeError, TypeError, NotImplementedError)
+"""What torch raises where ``out_dtype`` has no kernel (``NotImplementedError`` for a
+backend without ``aten::mm.dtype``, ``TypeError`` for a torch without the argument,
+``RuntimeError`` for a device or dtype it does not support)."""
+
+
+def _no_mixed_kernel(a: torch.Tensor, exc: BaseException) -> None:
+    """Remember that ``a``'s device has no mixed-precision GEMM (out of memory is no such
+    sign: it is raised again)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        raise exc
+    _MIXED_GEMM[a.device.type] = False
+
+
+def _same_half(a: torch.Tensor, b: torch.Tensor, cd: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both operands in the half dtype of one of them (the mixed-precision GEMM's input)."""
     lo = a.dtype if a.dtype != cd else b.dtype
-    try:
-        return torch.mm(a.to(lo), b.to(lo), out_dtype=cd)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return a.to(cd) @ b.to(cd)
+    return a.to(lo), b.to(lo)
+
+
+def _mixed_gemm(a: torch.Tensor) -> bool:
+    return a.dtype in _HALF and _MIXED_GEMM.get(a.device.type, True)
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out[:] = a @ b`` in ``out``'s dtype, without a temporary where torch allows."""
+    cd = out.dtype
+    if a.dtype == cd and b.dtype == cd:
+        torch.mm(a, b, out=out)
+        return
+    a, b = _same_half(a, b, cd)
+    if _mixed_gemm(a):
+        try:
+            torch.mm(a, b, out_dtype=cd, out=out)
+            return
+        except _NO_MIXED_KERNEL as exc:
+            _no_mixed_kernel(a, exc)
+    out.copy_(a.to(cd) @ b.to(cd))
+
+
+def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in ``acc``'s dtype, in place: half operands (CUDA) go to one
+    mixed-precision ``addmm`` writing into ``acc``, so no ``acc``-sized product (the
+    ``V x H`` weight gradient) is ever allocated beside it."""
+    cd = acc.dtype
+    if a.dtype == cd and b.dtype == cd:
+        acc.addmm_(a, b)
+        return
+    a, b = _same_half(a, b, cd)
+    if _mixed_gemm(a):
+        try:
+            torch.addmm(acc, a, b, out_dtype=cd, out=acc)
+            return
+        except _NO_MIXED_KERNEL as exc:
+            _no_mixed_kernel(a, exc)
+    acc.addmm_(a.to(cd), b.to(cd))
 
 
 def _operand(x: torch.Tensor | None, cd: torch.dtype) -> torch.Tensor | None:
@@ -235,18 +300,15 @@ def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
         i1 = min(n, i0 + plan.chunk_size)
         hc, loss[i0:i1], g = setup.chunk(h2, i0, i1, scale[i0:i1] if need_grad else None)  # type: ignore[index]
         if g is not None:
+            # half operands (CUDA): the gradient rounded once to their dtype, for both products
+            g_op = g if W_.dtype == cd else g.to(W_.dtype)
             if dh is not None:
-                if W_.dtype == cd:
-                    torch.mm(g, W_, out=dh[i0:i1])
-                else:
-                    dh[i0:i1] = _mm(g, W_, cd)
+                _mm_into(dh[i0:i1], g_op, W_)
             if dW is not None:
-                if hc.dtype == cd:  # in place: no (V, H) temporary per chunk
-                    dW.addmm_(g.T, hc)
-                else:
-                    dW.add_(_mm(g.T, hc, cd))
+                _addmm_(dW, g_op.T, hc)
             if db is not None:
                 db.add_(g.sum(0))
+            del g_op
         del hc, g
     return loss, dh, dW, db
 
