@@ -44,6 +44,9 @@ def pieces(res: dict[str, Any], h: Any, W: Any, th: Any, tw: Any) -> dict[str, A
         res[name] = ms
         print(f"{name}: {ms:.3f} ms", flush=True)
 
+    for rows in (512, 2048):  # the product's speed against the chunk's height
+        bench(f"logits mm -> f32 (out_dtype), {rows} rows",
+              lambda rows=rows: torch.mm(h[:rows], W.T, out_dtype=f32))
     bench("logits mm -> bf16", lambda: hc @ W.T)
     bench("logits mm -> f32 (out_dtype)", lambda: torch.mm(hc, W.T, out_dtype=f32))
     s = torch.mm(hc, W.T, out_dtype=f32)
