@@ -84,7 +84,7 @@ LIBRARIES: tuple[Library, ...] = (
             densify="JAX {type} array; call .todense() first",
             install="pip install 'kldiv[jax]'", install_note="GPU: pip install 'jax[cuda12]'"),
     Library("cupy", ("cupy",), "is_cupy_namespace", adapter=_B + "cupy_",
-            fast_paths=(_B + "cupy_",), tensor_type="ndarray", to_host="get",
+            fast_paths=(_B + "cupy_", _B + "cupy_family"), tensor_type="ndarray", to_host="get",
             install="pip install 'kldiv[cupy]'", install_note="needs an NVIDIA GPU and CUDA 12"),
     Library("dask", ("dask.array", "dask"), "is_dask_namespace", adapter=_B + "dask_",
             tensor_type="Array", to_host="compute", place_after=True, lazy=True,
