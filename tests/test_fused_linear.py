@@ -9,6 +9,7 @@ against the array API, so the same code differentiates under torch autograd and 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
@@ -396,6 +397,33 @@ def test_auto_chunk_size() -> None:
     assert auto_chunk_size(10**6, 10**9, available=None, **kw) == 1
     assert auto_chunk_size(10**6, 128256, available=None, itemsize=4, buffers=5,
                            on_gpu=True) == 256
+
+
+def test_triton_route_chooses_its_own_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An automatic chunk size is chosen again by the Triton route (three buffers, a 2 GiB
+    cap: 1024 tokens at V=128256); a chunk size given by the caller is kept."""
+    torch = pytest.importorskip("torch")
+    from kldiv.backends import torch_fused, torch_fused_chunks
+
+    auto_chunk_size = _fused_linear_math.auto_chunk_size
+    assert auto_chunk_size(10**6, 128256, itemsize=4, buffers=3, on_gpu=True, available=None,
+                           cap=torch_fused_chunks.TRITON_CHUNK_BYTES) == 1024
+    plans: list[Any] = []
+    real = torch_fused.chunks
+    monkeypatch.setattr(torch_fused, "chunks", lambda *a, **k: plans.append(a[4]) or real(*a, **k))
+    h, w, tl = torch.randn(40, 8), torch.randn(64, 8), torch.randn(40, 64)
+    fused_linear_divergence(h, w, tl)
+    fused_linear_divergence(h, w, tl, chunk_size=3)
+    assert [p.auto_chunk for p in plans] == [True, False]
+    assert plans[1].chunk_size == 3
+    monkeypatch.setattr(torch_fused_chunks, "FORCE_ROUTE", "triton")
+    auto_plan = dataclasses.replace(plans[0], chunk_size=1)  # as a smaller budget would give
+    for plan, want in ((auto_plan, auto_chunk_size(
+            40, 64, itemsize=4, buffers=torch_fused_chunks.TRITON_CHUNK_BUFFERS, on_gpu=True,
+            available=_fused_linear_math.available_memory(h.device),
+            cap=torch_fused_chunks.TRITON_CHUNK_BYTES)), (plans[1], 3)):
+        setup = torch_fused_chunks._Setup(h, w, None, ("logits", tl), plan)
+        assert setup.route == "triton" and setup.plan.chunk_size == want
 
 
 def test_available_memory_reads_the_device() -> None:

@@ -173,7 +173,9 @@ def fused_linear_divergence(
     chunk_size : int, optional
         Tokens per chunk. By default the largest power of two whose chunk temporaries (five
         to seven ``(chunk_size, V)`` float32 buffers) fit in ``min(free memory / 16, cap)``,
-        ``cap`` 256 MiB on CPU, 1 GiB on a GPU.
+        ``cap`` 256 MiB on CPU, 1 GiB on a GPU; torch on CUDA with Triton counts its three
+        buffers against a 2 GiB cap (larger chunks make the weight gradient's accumulation
+        cheaper).
 
     Returns
     -------
@@ -221,12 +223,13 @@ def fused_linear_divergence(
     n, v, hid = math.prod(tokens), int(w.shape[0]), int(h.shape[-1])
     cd = _compute_dtype(xp, h, w)
     device = get_device(h)
+    auto = chunk_size is None
     if chunk_size is None:
         on_gpu = on_accelerator(device)
         itemsize = 8 if cd == xp.float64 else 4
         chunk_size = auto_chunk_size(n, v, itemsize=itemsize, buffers=CHUNK_BUFFERS[divergence],
                                      on_gpu=on_gpu, available=available_memory(device))
-    plan = Plan(divergence, beta, temperature, max(1, min(chunk_size, max(n, 1))))
+    plan = Plan(divergence, beta, temperature, max(1, min(chunk_size, max(n, 1))), auto)
     peer = next((x for x in (h, w, b) if getattr(x, "requires_grad", False)), h)
     w_shaped, w_flat = _weights(xp, h, tokens, sample_weight, cd, peer)
     scale = _scale(xp, reduction, tokens, w_flat, n, cd, device)

@@ -52,6 +52,9 @@ class Plan:
     beta: float
     temperature: float
     chunk_size: int
+    auto_chunk: bool = False
+    """Whether ``chunk_size`` was chosen automatically (a backend whose chunks hold fewer
+    buffers than :data:`CHUNK_BUFFERS` counts may choose again, by the same rule)."""
 
 # full-size (rows, V) buffers that one chunk holds at its peak, per divergence: the two
 # logits, the two probabilities and the divergence's own temporaries (torch's in-place route;
@@ -208,8 +211,8 @@ def _gpu_free(device: Any) -> int | None:
 
 
 def auto_chunk_size(
-    n_rows: int, vocab: int, *, itemsize: int, buffers: int, on_gpu: bool,
-    available: int | None,
+    n_rows: int, vocab: int, *, itemsize: int, buffers: float, on_gpu: bool,
+    available: int | None, cap: int | None = None,
 ) -> int:
     """Rows per chunk when the caller gives none.
 
@@ -217,10 +220,11 @@ def auto_chunk_size(
     temporaries fit in ``min(available / 16, cap)``, with ``cap`` 256 MiB on CPU and 1 GiB on
     a GPU (``available``: the device's free memory; the cap alone when unknown), or all the
     rows when there are fewer. So peak memory grows with ``chunk_size x V``, never with the
-    token count.
+    token count. ``cap`` replaces the device's default cap.
     """
-    cap = GPU_CHUNK_BYTES if on_gpu else CPU_CHUNK_BYTES
+    if cap is None:
+        cap = GPU_CHUNK_BYTES if on_gpu else CPU_CHUNK_BYTES
     budget = cap if available is None else max(min(cap, available // 16), 1)
-    rows = max(1, budget // max(1, buffers * vocab * itemsize))
+    rows = max(1, int(budget // max(1.0, buffers * vocab * itemsize)))
     rows = 1 << (rows.bit_length() - 1)
     return max(1, min(rows, max(1, n_rows)))
