@@ -35,6 +35,22 @@ axis) run the Triton kernels of :mod:`kldiv.backends.triton_family` instead of t
 everything else (``"probs"``, mixed pairs, a broadcast class axis, other devices) keeps the
 blocks.
 
+On CPU, an input of at least :data:`COMPILE_MIN_ELEMENTS` elements (``2**22``) runs the
+compiled kernels of :mod:`kldiv.backends.torch_family_compiled` instead of the blocks: the
+same closed forms in ordinary torch ops, compiled by ``torch.compile(dynamic=True,
+fullgraph=True)`` (inductor) the first time each is needed in the process (seconds, once per
+op, pair of spaces and set of gradients; another shape, temperature or ``beta`` reuses it).
+Inductor fuses each into one vectorised loop per row: the forward pass keeps per-row
+statistics only (the divergences, P's mass, each logits side's row maximum and log-sum),
+the backward pass writes the gradient and nothing else; about the speed of ``torch.compile``
+of the eager formula, with one input's worth of memory. Rows whose statistics come out non-finite (all ``-inf``
+logits, a NaN, an infinite KL) are recomputed, forward and backward, by the generic formula.
+``KLDIV_NO_COMPILE=1``, :func:`kldiv.use_generic` and a switched-off ``torch.compile``
+(``TORCHDYNAMO_DISABLE=1``, the ``"force_eager"`` stance) keep the blocks; so does a failure
+to compile, which warns once (``RuntimeWarning``, with the reason) and is remembered for the
+rest of the process. Nothing is compiled while ``torch.compile`` traces the caller (the
+generic formula is traced, as below).
+
 Autograd contracts, as on the Keras KL's fast path (:mod:`kldiv.backends.torch_`):
 
 - The gradient uses the inputs' values at call time: an input over memory torch does not own
@@ -50,6 +66,8 @@ Autograd contracts, as on the Keras KL's fast path (:mod:`kldiv.backends.torch_`
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -59,12 +77,18 @@ from .._divergence import MEMBERS, js_parts, kl_terms
 from .._kernel import EPSILON
 from .._libraries.torch_traced import array_api
 from .._spaces import to_log_space
+from .._switch import generic_forced
 from .torch_ import _batched, _has_tangent, _private, _tracing, float_tensors, optional_module
 
-__all__ = ["BLOCK_ELEMENTS", "array_api", "js", "kl", "reverse_kl"]
+__all__ = ["BLOCK_ELEMENTS", "COMPILE_MIN_ELEMENTS", "array_api", "js", "kl", "reverse_kl"]
 
 BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 24}
 """Elements of one block of rows, per device type (others use the CUDA size)."""
+COMPILE_MIN_ELEMENTS = 1 << 22
+"""Smallest CPU input (elements of the broadcast shape) the compiled kernels run: below it
+the blocks run (compiling costs seconds, once per process and kernel)."""
+_COMPILE_FAILURE: str | None = None
+"""Why compiling failed in this process (the blocks run from then on), or ``None``."""
 
 _INF = math.inf
 _TRITON_DEVICES = ("cuda",)
@@ -106,25 +130,129 @@ def _prob(x: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
 
 
 class _Plan:
-    """One call's constants: the op, the sides' kinds, the temperature, ``beta``, and the
-    Triton module when it runs the call."""
+    """One call's constants: the op, the sides' kinds, the temperature, ``beta``, the Triton
+    module when it runs the call, and the compiled kernels' module when they run it."""
 
-    __slots__ = ("beta", "kinds", "op", "temperature", "triton")
+    __slots__ = ("beta", "compiled", "kinds", "op", "temperature", "triton")
 
     def __init__(self, op: str, kinds: tuple[str, str], temperature: float, beta: float,
-                 triton: Any = None) -> None:
+                 triton: Any = None, compiled: Any = None) -> None:
         self.op, self.kinds, self.temperature, self.beta = op, kinds, temperature, beta
-        self.triton = triton
+        self.triton, self.compiled = triton, compiled
 
 
 def _run_forward(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> tuple[Any, Any]:
-    """``(value, rows)``: the Triton kernels' or the blocks' forward pass."""
+    """``(value, rows)``: the Triton kernels', the compiled kernels' or the blocks' forward
+    pass."""
     if plan.triton is not None:
         out: tuple[Any, Any] = plan.triton.forward(plan.op, a, b, plan.kinds, plan.temperature,
                                                    plan.beta)
         return out
+    if plan.compiled is not None:
+        try:
+            stats = plan.compiled.forward(plan.op, a, b, _logits(plan), plan.temperature,
+                                          plan.beta)
+        except Exception as exc:  # compiling (or the compiled code) failed: the blocks
+            _compile_failed(exc)
+            plan.compiled = None
+        else:
+            return _compiled_forward(plan, a, b, stats)
     value, r1, r2, generic_blocks = _forward(plan, a, b)
     return value, (r1, r2, generic_blocks)
+
+
+# ------------------------------------------------------------------ the compiled kernels
+def _compile_switched_off() -> bool:
+    return os.environ.get("KLDIV_NO_COMPILE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _compiled_module(device: torch.device, numel: int) -> ModuleType | None:
+    """:mod:`kldiv.backends.torch_family_compiled` when it runs a call of ``numel`` elements
+    on ``device``: CPU, at least :data:`COMPILE_MIN_ELEMENTS`, compiling has not failed in
+    this process, not switched off (``KLDIV_NO_COMPILE``, :func:`kldiv.use_generic`; nor
+    torch.compile itself: ``TORCHDYNAMO_DISABLE``, the ``"force_eager"`` stance). The caller
+    has checked that no tracing (``torch.compile``, ``torch.func``) is under way."""
+    if (device.type != "cpu" or numel < COMPILE_MIN_ELEMENTS or _COMPILE_FAILURE is not None
+            or _compile_switched_off() or generic_forced()):
+        return None
+    module = optional_module("torch_family_compiled")
+    return module if module is not None and module.compiler_on() else None
+
+
+def _compile_failed(exc: BaseException) -> None:
+    """Remember that compiling failed (the blocks run from now on) and say so, once."""
+    global _COMPILE_FAILURE
+    if _COMPILE_FAILURE is not None:
+        return
+    _COMPILE_FAILURE = f"{type(exc).__name__}: {exc}".strip()[:500]
+    warnings.warn(
+        "kldiv: torch.compile of the divergence family's CPU kernels failed "
+        f"({_COMPILE_FAILURE}); kldiv uses its eager blocks (slower) for the rest of this "
+        "process. Set KLDIV_NO_COMPILE=1 to skip compiling.", RuntimeWarning, stacklevel=2)
+
+
+class _CompiledRows:
+    """What the compiled forward pass keeps for the backward pass: the statistics
+    ``(r1, r2, max_a, logsum_a, max_b, logsum_b)`` and the indices of the rows the generic
+    formula computed."""
+
+    __slots__ = ("generic", "stats")
+
+    def __init__(self, stats: tuple[Any, ...], generic: torch.Tensor | None) -> None:
+        self.stats, self.generic = stats, generic
+
+    def blocks(self, a: torch.Tensor) -> tuple[Any, Any, set[int]]:
+        """The blocks' ``rows`` (:func:`_backward`): the generic rows' blocks generic."""
+        step = _step(a)
+        idx = [] if self.generic is None else self.generic.tolist()
+        return self.stats[0], self.stats[1], {(i // step) * step for i in idx}
+
+
+def _logits(plan: _Plan) -> tuple[bool, bool]:
+    return plan.kinds[0] == "logits", plan.kinds[1] == "logits"
+
+
+def _compiled_forward(plan: _Plan, a: torch.Tensor, b: torch.Tensor,
+                      stats: tuple[Any, ...]) -> tuple[Any, Any]:
+    """``(value, rows)`` from the compiled forward pass's statistics. Rows whose statistics
+    are not finite (a row of all ``-inf`` logits or with a NaN, an infinite KL: the closed
+    forms' gradient would mix ``-inf`` and NaN there) are recomputed with the generic formula,
+    which defines them, and remembered so that the backward pass does the same."""
+    r1, r2 = stats[:2]
+    bad = ~torch.isfinite(torch.stack([x for x in stats if x is not None])).all(dim=0)
+    generic = None
+    if bool(bad.any()):
+        generic = torch.nonzero(bad).squeeze(1)
+        s1 = torch.empty(generic.numel(), dtype=r1.dtype)
+        s2 = None if r2 is None else torch.empty_like(s1)
+        _generic_block(plan, a[generic], b[generic], s1, s2)
+        r1.index_copy_(0, generic, s1)
+        if r2 is not None:
+            r2.index_copy_(0, generic, s2)
+    value = r1 if plan.op == "kl" else torch.add(r1 * plan.beta, r2, alpha=1.0 - plan.beta)
+    return value, _CompiledRows(stats, generic)
+
+
+def _compiled_backward(plan: _Plan, a: torch.Tensor, b: torch.Tensor, rows: _CompiledRows,
+                       grad: torch.Tensor, need_a: bool, need_b: bool) -> tuple[Any, Any]:
+    """The compiled backward pass (the blocks' if compiling fails), the generic rows by
+    autograd through the generic formula."""
+    try:
+        ga, gb = plan.compiled.backward(plan.op, a, b, rows.stats, grad, _logits(plan),
+                                        plan.temperature, plan.beta, need_a, need_b)
+    except Exception as exc:
+        _compile_failed(exc)
+        return _backward(plan, a, b, rows.blocks(a), grad, need_a, need_b)
+    idx = rows.generic
+    if idx is not None:
+        sa = torch.empty_like(a[idx]) if need_a else None
+        sb = torch.empty_like(b[idx]) if need_b else None
+        _generic_block_grad(plan, a[idx], b[idx], grad[idx], sa, sb)
+        if ga is not None:
+            ga.index_copy_(0, idx, sa)
+        if gb is not None:
+            gb.index_copy_(0, idx, sb)
+    return ga, gb
 
 
 def _step(a: torch.Tensor) -> int:
@@ -311,6 +439,8 @@ class _Fused(torch.autograd.Function):
             ga, gb = _generic_grads(ctx.plan, a, b, grad, need_a, need_b)
         elif ctx.plan.triton is not None:
             ga, gb = ctx.plan.triton.backward(a, b, ctx.rows, grad, need_a, need_b)
+        elif isinstance(ctx.rows, _CompiledRows):
+            ga, gb = _compiled_backward(ctx.plan, a, b, ctx.rows, grad, need_a, need_b)
         else:
             ga, gb = _backward(ctx.plan, a, b, ctx.rows, grad, need_a, need_b)
         return ga, gb, None
@@ -366,7 +496,8 @@ def _run(op: str, y_true: Any, y_pred: Any, spaces: tuple[str, str], temperature
             x = _private(x)
         kinds.append(space)
         sides.append(x.expand(shape).reshape(-1, shape[-1]))
-    plan = _Plan(op, (kinds[0], kinds[1]), temperature, beta, tri)
+    compiled = None if tri is not None else _compiled_module(y_pred.device, math.prod(shape))
+    plan = _Plan(op, (kinds[0], kinds[1]), temperature, beta, tri, compiled)
     a, b = sides
     if grad:
         out: torch.Tensor = _Fused.apply(a, b, plan)
