@@ -150,13 +150,13 @@ def _run_forward(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> tuple[Any, An
         return out
     if plan.compiled is not None:
         try:
-            stats = plan.compiled.forward(plan.op, a, b, _logits(plan), plan.temperature,
-                                          plan.beta)
+            stats, bad, value = plan.compiled.forward(plan.op, a, b, _logits(plan),
+                                                      plan.temperature, plan.beta)
         except Exception as exc:  # compiling (or the compiled code) failed: the blocks
             _compile_failed(exc)
             plan.compiled = None
         else:
-            return _compiled_forward(plan, a, b, stats)
+            return _compiled_forward(plan, a, b, stats, bad, value)
     value, r1, r2, generic_blocks = _forward(plan, a, b)
     return value, (r1, r2, generic_blocks)
 
@@ -212,25 +212,28 @@ def _logits(plan: _Plan) -> tuple[bool, bool]:
     return plan.kinds[0] == "logits", plan.kinds[1] == "logits"
 
 
-def _compiled_forward(plan: _Plan, a: torch.Tensor, b: torch.Tensor,
-                      stats: tuple[Any, ...]) -> tuple[Any, Any]:
+def _compiled_forward(plan: _Plan, a: torch.Tensor, b: torch.Tensor, stats: tuple[Any, ...],
+                      bad: torch.Tensor, value: Any) -> tuple[Any, Any]:
     """``(value, rows)`` from the compiled forward pass's statistics. Rows whose statistics
-    are not finite (a row of all ``-inf`` logits or with a NaN, an infinite KL: the closed
-    forms' gradient would mix ``-inf`` and NaN there) are recomputed with the generic formula,
-    which defines them, and remembered so that the backward pass does the same."""
+    are not finite (``bad`` counts them: a row of all ``-inf`` logits or with a NaN, an
+    infinite KL, where the closed forms' gradient would mix ``-inf`` and NaN) are recomputed
+    with the generic formula, which defines them, and remembered so that the backward pass
+    does the same."""
     r1, r2 = stats[:2]
-    bad = ~torch.isfinite(torch.stack([x for x in stats if x is not None])).all(dim=0)
     generic = None
-    if bool(bad.any()):
-        generic = torch.nonzero(bad).squeeze(1)
+    if bad.item():
+        rows = ~torch.isfinite(torch.stack([x for x in stats if x is not None])).all(dim=0)
+        generic = torch.nonzero(rows).squeeze(1)
         s1 = torch.empty(generic.numel(), dtype=r1.dtype)
         s2 = None if r2 is None else torch.empty_like(s1)
         _generic_block(plan, a[generic], b[generic], s1, s2)
         r1.index_copy_(0, generic, s1)
         if r2 is not None:
             r2.index_copy_(0, generic, s2)
-    value = r1 if plan.op == "kl" else torch.add(r1 * plan.beta, r2, alpha=1.0 - plan.beta)
-    return value, _CompiledRows(stats, generic)
+        if value is not None:
+            assert s2 is not None
+            value.index_copy_(0, generic, torch.add(s1 * plan.beta, s2, alpha=1.0 - plan.beta))
+    return r1 if value is None else value, _CompiledRows(stats, generic)
 
 
 def _compiled_backward(plan: _Plan, a: torch.Tensor, b: torch.Tensor, rows: _CompiledRows,
