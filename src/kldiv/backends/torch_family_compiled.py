@@ -44,7 +44,7 @@ Forward = tuple[Stats, Any, Any]
 Side = tuple[Any, Any]
 """A logits side's normaliser ``(max, logsum)`` (``None, None`` for log-probabilities)."""
 
-_OPTIONS = {"cpp.dynamic_threads": True}
+_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"cpp.dynamic_threads": True}
 """Inductor's options. ``cpp.dynamic_threads``: every kernel gets a parallel loop, the
 threads chosen when it runs. Without it inductor decides from the sizes of the inputs it
 compiles for (a serial loop for small ones), and its cache, shared between processes, hands
