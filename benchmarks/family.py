@@ -131,6 +131,7 @@ def _torch_group(shape: tuple[int, int], budget: float, reps: int | None) -> lis
 
     impls = {"kldiv": ours, "kldiv-generic": generic, "torch-eager": eager,
              "torch-compile": compiled_fn}
+    impls = {k: v for k, v in impls.items() if k not in _skipped()}
     rows = []
     for member in MEMBERS:
         for name, impl in impls.items():
@@ -154,6 +155,11 @@ def _torch_group(shape: tuple[int, int], budget: float, reps: int | None) -> lis
                 rows.append({"member": member, "impl": name, "mode": mode, **res})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def _skipped() -> set[str]:
+    """Implementations left out (``--skip``, passed to the child processes by environment)."""
+    return {x for x in os.environ.get("KLDIV_BENCH_SKIP", "").split(",") if x}
 
 
 # ---------------------------------------------------------------------------------- jax
@@ -198,6 +204,7 @@ def _jax_group(shape: tuple[int, int], budget: float, reps: int | None) -> list[
         return fn(t, s, inputs="logits", temperature=TEMPERATURE, **kw)
 
     impls = {"kldiv": ours, "jax-jit": formula, "optax": optax_fn}
+    impls = {k: v for k, v in impls.items() if k not in _skipped()}
     rows = []
     for member in MEMBERS:
         for name, impl in impls.items():
@@ -252,8 +259,12 @@ def main() -> None:
     parser.add_argument("--groups", default=",".join(GROUPS), help="torch,jax")
     parser.add_argument("--out", help="JSON results file (default benchmarks/FAMILY.json; "
                         "none with --quick)")
+    parser.add_argument("--skip", default="", help="implementations to leave out, e.g. "
+                        "kldiv-generic (comma-separated)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.skip:
+        os.environ["KLDIV_BENCH_SKIP"] = args.skip
     shape_s = "64x1024" if args.quick else args.shape
     rows_n, cols_n = (int(v) for v in shape_s.lower().split("x"))
     reps = 1 if args.quick else None
