@@ -396,8 +396,8 @@ def test_switches_turn_the_compiled_route_off(route: Calls, monkeypatch: pytest.
         monkeypatch.setenv("KLDIV_NO_COMPILE", "1")
     elif switch == "use_generic":
         ctx = kldiv.use_generic()
-    elif switch == "dynamo_disabled":
-        monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    elif switch == "dynamo_disabled":  # (pytest's monkeypatch would delete the option)
+        ctx = torch._dynamo.config.patch(disable=True)
     elif switch == "force_eager":
         ctx = torch.compiler.set_stance("force_eager")
     else:
@@ -420,3 +420,21 @@ def test_default_threshold_keeps_small_calls_uncompiled(monkeypatch: pytest.Monk
     a, b = _small()
     kldiv.js_divergence(a, b, inputs="logits").sum().backward()
     assert called == []
+
+
+@pytest.mark.slow
+def test_kernels_compiled_for_small_inputs_are_parallel(compiler: None, deadline: None) -> None:
+    """Inductor picks serial loops for the small input it compiles for, unless told not to,
+    and its cache (shared between processes) then hands that kernel to calls of every size:
+    the kernels must hold a parallel loop even when first compiled for a tiny input."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    body = C._own_code(C._kl_backward, "kldiv_probe_parallel", logits_a=True, logits_b=True,
+                       need_a=False, need_b=True)
+    fn = torch.compile(body, dynamic=True, fullgraph=True, options=C._OPTIONS)
+    a, b = torch.randn(3, 8), torch.randn(3, 8)
+    stats, _, _ = C.forward("kl", a, b, (True, True), 2.0, 0.5)
+    with inductor_config.patch(fx_graph_cache=False):
+        _, codes = run_and_get_code(fn, a, b, *stats, torch.ones(3), C._params(a, 2.0, 0.5))
+    assert codes and all("#pragma omp parallel" in code for code in codes)
