@@ -13,15 +13,15 @@ tensors only: the divergence's statistics ``r1, r2`` (``KL, mass of P`` for ``"k
 mass ``None`` when P comes from logits; ``KL(P||M), KL(Q||M)`` for ``"js"``) and each logits
 side's normaliser, the row maximum ``m`` of ``x / T`` and ``log(sum(exp(x / T - m)))``
 (``None`` for a log-probabilities side), so that the backward pass recomputes each side's
-log-probabilities as ``(x / T - m) - logsum`` without a reduction. The
-sides' spaces are ``"logits"`` or ``"log_probs"`` here (a ``"probs"`` side is brought to log
+log-probabilities as ``(x / T - m) - logsum`` without a reduction. The sides' spaces are ``"logits"`` or ``"log_probs"`` here (a ``"probs"`` side is brought to log
 space before). The temperature (its inverse ``1 / T``), ``beta`` and its logarithms travel
 in one small tensor, an input of the compiled graphs, and the shapes are dynamic: another
 temperature, ``beta`` or shape reuses the compiled code (another dtype, or a broadcast
 input's zero strides, compile once more).
 
-A row of all ``-inf`` logits (or with a NaN) comes out NaN here; the caller recomputes such
-rows with the generic formula.
+A row of all ``-inf`` logits (or with a NaN, or an infinite KL) has non-finite statistics
+here; the forward pass counts such rows and the caller recomputes them with the generic
+formula.
 """
 
 from __future__ import annotations
