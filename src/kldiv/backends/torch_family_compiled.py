@@ -13,8 +13,8 @@ tensors only: the divergence's statistics ``r1, r2`` (``KL, mass of P`` for ``"k
 mass ``None`` when P comes from logits; ``KL(P||M), KL(Q||M)`` for ``"js"``) and each logits
 side's normaliser, the row maximum ``m`` of ``x / T`` and ``log(sum(exp(x / T - m)))``
 (``None`` for a log-probabilities side), so that the backward pass recomputes each side's
-log-probabilities as ``(x / T - m) - logsum`` without a reduction. The sides' spaces are ``"logits"`` or ``"log_probs"`` here (a ``"probs"`` side is brought to log
-space before). The temperature (its inverse ``1 / T``), ``beta`` and its logarithms travel
+log-probabilities as ``(x / T - m) - logsum`` without a reduction. The sides' spaces are
+``"logits"`` or ``"log_probs"`` here (a ``"probs"`` side is brought to log space before). The temperature (its inverse ``1 / T``), ``beta`` and its logarithms travel
 in one small tensor, an input of the compiled graphs, and the shapes are dynamic: another
 temperature, ``beta`` or shape reuses the compiled code (another dtype, or a broadcast
 input's zero strides, compile once more).
