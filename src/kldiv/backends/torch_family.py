@@ -73,17 +73,15 @@ from typing import Any
 
 import torch
 
-from .._divergence import MEMBERS, js_parts, kl_terms
 from .._kernel import EPSILON
 from .._libraries.torch_traced import array_api
-from .._spaces import to_log_space
 from .._switch import generic_forced
+from . import torch_family_blocks as _blocks
 from .torch_ import _batched, _has_tangent, _private, _tracing, float_tensors, optional_module
+from .torch_family_blocks import BLOCK_ELEMENTS
 
 __all__ = ["BLOCK_ELEMENTS", "COMPILE_MIN_ELEMENTS", "array_api", "js", "kl", "reverse_kl"]
 
-BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 24}
-"""Elements of one block of rows, per device type (others use the CUDA size)."""
 COMPILE_MIN_ELEMENTS = 1 << 22
 """Smallest CPU input (elements of the broadcast shape) the compiled kernels run: below it
 the blocks run (compiling costs seconds, once per process and kernel)."""
@@ -113,35 +111,7 @@ def _triton_for(x: torch.Tensor, y: torch.Tensor, spaces: tuple[str, str]) -> An
     return _triton_module()
 
 
-# ------------------------------------------------------------------------------ block math
-def _log(x: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
-    """A block in log space: ``log_softmax(x / T)`` (torch's fused kernel) for logits, ``x``
-    itself for log-probabilities. A row of all ``-inf`` logits gives NaN here: such blocks
-    take the generic route (see :func:`_forward`)."""
-    if kind == "log_probs":
-        return x
-    return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
-
-
-def _prob(x: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
-    if kind == "log_probs":
-        return torch.exp(x)
-    return torch.softmax(x / temperature if temperature != 1.0 else x, dim=-1)
-
-
-class _Plan:
-    """One call's constants: the op, the sides' kinds, the temperature, ``beta``, the Triton
-    module when it runs the call, and the compiled kernels' module when they run it."""
-
-    __slots__ = ("beta", "compiled", "kinds", "op", "temperature", "triton")
-
-    def __init__(self, op: str, kinds: tuple[str, str], temperature: float, beta: float,
-                 triton: Any = None, compiled: Any = None) -> None:
-        self.op, self.kinds, self.temperature, self.beta = op, kinds, temperature, beta
-        self.triton, self.compiled = triton, compiled
-
-
-def _run_forward(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> tuple[Any, Any]:
+def _run_forward(plan: _blocks.Plan, a: torch.Tensor, b: torch.Tensor) -> tuple[Any, Any]:
     """``(value, rows)``: the Triton kernels', the compiled kernels' or the blocks' forward
     pass."""
     if plan.triton is not None:
@@ -157,7 +127,7 @@ def _run_forward(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> tuple[Any, An
             plan.compiled = None
         else:
             return _compiled_forward(plan, a, b, stats, bad, value)
-    value, r1, r2, generic_blocks = _forward(plan, a, b)
+    value, r1, r2, generic_blocks = _blocks.forward(plan, a, b)
     return value, (r1, r2, generic_blocks)
 
 
@@ -202,17 +172,17 @@ class _CompiledRows:
         self.stats, self.generic = stats, generic
 
     def blocks(self, a: torch.Tensor) -> tuple[Any, Any, set[int]]:
-        """The blocks' ``rows`` (:func:`_backward`): the generic rows' blocks generic."""
-        step = _step(a)
+        """The blocks' ``rows`` (:func:`_blocks.backward`): the generic rows' blocks generic."""
+        step = _blocks.block_rows(a)
         idx = [] if self.generic is None else self.generic.tolist()
         return self.stats[0], self.stats[1], {(i // step) * step for i in idx}
 
 
-def _logits(plan: _Plan) -> tuple[bool, bool]:
+def _logits(plan: _blocks.Plan) -> tuple[bool, bool]:
     return plan.kinds[0] == "logits", plan.kinds[1] == "logits"
 
 
-def _compiled_forward(plan: _Plan, a: torch.Tensor, b: torch.Tensor, stats: tuple[Any, ...],
+def _compiled_forward(plan: _blocks.Plan, a: torch.Tensor, b: torch.Tensor, stats: tuple[Any, ...],
                       bad: torch.Tensor, value: Any) -> tuple[Any, Any]:
     """``(value, rows)`` from the compiled forward pass's statistics. Rows whose statistics
     are not finite (``bad`` counts them: a row of all ``-inf`` logits or with a NaN, an
@@ -226,7 +196,7 @@ def _compiled_forward(plan: _Plan, a: torch.Tensor, b: torch.Tensor, stats: tupl
         generic = torch.nonzero(rows).squeeze(1)
         s1 = torch.empty(generic.numel(), dtype=r1.dtype)
         s2 = None if r2 is None else torch.empty_like(s1)
-        _generic_block(plan, a[generic], b[generic], s1, s2)
+        _blocks.generic_block(plan, a[generic], b[generic], s1, s2)
         r1.index_copy_(0, generic, s1)
         if r2 is not None:
             r2.index_copy_(0, generic, s2)
@@ -236,7 +206,7 @@ def _compiled_forward(plan: _Plan, a: torch.Tensor, b: torch.Tensor, stats: tupl
     return r1 if value is None else value, _CompiledRows(stats, generic)
 
 
-def _compiled_backward(plan: _Plan, a: torch.Tensor, b: torch.Tensor, rows: _CompiledRows,
+def _compiled_backward(plan: _blocks.Plan, a: torch.Tensor, b: torch.Tensor, rows: _CompiledRows,
                        grad: torch.Tensor, need_a: bool, need_b: bool) -> tuple[Any, Any]:
     """The compiled backward pass (the blocks' if compiling fails), the generic rows by
     autograd through the generic formula."""
@@ -245,12 +215,12 @@ def _compiled_backward(plan: _Plan, a: torch.Tensor, b: torch.Tensor, rows: _Com
                                         plan.temperature, plan.beta, need_a, need_b)
     except Exception as exc:
         _compile_failed(exc)
-        return _backward(plan, a, b, rows.blocks(a), grad, need_a, need_b)
+        return _blocks.backward(plan, a, b, rows.blocks(a), grad, need_a, need_b)
     idx = rows.generic
     if idx is not None:
         sa = torch.empty_like(a[idx]) if need_a else None
         sb = torch.empty_like(b[idx]) if need_b else None
-        _generic_block_grad(plan, a[idx], b[idx], grad[idx], sa, sb)
+        _blocks.generic_block_grad(plan, a[idx], b[idx], grad[idx], sa, sb)
         if ga is not None:
             ga.index_copy_(0, idx, sa)
         if gb is not None:
@@ -258,173 +228,11 @@ def _compiled_backward(plan: _Plan, a: torch.Tensor, b: torch.Tensor, rows: _Com
     return ga, gb
 
 
-def _step(a: torch.Tensor) -> int:
-    c = a.shape[-1]
-    return max(1, BLOCK_ELEMENTS.get(a.device.type, BLOCK_ELEMENTS["cuda"]) // max(c, 1))
-
-
-def _forward(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> tuple[Any, ...]:
-    """Per-row value and what the backward pass needs: ``(value, r1, r2, generic_blocks)``.
-
-    ``r1, r2`` are ``(KL, mass of P or None)`` for ``kl`` and ``(KL(P||M), KL(Q||M))`` for
-    ``js``. A block whose rows come out NaN (a row of all ``-inf`` logits, or NaN inputs) is
-    recomputed with the generic formula, which defines those rows exactly; its start is
-    listed in ``generic_blocks`` so that the backward pass does the same.
-    """
-    n, _ = a.shape
-    T = plan.temperature
-    r1 = torch.empty(n, dtype=a.dtype, device=a.device)
-    r2 = torch.empty_like(r1) if plan.op == "js" or plan.kinds[0] == "log_probs" else None
-    generic_blocks: set[int] = set()
-    step = _step(a)
-    if plan.op == "js":
-        log_b, log_1mb = math.log(plan.beta), math.log1p(-plan.beta)
-    for r0 in range(0, n, step):
-        s = slice(r0, min(n, r0 + step))
-        la = _log(a[s], plan.kinds[0], T)
-        lb = _log(b[s], plan.kinds[1], T)
-        pa = torch.exp(la)
-        if plan.op == "kl":
-            d = la - lb
-            # pa == 0: a -inf entry (0) or an underflow (0; +inf against lb = -inf)
-            t = torch.where(pa == 0.0, torch.where(d == _INF, d, 0.0), pa * d)
-            torch.sum(t, dim=-1, out=r1[s])
-            if r2 is not None:
-                torch.sum(pa, dim=-1, out=r2[s])
-        else:
-            assert r2 is not None
-            lm = torch.logaddexp(la + log_b, lb + log_1mb)
-            torch.sum((pa * (la - lm)).masked_fill_(pa == 0.0, 0.0), dim=-1, out=r1[s])
-            pb = torch.exp(lb)
-            torch.sum((pb * (lb - lm)).masked_fill_(pb == 0.0, 0.0), dim=-1, out=r2[s])
-        # NaN rows, and logits rows whose log-softmax is NaN (all -inf, or a NaN logit: NaN
-        # reaches every entry through the row maximum, so the first column tells)
-        checks = [r1[s]] if r2 is None else [r1[s], r2[s]]
-        checks += [x[:, 0] for x, kind in ((la, plan.kinds[0]), (lb, plan.kinds[1]))
-                   if kind == "logits"]
-        if bool(torch.isnan(torch.stack(checks)).any()):
-            generic_blocks.add(r0)
-            _generic_block(plan, a[s], b[s], r1[s], None if r2 is None else r2[s])
-    if plan.op == "kl":
-        value = r1
-    else:
-        assert r2 is not None
-        value = torch.add(r1 * plan.beta, r2, alpha=1.0 - plan.beta)
-    return value, r1, r2, generic_blocks
-
-
-def _generic_block(plan: _Plan, a: torch.Tensor, b: torch.Tensor, r1: torch.Tensor,
-                   r2: torch.Tensor | None) -> None:
-    """The rows of one block by the generic formula, written into ``r1`` (and ``r2``)."""
-    lp = to_log_space(array_api, a, plan.kinds[0], plan.temperature)
-    lq = to_log_space(array_api, b, plan.kinds[1], plan.temperature)
-    if plan.op == "kl":
-        r1.copy_(kl_terms(array_api, lp, lq))
-        if r2 is not None:
-            r2.copy_(torch.sum(torch.exp(lp), dim=-1))
-    else:
-        assert r2 is not None
-        kl_pm, kl_qm = js_parts(array_api, lp, lq, plan.beta)
-        r1.copy_(kl_pm)
-        r2.copy_(kl_qm)
-
-
-def _backward(plan: _Plan, a: torch.Tensor, b: torch.Tensor, rows: tuple[Any, ...],
-              grad: torch.Tensor, need_a: bool, need_b: bool) -> tuple[Any, Any]:
-    """The closed-form gradients (module docstring), one block of rows at a time."""
-    r1, r2, generic_blocks = rows
-    n, _ = a.shape
-    T = plan.temperature
-    ga = torch.empty_like(a, memory_format=torch.contiguous_format) if need_a else None
-    gb = torch.empty_like(b, memory_format=torch.contiguous_format) if need_b else None
-    logits_a, logits_b = (k == "logits" for k in plan.kinds)
-    beta = plan.beta
-    if plan.op == "js":
-        log_b, log_1mb = math.log(beta), math.log1p(-beta)
-    step = _step(a)
-    for r0 in range(0, n, step):
-        s = slice(r0, min(n, r0 + step))
-        g = grad[s].unsqueeze(-1)
-        if r0 in generic_blocks:
-            _generic_block_grad(plan, a[s], b[s], grad[s], None if ga is None else ga[s],
-                                None if gb is None else gb[s])
-            continue
-        if plan.op == "kl":
-            kl_ = r1[s].unsqueeze(-1)
-            mass = 1.0 if r2 is None else r2[s].unsqueeze(-1)  # P from logits sums to 1
-            if ga is not None:
-                la = _log(a[s], plan.kinds[0], T)
-                lb = _log(b[s], plan.kinds[1], T)
-                pa = torch.exp(la)
-                # G = p (lp - lq + 1), sum(G) = KL + mass: (G - p sum G) = p (lp - lq + 1 - KL - mass)
-                shift = (1.0 - kl_ - mass) if logits_a else 1.0
-                t = (pa * (la - lb + shift)).masked_fill_(pa == 0.0, 0.0)
-                _finish(t, g, logits_a, T, out=ga[s])
-            if gb is not None:
-                pa = _prob(a[s], plan.kinds[0], T)
-                # G = -p, sum(G) = -mass: (G - q sum G) = q mass - p
-                if logits_b:
-                    q = _prob(b[s], "logits", T)
-                    t = (q if r2 is None else q.mul_(mass)).sub_(pa)
-                else:
-                    t = pa.neg_()
-                _finish(t, g, logits_b, T, out=gb[s])
-        else:
-            assert r2 is not None
-            la = _log(a[s], plan.kinds[0], T)
-            lb = _log(b[s], plan.kinds[1], T)
-            lm = torch.logaddexp(la + log_b, lb + log_1mb)
-            if ga is not None:
-                pa = torch.exp(la)
-                shift = r1[s].unsqueeze(-1) if logits_a else 0.0
-                t = (pa * (la - lm - shift)).masked_fill_(pa == 0.0, 0.0).mul_(beta)
-                _finish(t, g, logits_a, T, out=ga[s])
-            if gb is not None:
-                pb = torch.exp(lb)
-                shift = r2[s].unsqueeze(-1) if logits_b else 0.0
-                t = (pb * (lb - lm - shift)).masked_fill_(pb == 0.0, 0.0).mul_(1.0 - beta)
-                _finish(t, g, logits_b, T, out=gb[s])
-    return ga, gb
-
-
-def _finish(t: torch.Tensor, g: torch.Tensor, logits: bool, temperature: float,
-            out: torch.Tensor) -> None:
-    """``out = t * g`` (``/ T`` on a logits side)."""
-    if logits and temperature != 1.0:
-        g = g / temperature
-    torch.mul(t, g, out=out)
-
-
-def _generic_rows(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The generic formula with differentiable torch ops."""
-    lp = to_log_space(array_api, a, plan.kinds[0], plan.temperature)
-    lq = to_log_space(array_api, b, plan.kinds[1], plan.temperature)
-    div = MEMBERS[plan.op]
-    params = {"beta": plan.beta} if plan.op == "js" else {}
-    out: torch.Tensor = div.generic(array_api, lp, lq, **params)
-    return out
-
-
-def _generic_block_grad(plan: _Plan, a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor,
-                        ga: torch.Tensor | None, gb: torch.Tensor | None) -> None:
-    """One block's gradients by autograd through the generic formula (rows the closed forms
-    do not cover: all ``-inf`` logits, NaN)."""
-    with torch.enable_grad():
-        x = a.detach().requires_grad_(ga is not None)
-        y = b.detach().requires_grad_(gb is not None)
-        wanted = [v for v in (x, y) if v.requires_grad]
-        grads = iter(torch.autograd.grad(_generic_rows(plan, x, y), wanted, grad))
-    if ga is not None:
-        ga.copy_(next(grads))
-    if gb is not None:
-        gb.copy_(next(grads))
-
-
 class _Fused(torch.autograd.Function):
     """Per-row divergence of two ``(rows, classes)`` tensors, fused forward and backward."""
 
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, plan: _blocks.Plan) -> torch.Tensor:
         value, ctx.rows = _run_forward(plan, a, b)
         ctx.plan = plan
         ctx.save_for_backward(a, b)
@@ -445,11 +253,11 @@ class _Fused(torch.autograd.Function):
         elif isinstance(ctx.rows, _CompiledRows):
             ga, gb = _compiled_backward(ctx.plan, a, b, ctx.rows, grad, need_a, need_b)
         else:
-            ga, gb = _backward(ctx.plan, a, b, ctx.rows, grad, need_a, need_b)
+            ga, gb = _blocks.backward(ctx.plan, a, b, ctx.rows, grad, need_a, need_b)
         return ga, gb, None
 
 
-def _generic_grads(plan: _Plan, a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor,
+def _generic_grads(plan: _blocks.Plan, a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor,
                    need_a: bool, need_b: bool) -> tuple[Any, Any]:
     """The gradients by autograd through the generic formula (differentiable when grad mode
     is on, i.e. ``create_graph=True``)."""
@@ -458,7 +266,7 @@ def _generic_grads(plan: _Plan, a: torch.Tensor, b: torch.Tensor, grad: torch.Te
         x = a if create_graph else a.detach().requires_grad_(need_a)
         y = b if create_graph else b.detach().requires_grad_(need_b)
         wanted = [v for v, need in ((x, need_a), (y, need_b)) if need]
-        grads = iter(torch.autograd.grad(_generic_rows(plan, x, y), wanted, grad,
+        grads = iter(torch.autograd.grad(_blocks.generic_rows(plan, x, y), wanted, grad,
                                          create_graph=create_graph))
     return (next(grads) if need_a else None, next(grads) if need_b else None)
 
@@ -500,7 +308,7 @@ def _run(op: str, y_true: Any, y_pred: Any, spaces: tuple[str, str], temperature
         kinds.append(space)
         sides.append(x.expand(shape).reshape(-1, shape[-1]))
     compiled = None if tri is not None else _compiled_module(y_pred.device, math.prod(shape))
-    plan = _Plan(op, (kinds[0], kinds[1]), temperature, beta, tri, compiled)
+    plan = _blocks.Plan(op, (kinds[0], kinds[1]), temperature, beta, tri, compiled)
     a, b = sides
     if grad:
         out: torch.Tensor = _Fused.apply(a, b, plan)
