@@ -296,9 +296,10 @@ def test_torch_gradient_modes_agree(torch: Any, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_torch_backward_twice_and_scaled(torch: Any) -> None:
-    """The stored gradients are handed over unscaled for a unit incoming gradient; a second
-    backward through the same result is a clear error, never a wrong gradient; other
-    incoming gradients scale them, any number of times."""
+    """A unit incoming gradient takes the stored gradients as they are; a second backward
+    through the same result (``retain_graph=True``) accumulates the same gradients again,
+    also after ``zero_grad(set_to_none=False)`` changed ``.grad`` in place; other incoming
+    gradients scale them, any number of times; torch's ``gradcheck`` passes."""
     d = _data(16)
     h = torch.tensor(d["h"], requires_grad=True)
     w = torch.tensor(d["w"], requires_grad=True)
@@ -309,14 +310,55 @@ def test_torch_backward_twice_and_scaled(torch: Any) -> None:
     out = loss()
     out.backward(retain_graph=True)
     first = (h.grad.clone(), w.grad.clone())
-    with pytest.raises(RuntimeError, match="second backward through the same result"):
-        out.backward()
+    out.backward(retain_graph=True)
+    _close(h.grad, 2 * first[0], 1e-12)
+    _close(w.grad, 2 * first[1], 1e-12)
+    h.grad.zero_()
+    w.grad.zero_()
+    out.backward()
     _close(h.grad, first[0], 1e-12)
+    _close(w.grad, first[1], 1e-12)
+    with pytest.raises(RuntimeError, match="second time"):  # torch's own, graph released
+        out.backward()
     out = loss()
     for _ in range(2):
         gh, gw = torch.autograd.grad(3.5 * out, (h, w), retain_graph=True)
         _close(gh, 3.5 * first[0], 1e-12)
         _close(gw, 3.5 * first[1], 1e-12)
+    gh, gw = torch.autograd.grad(out, (h, w), retain_graph=True)
+    gh.mul_(0)  # a returned gradient changed in place: the stored ones are intact
+    gh, gw = torch.autograd.grad(out, (h, w))
+    _close(gh, first[0], 1e-12)
+    _close(gw, first[1], 1e-12)
+
+
+def test_torch_unit_gradient_handed_over_without_copy(torch: Any) -> None:
+    """``loss.backward()`` (graph released) takes the stored gradients as ``.grad`` without
+    a copy: the weight gradient of a large vocabulary is not duplicated."""
+    d = _data(3)
+    h = torch.tensor(d["h"], requires_grad=True)
+    w = torch.tensor(d["w"], requires_grad=True)
+    out = fused_linear_divergence(h, w, torch.tensor(d["tl"]), chunk_size=3)
+    stored = out.grad_fn.saved_tensors[1].data_ptr()
+    out.backward()
+    assert w.grad.data_ptr() == stored
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "js"])
+@pytest.mark.parametrize("reduction", ["sum", "mean_with_sample_weight", "batchmean", "none"])
+def test_torch_gradcheck(torch: Any, divergence: str, reduction: str) -> None:
+    """torch's own ``gradcheck`` (it differentiates the same result several times)."""
+    d = _data(5)
+    h, w, b = (torch.tensor(d[k], requires_grad=True) for k in ("h", "w", "b"))
+    sw = torch.tensor(d["sw"])
+
+    def f(h: Any, w: Any, b: Any) -> Any:
+        out = fused_linear_divergence(h, w, torch.tensor(d["tl"]), student_bias=b,
+                                      divergence=divergence, temperature=1.7,
+                                      sample_weight=sw, reduction=reduction, chunk_size=2)
+        return out.sum() if reduction == "none" else out
+
+    assert torch.autograd.gradcheck(f, (h, w, b))
 
 
 def test_torch_teacher_is_constant(torch: Any) -> None:
@@ -980,6 +1022,9 @@ BAD = [
     ({"h": np.array(1.0)}, {}, ValueError, "at least one axis"),
     ({"h": np.float64(1.0)}, {}, TypeError, "student_hidden must be an array"),
     ({}, {"sample_weight": np.ones(3)}, ValueError, "does not broadcast"),
+    ({"w": np.zeros((0, H)), "tl": np.zeros((2, 5, 0))}, {}, ValueError, r"no rows \(V = 0\)"),
+    ({}, {"reduction": 3}, ValueError, r"Invalid reduction 3\. Expected one of: 'auto', 'none', "
+     r"'sum', 'sum_over_batch_size', 'mean', 'mean_with_sample_weight', 'batchmean' or None\."),
 ]
 
 

@@ -58,7 +58,8 @@ def validate_options(divergence: Any, beta: Any, temperature: Any, reduction: An
         except ValueError:
             raise ValueError(
                 f"Invalid reduction {reduction!r}. Expected one of: "
-                + ", ".join(repr(r) for r in (*Reduction.all(), BATCHMEAN)) + " or None."
+                + ", ".join(repr(r) for r in dict.fromkeys((*Reduction.all(), BATCHMEAN)))
+                + " or None."
             ) from None
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
@@ -121,6 +122,9 @@ def check_shapes(h: Any, w: Any, b: Any, tl: Any, th: Any, tw: Any, tb: Any) -> 
         raise ValueError(f"student_weight must have shape (V, H) = (V, {h.shape[-1]}) to match "
                          f"student_hidden {shape_str(tuple(h.shape))}; got {shape_str(tuple(w.shape))}.")
     v, tokens = w.shape[0], tuple(h.shape[:-1])
+    if v == 0:
+        raise ValueError("student_weight has no rows (V = 0): the divergence between "
+                         "distributions over an empty vocabulary is undefined.")
     if b is not None and tuple(b.shape) != (v,):
         raise ValueError(f"student_bias must have shape ({v},) (V of student_weight "
                          f"{shape_str(tuple(w.shape))}); got {shape_str(tuple(b.shape))}.")

@@ -31,8 +31,9 @@ Autograd contracts:
   one with a forward-mode tangent: scaled stored gradients (reduced results) or
   :func:`kldiv.backends.torch_fused_chunks.linear_backward` (per-token results).
 - ``create_graph=True`` is refused with a clear ``RuntimeError``: the backward is
-  hand-written, its gradients would silently have no graph. So is (for reduced results) a
-  second backward through the same result with ``retain_graph=True``.
+  hand-written, its gradients would silently have no graph. A second backward through the
+  same result (``retain_graph=True``, ``torch.autograd.gradcheck``) works as for any torch
+  operation.
 """
 
 from __future__ import annotations
@@ -122,6 +123,19 @@ def _teacher(tl: Any, th: Any, tw: Any, tb: Any) -> tuple[Any, ...]:
         ("hidden", th.detach(), tw.detach(), None if tb is None else tb.detach())
 
 
+def _graph_kept() -> bool:
+    """Whether the running backward pass keeps the graph (``retain_graph=True``): the stored
+    gradients must then stay intact for a later backward. ``True`` (copy) where torch cannot
+    tell."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if probe is None:
+        return True
+    try:
+        return bool(probe())
+    except RuntimeError:
+        return True
+
+
 def _special(grad: torch.Tensor) -> bool:
     """An incoming gradient that the in-place chunk loop cannot take: batched (legacy vmap
     of ``is_grads_batched``) or carrying a forward-mode tangent."""
@@ -143,20 +157,26 @@ class _ForwardGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         _check_first_order()
-        if getattr(ctx, "handed_over", False):
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as exc:
+            if "modified by an inplace operation" not in str(exc):
+                raise  # e.g. torch's own "backward through the graph a second time"
             raise RuntimeError(
-                "fused_linear_divergence: a second backward through the same result (e.g. "
-                "retain_graph=True) is not supported: its stored gradients were handed over "
-                "to the first one. Call fused_linear_divergence again for a new graph.")
-        saved = ctx.saved_tensors
-        if not _special(grad) and bool(grad == 1):
-            # ``loss.backward()`` brings exactly 1: hand the stored gradients over as they are
-            # (autograd takes them without a copy; Liger does the same). They may then
-            # become ``.grad`` and change in place, so they are never used again.
-            ctx.handed_over = True
-            grads = list(saved)
-        else:  # the result is a scalar: its gradients are the stored ones times ``grad``
-            grads = [None if g is None else g * grad.to(g.dtype) for g in saved]
+                "fused_linear_divergence: the gradients this result stored were changed in "
+                "place after an earlier backward handed them out, so a further backward "
+                "through the same result cannot be computed. Call "
+                "fused_linear_divergence again for a new graph."
+            ) from None
+        if not _special(grad) and bool(grad == 1) and not _graph_kept():
+            # ``loss.backward()`` brings exactly 1 and the graph is released after this
+            # call: hand the stored gradients over as they are, autograd takes them as
+            # ``.grad`` without a copy (Liger does the same). Where the graph is kept
+            # (``retain_graph=True``, ``gradcheck``) they are copied below instead, since
+            # ``.grad`` may change in place before the next backward through this result.
+            return (*saved, None, None, None, None, None, None)
+        # the result is a scalar: its gradients are the stored ones times ``grad``
+        grads = [None if g is None else g * grad.to(g.dtype) for g in saved]
         return (*grads, None, None, None, None, None, None)
 
 
