@@ -114,13 +114,21 @@ def as_pred_array(y_pred: Any) -> Any:
     if is_array(y_pred):
         return _native_byte_order(_read_variable(y_pred))
     arr = _from_python(y_pred, "y_pred")
-    kind = dtype_kind(arr.dtype)
-    if kind == "float" and not isinstance(y_pred, (np.generic, np.ndarray)):
-        # Python floats are Keras floatx (float32) values, as in the seed examples. NumPy
-        # objects array-api-compat does not take as arrays (NumPy scalars, np.matrix) keep
-        # their dtype.
+    if arr.dtype == np.float64 and _python_values(y_pred):
+        # Python floats are Keras floatx (float32) values, as in the seed examples. Objects
+        # that carry a dtype of their own keep it: NumPy scalars and np.matrix (which
+        # array-api-compat does not take as arrays), and whatever NumPy converts through the
+        # buffer protocol or ``__array__`` (array.array, memoryview, pandas, xarray...).
         arr = arr.astype(np.float32)
     return arr
+
+
+def _python_values(x: Any) -> bool:
+    """``x`` is a Python number or a (nested) list/tuple: NumPy chose its dtype (float64 for
+    Python floats), the value itself has none."""
+    if isinstance(x, (list, tuple)):
+        return True
+    return isinstance(x, (int, float)) and not isinstance(x, np.generic)
 
 
 def _check_castable(x_dtype: Any, target: Any, what: str) -> None:

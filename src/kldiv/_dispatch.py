@@ -62,8 +62,11 @@ def _options_key(div: Divergence, inputs: Any, temperature: Any,
                  params: dict[str, Any]) -> tuple[Any, ...] | None:
     """A key for options of plain Python types (types included: ``True`` is not ``1.0``), or
     ``None`` for anything else (validated every time)."""
+    # (no annotated assignment in these branches: autograph, should it ever convert this
+    # function, cannot convert an annotated name assigned in a branch)
+    spaces: Any
     if type(inputs) is str:
-        spaces: Any = inputs
+        spaces = inputs
     elif type(inputs) in (tuple, list) and all(type(x) is str for x in inputs):
         spaces = tuple(inputs)
     else:

@@ -17,8 +17,11 @@ np.float32(0.11891246)
 from __future__ import annotations
 
 from ._family import kl_divergence
+from ._keras.detect import graph_safe
 
 __all__ = ["KLD", "kl_divergence", "kld", "kullback_leibler_divergence"]
+
+graph_safe(kl_divergence)  # autograph calls it as it is inside a tf.function (graph-safe code)
 
 kld = kl_divergence
 KLD = kl_divergence

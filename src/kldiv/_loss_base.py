@@ -11,7 +11,7 @@ is a :class:`LossBase` too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -125,7 +125,10 @@ class LossBase(KerasAwareLoss):
             with scope:  # TensorFlow, eagerly: on the inputs' device
                 out = reduce()
         owner = type(self).__name__
-        dtype = out_dtype if self.dtype is None else result_dtype(xp, self.dtype, owner=owner)
+        # checked again: the attribute may have been set after construction ("int32" would
+        # truncate the loss silently)
+        name = validate_dtype(self.dtype, owner=owner)
+        dtype = out_dtype if name is None else result_dtype(xp, name, owner=owner)
         if out.dtype != dtype:
             try:
                 out = xp.astype(out, dtype)
@@ -163,16 +166,26 @@ class LossBase(KerasAwareLoss):
         """Rebuild a loss from :meth:`get_config` output, or a Keras 2 / Keras 3 config.
 
         Keras 2 configs of a divergence carry an ``"fn"`` key naming the function; Keras 3
-        configs may hold ``"reduction": None`` and a ``"dtype"`` policy. Unknown keys raise
-        ``TypeError``.
+        configs may hold ``"reduction": None`` and a ``"dtype"`` policy (its serialized
+        dict). A config that is not a mapping, or has unknown (or non-string) keys, raises
+        ``TypeError``; a malformed ``"dtype"`` entry raises ``ValueError``.
         """
-        config = cls._config_arguments(config)
+        if not isinstance(config, Mapping):
+            raise TypeError(f"{cls.__name__}.from_config: config must be a dict (what "
+                            f"get_config() returns), got {type(config).__name__}.")
+        config = cls._config_arguments(dict(config))
         dtype = config.pop("dtype", None)
-        if isinstance(dtype, dict):  # Keras 3 DTypePolicy config
-            dtype = dtype.get("config", {}).get("name")
+        if isinstance(dtype, Mapping):  # Keras 3 DTypePolicy config
+            policy = dtype.get("config")
+            dtype = policy.get("name") if isinstance(policy, Mapping) else None
+            if not isinstance(dtype, str):
+                raise ValueError(
+                    f"{cls.__name__}.from_config: the 'dtype' entry is not a Keras DTypePolicy "
+                    "config (a dict whose 'config' holds a 'name' string)."
+                )
         unknown = set(config) - set(cls._config_keys())
         if unknown:
-            raise TypeError(f"Unknown {cls.__name__} config keys: {sorted(unknown)}.")
+            raise TypeError(f"Unknown {cls.__name__} config keys: {sorted(unknown, key=repr)}.")
         return cls(**config, dtype=dtype)
 
     def _repr_items(self) -> str:
@@ -285,7 +298,7 @@ class DivergenceLoss(LossBase):
         config = dict(config)
         div = cls.divergence
         fn = config.pop("fn", None)  # Keras 2 configs name the function
-        if fn is not None and fn not in {div.name, *div.aliases}:
+        if fn is not None and (not isinstance(fn, str) or fn not in {div.name, *div.aliases}):
             raise ValueError(f"config names function {fn!r}, not the {cls._title}.")
         return config
 

@@ -73,7 +73,8 @@ def validate_reduction(reduction: str | None, *, batchmean: bool = False) -> str
         r for r in Reduction.all() if r != Reduction.BATCHMEAN)
     if isinstance(reduction, str) and reduction in names:
         return str(reduction)
-    unsupported = " ('batchmean' is not supported here)" if reduction == Reduction.BATCHMEAN else ""
+    unsupported = (" ('batchmean' is not supported here)"
+                   if isinstance(reduction, str) and reduction == Reduction.BATCHMEAN else "")
     raise ValueError(
         f"Invalid reduction {reduction!r}{unsupported}. Expected one of: "
         + ", ".join(repr(r) for r in names)
@@ -95,6 +96,7 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[
     """
     w = to_namespace(sample_weight, xp, get_device(loss), loss.dtype, what="sample_weight",
                      peer=loss)
+    given = tuple(w.shape)  # for messages: the shape the caller passed, before the rank rules
     r = loss.ndim
     if w.ndim == r + 1 and w.shape[-1] == 1:
         w = xp.reshape(w, tuple(w.shape[:-1]))
@@ -108,8 +110,10 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[
         ):
             raise ValueError
     except ValueError:
+        ruled = "" if tuple(w.shape) == given else (
+            f" (as {shape_str(tuple(w.shape))} after Keras 2's rank rules)")
         raise ValueError(
-            f"sample_weight of shape {shape_str(tuple(w.shape))} does not broadcast to the "
+            f"sample_weight of shape {shape_str(given)}{ruled} does not broadcast to the "
             f"per-sample loss of shape {shape_str(loss_shape)}."
         ) from None
     return loss * w, w
@@ -127,13 +131,18 @@ def num_elements(shape: tuple[Any, ...]) -> int | None:
 
 
 def reduce_loss(
-    xp: ModuleType, loss: Any, sample_weight: Any = None, *, reduction: str = "auto"
+    xp: ModuleType, loss: Any, sample_weight: Any = None, *, reduction: str | None = "auto"
 ) -> Any:
-    """Weight and reduce a per-sample loss (SPEC §3). ``reduction`` must be canonical.
+    """Weight and reduce a per-sample loss (SPEC §3).
+
+    ``reduction`` is checked here, every call (:func:`validate_reduction`, ``"batchmean"``
+    included; ``None`` is ``"none"``): a loss' ``reduction`` attribute may have been set after
+    construction, and an unknown name must be an error, never silently another reduction.
 
     A 0-d NumPy result is a NumPy scalar (:func:`kldiv._namespace.numpy_result`), whatever
     the reduction and however it was reached (an empty batch, a zero weight sum).
     """
+    reduction = validate_reduction(reduction, batchmean=True)
     return numpy_result(_reduce(xp, loss, sample_weight, reduction))
 
 

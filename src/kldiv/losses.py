@@ -14,6 +14,7 @@ from ._divergence import JS, KL, REVERSE_KL
 from ._family import jensen_shannon_divergence, js_divergence, reverse_kl_divergence
 from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
 from ._keras import keras_aware_class  # noqa: F401  (a public name of this module before)
+from ._keras.detect import graph_safe
 from ._loss_base import DivergenceLoss
 from ._loss_base import restore as _restore  # noqa: F401  (pickles name kldiv.losses._restore)
 from ._reduction import Reduction
@@ -32,6 +33,11 @@ __all__ = [
     "reverse_kl_divergence",
 ]
 
+# autograph calls the family's functions as they are inside a tf.function (graph-safe code;
+# kl_divergence: kldiv._functional)
+for _function in (reverse_kl_divergence, js_divergence):
+    graph_safe(_function)
+del _function
 
 _PARAMETERS = """
     Parameters

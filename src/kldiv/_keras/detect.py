@@ -9,18 +9,41 @@ from __future__ import annotations
 
 import sys
 from types import FrameType, ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from .._libraries import graph_library
 
-__all__ = ["TF_BACKEND", "called_by_keras_wrapper", "called_by_tf_keras_compile", "graph_module",
-           "host_float", "in_graph", "in_keras_scope", "is_tf_tensor", "loaded_keras"]
+__all__ = ["AUTOGRAPH_MARK", "TF_BACKEND", "called_by_keras_wrapper", "called_by_tf_keras_compile",
+           "graph_module", "graph_safe", "host_float", "in_graph", "in_keras_scope",
+           "is_tf_tensor", "loaded_keras"]
 
 TF_BACKEND = "tensorflow"
 """Keras' own name of its TensorFlow backend (``keras.backend.backend()``); tf-keras (Keras 2)
 runs on nothing else."""
 
 _GRAPHS = graph_library()  # the table's record of the library building graphs (TensorFlow)
+
+
+AUTOGRAPH_MARK = "autograph_info__"
+"""The attribute by which TensorFlow's autograph recognises code it must call as it is:
+what ``tf.autograph.experimental.do_not_convert`` sets on its wrapper (autograph's
+``is_autograph_artifact`` only asks ``hasattr``)."""
+
+_F = TypeVar("_F")
+
+
+def graph_safe(obj: _F) -> _F:
+    """Mark ``obj`` (a function, or a class whose instances are called) so that autograph calls
+    it unconverted inside a user's ``tf.function``; returns ``obj``.
+
+    kldiv's Python is graph-safe as written (no Python control flow on tensor values), but
+    autograph would otherwise rewrite every kldiv function a ``tf.function`` reaches, at each
+    trace, and print "AutoGraph could not transform ... Please report this to the TensorFlow
+    team" for those it cannot parse. The same as ``tf.autograph.experimental.do_not_convert``
+    without importing TensorFlow; nothing else reads the attribute.
+    """
+    setattr(obj, AUTOGRAPH_MARK, None)
+    return obj
 
 
 def graph_module() -> ModuleType | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 from typing import Any, TypeVar
 
+from .detect import graph_safe
+
 __all__ = ["KerasAwareLoss", "keras_aware_class", "keras_loss_bases", "kldiv_class",
            "kldiv_class_of_type", "with_keras_bases"]
 
@@ -107,6 +109,16 @@ keras_aware_class = property(_keras_aware_class, doc="The instance's class (Kera
 _L = TypeVar("_L", bound="KerasAwareLoss")
 
 
+def _graph_safe_methods(cls: type) -> None:
+    """Mark ``cls`` (its instances are called: ``loss(y_true, y_pred)``) and the public methods
+    and ``__call__`` it defines (``loss.call(...)`` is a bound method, whose attributes are its
+    function's) as :func:`~kldiv._keras.detect.graph_safe`."""
+    graph_safe(cls)
+    for name, value in vars(cls).items():
+        if callable(value) and (name == "__call__" or not name.startswith("_")):
+            graph_safe(value)
+
+
 class KerasAwareLoss:
     """Base of kldiv's loss classes: with a Keras loaded, an instance is also a
     ``keras.losses.Loss``, so that ``model.compile(loss=kldiv.KLDivergence())`` calls it with
@@ -114,6 +126,12 @@ class KerasAwareLoss:
     ``isinstance`` check (Keras' ``compile``)."""
 
     __class__ = keras_aware_class
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each loss class and its methods are called unconverted by autograph inside a
+        ``tf.function`` (:func:`kldiv._keras.detect.graph_safe`)."""
+        super().__init_subclass__(**kwargs)
+        _graph_safe_methods(cls)
 
     def __new__(cls: type[_L], *args: Any, **kwargs: Any) -> _L:
         bases = keras_loss_bases()

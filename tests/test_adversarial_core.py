@@ -1,0 +1,193 @@
+"""Hostile inputs against the Keras KL core: ``kldiv.kl_divergence`` (and aliases) and
+``kldiv.KLDivergence`` (reductions, sample weights, config, attributes set after
+construction), on every backend of the suite.
+
+Each test here was written against a defect found by probing and failed before its fix; the
+references are the float64 oracle of SPEC §1 and SPEC's numbers.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kldiv
+from conftest import ArrayBackend, oracle
+
+YT = [[0.0, 1.0], [0.0, 0.0]]
+YP = [[0.6, 0.4], [0.4, 0.6]]
+
+
+def _f64(x: Any) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+# ---- attributes set after construction -----------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["bogus", "SUM", 3, True, ["sum"]])
+def test_invalid_reduction_set_after_construction_is_refused(backend: ArrayBackend, bad: Any) -> None:
+    """``loss.reduction = "bogus"`` used to reduce silently as a mean (a wrong answer)."""
+    loss = kldiv.KLDivergence()
+    loss.reduction = bad
+    with pytest.raises(ValueError, match="Invalid reduction"):
+        loss(backend.asarray(YT), backend.asarray(YP))
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, [0.9162892, -3.0809074e-06]),
+                                                  ("sum", 0.9162861)])
+def test_valid_reduction_set_after_construction_is_used(backend: ArrayBackend, value: Any,
+                                                        expected: Any) -> None:
+    loss = kldiv.KLDivergence()
+    loss.reduction = value
+    out = backend.to_numpy(loss(backend.asarray(YT), backend.asarray(YP)))
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["int32", "bool", 3])
+def test_invalid_dtype_set_after_construction_is_refused(backend: ArrayBackend, bad: Any) -> None:
+    """``loss.dtype = "int32"`` used to cast the loss to int32 silently (0.458 -> 0)."""
+    loss = kldiv.KLDivergence()
+    loss.dtype = bad
+    with pytest.raises(ValueError, match="Invalid dtype"):
+        loss(backend.asarray(YT), backend.asarray(YP))
+
+
+def test_reduce_loss_refuses_unknown_names() -> None:
+    """The reduction engine itself: an unknown name is an error, never a mean."""
+    from kldiv import _reduction
+
+    loss = np.array([1.0, 2.0])
+    with pytest.raises(ValueError, match="Invalid reduction 'bogus'"):
+        _reduction.reduce_loss(np, loss, reduction="bogus")
+    np.testing.assert_allclose(_reduction.reduce_loss(np, loss, reduction=None), loss)  # type: ignore[arg-type]
+
+
+# ---- from_config on hostile configs --------------------------------------------------------
+
+@pytest.mark.parametrize("config", [None, 3, "reduction", [("reduction", "sum")]])
+def test_from_config_needs_a_mapping(config: Any) -> None:
+    with pytest.raises(TypeError, match="config must be a dict"):
+        kldiv.KLDivergence.from_config(config)
+
+
+@pytest.mark.parametrize("dtype", [{"config": None}, {"config": 3}, {"config": {"name": 3}}, 3.5])
+def test_from_config_bad_dtype_entry_is_a_clear_error(dtype: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="dtype"):
+        kldiv.KLDivergence.from_config({"reduction": "sum", "name": "x", "dtype": dtype})
+
+
+@pytest.mark.parametrize("fn", [["kl_divergence"], {"a": 1}])
+def test_from_config_unhashable_fn_is_a_clear_error(fn: Any) -> None:
+    with pytest.raises(ValueError, match="config names function"):
+        kldiv.KLDivergence.from_config({"fn": fn})
+
+
+def test_from_config_keras3_dtype_policy_round_trips() -> None:
+    policy = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "mixed_float16"},
+              "registered_name": None}
+    loss = kldiv.KLDivergence.from_config({"reduction": "sum", "name": "x", "dtype": policy})
+    assert loss.dtype == "float16"
+    assert kldiv.KLDivergence.from_config(loss.get_config()) == loss
+
+
+# ---- sample_weight messages ----------------------------------------------------------------
+
+def test_sample_weight_error_names_the_shape_as_given(backend: ArrayBackend) -> None:
+    """A (3,) weight against a (2, 3) loss used to be reported as shape (3, 1)."""
+    x = backend.asarray(np.full((2, 3, 4), 0.25, np.float32))
+    with pytest.raises(ValueError, match=r"sample_weight of shape \(3,\)") as info:
+        kldiv.KLDivergence()(x, x, sample_weight=np.ones(3, np.float32))
+    assert "(2, 3)" in str(info.value)
+
+
+# ---- dtypes of y_pred given as other objects than arrays -----------------------------------
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda v: array.array("d", v), id="array.array-d"),
+    pytest.param(lambda v: memoryview(np.asarray(v, np.float64)), id="memoryview-f64"),
+    pytest.param(lambda v: _ArrayLike(np.asarray(v, np.float64)), id="__array__-f64"),
+])
+def test_y_pred_with_a_float64_buffer_keeps_float64(make: Any) -> None:
+    """Only Python values (floats, lists, tuples) are Keras floatx (float32); an object that
+    carries float64 data (buffer protocol, ``__array__``) was silently rounded to float32."""
+    t, p = [0.4, 0.9, 0.2], [0.5, 0.8, 0.12]
+    out = kldiv.kl_divergence(make(t), make(p))
+    assert out.dtype == np.float64
+    assert np.array_equal(out, oracle(t, p))
+    loss = kldiv.KLDivergence()(make(t), make(p))
+    assert loss.dtype == np.float64
+
+
+def test_python_values_stay_keras_floatx() -> None:
+    assert kldiv.kld([0.4, 0.9, 0.2], [0.5, 0.8, 0.12]).dtype == np.float32
+    assert kldiv.kld((0.4, 0.9, 0.2), (0.5, 0.8, 0.12)).dtype == np.float32
+    assert kldiv.kld([0.5, 0.5], 0.5).dtype == np.float32
+    assert kldiv.kld([0.5, 0.5], np.float64(0.5)).dtype == np.float64
+
+
+class _ArrayLike:
+    """An object NumPy converts through ``__array__`` (as pandas, xarray, h5py objects)."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self._data = data
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self._data if dtype is None else self._data.astype(dtype)
+
+
+# ---- oracle checks of hostile values on every backend -------------------------------------
+
+def test_hostile_values_match_the_oracle(backend: ArrayBackend) -> None:
+    """NaN, +-inf, negatives, > 1, exact 0 and 1, in both inputs, broadcast rows."""
+    t = np.array([[np.nan, 1, 0, 2], [-1, np.inf, 0.5, 1], [0, 0, 0, 0]], np.float64)
+    p = np.array([[0.5, 0.5, 0.5, 0.5], [0.25, -np.inf, 0, 1e-9], [1, 1, 1, 1]], np.float64)
+    out = backend.to_numpy(kldiv.kld(backend.asarray(t), backend.asarray(p)))
+    np.testing.assert_allclose(out, oracle(t, p), rtol=1e-12, equal_nan=True)
+    out = backend.to_numpy(kldiv.kld(backend.asarray(t[1:2]), backend.asarray(p)))
+    np.testing.assert_allclose(out, oracle(t[1:2], p), rtol=1e-12)
+
+
+# ---- tf.function: autograph leaves kldiv's Python alone ------------------------------------
+
+_AUTOGRAPH = r"""
+import triton  # noqa: F401  (before TensorFlow, see conftest.py)
+import numpy as np
+import kldiv
+import tensorflow as tf
+
+a = np.random.default_rng(0).random((3, 4)).astype(np.float32)
+
+def loss(x, y):
+    return kldiv.KLDivergence(reduction="sum")(x, y, sample_weight=tf.ones([tf.shape(x)[0]]))
+
+def call(x, y):
+    return kldiv.KLDivergence().call(x, y)
+
+def fn(x, y):
+    return kldiv.kld(x, y) + kldiv.kl_divergence(x, y, inputs="log_probs")
+
+spec = [tf.TensorSpec([None, None]), tf.TensorSpec([None, None])]
+for f in (loss, call, fn):
+    print(f.__name__, float(tf.reduce_sum(tf.function(f, input_signature=spec)(a, a[::-1]))))
+"""
+
+
+def test_tf_function_does_not_convert_kldiv(tmp_path: Any) -> None:
+    """Autograph used to rewrite kldiv's own functions inside a user's ``tf.function``, and
+    printed "AutoGraph could not transform ... Please report this to the TensorFlow team"
+    for those it could not (an annotated name in a branch, ``importlib``)."""
+    pytest.importorskip("tensorflow")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", AUTOGRAPH_VERBOSITY="1")
+    script = tmp_path / "autograph_probe.py"  # a file: autograph skips code of "-c" strings
+    script.write_text(_AUTOGRAPH)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "could not transform" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert "loss" in proc.stdout and "fn" in proc.stdout
