@@ -29,6 +29,7 @@ __all__ = [
     "detached",
     "has_float64",
     "metric_dtype",
+    "named_dtype",
     "num_elements",
     "qualified",
     "running_sums",
@@ -181,7 +182,9 @@ def batch_sums(y_true: Any, y_pred: Any, sample_weight: Any = None, *, call: Cal
     loss = compute(_KERAS_KL if call is None else call, prep._replace(out_dtype=acc))
     weight_sum = None
     if sample_weight is not None:
-        loss, w = apply_sample_weight(xp, loss, sample_weight)
+        # A weight that requires grad (a torch tensor) would put its graph into the state:
+        # accumulated sums keep none, whatever input carries it.
+        loss, w = detached(xp, *apply_sample_weight(xp, loss, sample_weight))
         shape = tuple(loss.shape)
         if num_elements(shape) is None:
             weight_sum = xp.sum(w * xp.ones_like(loss))
@@ -225,8 +228,12 @@ def metric_dtype(dtype: Any, *, owner: str) -> str:
     if dtype is None:
         return "float32"
     given = dtype
-    if isinstance(dtype, dict):  # Keras 3 DTypePolicy config
-        dtype = dtype.get("config", {}).get("name", "float32")
+    if isinstance(dtype, dict):  # Keras 3 DTypePolicy config: its name, nothing else
+        config = dtype.get("config", {})
+        dtype = config.get("name", "float32") if isinstance(config, dict) else None
+        if not isinstance(dtype, str):
+            raise ValueError(f"{owner} dtype must be one of {', '.join(FLOAT_NAMES)} (or a Keras "
+                             f"DTypePolicy config naming one); got {given!r}.")
     elif isinstance(getattr(dtype, "compute_dtype", None), str):  # a Keras DTypePolicy
         dtype = dtype.compute_dtype
     if isinstance(dtype, str):
@@ -245,6 +252,17 @@ def metric_dtype(dtype: Any, *, owner: str) -> str:
             f"policy); got {given!r}."
         )
     return name
+
+
+def named_dtype(xp: ModuleType, name: str) -> Any:
+    """The floating dtype called ``name`` in namespace ``xp``, or ``None`` where it has none.
+
+    Dask's (and NumPy's) dtypes are NumPy's: float16 is one even where the array-API wrapper
+    does not name it (it is not in the standard). bfloat16 is none of NumPy's own."""
+    dtype = getattr(xp, name, None)
+    if dtype is None and name != "bfloat16" and library(xp).numpy_dtypes:
+        dtype = np.dtype(name)
+    return dtype
 
 
 def qualified(tp: type) -> str:

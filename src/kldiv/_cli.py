@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Any, NoReturn
 
 import numpy as np
@@ -140,7 +141,8 @@ def _run(args: argparse.Namespace) -> str:
     else:
         result = evaluate()
     if args.output is not None:
-        return (f"wrote {result.shape[0] if result.ndim else 1} per-sample losses "
+        n = result.shape[0] if result.ndim else 1
+        return (f"wrote {n} per-sample loss{'es' if n != 1 else ''} "
                 f"({result.dtype}, shape {tuple(result.shape)}) to {args.output}")
     return _format(result)
 
@@ -151,8 +153,18 @@ def compute_main(argv: list[str], *, prog: str = PROG) -> int:
     ``prog`` is the command as invoked (``kldiv compute`` or ``python -m kldiv compute``),
     for the help and the error messages. Returns the exit status: 0 on success, 2 for bad
     input or options (one line on stderr), 1 for a missing backend or device and any other
-    failure (one line on stderr), 130 when interrupted.
+    failure (one line on stderr), 130 when interrupted. Python warnings raised on the way
+    (NumPy's ``invalid value encountered``, for NaN or infinite data) are one line each too,
+    ``kldiv compute: warning: ...``, once per distinct message.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        status = _compute(argv, prog)
+    for message in dict.fromkeys(" ".join(str(w.message).split()) for w in caught):
+        print(f"kldiv compute: warning: {message}", file=sys.stderr)
+    return status
+
+
+def _compute(argv: list[str], prog: str) -> int:
     from ._npyio import DataFileError
 
     def fail(status: int, message: str) -> int:

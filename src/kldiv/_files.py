@@ -175,7 +175,9 @@ def evaluate_files(
     elif sample_weight is not None:
         weight = open_source(sample_weight, "sample_weight")
     all_sources = [*sources, weight]
-    inputs = [(s.name if s.path is not None else s.label, s.path if s.path is not None else backing_file(s.array))
+    # (what, path): messages show the path once, after the description
+    inputs = [(f"{s.label} file" if s.path is not None else s.label,
+               s.path if s.path is not None else backing_file(s.array))
               for s in all_sources if s is not None]
     file_inputs = [(what, path) for what, path in inputs if path is not None]
     if out is not None:

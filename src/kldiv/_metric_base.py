@@ -19,7 +19,7 @@ of the member's public function with those options. The public classes are in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -29,6 +29,7 @@ from ._accumulate import (
     batch_sums,
     check_same_place,
     metric_dtype,
+    named_dtype,
     running_sums,
     safe_divide,
 )
@@ -140,8 +141,8 @@ class RunningMean:
         total, count = self._total.total(), self._count.total()
         xp = array_namespace(total)
         out = safe_divide(xp, total, count)
-        dtype = getattr(xp, self.dtype, None)
-        if dtype is None:  # e.g. bfloat16 in NumPy
+        dtype = named_dtype(xp, self.dtype)
+        if dtype is None:  # e.g. bfloat16 in NumPy, float16 in array-api-strict
             dtype = xp.float32
         elif self.dtype == "float64" and out.dtype != xp.float64:  # no float64 here
             dtype = out.dtype
@@ -161,7 +162,8 @@ class RunningMean:
         partial results).
 
         Metrics with no update are skipped; if this one has none, it takes the first other
-        state as its own. The states must be of one library and device.
+        state as its own. The states must be of one library and device; every one is checked
+        before any is added, so a merge that raises leaves this metric as it was.
 
         Raises
         ------
@@ -181,16 +183,25 @@ class RunningMean:
                     f"{self._describe()}, which accumulates outside Keras. Merge metrics that "
                     "were updated the same way."
                 )
-        for other in others:
-            if other._total is None or other._count is None:
-                continue
+        held = [o for o in others if o._total is not None and o._count is not None]
+        # Every state is checked against the first one before anything is added: a merge that
+        # fails leaves this metric exactly as it was (never half of the others merged).
+        first = self if self._total is not None and self._count is not None else (held[0] if held else None)
+        if first is not None and first._total is not None:
+            owner = (self._describe() if first is self
+                     else f"merge_state's first state, {first._describe()},")
+            for other in held:
+                if other is not first:
+                    check_same_place(first._total.value, other._total.value,
+                                     what=f"merge_state({other._describe()})", owner=owner)
+        # Snapshots first: merging a metric with itself (or twice) adds its state as it was.
+        states = [(o._total.copy(), o._count.copy()) for o in held]
+        for total, count in states:
             if self._total is None or self._count is None:
-                self._total, self._count = other._total.copy(), other._count.copy()
+                self._total, self._count = total, count
                 continue
-            check_same_place(self._total.value, other._total.value,
-                             what=f"merge_state({other._describe()})", owner=self._describe())
-            self._total.merge(other._total)
-            self._count.merge(other._count)
+            self._total.merge(total)
+            self._count.merge(count)
 
     def _check_mergeable(self, others: tuple[Any, ...]) -> None:
         """Every other is a metric of this class with these options, or a clear error."""
@@ -234,11 +245,14 @@ class RunningMean:
     @classmethod
     def from_config(cls: type[_M], config: dict[str, Any]) -> _M:
         """Rebuild a metric from :meth:`get_config` output; unknown keys raise ``TypeError``."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"{cls._CONFIG_OWNER or cls._owner()}.from_config takes a dict (what "
+                            f"get_config() returns), got {public_name(type(config))}.")
         config = cls._config_arguments(config)
         unknown = set(config) - set(cls._config_keys())
         if unknown:
             owner = cls._CONFIG_OWNER or cls._owner()
-            raise TypeError(f"Unknown {owner} config keys: {sorted(unknown)}.")
+            raise TypeError(f"Unknown {owner} config keys: {sorted(unknown, key=repr)}.")
         return cls(**config)
 
     def _repr_items(self) -> str:
@@ -393,7 +407,9 @@ class DivergenceMetric(RunningMean):
         config = dict(config)
         fn = config.pop("fn", None)  # Keras 2 configs name the function
         div = cls.divergence
-        if fn is not None and fn not in {div.name, *div.aliases}:
+        if callable(fn):  # the function itself rather than its name
+            fn = getattr(fn, "__name__", fn)
+        if fn is not None and (not isinstance(fn, str) or fn not in (div.name, *div.aliases)):
             raise ValueError(f"{cls._owner()} config names function {fn!r}, not the {cls._title}.")
         return config
 

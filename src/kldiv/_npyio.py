@@ -31,9 +31,11 @@ from ._namespace import dtype_kind, is_array
 
 __all__ = [
     "DataFileError",
+    "DataTypeError",
     "NpyWriter",
     "PathLike",
     "Source",
+    "as_path",
     "backing_file",
     "check_output",
     "host_ready",
@@ -47,6 +49,20 @@ PathLike = str | os.PathLike[str]
 
 class DataFileError(ValueError):
     """A data file that cannot be used: missing, not ``.npy``, not numeric, or shapes that do not fit."""
+
+
+class DataTypeError(DataFileError, TypeError):
+    """An input (a file or an array) whose dtype is not real numeric: a :class:`DataFileError`
+    that is also the ``TypeError`` the loss raises for such arrays (complex, strings, objects)."""
+
+
+def as_path(value: Any, name: str) -> str:
+    """``value`` (a ``str``, ``bytes`` or ``os.PathLike`` path) as a ``str``; else a
+    ``TypeError`` naming the argument ``name``."""
+    if isinstance(value, (str, bytes, os.PathLike)):
+        path = os.fspath(value)
+        return os.fsdecode(path) if isinstance(path, bytes) else path
+    raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__} {value!r:.60}.")
 
 
 # --------------------------------------------------------------------------------------
@@ -136,8 +152,10 @@ def _itemsize(dtype: Any) -> int:
 
 def open_source(x: Any, label: str) -> Source:
     """Validate an input given as a ``.npy`` path or an array; never reads the data."""
-    if isinstance(x, (str, os.PathLike)):
-        return _open_file(os.fspath(x), label)
+    if isinstance(x, (str, bytes, os.PathLike)):
+        return _open_file(as_path(x, label), label)
+    if x is None:
+        raise TypeError(f"{label} must be a .npy path or an array, not None.")
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(f"{label} is a masked array, which evaluate_files cannot read by rows without "
                         "dropping the mask: pass a.filled(...) or a.compressed(), or use the loss class.")
@@ -153,11 +171,23 @@ def open_source(x: Any, label: str) -> Source:
     kind = dtype_kind(x.dtype)
     name = label
     if kind == "complex":
-        raise DataFileError(f"{name} has complex dtype {x.dtype}; KL divergence needs real values.")
+        raise DataTypeError(f"{name} has complex dtype {x.dtype}; KL divergence needs real values.")
     if kind not in ("float", "int", "bool"):
-        raise DataFileError(f"{name} has dtype {x.dtype}, which is not numeric.")
+        raise DataTypeError(f"{name} has dtype {x.dtype}, which is not numeric.")
     shape = tuple(int(d) for d in x.shape)
     return Source(label, shape, x.dtype, kind, _itemsize(x.dtype), array=x)
+
+
+def _stored_dtype(path: str) -> np.dtype[Any] | None:
+    """The dtype a ``.npy`` file's header declares, ``None`` if the header cannot be read."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            return read(f)[2]
+    except Exception:  # any unreadable header: no dtype to report
+        return None
 
 
 def _open_file(path: str, label: str) -> Source:
@@ -169,6 +199,9 @@ def _open_file(path: str, label: str) -> Source:
     try:
         mm = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
+        stored = _stored_dtype(path)
+        if stored is not None and stored.hasobject:  # what np.load cannot map: Python objects
+            raise DataTypeError(f"{name} has dtype {stored} (Python objects), which is not numeric.") from None
         msg = str(exc).splitlines()[0]
         if "pickle" in msg:
             msg = "not a .npy file (or one holding Python objects)"
@@ -185,9 +218,9 @@ def _open_file(path: str, label: str) -> Source:
     fortran = bool(mm.flags.f_contiguous and not mm.flags.c_contiguous)
     del mm
     if dtype.kind == "c":
-        raise DataFileError(f"{name} has complex dtype {dtype}; KL divergence needs real values.")
+        raise DataTypeError(f"{name} has complex dtype {dtype}; KL divergence needs real values.")
     if dtype.kind not in "biuf":
-        raise DataFileError(f"{name} has dtype {dtype}, which is not numeric.")
+        raise DataTypeError(f"{name} has dtype {dtype}, which is not numeric.")
     kind = {"b": "bool", "f": "float"}.get(dtype.kind, "int")
     return Source(label, shape, dtype, kind, dtype.itemsize, path=path, offset=offset, fortran=fortran)
 
@@ -218,7 +251,7 @@ def _same_file(a: str, b: str) -> bool:
 def refuse_input(out: PathLike, target: str, what: str, path: str | None) -> None:
     """Raise ``ValueError`` if ``path`` (an input) is the same file as ``target`` (the output)."""
     if path is not None and _same_file(target, path):
-        raise ValueError(f"out={os.fspath(out)!r} is the same file as {what} {path!r}: writing it "
+        raise ValueError(f"out={as_path(out, 'out')!r} is the same file as {what} {path!r}: writing it "
                          "would overwrite an input. Choose another output path.")
 
 
@@ -230,7 +263,7 @@ def check_output(out: PathLike, inputs: Iterable[tuple[str, str]] = ()) -> str:
     existing path that is not a regular file (a device, a FIFO), a missing parent directory,
     or a path that is the same file as an input (the same path, a symbolic or a hard link).
     """
-    shown = os.fspath(out)
+    shown = as_path(out, "out")
     target = os.path.realpath(shown)
     for what, path in inputs:
         refuse_input(out, target, what, path)
@@ -281,7 +314,7 @@ class NpyWriter:
     """
 
     def __init__(self, path: PathLike, inputs: Iterable[tuple[str, str]] = ()) -> None:
-        self.shown = os.fspath(path)
+        self.shown = as_path(path, "out")
         self.path = check_output(path, inputs)
         self._tmp: str | None = None
         self._f: Any = None
@@ -325,6 +358,10 @@ class NpyWriter:
         elif self._scalar or arr.ndim == 0 or tuple(arr.shape[1:]) != self._rest:
             raise ValueError("per-sample losses of the batches do not stack along the first axis: "
                              f"{(() if self._scalar else ('N', *(self._rest or ())))} then {arr.shape}.")
+        else:
+            wide = np.result_type(self._dtype, arr.dtype).newbyteorder("=")
+            if wide != self._dtype:  # batches of several dtypes: their concatenation's, as in memory
+                self._widen(wide)
         arr = np.ascontiguousarray(arr, dtype=self._dtype)
         if arr.size:
             self._f.write(arr.data)
@@ -346,7 +383,7 @@ class NpyWriter:
                 self._f.seek(0)
                 self._f.write(head)
             else:  # a NumPy without room for growth in its headers: copy behind a new header
-                self._rewrite(head)
+                self._rewrite(head, self._dtype)
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
@@ -363,8 +400,19 @@ class NpyWriter:
         _fsync_directory(os.path.dirname(self.path))
         return self.path
 
-    def _rewrite(self, head: bytes) -> None:
-        assert self._tmp is not None
+    def _widen(self, dtype: np.dtype[Any]) -> None:
+        """Convert what is written so far to ``dtype`` (a later batch of a wider dtype)."""
+        head = _header(dtype, (0, *(self._rest or ())))
+        self._rewrite(head, dtype)
+        self._dtype, self._header_len = dtype, len(head)
+
+    def _rewrite(self, head: bytes, dtype: np.dtype[Any]) -> None:
+        """Copy the data written so far behind ``head`` into a new temporary file, converted
+        to ``dtype`` (from :attr:`_dtype`) if it differs."""
+        assert self._tmp is not None and self._dtype is not None
+        old_dtype = self._dtype
+        row_items = int(np.prod(self._rest or (), dtype=np.int64))
+        chunk_rows = max(1, 2**20 // max(row_items * old_dtype.itemsize, 1))
         directory, base = os.path.split(self.path)
         fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=directory)
         old, old_path = self._f, self._tmp
@@ -378,7 +426,15 @@ class NpyWriter:
         try:
             new.write(head)
             old.seek(self._header_len)
-            shutil.copyfileobj(old, new, 2**20)
+            if dtype == old_dtype:
+                shutil.copyfileobj(old, new, 2**20)
+            else:
+                left = self._rows * row_items
+                while left > 0:
+                    n = min(left, chunk_rows * row_items)
+                    chunk = np.frombuffer(old.read(n * old_dtype.itemsize), dtype=old_dtype)
+                    new.write(chunk.astype(dtype).tobytes())
+                    left -= n
         finally:
             old.close()
             with contextlib.suppress(OSError):  # ... and this removes the old one

@@ -28,7 +28,7 @@ from ._accumulate import (
     safe_divide,
 )
 from ._metric_base import DivergenceMetric
-from ._namespace import array_namespace, device_scope, get_device, numpy_result
+from ._namespace import array_namespace, device_scope, dtype_name, get_device, numpy_result
 from ._npyio import NpyWriter, PathLike, backing_file, check_output, refuse_input, to_host
 from ._progress import progress_bar
 from ._reduction import Reduction
@@ -72,6 +72,18 @@ def _concat(parts: list[Any]) -> Any:
         return xp.concat(parts, axis=0)
 
 
+def _promoted(xp: Any, a: Any, b: Any) -> Any:
+    """The floating dtype of ``a`` and ``b`` together (float32 and float64 give float64)."""
+    if a == b:
+        return a
+    result_type = getattr(xp, "result_type", None)  # (TensorFlow's shim has none)
+    if result_type is not None:
+        with contextlib.suppress(Exception):
+            return result_type(a, b)
+    names = {dtype_name(a), dtype_name(b)}
+    return xp.float64 if "float64" in names else xp.float32
+
+
 class _Accumulator:
     """Running sum(w * loss), number of per-sample losses and sum(w), in one library/device."""
 
@@ -89,6 +101,8 @@ class _Accumulator:
             self.out_dtype = sums.out_dtype
         else:
             check_same_place(self.total.value, total, what="a batch", owner="evaluate_batches")
+            # batches of several dtypes: the dtype of their concatenation (the loss class')
+            self.out_dtype = _promoted(xp, self.out_dtype, sums.out_dtype)
             self.total.add(total)
             self.n.add(n if hasattr(n, "shape") else xp.zeros_like(total) + n)
         if w is not None:
@@ -109,6 +123,17 @@ class _Accumulator:
         else:  # auto, sum_over_batch_size, mean: divide by the number of per-sample losses
             out = safe_divide(xp, total, self.n.total())
         return out if out.dtype == self.out_dtype else xp.astype(out, self.out_dtype)
+
+
+def _iterable(value: Any, name: str) -> Iterator[Any]:
+    """``iter(value)``, or a ``TypeError`` naming the argument."""
+    try:
+        return iter(value)
+    except TypeError:
+        hint = (f"; for the same weight in every batch pass itertools.repeat({value!r})"
+                if name == "sample_weight_batches" and isinstance(value, (int, float)) else "")
+        raise TypeError(f"{name} must be an iterable of batches (a list, a generator, ...), got "
+                        f"{type(value).__name__}{hint}.") from None
 
 
 def _zip_batches(
@@ -328,9 +353,14 @@ def evaluate_batches(
         metric=metric, reduction=reduction, out=out, progress=progress, rows=("total_rows", total_rows, 0))
     if out is not None:
         check_output(out)
+    if convert is not None and not callable(convert):
+        raise TypeError(f"convert must be a callable (applied to every array), got {type(convert).__name__}.")
+    streams = (_iterable(y_true_batches, "y_true_batches"), _iterable(y_pred_batches, "y_pred_batches"),
+               None if sample_weight_batches is None
+               else _iterable(sample_weight_batches, "sample_weight_batches"))
 
     def converted() -> Iterator[tuple[Any, Any, Any]]:
-        for yt, yp, sw in _zip_batches(y_true_batches, y_pred_batches, sample_weight_batches):
+        for yt, yp, sw in _zip_batches(*streams):
             if convert is not None:
                 yt, yp = convert(yt), convert(yp)
                 sw = convert(sw) if sw is not None and not isinstance(sw, (int, float)) else sw

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ._accumulate import qualified
 from ._convert import as_pred_array
 from ._metric_base import DivergenceMetric
+from ._metric_restore import public_name
 from ._namespace import array_namespace, is_array
-from ._npyio import DataFileError, PathLike, Source
+from ._npyio import DataFileError, PathLike, Source, as_path
 from ._progress import check_progress
 from ._reduction import Reduction, validate_reduction
 from ._spaces import shape_str
@@ -68,9 +68,10 @@ def _resolve_metric(
     if metric is True:
         return KLDivergence()
     if not isinstance(metric, DivergenceMetric):
+        hint = " (a class: pass an instance, e.g. KLDivergence())" if isinstance(metric, type) else ""
         raise TypeError(
             "metric must be True or a divergence metric of kldiv.metrics (KLDivergence, "
-            f"ReverseKLDivergence, JensenShannonDivergence), got {qualified(type(metric))}."
+            f"ReverseKLDivergence, JensenShannonDivergence), got {public_name(type(metric))}{hint}."
         )
     return metric
 
@@ -91,8 +92,10 @@ def check_options(
     """
     the_metric = _resolve_metric(metric, reduction)
     red = validate_reduction(reduction) if the_metric is None else Reduction.AUTO
-    if out is not None and red != Reduction.NONE:
-        raise ValueError("out= is for reduction='none' (the per-sample losses).")
+    if out is not None:
+        as_path(out, "out")  # a TypeError naming out, before anything else about it
+        if red != Reduction.NONE:
+            raise ValueError("out= is for reduction='none' (the per-sample losses).")
     name, value, minimum = rows
     count = None if value is None else check_count(value, name, minimum=minimum)
     return the_metric, red, count, check_progress(progress)

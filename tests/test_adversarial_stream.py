@@ -1,0 +1,310 @@
+"""Hostile inputs to the stateful metrics, streaming over batches and files, and the CLI.
+
+Each test is a regression test of a defect found by probing the public API with unusual
+input: state corrupted by a failed call, an autograd graph kept in the state, a silent dtype
+change, a backend's ``TypeError`` that does not name the argument, an output file of the
+wrong dtype, warnings that break the CLI's one-line stderr. Values are checked against a
+float64 oracle written from the definition (``conftest.oracle``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kldiv
+from conftest import ArrayBackend, Backend, oracle
+from kldiv import _cli
+from kldiv.metrics import JensenShannonDivergence, KLDivergence, ReverseKLDivergence
+
+YT = np.array([[0, 1], [0, 0]], dtype=np.float32)
+YP = np.array([[0.6, 0.4], [0.4, 0.6]], dtype=np.float32)
+
+
+def _float(x: Any) -> float:
+    x = x.compute() if hasattr(x, "compute") else x
+    return float(np.asarray(x.cpu() if hasattr(x, "cpu") else x))
+
+
+def _other_library(backend: ArrayBackend) -> Any:
+    """An array of another library than ``backend``'s (NumPy, or array-api-strict on NumPy)."""
+    if backend.member is Backend.NUMPY:
+        xps = pytest.importorskip("array_api_strict")
+        return lambda a: xps.asarray(a)
+    return np.asarray
+
+
+# --------------------------------------------------------------------------------------
+# The metric's state
+# --------------------------------------------------------------------------------------
+
+
+def test_merge_state_that_fails_changes_nothing(backend: ArrayBackend) -> None:
+    """merge_state(b, c) where c holds another library's state raised only after b had been
+    added: the metric was left holding a state that no call ever produced."""
+    a, b, c = KLDivergence(), KLDivergence(), KLDivergence()
+    a.update_state(backend.asarray(YT), backend.asarray(YP), sample_weight=[1, 0])
+    b.update_state(backend.asarray(YT), backend.asarray(YP))
+    other = _other_library(backend)
+    c.update_state(other(YT), other(YP))
+    before = _float(a.result())
+    with pytest.raises(TypeError, match="merge_state"):
+        a.merge_state(b, c)
+    assert _float(a.result()) == before
+    assert _float(a.running_total()) == pytest.approx(oracle(YT, YP)[0], rel=1e-6)
+    # a metric without state takes none either
+    empty = KLDivergence()
+    with pytest.raises(TypeError, match="merge_state"):
+        empty.merge_state(b, c)
+    assert empty.library is None and empty.variables == []
+    # and the merge that can be done still gives the mean of both
+    a.merge_state(b)
+    expected = (oracle(YT, YP)[0] + oracle(YT, YP).sum()) / 3
+    assert _float(a.result()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_merge_state_with_itself_adds_its_state_once_per_argument() -> None:
+    a = KLDivergence()
+    a.update_state(YT, YP, sample_weight=[1, 0])
+    once = float(a.running_total())
+    a.merge_state(a, a)  # three times the same total and count (was four: a grew in between)
+    assert float(a.running_total()) == pytest.approx(3 * once, rel=1e-12)
+    assert float(a.result()) == pytest.approx(oracle(YT, YP)[0], rel=1e-6)
+
+
+def test_sample_weight_requiring_grad_keeps_no_graph_in_the_state() -> None:
+    """Inputs were detached but a torch sample_weight requiring grad was not: the state (and
+    every later result) held its autograd graph, against the documented behaviour."""
+    torch = pytest.importorskip("torch")
+    w = torch.tensor([1.0, 0.5], requires_grad=True)
+    m = KLDivergence()
+    m.update_state(torch.tensor(YT), torch.tensor(YP), sample_weight=w)
+    m.update_state(torch.tensor(YT), torch.tensor(YP, requires_grad=True), sample_weight=w)
+    assert all(not v.requires_grad and v.grad_fn is None for v in m.variables)
+    assert not m.result().requires_grad
+    expected = (oracle(YT, YP) * [1.0, 0.5]).sum() / 1.5
+    assert float(m.result()) == pytest.approx(expected, rel=1e-6)
+    # the streaming helpers accumulate the same way
+    total = kldiv.evaluate_batches([torch.tensor(YT)], [torch.tensor(YP)], [w], reduction="sum")
+    assert not total.requires_grad
+
+
+def test_metric_float16_result_dtype(backend: ArrayBackend) -> None:
+    """dtype="float16" gave a float32 result on Dask (whose dtypes are NumPy's, float16
+    included) while NumPy gave float16."""
+    m = KLDivergence(dtype="float16")
+    m.update_state(backend.asarray(YT), backend.asarray(YP))
+    out = m.result()
+    expected = np.float32 if backend.member is Backend.ARRAY_API_STRICT else np.float16  # no float16 there
+    assert backend.to_numpy(out).dtype == expected
+    assert _float(out) == pytest.approx(oracle(YT, YP).mean(), rel=1e-3)
+
+
+@pytest.mark.parametrize("policy", [{"config": 3}, {"config": ["float32"]}, {"config": None},
+                                    {"config": {"name": None}}, {"config": {"name": 16}}])
+def test_metric_dtype_malformed_policy_config(policy: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        KLDivergence(dtype=policy)
+
+
+@pytest.mark.parametrize("config", [None, [("name", "x")], "kl", 3])
+def test_from_config_of_a_non_dict(config: Any) -> None:
+    for cls in (KLDivergence, ReverseKLDivergence, JensenShannonDivergence):
+        with pytest.raises(TypeError, match=r"from_config takes a dict"):
+            cls.from_config(config)
+
+
+def test_from_config_fn_entry() -> None:
+    base = {"name": "m", "dtype": "float32"}
+    with pytest.raises(ValueError, match="names function"):
+        KLDivergence.from_config({**base, "fn": ["kl_divergence"]})  # was: unhashable type
+    with pytest.raises(ValueError, match="names function"):
+        KLDivergence.from_config({**base, "fn": "mean_squared_error"})
+    # Keras 2 names the function; the function object itself is accepted as well
+    assert KLDivergence.from_config({**base, "fn": kldiv.kl_divergence}).get_config() == base
+    assert KLDivergence.from_config({**base, "fn": "kl_divergence"}).get_config() == base
+    with pytest.raises(TypeError, match="Unknown"):
+        KLDivergence.from_config({**base, 1: 2, "x": 3})  # was: '<' not supported
+
+
+# --------------------------------------------------------------------------------------
+# evaluate_files / evaluate_batches: arguments
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def npy(tmp_path: Path) -> dict[str, Any]:
+    rng = np.random.default_rng(7)
+    t = rng.dirichlet(np.ones(4), 10).astype(np.float32)
+    p = rng.dirichlet(np.ones(4), 10).astype(np.float32)
+    np.save(tmp_path / "t.npy", t)
+    np.save(tmp_path / "p.npy", p)
+    return {"t": t, "p": p, "tp": str(tmp_path / "t.npy"), "pp": str(tmp_path / "p.npy"), "dir": tmp_path}
+
+
+@pytest.mark.parametrize("which", ["y_true", "y_pred"])
+def test_evaluate_files_none_input(npy: dict[str, Any], which: str) -> None:
+    args = [None, npy["pp"]] if which == "y_true" else [npy["tp"], None]
+    with pytest.raises(TypeError, match=f"{which} must be a .npy path or an array, not None"):
+        kldiv.evaluate_files(*args)
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "object", "U3", "datetime64[s]"])
+def test_evaluate_files_non_numeric_dtype_is_a_type_error(npy: dict[str, Any], dtype: str) -> None:
+    """A complex, string or object input is the TypeError the loss raises for it (and still a
+    DataFileError, as documented); an object .npy file was 'cannot be read' instead."""
+    bad = npy["p"].astype(dtype) if dtype != "datetime64[s]" else np.zeros((10, 4), dtype)
+    path = npy["dir"] / "bad.npy"
+    np.save(path, bad, allow_pickle=True)
+    for given in (bad, str(path)):
+        with pytest.raises(TypeError, match="y_pred") as info:
+            kldiv.evaluate_files(npy["t"], given)
+        assert isinstance(info.value, kldiv.DataFileError)
+        assert "complex" in str(info.value) or "not numeric" in str(info.value)
+    with pytest.raises(TypeError, match="sample_weight"):
+        kldiv.evaluate_files(npy["tp"], npy["pp"], sample_weight=bad[:, 0])
+
+
+def test_evaluate_files_bytes_paths(npy: dict[str, Any]) -> None:
+    got = kldiv.evaluate_files(os.fsencode(npy["tp"]), os.fsencode(npy["pp"]), batch_rows=3)
+    assert got == pytest.approx(oracle(npy["t"], npy["p"]).mean(), rel=1e-6)
+
+
+@pytest.mark.parametrize("out", [3, 2.5, ["x.npy"], object()])
+def test_out_that_is_not_a_path(npy: dict[str, Any], out: Any) -> None:
+    with pytest.raises(TypeError, match="out must be a path"):
+        kldiv.evaluate_files(npy["tp"], npy["pp"], reduction="none", out=out)
+    with pytest.raises(TypeError, match="out must be a path"):
+        kldiv.evaluate_batches([npy["t"]], [npy["p"]], reduction="none", out=out)
+
+
+def test_out_that_is_an_input_names_it_once(npy: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="same file as") as info:
+        kldiv.evaluate_files(npy["tp"], npy["pp"], reduction="none", out=npy["tp"])
+    assert str(info.value).count(npy["tp"]) == 2  # out=... and the input, not three times
+    assert "y_true file" in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("y_true_batches", (None, [YP])),
+    ("y_pred_batches", ([YT], 3)),
+    ("sample_weight_batches", ([YT], [YP], 2.0)),
+])
+def test_evaluate_batches_not_iterable(name: str, args: tuple[Any, ...]) -> None:
+    with pytest.raises(TypeError, match=f"{name} must be an iterable"):
+        kldiv.evaluate_batches(*args)
+
+
+def test_evaluate_batches_convert_not_callable() -> None:
+    with pytest.raises(TypeError, match="convert must be a callable"):
+        kldiv.evaluate_batches([YT], [YP], convert=3)
+
+
+def test_metric_class_instead_of_instance() -> None:
+    with pytest.raises(TypeError, match="pass an instance"):
+        kldiv.evaluate_batches([YT], [YP], metric=KLDivergence)
+    with pytest.raises(TypeError, match=r"got kldiv\.metrics\.KLEstimator"):
+        kldiv.evaluate_batches([YT], [YP], metric=kldiv.metrics.KLEstimator())
+
+
+# --------------------------------------------------------------------------------------
+# Batches of several dtypes: the result is their concatenation's
+# --------------------------------------------------------------------------------------
+
+
+def test_batches_of_several_dtypes(backend: ArrayBackend, tmp_path: Path) -> None:
+    """The reduced result took the first batch's dtype (float32 data rounded a float64
+    batch's sum), the out= file too (float64 losses written as float32), while the
+    in-memory reduction="none" promoted: all three now follow the concatenation."""
+    if "float64" not in backend.float_dtypes:
+        pytest.skip(f"{backend.name}: no float64")
+    rng = np.random.default_rng(11)
+    t = rng.dirichlet(np.ones(3), 9)
+    p = rng.dirichlet(np.ones(3), 9)
+    tb = [backend.asarray(t[:4], "float32"), backend.asarray(t[4:], "float64")]
+    pb = [backend.asarray(p[:4], "float32"), backend.asarray(p[4:], "float64")]
+    per = np.concatenate([oracle(t[:4].astype(np.float32), p[:4].astype(np.float32)), oracle(t[4:], p[4:])])
+
+    total = kldiv.evaluate_batches(tb, pb, reduction="sum")
+    assert backend.to_numpy(total).dtype == np.float64
+    assert _float(total) == pytest.approx(per.sum(), rel=1e-7)
+
+    losses = kldiv.evaluate_batches(tb, pb, reduction="none")
+    assert backend.to_numpy(losses).dtype == np.float64
+    np.testing.assert_allclose(backend.to_numpy(losses), per, rtol=1e-6)
+
+    written = kldiv.evaluate_batches(tb, pb, reduction="none", out=tmp_path / "loss.npy")
+    assert written.dtype == np.float64
+    np.testing.assert_array_equal(np.asarray(written), backend.to_numpy(losses))
+    assert os.listdir(tmp_path) == ["loss.npy"]  # no temporary file left
+
+
+def test_out_file_widens_after_many_float32_rows(tmp_path: Path) -> None:
+    """Widening converts what was written so far (in chunks) and keeps every value."""
+    rng = np.random.default_rng(5)
+    first_t = rng.dirichlet(np.ones(2), 70_000).astype(np.float32)
+    first_p = rng.dirichlet(np.ones(2), 70_000).astype(np.float32)
+    last_t, last_p = rng.dirichlet(np.ones(2), 3), rng.dirichlet(np.ones(2), 3)
+    got = kldiv.evaluate_batches([first_t, last_t], [first_p, last_p], reduction="none",
+                                 out=tmp_path / "w.npy")
+    assert got.dtype == np.float64 and got.shape == (70_003,)
+    np.testing.assert_array_equal(got[:70_000], kldiv.kld(first_t, first_p).astype(np.float64))
+    np.testing.assert_allclose(got[70_000:], oracle(last_t, last_p), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------
+
+
+def test_cli_warnings_are_one_line_each(npy: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """An infinite sample weight made NumPy warn: the warning escaped as a two-line Python
+    warning on stderr (here, to pytest's warning capture instead of the command's stderr)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        status = _cli.compute_main([npy["tp"], npy["pp"], "--sample-weight", "inf"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out.strip() in ("inf", "nan")
+    assert err.strip(), "the warning is reported"
+    assert all(line.startswith("kldiv compute: warning: ") for line in err.strip().splitlines())
+
+
+def test_cli_warnings_on_real_stderr(npy: dict[str, Any]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "kldiv", "compute", npy["tp"], npy["pp"], "--sample-weight", "1e400"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": ""},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() in ("inf", "nan")
+    lines = proc.stderr.strip().splitlines()
+    assert lines and all(line.startswith("kldiv compute: warning: ") for line in lines), proc.stderr
+
+
+def test_cli_summary_of_a_single_loss(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.save(tmp_path / "t.npy", YT[1])
+    np.save(tmp_path / "p.npy", YP[1])
+    out_path = str(tmp_path / "o.npy")
+    status = _cli.compute_main([str(tmp_path / "t.npy"), str(tmp_path / "p.npy"), "--reduction", "none",
+                                "--output", out_path])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out.startswith("wrote 1 per-sample loss (float32")
+    assert float(np.load(out_path)) == pytest.approx(oracle(YT[1], YP[1]), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "object"])
+def test_cli_non_numeric_file_is_status_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], dtype: str) -> None:
+    np.save(tmp_path / "t.npy", YT)
+    np.save(tmp_path / "p.npy", YP.astype(dtype), allow_pickle=True)
+    status = _cli.compute_main([str(tmp_path / "t.npy"), str(tmp_path / "p.npy")])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    assert err.startswith("kldiv compute: error: y_pred file") and len(err.strip().splitlines()) == 1
