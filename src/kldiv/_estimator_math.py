@@ -59,7 +59,10 @@ def _validate_clamp(value: Any, what: str) -> float | None:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a positive number or None, got {type(value).__name__} {value!r}.")
-    bound = float(value)
+    try:
+        bound = float(value)
+    except OverflowError:  # an int beyond every float (10**400): not finite
+        bound = math.inf
     if not (math.isfinite(bound) and bound > 0):
         raise ValueError(f"{what} must be a positive, finite number or None, got {value!r}.")
     return bound
@@ -107,27 +110,87 @@ class Ops(NamedTuple):
 def ops_for(xp: ModuleType) -> Ops:
     """:class:`Ops` for namespace ``xp``: its adapter's ``estimator_ops`` (the libraries
     table), else the array API's functions with nothing to stop and no context."""
-    ops = library(xp).estimator_ops(xp)
+    lib = library(xp)
+    if lib.name == "torch":
+        # an import statement, which torch.compile traces, where the table's loader calls
+        # importlib, which it cannot: a compiled call before any eager one (fullgraph) broke
+        from .backends import torch_adapter
+
+        ops: tuple[Any, ...] | None = tuple(torch_adapter.estimator_ops(xp))
+    else:
+        ops = lib.estimator_ops(xp)
     if ops is not None:
         return Ops(*ops)
     return Ops(xp.where, xp.expm1, xp.isfinite, xp.isnan, None)
 
 
-_LOG_MAX: dict[str, float] = {}
+class _Limits(NamedTuple):
+    """What the estimators need to know of a compute dtype's range."""
+
+    largest: float  # its largest finite value
+    rounds_to_inf: float  # the smallest Python float it rounds to inf (max + half an ulp)
+    log_max: float  # k3 and its derivative are finite for x >= -log_max
+    k2_max: float  # k2 = d**2 / 2 is finite for |d| <= k2_max
 
 
-def _log_max(xp: ModuleType, dtype: Any) -> float:
-    """Slightly less than ``log(largest finite value of dtype)``: ``exp`` of anything up to
-    it is finite, so are k3 and its derivative."""
+_NO_LIMITS = _Limits(math.inf, math.inf, math.inf, math.inf)
+
+
+def _measure(dtype: Any) -> _Limits:
+    """float32's or float64's limits, measured with NumPy (once, at import: not in a
+    ``torch.compile`` trace, which cannot run NumPy's ``errstate``).
+
+    ``log_max`` and ``k2_max`` are the largest values of the dtype at which ``exp`` and
+    ``(d / 2) * d``, with 16 units in the last place to spare for the libraries' rounding,
+    stay finite: exact values that fit the dtype are returned finite, and nothing overflows
+    where the formula is evaluated (so neither does its derivative).
+    """
+    info = np.finfo(dtype)
+    one = dtype(1) + dtype(16) * info.eps
+    with np.errstate(over="ignore"):
+        log_max = np.log(info.max)
+        while not np.isfinite(np.exp(log_max) * one):
+            log_max = np.nextafter(log_max, dtype(0))
+        k2_max = np.sqrt(info.max) * np.sqrt(dtype(2))
+        while not np.isfinite((k2_max / 2) * k2_max * one):
+            k2_max = np.nextafter(k2_max, dtype(0))
+    largest = float(info.max)
+    half_ulp = float(np.spacing(np.nextafter(info.max, dtype(0)))) / 2  # the ulp at max
+    rounds_to_inf = largest + half_ulp if dtype is np.float32 else math.inf
+    return _Limits(largest, rounds_to_inf, float(log_max), float(k2_max))
+
+
+_KNOWN_LIMITS = {float(np.finfo(t).max): _measure(t) for t in (np.float32, np.float64)}
+_LIMITS: dict[str, _Limits] = {}
+
+
+def _limits(xp: ModuleType, dtype: Any) -> _Limits:
+    """The range of compute dtype ``dtype``: float32's or float64's; none (every bound
+    infinite) for a wider one, such as NumPy's longdouble, whose range Python floats do not
+    reach."""
     key = str(dtype)
-    value = _LOG_MAX.get(key)
-    if value is None:
+    limits = _LIMITS.get(key)
+    if limits is None:
         try:
             largest = float(xp.finfo(dtype).max)
         except Exception:  # TensorFlow's shim has no finfo; its dtypes know their range
             largest = float(getattr(dtype, "max", np.finfo(np.float32).max))
-        value = _LOG_MAX[key] = math.log(largest) - 1e-3
-    return value
+        limits = _LIMITS[key] = _KNOWN_LIMITS.get(largest, _NO_LIMITS)
+    return limits
+
+
+def _bound_in(xp: ModuleType, dtype: Any, bound: float | None) -> float | None:
+    """A clamp's bound as ``dtype`` holds it: ``None`` (no clamp) where it rounds to ``inf``,
+    the largest value where it rounds to that; the bound itself otherwise (the library rounds
+    it). A bound past the dtype's range clamps nothing; given as is, it was an error in torch
+    ("value cannot be converted to type float without overflow"), an overflow warning in
+    NumPy, JAX and array-api-strict."""
+    if bound is None:
+        return None
+    limits = _limits(xp, dtype)
+    if bound >= limits.rounds_to_inf:
+        return None
+    return min(bound, limits.largest)
 
 
 _COEFFICIENTS: dict[str, tuple[float, ...]] = {}
@@ -196,12 +259,18 @@ def _terms(ops: Ops, xp: ModuleType, x: Any, estimator: str) -> Any:
     """
     ok = ops.isfinite(x)
     if estimator == "k3":
-        ok = ok & (x > -_log_max(xp, x.dtype))
+        ok = ok & (x >= -_limits(xp, x.dtype).log_max)
+    elif estimator == "k2":
+        top = _limits(xp, x.dtype).k2_max
+        if math.isfinite(top):
+            ok = ok & (x <= top) & (x >= -top)
     safe = ops.where(ok, x, 0.0)
     if estimator == "k1":
         value = safe
     elif estimator == "k2":
-        value = 0.5 * (safe * safe)
+        # (d / 2) * d: one rounding, and finite up to sqrt(2 max), where d * d overflows
+        # at sqrt(max) already (halving is exact unless d is subnormal; then k2 is 0 anyway)
+        value = (0.5 * safe) * safe
     else:
         value = _k3_finite(ops, xp, safe)
     const = x if ops.stop_gradient is None else ops.stop_gradient(x)
@@ -211,26 +280,29 @@ def _terms(ops: Ops, xp: ModuleType, x: Any, estimator: str) -> Any:
 
 
 def _straight_through(ops: Ops, value: Any, d: Any) -> Any:
-    """``value``, with the gradient ``d`` (k2's) with respect to ``d``.
+    """``value``, with the derivatives of k2 (``d``, then 1) with respect to ``d``.
 
-    ``stop(value) + (s - stop(s)) * stop(s)`` with ``s = d`` where finite, else 0: the second
-    term is exactly 0 and its derivative is ``d``. (``k2 + stop(value - k2)``, verl's form,
-    turns ``inf - inf`` into NaN where k2 or the value overflows.)
+    ``stop(value) + (s - stop(s)) * (s / 2 + stop(s) / 2)`` with ``s = d`` where finite, else
+    0: the second term is exactly 0, its derivative is ``d`` and its second derivative 1, as
+    k2's, and nothing in it can overflow. (``k2 + stop(value - k2)``, verl's form, turns
+    ``inf - inf`` into NaN where k2 or the value overflows.)
     """
     stop = ops.stop_gradient
     assert stop is not None
     s = ops.where(ops.isfinite(d), d, 0.0)
-    return stop(value) + (s - stop(s)) * stop(s)
+    held = stop(s)
+    return stop(value) + (s - held) * (0.5 * s + 0.5 * held)
 
 
 def estimate_terms(xp: ModuleType, ops: Ops, d: Any, options: EstimatorOptions) -> Any:
     """Per-token estimates from log-ratios ``d`` (see :func:`log_ratio`), in ``d``'s dtype."""
     estimator, c, v, gradient = options
+    c, v = _bound_in(xp, d.dtype, c), _bound_in(xp, d.dtype, v)
     x = d if c is None else _clamp(ops, d, c)
     est = _terms(ops, xp, x, estimator)
     if v is not None:
         est = _clamp(ops, est, v)
-    plain_k2 = estimator == "k2" and c is None and v is None  # already k2's gradient
-    if gradient == "k2" and ops.stop_gradient is not None and not plain_k2:
+    # also for estimator="k2": its own gradient is 0 where its value overflows, k2's is d
+    if gradient == "k2" and ops.stop_gradient is not None:
         est = _straight_through(ops, est, d)
     return est

@@ -1,0 +1,210 @@
+"""Hostile inputs for the sampled-token KL estimators (``kl_estimate``, the ``KLEstimator``
+loss and metric): the edges of each dtype's range, clamps outside it, bad options.
+
+Oracles: the estimators from their definitions in 60-digit decimals (rounded to float64,
+then to the dtype under test where they fit), and the analytic derivatives.
+"""
+
+from __future__ import annotations
+
+import decimal
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kldiv
+from conftest import ArrayBackend
+from kldiv.metrics import KLEstimator as MetricKLEstimator
+
+
+def _exact(d: float, estimator: str) -> float:
+    """The estimator at finite ``d``, from its definition in 60-digit decimals, as a float64
+    (``inf`` where it exceeds float64's range)."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        x = decimal.Decimal(d)
+        if estimator == "k1":
+            value = x
+        elif estimator == "k2":
+            value = x * x / 2
+        else:
+            value = (-x).exp() + x - 1
+        return float(value) if value < decimal.Decimal("1.7976931348623157e308") else math.inf
+
+
+def _in_dtype(values: list[float], dtype: str) -> np.ndarray:
+    """Exact float64 values rounded to ``dtype`` (``inf`` where they do not fit)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(values, dtype=np.float64).astype(dtype)
+
+
+def _grad_of(b: ArrayBackend, lp: np.ndarray, dtype: str, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, d(sum of values)/d logprob)`` at ``logprob = lp``, ``ref_logprob = 0``."""
+    if b.name.startswith("torch"):
+        torch = b.module
+        a = torch.tensor(lp, device=b.device, dtype=b.dtype(dtype), requires_grad=True)
+        out = kldiv.kl_estimate(a, torch.zeros_like(a), **kw)
+        out.sum().backward()
+        return out.detach().cpu().double().numpy(), a.grad.cpu().double().numpy()
+    import jax
+
+    jnp = b.module
+    a = b.asarray(lp, dtype=dtype)
+
+    def total(x: Any) -> Any:
+        return kldiv.kl_estimate(x, jnp.zeros_like(x), **kw).sum()
+
+    out = kldiv.kl_estimate(a, jnp.zeros_like(a), **kw)
+    return np.asarray(out, dtype=np.float64), np.asarray(jax.grad(total)(a), dtype=np.float64)
+
+
+# ---- the edges of the dtype's range --------------------------------------------------------
+
+# log-ratios next to where k2 = d**2 / 2 and k3 = exp(-d) + d - 1 leave each dtype's range
+# (float32: sqrt(2 * max) = 2.6087e19 and -log(max) = -88.72284; float64: 1.8961e154 and
+# -709.78271): the exact value fits on the first rows, not on the last one
+EDGES = {
+    ("k2", "float32"): ([2.0e19, -2.5e19, 2.6e19, 2.6087e19], [2.6089e19, -3e19]),
+    ("k2", "float64"): ([1.4e154, -1.8e154, 1.896e154], [1.8962e154, -2e154]),
+    ("k3", "float32"): ([-88.7220, -88.7225, -88.72279], [-88.7229, -89.0]),
+    ("k3", "float64"): ([-709.782, -709.7827], [-709.7828, -710.0]),
+}
+
+
+@pytest.mark.parametrize(("estimator", "dtype"), sorted(EDGES))
+def test_values_are_finite_wherever_the_exact_value_fits(backend: ArrayBackend, estimator: str, dtype: str) -> None:
+    # k2 was computed as 0.5 * (d * d): d * d overflows at sqrt(max) (1.84e19 in float32),
+    # a factor sqrt(2) before the value does; k3 gave inf for d in (-log(max), -log(max) +
+    # 1e-3), where exp(-d) still fits: finite, representable answers returned as inf
+    if dtype not in backend.float_dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    fits, beyond = EDGES[estimator, dtype]
+    lp = np.array(fits + beyond, dtype=np.float64).astype(dtype)
+    want = _in_dtype([_exact(float(x), estimator) for x in lp], dtype)
+    assert np.isfinite(want[: len(fits)]).all() and np.isinf(want[len(fits):]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # an expected overflow is no warning
+        out = kldiv.kl_estimate(backend.asarray(lp), backend.asarray(np.zeros_like(lp)), estimator=estimator)
+    got = backend.to_numpy(out)
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(got, want, rtol=4 * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+@pytest.mark.parametrize("gradient", ["same", "k2"])
+def test_gradients_at_the_edges_of_the_range(diff_backend: ArrayBackend, estimator: str, gradient: str) -> None:
+    # where the value fits, its gradient is the analytic one; where it is +inf the gradient is
+    # 0 with gradient="same" (docs: "the gradient is 0") and d itself with gradient="k2"
+    # (k2's gradient whatever the estimator, also for estimator="k2")
+    fits, beyond = EDGES[estimator, "float32"]
+    lp = np.array(fits + beyond, dtype=np.float32)
+    out, grad = _grad_of(diff_backend, lp, "float32", estimator=estimator, gradient=gradient)
+    d = lp.astype(np.float64)
+    n = len(fits)
+    assert np.isfinite(out[:n]).all() and (out[n:] == np.inf).all()
+    if gradient == "k2":
+        np.testing.assert_allclose(grad, d, rtol=1e-6)
+        return
+    with np.errstate(over="ignore"):
+        want = d if estimator == "k2" else -np.expm1(-d)
+    np.testing.assert_allclose(grad[:n], want[:n], rtol=1e-4)
+    np.testing.assert_array_equal(grad[n:], 0.0)
+
+
+# ---- clamps ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_clamps_larger_than_the_dtype_range_change_nothing(backend: ArrayBackend, dtype: str) -> None:
+    # a clamp of 1e300 on float32 inputs: torch raised "value cannot be converted to type
+    # float without overflow", NumPy, JAX and array-api-strict warned about an overflow. The
+    # bound rounds to inf in the compute dtype: nothing is clamped
+    if dtype not in backend.float_dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    lp = np.array([-1.0, 5.0, -30.0, -1e4, np.inf, -np.inf], dtype=dtype)
+    ref = np.zeros_like(lp)
+    for estimator in ("k1", "k2", "k3"):
+        plain = backend.to_numpy(kldiv.kl_estimate(backend.asarray(lp), backend.asarray(ref), estimator=estimator))
+        with warnings.catch_warnings():
+            if dtype == "float32":  # float16: rounding back an overflowed value may warn
+                warnings.simplefilter("error", RuntimeWarning)
+            big = 10**300  # a Python int, as the other bound is a float
+            clamped = kldiv.kl_estimate(backend.asarray(lp), backend.asarray(ref), estimator=estimator,
+                                        log_ratio_clamp=big, value_clamp=1e300)
+            loss = kldiv.KLEstimator(estimator, log_ratio_clamp=1e300, value_clamp=big, reduction="none")
+            metric = MetricKLEstimator(estimator, log_ratio_clamp=1e300, value_clamp=1e300)
+            per_token = loss(backend.asarray(lp[:3]), backend.asarray(ref[:3]))
+            metric.update_state(backend.asarray(lp[:3]), backend.asarray(ref[:3]))
+        np.testing.assert_array_equal(backend.to_numpy(clamped), plain)
+        np.testing.assert_array_equal(backend.to_numpy(per_token), plain[:3])
+        # the metric averages the float32 estimates (float16 ones would overflow)
+        mean = np.mean(kldiv.kl_estimate(lp[:3].astype(np.float32), ref[:3].astype(np.float32),
+                                         estimator=estimator).astype(np.float64))
+        assert float(np.asarray(backend.to_numpy(metric.result()))) == pytest.approx(mean, rel=1e-3)
+
+
+def test_clamps_larger_than_the_dtype_range_keep_gradients(diff_backend: ArrayBackend) -> None:
+    lp = np.array([-1.0, 5.0, -30.0], dtype=np.float32)
+    plain, g_plain = _grad_of(diff_backend, lp, "float32", estimator="k3")
+    out, grad = _grad_of(diff_backend, lp, "float32", estimator="k3", log_ratio_clamp=1e300, value_clamp=1e300)
+    np.testing.assert_array_equal(out, plain)
+    np.testing.assert_array_equal(grad, g_plain)
+
+
+def test_clamps_too_large_for_a_float_are_a_value_error() -> None:
+    # 10**400 is a Python int no float holds: float() raised OverflowError
+    lp, ref = np.array([-1.0], np.float32), np.array([0.0], np.float32)
+    for name in ("log_ratio_clamp", "value_clamp"):
+        with pytest.raises(ValueError, match=name):
+            kldiv.kl_estimate(lp, ref, **{name: 10**400})
+        with pytest.raises(ValueError, match=name):
+            kldiv.KLEstimator(**{name: 10**400})
+        with pytest.raises(ValueError, match=name):
+            MetricKLEstimator(**{name: 10**400})
+
+
+def test_clamp_bounds_round_to_the_dtype_as_an_array_would(backend: ArrayBackend) -> None:
+    # 3.40282350e38 is above float32's largest value but rounds to it; 3.5e38 rounds to inf
+    lp = np.array([np.inf, -np.inf, 1.0], dtype=np.float32)
+    ref = np.zeros_like(lp)
+    top = float(np.finfo(np.float32).max)
+    out = kldiv.kl_estimate(backend.asarray(lp), backend.asarray(ref), estimator="k1", value_clamp=3.4028235e38)
+    np.testing.assert_array_equal(backend.to_numpy(out), np.array([top, -top, 1.0], dtype=np.float32))
+    out = kldiv.kl_estimate(backend.asarray(lp), backend.asarray(ref), estimator="k1", value_clamp=3.5e38)
+    np.testing.assert_array_equal(backend.to_numpy(out), lp)
+
+
+_COMPILED_FIRST = """
+import numpy as np, torch, kldiv
+lp = torch.tensor([-0.3, -1.2, -2.0, -0.7], dtype=torch.float64)
+ref = torch.tensor([-0.5, -1.0, -2.5, -0.7], dtype=torch.float64)
+mask = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+loss = kldiv.KLEstimator("k3", gradient="k2", log_ratio_clamp=20.0, value_clamp=10.0)
+a = lp.clone().requires_grad_(True)
+out = torch.compile(lambda x, r, w: loss(x, r, sample_weight=w), backend="aot_eager", fullgraph=True)(a, ref, mask)
+out.backward()
+per_token = torch.compile(lambda x, r: kldiv.kl_estimate(x, r, estimator="k2"), backend="aot_eager",
+                          fullgraph=True)(lp, ref)
+d = (lp - ref).numpy()
+k3 = np.exp(-d) + d - 1
+assert abs(float(out) - (k3 * mask.numpy()).sum() / 3) < 1e-14, float(out)
+np.testing.assert_allclose(a.grad.numpy(), d * mask.numpy() / 3, rtol=1e-14)
+np.testing.assert_allclose(per_token.numpy(), d * d / 2, rtol=1e-14)
+print("ok")
+"""
+
+
+def test_torch_compile_fullgraph_as_the_first_call() -> None:
+    # the first call of the process compiled (fullgraph): the library table imported torch's
+    # adapter with importlib, which dynamo cannot trace (passed only after an eager call)
+    pytest.importorskip("torch")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KLDIV_NO_COMPILE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILED_FIRST], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
