@@ -308,3 +308,40 @@ def test_cli_non_numeric_file_is_status_2(tmp_path: Path, capsys: pytest.Capture
     out, err = capsys.readouterr()
     assert status == 2 and out == ""
     assert err.startswith("kldiv compute: error: y_pred file") and len(err.strip().splitlines()) == 1
+
+
+def test_shape_error_says_which_rows_it_checked(npy: dict[str, Any]) -> None:
+    """The message named the shapes of the 2-row stand-ins the shapes are checked on, (2, 4)
+    and (2, 5), next to the files' (10, 4) and (10, 5), without saying what they were."""
+    np.save(npy["dir"] / "p5.npy", np.full((10, 5), 0.2, np.float32))
+    with pytest.raises(kldiv.DataFileError) as info:
+        kldiv.evaluate_files(npy["tp"], str(npy["dir"] / "p5.npy"))
+    message = str(info.value)
+    assert "y_true (10, 4), y_pred (10, 5)" in message
+    assert "on their first 2 rows: y_true of shape (2, 4)" in message
+    with pytest.raises(kldiv.DataFileError, match=r"first 2 rows: .* per-sample loss of shape \(2,\)"):
+        kldiv.evaluate_files(npy["tp"], npy["pp"], sample_weight=np.ones((10, 4)))
+
+
+@pytest.mark.parametrize("weights", [
+    [None, 2.0], [1.0, None], [None, np.full(3, 2.0)], [np.ones(3), None], [None, None], [1.0, 2.0],
+])
+def test_mean_with_sample_weight_when_some_batches_have_no_weight(
+        backend: ArrayBackend, weights: list[Any]) -> None:
+    """A batch without weights weighs 1 per sample, as in the loss class; its samples were
+    counted in the numerator but not in sum(w) (a mean off by the unweighted batches)."""
+    rng = np.random.default_rng(2)
+    t = rng.dirichlet(np.ones(3), 6).astype(np.float32)
+    p = rng.dirichlet(np.ones(3), 6).astype(np.float32)
+    full = np.concatenate([np.broadcast_to(np.float32(1.0) if w is None else np.asarray(w, np.float32), (3,))
+                           for w in weights])
+    expected = (oracle(t, p) * full).sum() / full.sum()
+    sw = [None if w is None else (w if isinstance(w, float) else backend.asarray(w, "float32"))
+          for w in weights]
+    got = kldiv.evaluate_batches([backend.asarray(t[:3]), backend.asarray(t[3:])],
+                                 [backend.asarray(p[:3]), backend.asarray(p[3:])], sw,
+                                 reduction="mean_with_sample_weight")
+    assert _float(got) == pytest.approx(expected, rel=1e-6)
+    metric = kldiv.evaluate_batches([backend.asarray(t[:3]), backend.asarray(t[3:])],
+                                    [backend.asarray(p[:3]), backend.asarray(p[3:])], sw, metric=True)
+    assert _float(metric) == pytest.approx(expected, rel=1e-6)

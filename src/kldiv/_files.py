@@ -134,13 +134,15 @@ def evaluate_files(
     ------
     DataFileError
         (a ``ValueError``, also ``kldiv.DataFileError``) If a file is missing, not a
-        ``.npy`` array, not real numeric, or the shapes do not fit.
+        ``.npy`` array, not real numeric, or the shapes do not fit. An input (file or array)
+        of a complex, string, object or other non-numeric dtype raises a ``DataFileError``
+        that is also a ``TypeError``, as the loss class raises for such arrays.
     ValueError
         If an option is invalid, or ``out`` is an input (or a link to one), a directory,
         not a regular file, or in a missing or unwritable directory.
     TypeError
-        If ``batch_rows`` is not an integer (a bool, a float), or an input is not an array
-        (or a masked array, whose mask would be lost).
+        If ``batch_rows`` is not an integer (a bool, a float), an input is ``None`` or not
+        an array (or a masked array, whose mask would be lost), or ``out`` is not a path.
     ImportError
         If ``backend`` is not installed.
     RuntimeError

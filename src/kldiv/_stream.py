@@ -95,9 +95,12 @@ class _Accumulator:
 
     def add(self, sums: BatchSums) -> None:
         xp, total, n = sums.xp, sums.weighted_sum, sums.n
-        w = sums.weight_sum
-        if self.total is None or self.n is None:
+        # a batch without weights weighs 1 per sample: sum(w) over every batch is then the
+        # denominator of "mean_with_sample_weight" also when only some batches have weights
+        w = n if sums.weight_sum is None else sums.weight_sum
+        if self.total is None or self.n is None or self.wsum is None:
             self.total, self.n = running_sums(total, n, xp)
+            self.wsum = running_sums(total, w, xp)[1]
             self.out_dtype = sums.out_dtype
         else:
             check_same_place(self.total.value, total, what="a batch", owner="evaluate_batches")
@@ -105,11 +108,7 @@ class _Accumulator:
             self.out_dtype = _promoted(xp, self.out_dtype, sums.out_dtype)
             self.total.add(total)
             self.n.add(n if hasattr(n, "shape") else xp.zeros_like(total) + n)
-        if w is not None:
-            if self.wsum is None:
-                self.wsum = RunningSum(w, total.dtype != xp.float64)
-            else:
-                self.wsum.add(w)
+            self.wsum.add(w if hasattr(w, "shape") else xp.zeros_like(total) + w)
 
     def result(self, reduction: str) -> Any:
         if self.total is None or self.n is None:
@@ -118,7 +117,7 @@ class _Accumulator:
         xp = array_namespace(total)
         if reduction == Reduction.SUM:
             out = total
-        elif reduction == Reduction.MEAN_WITH_SAMPLE_WEIGHT and self.wsum is not None:
+        elif reduction == Reduction.MEAN_WITH_SAMPLE_WEIGHT and self.wsum is not None:  # sum(w)
             out = safe_divide(xp, total, self.wsum.total())
         else:  # auto, sum_over_batch_size, mean: divide by the number of per-sample losses
             out = safe_divide(xp, total, self.n.total())
@@ -285,7 +284,8 @@ def evaluate_batches(
         length. The loss class' rank rule applies to each batch: a ``y_true`` of one more
         axis, of size 1, than ``y_pred`` (or the other way round) has that axis squeezed.
     sample_weight_batches : iterable of array_like or float, optional
-        One sample weight per batch (Keras 2 rules, as for the loss class).
+        One sample weight per batch (Keras 2 rules, as for the loss class); ``None`` for a
+        batch weighs each of its samples 1.
     reduction : str or None, default "auto"
         ``"auto"`` / ``"sum_over_batch_size"`` / ``"mean"``: the weighted sum over all
         batches divided by the number of per-sample losses; ``"sum"``; ``"mean_with_sample_weight"``;
@@ -313,7 +313,9 @@ def evaluate_batches(
     -------
     scalar or array
         A reduced result (every reduction but ``"none"``, and ``metric``) in ``y_pred``'s
-        floating dtype (the metric's dtype with ``metric``): on NumPy a NumPy scalar
+        floating dtype (the metric's dtype with ``metric``; batches of several dtypes give
+        the dtype of their concatenation, as do the per-sample losses, also in ``out``):
+        on NumPy a NumPy scalar
         (``np.float32`` for float32 batches, ``np.float32(0.0)`` when there is no batch at
         all), elsewhere a 0-d array of the batches' library on their device (lazy for Dask).
         With ``reduction="none"``, the per-sample losses: an array of the batches' library
@@ -329,6 +331,10 @@ def evaluate_batches(
         a batch is memory-mapped from (also through a link).
     TypeError, ValueError
         If batches come from different libraries (``TypeError``) or devices (``ValueError``).
+    TypeError
+        If an argument that must be iterable is not (``sample_weight_batches`` is one weight
+        per batch: ``itertools.repeat(w)`` repeats one), ``convert`` is not callable, or
+        ``out`` is not a path.
 
 {notes}
     Examples

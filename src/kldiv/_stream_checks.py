@@ -216,4 +216,8 @@ def check_shapes(sources: list[Source], weight: Source | None, scalar_weight: An
         _Loss(reduction=Reduction.NONE)(t, p, sample_weight=w)
     except (ValueError, TypeError) as exc:
         desc = ", ".join(f"{s.label} {shape_str(s.shape)}" for s in [*sources, *([weight] if weight else [])])
-        raise DataFileError(f"shapes do not fit ({desc}): {exc}") from None
+        # the loss class' message names the shapes of the stand-ins: say which rows they are
+        rows = [a.shape[0] for a, s, sl in zip((t, p, w), [*sources, weight], layout.sliced, strict=False)
+                if sl and s is not None and s.shape and a.shape[0] != s.shape[0]]
+        where = f"; on their first {rows[0]} rows: " if rows else ": "
+        raise DataFileError(f"shapes do not fit ({desc}){where}{exc}") from None
