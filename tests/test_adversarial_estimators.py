@@ -208,3 +208,41 @@ def test_torch_compile_fullgraph_as_the_first_call() -> None:
     proc = subprocess.run([sys.executable, "-c", _COMPILED_FIRST], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_half_precision_overflow_is_inf_without_a_warning() -> None:
+    # documented: a value too large for float16 is inf after the rounding back; NumPy's cast
+    # warned "overflow encountered in cast" (an error under -W error)
+    lp = np.array([-30.0, -1.0], dtype=np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = kldiv.kl_estimate(lp, np.zeros_like(lp))
+    assert out.dtype == np.float16
+    np.testing.assert_array_equal(out, np.array([np.inf, math.e - 2], dtype=np.float16))
+
+
+def test_straight_through_keeps_k2s_second_derivative(diff_backend: ArrayBackend) -> None:
+    # gradient="k2" is k2's gradient d, whose derivative is 1: estimator="k2" had it (a
+    # shortcut skipped the straight-through), k1 and k3 had 0 (the straight-through's
+    # (s - stop(s)) * stop(s) is linear in s); now every estimator has k2's 1
+    lp = np.array([-0.3, 2.0, -5.0])
+    for estimator in ("k1", "k2", "k3"):
+        kw = dict(estimator=estimator, gradient="k2")
+        if diff_backend.name.startswith("torch"):
+            torch = diff_backend.module
+            a = torch.tensor(lp, device=diff_backend.device, requires_grad=True)
+            (g,) = torch.autograd.grad(kldiv.kl_estimate(a, torch.zeros_like(a), **kw).sum(), a, create_graph=True)
+            (h,) = torch.autograd.grad(g.sum(), a)
+            grad, second = g.detach().cpu().numpy(), h.cpu().numpy()
+        else:
+            import jax
+
+            jnp = diff_backend.module
+
+            def total(x: Any, kw: dict[str, str] = kw, jnp: Any = jnp) -> Any:
+                return kldiv.kl_estimate(x, jnp.zeros_like(x), **kw).sum()
+
+            a = diff_backend.asarray(lp)
+            grad, second = np.asarray(jax.grad(total)(a)), np.diag(np.asarray(jax.hessian(total)(a)))
+        np.testing.assert_allclose(grad, lp, rtol=1e-15)
+        np.testing.assert_array_equal(second, 1.0)

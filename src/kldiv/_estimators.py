@@ -197,8 +197,10 @@ def kl_estimate(
     -----
     Equal inputs give 0, also where both are ``-inf``. NaN propagates. Values and gradients
     are never NaN for non-NaN inputs, and the gradients are finite: where ``d`` is infinite
-    (an input was) or k3 overflows (``d < -88.72`` in float32, ``-709.78`` in float64), the
-    estimate is its limit (k1: ``±inf``, k2 and k3: ``+inf``) and its gradient 0. A finite
+    (an input was), k3 overflows (``d < -88.72`` in float32, ``-709.78`` in float64) or k2
+    does (``|d| > 2.6e19`` in float32), the estimate is its limit (k1: ``±inf``, k2 and k3:
+    ``+inf``) and its gradient 0 (``d`` with ``gradient="k2"``). A clamp larger than the
+    compute dtype's largest value clamps nothing. A finite
     value that does not fit the input dtype (k3 above 65504 in float16: ``d < -11.09``) is
     ``inf`` after the rounding back, as is a gradient too large for it. ``log_ratio_clamp=20,
     value_clamp=10`` (verl's k3) keeps every value and gradient finite. The gradient with
@@ -226,4 +228,10 @@ def kl_estimate(
     else:
         with scope:  # TensorFlow, eagerly: on logprob's device
             out, _ = compute_estimate(inputs, options)
-    return numpy_result(out if out.dtype == inputs.out_dtype else xp.astype(out, inputs.out_dtype))
+    if out.dtype != inputs.out_dtype:
+        if isinstance(out, np.ndarray):
+            with np.errstate(over="ignore"):  # a value too large for float16 is inf (documented)
+                out = out.astype(inputs.out_dtype)
+        else:
+            out = xp.astype(out, inputs.out_dtype)
+    return numpy_result(out)
