@@ -111,10 +111,11 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[
             raise ValueError
     except ValueError:
         ruled = "" if tuple(w.shape) == given else (
-            f" (as {shape_str(tuple(w.shape))} after Keras 2's rank rules)")
+            f" (given as {shape_str(given)}; Keras 2's rank rules made it "
+            f"{shape_str(tuple(w.shape))})")
         raise ValueError(
-            f"sample_weight of shape {shape_str(given)}{ruled} does not broadcast to the "
-            f"per-sample loss of shape {shape_str(loss_shape)}."
+            f"sample_weight of shape {shape_str(tuple(w.shape))} does not broadcast to the "
+            f"per-sample loss of shape {shape_str(loss_shape)}{ruled}."
         ) from None
     return loss * w, w
 
