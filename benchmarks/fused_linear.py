@@ -12,6 +12,9 @@ its own weight, reduced to the mean over tokens):
   (gradients computed in the forward pass);
 - ``kldiv-recompute``: the same with the backward recomputing every chunk instead
   (``torch_fused.GRAD_MODE = "recompute"``): the measurement behind the default;
+- ``kldiv-chunks`` / ``kldiv-slabs``: ``kldiv`` with the weight gradient accumulated over
+  token chunks or formed by vocabulary slabs (``torch_fused_chunks.WEIGHT_GRAD``; ``kldiv``
+  itself uses ``auto``: slabs for bfloat16 weights on CUDA, chunks elsewhere);
 - ``liger`` / ``liger-eager``: Liger-Kernel's chunked ``LigerFusedLinearJSDLoss`` (its
   ``chunked_loss``, which runs on CPU) with ``weight_hard_loss=0, weight_soft_loss=1``, its
   default ``chunk_size=1024``, with and without its default ``torch.compile`` of the chunk
@@ -107,9 +110,12 @@ def _make_step(impl: str, div: str, n: int, h: int, v: int, device: str = "cpu",
     elif impl.startswith("kldiv"):
         sys.path.insert(0, str(ROOT / "src"))
         from kldiv._fused_linear import fused_linear_divergence
-        from kldiv.backends import torch_fused
+        from kldiv.backends import torch_fused, torch_fused_chunks
 
         torch_fused.GRAD_MODE = "recompute" if impl == "kldiv-recompute" else "forward"
+        # the weight gradient: by chunks or by vocabulary slabs (default: auto)
+        torch_fused_chunks.WEIGHT_GRAD = {"kldiv-chunks": "chunks",
+                                          "kldiv-slabs": "slabs"}.get(impl, "auto")
 
         def step() -> Any:
             return fused_linear_divergence(sh, sw, teacher_hidden=th, teacher_weight=tw,
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or HERE / f"{name}.json"
     impls = ["plain", "kldiv", "kldiv-recompute"]
     if args.gpu:
-        impls = ["plain", "plain-compile", "kldiv"]
+        impls = ["plain", "plain-compile", "kldiv", "kldiv-chunks"]  # auto: slabs on bf16
     if _has_liger():
         impls += ["liger", "liger-triton"] if args.gpu else ["liger", "liger-eager"]
     else:

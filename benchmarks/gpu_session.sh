@@ -31,5 +31,5 @@ fi
   --dtypes float32 --budget 0.3 --out "$OUT/RESULTS_GPU.md" > "$OUT/run_gpu.log" 2>&1
 echo "run.py rc=$?" | tee -a "$OUT/gpu.txt"
 [ "${RUN_FAMILY:-1}" = 1 ] && timeout "${FAMILY_S:-150}" python3 benchmarks/family_gpu.py ${FAMILY_ARGS:-} --out "$OUT/family_gpu.json" 2>&1 | tee "$OUT/family_gpu.log" | tail -20
-[ "${RUN_FUSED:-1}" = 1 ] && timeout "${FUSED_S:-100}" python3 benchmarks/fused_linear.py --gpu --no-curve ${FUSED_ARGS:-} --out "$OUT/fused_linear_gpu.json" > "$OUT/fused_linear_gpu.log" 2>&1
+[ "${RUN_FUSED:-1}" = 1 ] && timeout "${FUSED_S:-240}" python3 benchmarks/fused_linear.py --gpu --no-curve ${FUSED_ARGS:-} --out "$OUT/fused_linear_gpu.json" > "$OUT/fused_linear_gpu.log" 2>&1
 echo "fused rc=$?" | tee -a "$OUT/gpu.txt"; tail -30 "$OUT/fused_linear_gpu.log"

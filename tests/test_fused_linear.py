@@ -279,6 +279,98 @@ def test_torch_half_operands_route(torch: Any, monkeypatch: pytest.MonkeyPatch) 
                                    rtol=2e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("div", DIVS)
+@pytest.mark.parametrize("form,masked,tile_bytes", [("logits", "both", None),
+                                                     ("hidden", "", 3 * 8 * 24),
+                                                     ("hidden", "both", None)])
+def test_torch_weight_grad_by_slabs(torch: Any, monkeypatch: pytest.MonkeyPatch, div: str,
+                                    form: str, masked: str, tile_bytes: int | None) -> None:
+    """The weight gradient by vocabulary slabs (CUDA's route for half-precision weights,
+    forced here): values and all gradients against the float64 formula, with slabs (8
+    entries) that do not divide V, token tiles (3 rows) that do not divide the tokens, -inf
+    logits, masks, temperatures, the per-token (recomputing) route."""
+    import array_api_compat
+
+    from kldiv.backends import torch_fused_chunks
+
+    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", "slabs")
+    monkeypatch.setattr(torch_fused_chunks, "SLAB_COLUMNS", 8)
+    monkeypatch.setattr(torch_fused_chunks, "SLAB_TILE_BYTES", tile_bytes)
+    slab_calls: list[int] = []
+    real = torch_fused_chunks._weight_grad_slabs
+    monkeypatch.setattr(torch_fused_chunks, "_weight_grad_slabs",
+                        lambda *a: slab_calls.append(1) or real(*a))
+    d = _data(22, masked=masked)
+    tt = torch.tensor
+    for reduction, temp in (("mean_with_sample_weight", 1.0), ("none", 1.8)):
+        h, w, b = (tt(d[k], requires_grad=True) for k in ("h", "w", "b"))
+        teacher = _teacher(d, form, tt)
+        sw = tt(d["sw"])
+        out = _call(h, w, b, teacher, divergence=div, beta=BETA, temperature=temp,
+                    sample_weight=sw, reduction=reduction, chunk_size=4)
+        cot = tt(np.random.default_rng(3).random(out.shape))
+        got = torch.autograd.grad(out, (h, w, b), cot)
+        d64 = [x.detach().requires_grad_() for x in (h, w, b)]
+        xp = array_api_compat.array_namespace(d64[0])
+        ref = reduce(xp, plain(xp, *d64, teacher, div, BETA, temp), sw, reduction)
+        want = torch.autograd.grad(ref, d64, cot)
+        _close(out.detach(), ref.detach(), 1e-10)
+        for g, e in zip(got, want, strict=True):
+            assert torch.isfinite(g).all()
+            _close(g, e, 1e-10)
+    assert len(slab_calls) == 2
+
+
+def test_torch_weight_grad_mode(torch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` forms the weight gradient by slabs exactly where the products take
+    half-precision weights (CUDA): the gradient is then returned in the weight's dtype,
+    with no float32 ``V x H`` accumulator; a bad ``KLDIV_FUSED_WEIGHT_GRAD`` is a clear
+    error."""
+    from kldiv.backends import torch_fused_chunks
+
+    by_slabs = torch_fused_chunks._weight_grad_by_slabs
+    f32, bf = torch.float32, torch.bfloat16
+    assert by_slabs(torch.zeros(2, dtype=bf), f32) and not by_slabs(torch.zeros(2), f32)
+    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", "chunks")
+    assert not by_slabs(torch.zeros(2, dtype=bf), f32)
+    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", "slab")
+    with pytest.raises(ValueError, match="KLDIV_FUSED_WEIGHT_GRAD must be 'auto', 'chunks'"):
+        by_slabs(torch.zeros(2), f32)
+    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", "auto")
+    # CUDA's half route on CPU: half operands kept half in the products
+    monkeypatch.setattr(torch_fused_chunks, "_operand",
+                        lambda x, cd: x if x is None or x.dtype in (bf, cd) else x.to(cd))
+    zeros = torch.zeros
+    big: list[tuple[Any, Any]] = []
+
+    def spy_zeros(*shape: Any, **kw: Any) -> Any:
+        big.append((shape, kw.get("dtype")))
+        return zeros(*shape, **kw)
+
+    monkeypatch.setattr(torch_fused_chunks.torch, "zeros", spy_zeros)
+    d = _data(23)
+    h, w = (torch.tensor(d[k]).to(bf) for k in ("h", "w"))
+    n = h.reshape(-1, H).shape[0]
+    plan = _fused_linear_math.Plan("js", BETA, 1.0, 3)
+    _, dh, dW, _ = torch_fused_chunks.chunks(
+        h.reshape(n, H), w, None, ("logits", torch.tensor(d["tl"]).reshape(n, V)), plan,
+        torch.ones(n), (True, True, False))
+    monkeypatch.undo()
+    assert dW.dtype == bf and dh.dtype == f32
+    assert not any(shape == ((V, H),) for shape, _ in big)  # no accumulator
+    h64, w64 = (torch.tensor(d[k]).to(bf).double().requires_grad_() for k in ("h", "w"))
+    import array_api_compat
+
+    xp = array_api_compat.array_namespace(h64)
+    ref = plain(xp, h64.reshape(n, H), w64, None, {"logits": torch.tensor(d["tl"]).reshape(n, V)},
+                "js", BETA, 1.0).sum()
+    eh, ew = torch.autograd.grad(ref, (h64, w64))
+    np.testing.assert_allclose(dW.double().numpy(), ew.numpy(), rtol=2e-2,
+                               atol=2e-2 * float(ew.abs().max()))
+    np.testing.assert_allclose(dh.double().numpy(), eh.reshape(n, H).numpy(), rtol=2e-2,
+                               atol=2e-2 * float(eh.abs().max()))
+
+
 def test_torch_gradient_modes_agree(torch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Gradients computed in the forward pass and recomputed in the backward are the same."""
     from kldiv.backends import torch_fused
@@ -466,6 +558,13 @@ def test_triton_route_chooses_its_own_chunk_size(monkeypatch: pytest.MonkeyPatch
             cap=torch_fused_chunks.TRITON_CHUNK_BYTES)), (plans[1], 3)):
         setup = torch_fused_chunks._Setup(h, w, None, ("logits", tl), plan)
         assert setup.route == "triton" and setup.plan.chunk_size == want
+    # the weight gradient by slabs: no per-chunk V x H accumulation, a smaller cap
+    assert auto_chunk_size(10**6, 128256, itemsize=4, buffers=3, on_gpu=True, available=None,
+                           cap=torch_fused_chunks.SLAB_CHUNK_BYTES) == 256
+    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", "slabs")
+    monkeypatch.setattr(torch_fused_chunks, "SLAB_CHUNK_BYTES", 64 * 3 * 4 * 4)  # 4 rows
+    setup = torch_fused_chunks._Setup(h, w, None, ("logits", tl), auto_plan, weight_grad=True)
+    assert setup.slabs and setup.plan.chunk_size == 4
 
 
 def test_available_memory_reads_the_device() -> None:
@@ -1144,11 +1243,21 @@ def spy(*a, **k):
     calls.append(1)
     return real_chunk(*a, **k)
 triton_fused.chunk = spy
-for masked in ("", "both"):
+slab_calls = []
+real_slab = triton_fused.slab_grad
+def slab_spy(*a, **k):
+    slab_calls.append(1)
+    return real_slab(*a, **k)
+triton_fused.slab_grad = slab_spy
+torch_fused_chunks.SLAB_COLUMNS = 8  # slabs that do not divide V
+for mode, masked in (("chunks", ""), ("chunks", "both"), ("slabs", "both")):
+    torch_fused_chunks.WEIGHT_GRAD = mode
     d = _data(20, masked=masked)
     for div in DIVS:
         for form in ("logits", "hidden"):
             for temp, chunk in ((1.0, 3), (1.9, 4)):
+                # token tiles of 2 rows for the slab pass (float32: 12 bytes an entry)
+                torch_fused_chunks.SLAB_TILE_BYTES = 2 * 8 * 12 if chunk == 4 else None
                 f32 = lambda a: torch.tensor(a, dtype=torch.float32)
                 h, w, b = (f32(d[k]).requires_grad_() for k in ("h", "w", "b"))
                 teacher = _teacher(d, form, f32)
@@ -1196,6 +1305,7 @@ xp = array_api_compat.array_namespace(s)
 want = _fused_linear_math.chunk_terms(xp, s.double(), t.double(), "js", 0.4, False)[0]
 np.testing.assert_allclose(loss.double().numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
 assert len(calls) > 50, len(calls)  # the host code ran the kernel, not the torch ops
+assert len(slab_calls) > 50, len(slab_calls)  # and the slab kernel for the weight gradient
 print("TRITON-FUSED-OK")
 """
 
@@ -1203,7 +1313,8 @@ print("TRITON-FUSED-OK")
 def test_triton_kernel_interpreted(torch: Any) -> None:
     """The Triton route (kernel and host code) on CPU tensors in Triton's interpreter: values
     and gradients of every divergence, both teacher forms, -inf logits, temperatures, chunk
-    sizes that do not divide the tokens. A subprocess: TRITON_INTERPRET is read at import."""
+    sizes that do not divide the tokens, the weight gradient by chunks and by vocabulary
+    slabs (the slab kernel). A subprocess: TRITON_INTERPRET is read at import."""
     pytest.importorskip("triton")
     from test_triton_family import skip_if_triton_interpreter_defective
 

@@ -174,8 +174,9 @@ def fused_linear_divergence(
         Tokens per chunk. By default the largest power of two whose chunk temporaries (five
         to seven ``(chunk_size, V)`` float32 buffers) fit in ``min(free memory / 16, cap)``,
         ``cap`` 256 MiB on CPU, 1 GiB on a GPU; torch on CUDA with Triton counts its three
-        buffers against a 2 GiB cap (larger chunks make the weight gradient's accumulation
-        cheaper).
+        buffers against a 512 MiB cap where it forms the weight gradient by vocabulary slabs
+        (half-precision weights), 2 GiB where it accumulates it over chunks (larger chunks
+        make that accumulation cheaper); see ``docs/large-vocabulary.md``.
 
     Returns
     -------

@@ -4,11 +4,17 @@ The tokens are walked ``chunk_size`` rows at a time. For each chunk the student'
 ``h_c @ W.T (+ b)`` and the teacher's (a slice of its logits, or its own matrix product) are
 formed in float32 (float64 for float64 inputs), the divergence and its gradient with respect
 to the logits are computed in buffers allocated once per call (:class:`Workspace`,
-:func:`chunk_terms_`, the in-place twin of :func:`kldiv._fused_linear_math.chunk_terms`), and
-the gradient is pushed through the two matrix products at once: ``dh_c = G @ W``,
-``dW += G.T @ h_c``, ``db += G.sum(0)`` (:func:`chunks`; :func:`linear_backward` for a
-batched incoming gradient or one with a forward-mode tangent). No more than one chunk of
-``(rows, V)`` buffers exists at any time.
+:func:`chunk_terms_`, the in-place twin of :func:`kldiv._fused_linear_math.chunk_terms`, in
+:mod:`kldiv.backends.torch_fused_terms`), and the gradient is pushed through the two matrix
+products at once: ``dh_c = G @ W``, ``dW += G.T @ h_c``, ``db += G.sum(0)`` (:func:`chunks`;
+:func:`linear_backward` for a batched incoming gradient or one with a forward-mode tangent).
+No more than one chunk of ``(rows, V)`` buffers exists at any time.
+
+For half-precision weights kept half in the products (CUDA), a float32 ``dW`` accumulator
+would be a second gradient twice the size of the result: there the weight gradient is formed
+by vocabulary slabs instead (:data:`WEIGHT_GRAD`, :func:`_weight_grad_slabs`): the chunk pass
+keeps three statistics per token, and a second pass forms each slab's logits and gradient
+again and writes ``dW[slab] = G[:, slab].T @ h`` in one product over all tokens.
 
 On CUDA the per-chunk softmax, divergence and gradient run in one Triton kernel
 (:mod:`kldiv.backends.triton_fused`: online log-sum-exp over vocabulary blocks) beside
@@ -20,17 +26,24 @@ once (the weight: one ``V x H`` float32 copy).
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from .._fused_linear_math import Plan, auto_chunk_size, available_memory
+from .._fused_linear_math import (
+    CPU_CHUNK_BYTES,
+    GPU_CHUNK_BYTES,
+    Plan,
+    auto_chunk_size,
+    available_memory,
+)
 from .torch_ import optional_module
+from .torch_fused_terms import SPARE_BUFFERS, STATS, Workspace, chunk_terms_, slab_grad_
 
-__all__ = ["FORCE_ROUTE", "SPARE_BUFFERS", "Workspace", "chunk_terms_", "chunks",
-           "compute_dtype", "linear_backward"]
+__all__ = ["FORCE_ROUTE", "SPARE_BUFFERS", "WEIGHT_GRAD", "Workspace", "chunk_terms_",
+           "chunks", "compute_dtype", "linear_backward"]
 
 FORCE_ROUTE: str | None = None
 """Tests only: ``"triton"`` runs the Triton kernel on any device (CPU under
@@ -42,76 +55,6 @@ _HALF = (torch.float16, torch.bfloat16)
 def _triton_module() -> ModuleType | None:
     """:mod:`kldiv.backends.triton_fused`, or ``None`` when Triton cannot be imported."""
     return optional_module("triton_fused")
-
-
-# ------------------------------------------------------------------------------ chunk math
-SPARE_BUFFERS = {"kl": 2, "reverse_kl": 2, "js": 4}
-"""``(rows, V)`` buffers :func:`chunk_terms_` needs beside the two logits."""
-
-
-class Workspace:
-    """The chunk's ``(rows, V)`` buffers, allocated once per call and reused by every chunk:
-    fresh multi-MiB allocations per chunk cost page faults (glibc returns such blocks to the
-    system), and the count of live buffers stays fixed."""
-
-    def __init__(self, rows: int, v: int, n_float: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        self.floats = [torch.empty((rows, v), dtype=dtype, device=device)
-                       for _ in range(n_float)]
-        self.mask = torch.empty((rows, v), dtype=torch.bool, device=device)
-
-    def take(self, rows: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-        return [b[:rows] for b in self.floats], self.mask[:rows]
-
-
-def chunk_terms_(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float,
-                 need_grad: bool, spare: list[torch.Tensor] | None = None,
-                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row loss and ``d loss / d s`` of one chunk; every buffer is overwritten.
-
-    Same definitions as :func:`kldiv._fused_linear_math.chunk_terms`; ``s`` and ``t`` are
-    the (temperature-divided) student and teacher logits, private buffers of the caller;
-    ``spare`` holds ``SPARE_BUFFERS[divergence]`` more of their shape (allocated when
-    ``None``), ``mask`` a boolean one. The gradient is returned in one of these buffers.
-    """
-    if spare is None:
-        spare = [torch.empty_like(s) for _ in range(SPARE_BUFFERS[divergence])]
-    if mask is None:
-        mask = torch.empty(s.shape, dtype=torch.bool, device=s.device)
-    lq, lp = spare[0], spare[1]
-    torch.log_softmax(s, -1, out=lq)  # one fused kernel (max, sum of exp, shift) per side
-    torch.log_softmax(t, -1, out=lp)
-    q = torch.exp(lq, out=s)
-    grad = None
-    if divergence == "kl":
-        p = torch.exp(lp, out=t)
-        d = torch.sub(lp, lq, out=lq).mul_(p)  # p (log p - log q), with 0 log 0 = 0:
-        d.masked_fill_(torch.eq(p, 0, out=mask), 0.0)
-        loss = d.sum(-1)
-        if need_grad:
-            grad = q.sub_(p)
-    elif divergence == "reverse_kl":
-        d = lq.sub_(lp)  # log q - log p
-        torch.eq(q, 0, out=mask)
-        terms = torch.mul(q, d, out=lp).masked_fill_(mask, 0.0)
-        loss = terms.sum(-1)
-        if need_grad:
-            grad = d.sub_(loss.unsqueeze(-1)).mul_(q).masked_fill_(mask, 0.0)
-    else:
-        p = torch.exp(lp, out=t)
-        lm, a = spare[2], spare[3]
-        torch.add(lp, math.log(beta), out=lm)
-        torch.add(lq, math.log1p(-beta), out=a)
-        torch.logaddexp(lm, a, out=lm)  # log m
-        torch.sub(lq, lm, out=a)  # log q - log m
-        lp.sub_(lm).mul_(p).masked_fill_(torch.eq(p, 0, out=mask), 0.0)
-        loss = lp.sum(-1).mul_(beta)
-        a.mul_(q).masked_fill_(torch.eq(q, 0, out=mask), 0.0)  # q (log q - log m)
-        loss.add_(a.sum(-1), alpha=1 - beta)
-        if need_grad:
-            g = a.mul_(1 - beta)
-            grad = g.sub_(q.mul_(g.sum(-1, keepdim=True)))
-    return loss, grad
 
 
 # ------------------------------------------------------------------------------ chunk loop
@@ -219,6 +162,37 @@ whole call (51 of 101 ms); per chunk of 1024 rows it costs 2.2 ms against 1.6 ms
 (``benchmarks/gpu_profile_fused.py``). This cap gives 1024 rows at that vocabulary."""
 
 
+WEIGHT_GRAD = os.environ.get("KLDIV_FUSED_WEIGHT_GRAD", "auto")
+"""How the weight gradient is formed: ``"chunks"`` accumulates ``G_c.T @ h_c`` over the token
+chunks in the compute dtype (float32): cheapest where the weight is float32 itself; for a
+half-precision weight that accumulator is a second, twice as large ``V x H`` gradient.
+``"slabs"`` writes the gradient slab by slab of the vocabulary, each slab one product over
+all tokens (float32 accumulation inside the GEMM, rounded once to the weight's dtype): no
+accumulator, at the cost of forming the slab's logits again (:func:`_weight_grad_slabs`).
+``"auto"`` (the default): slabs where the products take half-precision weights (CUDA),
+chunks elsewhere. Set by the ``KLDIV_FUSED_WEIGHT_GRAD`` environment variable."""
+
+SLAB_COLUMNS = 4096
+"""Vocabulary entries per slab of the slab pass."""
+
+SLAB_TILE_BYTES: int | None = None
+"""Budget of one tile of the slab pass (both logits and the gradient, ``rows x
+SLAB_COLUMNS``); ``None``: the chunk caps of :mod:`kldiv._fused_linear_math` (256 MiB on
+CPU, 1 GiB on a GPU: all 8192 tokens of a 4096-entry slab in one tile)."""
+
+SLAB_CHUNK_BYTES = 512 * 2**20
+"""Cap on one chunk's buffers on the Triton route when the weight gradient is formed by
+slabs: the first pass then has no per-chunk ``V x H`` accumulation to amortise."""
+
+
+def _weight_grad_by_slabs(w_operand: torch.Tensor, cd: torch.dtype) -> bool:
+    mode = WEIGHT_GRAD
+    if mode not in ("auto", "chunks", "slabs"):
+        raise ValueError(f"KLDIV_FUSED_WEIGHT_GRAD must be 'auto', 'chunks' or 'slabs', "
+                         f"got {mode!r}.")
+    return mode == "slabs" or (mode == "auto" and w_operand.dtype != cd)
+
+
 def _route(h: torch.Tensor) -> str:
     if FORCE_ROUTE is not None:
         return FORCE_ROUTE
@@ -232,18 +206,20 @@ class _Setup:
     the form the products take them, and (torch-ops route) the reused buffers."""
 
     def __init__(self, h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
-                 teacher: tuple[Any, ...], plan: Plan) -> None:
+                 teacher: tuple[Any, ...], plan: Plan, weight_grad: bool = False) -> None:
         self.cd = cd = compute_dtype(h2, W)
         self.route = _route(h2) if cd != torch.float64 else "torch"
+        self.W = _operand(W, cd)
+        assert self.W is not None
+        self.slabs = weight_grad and _weight_grad_by_slabs(self.W, cd)
         if self.route == "triton" and plan.auto_chunk:
             # this route's chunk holds fewer buffers than the generic count: choose again
             rows = auto_chunk_size(h2.shape[0], W.shape[0], itemsize=4,
                                    buffers=TRITON_CHUNK_BUFFERS, on_gpu=True,
                                    available=available_memory(h2.device),
-                                   cap=TRITON_CHUNK_BYTES)
+                                   cap=SLAB_CHUNK_BYTES if self.slabs else TRITON_CHUNK_BYTES)
             plan = dataclasses.replace(plan, chunk_size=rows)
         self.plan, self.teacher = plan, teacher
-        self.W = _operand(W, cd)
         self.b = None if b is None else b.to(cd)
         self.t_w = _operand(teacher[2], cd) if teacher[0] == "hidden" else None
         self.t_b = None if teacher[0] != "hidden" or teacher[3] is None else teacher[3].to(cd)
@@ -253,11 +229,13 @@ class _Setup:
             self.ws = Workspace(min(plan.chunk_size, h2.shape[0]), W.shape[0],
                                 2 + SPARE_BUFFERS[plan.divergence], cd, h2.device)
 
-    def chunk(self, h2: torch.Tensor, i0: int, i1: int, sc: torch.Tensor | None
+    def chunk(self, h2: torch.Tensor, i0: int, i1: int, sc: torch.Tensor | None,
+              stats: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(hc, loss, g)`` of rows ``i0:i1``: ``hc`` the rows as the products take them,
         ``g`` (``sc`` given) ``d loss / d logits`` times ``sc / temperature`` per row, in a
-        buffer that the next chunk overwrites."""
+        buffer that the next chunk overwrites. ``stats`` (``rows x STATS``), if given,
+        receives the rows' statistics for the slab pass."""
         cd, teacher, temp = self.cd, self.teacher, self.plan.temperature
         W_ = self.W
         hc = _operand(h2[i0:i1], cd)
@@ -273,53 +251,130 @@ class _Setup:
             else:
                 torch.mm(_operand(teacher[1][i0:i1], cd), self.t_w.T, out=t)  # type: ignore[arg-type, union-attr, unused-ignore]
         else:
-            s = _mm(hc, W_.T, cd)
-            if teacher[0] == "logits":
-                t = teacher[1][i0:i1]
-            else:
-                t = _mm(_operand(teacher[1][i0:i1], cd), self.t_w.T, cd)  # type: ignore[arg-type, union-attr, unused-ignore]
+            s, t = self._logits(h2, hc, i0, i1, 0, W_.shape[0])
         need_grad = sc is not None
         if self.route == "triton":
             tri = _triton_module()
             assert tri is not None
-            loss = tri.chunk(s, t, self.b, self.t_b, sc, self.plan, need_grad)
+            loss = tri.chunk(s, t, self.b, self.t_b, sc, self.plan, need_grad, stats)
             return hc, loss, s if need_grad else None
         if self.ws is None and teacher[0] == "logits":
             t = t.to(cd, copy=True)
-        if self.b is not None:
-            s.add_(self.b)
-        if self.t_b is not None:
-            t.add_(self.t_b)
-        if temp != 1.0:
-            s.div_(temp)
-            t.div_(temp)
+        self._shift(s, t, self.b, self.t_b)
         loss, g = chunk_terms_(s, t, self.plan.divergence, self.plan.beta, need_grad,
-                               bufs[2:] or None, mask)
+                               bufs[2:] or None, mask, stats)
         if g is not None:
             assert sc is not None
             g.mul_(sc.div(temp).unsqueeze(-1))
         return hc, loss, g
+
+    def _logits(self, h2: torch.Tensor, hc: torch.Tensor, i0: int, i1: int, v0: int, v1: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both sides' logits of rows ``i0:i1`` and vocabulary entries ``v0:v1``, without
+        biases: the student's a new ``cd`` tensor, the teacher's a slice of its logits (any
+        dtype) or a new ``cd`` tensor."""
+        cd, teacher, W_ = self.cd, self.teacher, self.W
+        assert W_ is not None
+        s = _mm(hc, W_[v0:v1].T, cd)
+        if teacher[0] == "logits":
+            return s, teacher[1][i0:i1, v0:v1]
+        return s, _mm(_operand(teacher[1][i0:i1], cd), self.t_w[v0:v1].T, cd)  # type: ignore[arg-type, index, unused-ignore]
+
+    def _shift(self, s: torch.Tensor, t: torch.Tensor, b: torch.Tensor | None,
+               t_b: torch.Tensor | None) -> None:
+        """Biases added and the temperature divided out, in place (the torch-ops route)."""
+        temp = self.plan.temperature
+        if b is not None:
+            s.add_(b)
+        if t_b is not None:
+            t.add_(t_b)
+        if temp != 1.0:
+            s.div_(temp)
+            t.div_(temp)
+
+    def slab_tile(self, h2: torch.Tensor, hc: torch.Tensor, i0: int, i1: int, v0: int,
+                  v1: int, sc: torch.Tensor, stats: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[:] = d loss / d logits`` of rows ``i0:i1`` and entries ``v0:v1``, times
+        ``sc / temperature`` per row, from the rows' statistics (the slab pass)."""
+        s, t = self._logits(h2, hc, i0, i1, v0, v1)
+        b = None if self.b is None else self.b[v0:v1]
+        t_b = None if self.t_b is None else self.t_b[v0:v1]
+        if self.route == "triton":
+            tri = _triton_module()
+            assert tri is not None
+            tri.slab_grad(s, t, b, t_b, stats, sc, self.plan, out)
+            return
+        if self.teacher[0] == "logits":
+            t = t.to(self.cd, copy=True)
+        self._shift(s, t, b, t_b)
+        g = slab_grad_(s, t, stats, self.plan.divergence, self.plan.beta)
+        out.copy_(g.mul_(sc.div(self.plan.temperature).unsqueeze(-1)))
+
+
+def _weight_grad_slabs(setup: _Setup, h2: torch.Tensor, scale: torch.Tensor,
+                       stats: torch.Tensor) -> torch.Tensor:
+    """The weight gradient ``sum_tokens G.T @ h`` by vocabulary slabs, in the weight
+    operand's dtype: each slab's rows of ``G`` are formed again from the statistics of the
+    first pass (both logits products once more) and multiplied by the hidden states, one
+    product over all tokens (float32 accumulation inside the GEMM) where a tile of all of
+    them fits the budget, else accumulated over token tiles in a slab-sized ``cd`` buffer.
+    No ``V x H`` buffer but the result."""
+    W_, cd = setup.W, setup.cd
+    assert W_ is not None
+    v, hid = W_.shape
+    n = h2.shape[0]
+    dev = h2.device
+    dW = torch.empty((v, hid), dtype=W_.dtype, device=dev)
+    if n == 0:
+        return dW.zero_()
+    cols = max(1, min(v, SLAB_COLUMNS))
+    budget = SLAB_TILE_BYTES or (GPU_CHUNK_BYTES if dev.type != "cpu" else CPU_CHUNK_BYTES)
+    per_entry = 2 * cd.itemsize + W_.dtype.itemsize  # both logits tiles and the gradient tile
+    rows = max(1, min(n, budget // (cols * per_entry)))
+    g_buf = torch.empty((rows, cols), dtype=W_.dtype, device=dev)
+    acc = None if rows >= n else torch.empty((cols, hid), dtype=cd, device=dev)
+    for v0 in range(0, v, cols):
+        v1 = min(v, v0 + cols)
+        for i0 in range(0, n, rows):
+            i1 = min(n, i0 + rows)
+            hc = _operand(h2[i0:i1], cd)
+            assert hc is not None
+            g = g_buf[: i1 - i0, : v1 - v0]
+            setup.slab_tile(h2, hc, i0, i1, v0, v1, scale[i0:i1], stats[i0:i1], g)
+            if acc is None:  # one product over all tokens, rounded once
+                _mm_into(dW[v0:v1], g.T, hc)
+            elif i0 == 0:
+                _mm_into(acc[: v1 - v0], g.T, hc)
+            else:
+                _addmm_(acc[: v1 - v0], g.T, hc)
+        if acc is not None:
+            dW[v0:v1].copy_(acc[: v1 - v0])
+    return dW
 
 
 def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
            teacher: tuple[Any, ...], plan: Plan, scale: torch.Tensor | None,
            need: tuple[bool, bool, bool]) -> tuple[Any, ...]:
     """``(loss, dh, dW, db)``: per-token losses and, where ``need``, the gradients of
-    ``sum(loss * scale)`` (``scale`` per token) in the compute dtype."""
-    setup = _Setup(h2, W, b, teacher, plan)
+    ``sum(loss * scale)`` (``scale`` per token) in the compute dtype (``dW`` in the weight
+    operand's dtype when formed by slabs, :data:`WEIGHT_GRAD`)."""
+    need_grad = scale is not None and any(need)
+    setup = _Setup(h2, W, b, teacher, plan, weight_grad=need_grad and need[1])
     cd, W_, plan = setup.cd, setup.W, setup.plan
     assert W_ is not None
     n, hid = h2.shape
     v = W.shape[0]
     dev = h2.device
     loss = torch.empty(n, dtype=cd, device=dev)
-    need_grad = scale is not None and any(need)
     dh = torch.empty((n, hid), dtype=cd, device=dev) if need_grad and need[0] else None
-    dW = torch.zeros((v, hid), dtype=cd, device=dev) if need_grad and need[1] else None
+    dW = torch.zeros((v, hid), dtype=cd, device=dev) \
+        if need_grad and need[1] and not setup.slabs else None
     db = torch.zeros(v, dtype=cd, device=dev) if need_grad and need[2] else None
+    stats = torch.empty((n, STATS), dtype=cd, device=dev) if setup.slabs else None
     for i0 in range(0, n, plan.chunk_size):
         i1 = min(n, i0 + plan.chunk_size)
-        hc, loss[i0:i1], g = setup.chunk(h2, i0, i1, scale[i0:i1] if need_grad else None)  # type: ignore[index]
+        hc, loss[i0:i1], g = setup.chunk(h2, i0, i1, scale[i0:i1] if need_grad else None,  # type: ignore[index]
+                                         None if stats is None else stats[i0:i1])
         if g is not None:
             # half operands (CUDA): the gradient rounded once to their dtype, for both products
             g_op = g if W_.dtype == cd else g.to(W_.dtype)
@@ -331,6 +386,10 @@ def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
                 db.add_(g.sum(0))
             del g_op
         del hc, g
+    if stats is not None:
+        assert scale is not None
+        setup.ws = None  # the first pass's buffers are free for the second
+        dW = _weight_grad_slabs(setup, h2, scale, stats)
     return loss, dh, dW, db
 
 

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .._fused_linear_math import Plan
 
-__all__ = ["chunk"]
+__all__ = ["chunk", "slab_grad"]
 
 _DIV_CODES = {"kl": 0, "reverse_kl": 1, "js": 2}
 
@@ -81,10 +81,10 @@ def _log_probs(s_row, t_row, sb_ptr, tb_ptr, c0, n_cols, lse_s, lse_t, temperatu
 
 
 @triton.jit
-def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, n_cols, s_stride, t_stride,
-              temperature, beta, log_beta, log_1mb,
+def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, stats_ptr, n_cols, s_stride,
+              t_stride, temperature, beta, log_beta, log_1mb,
               DIV: tl.constexpr, HAS_SB: tl.constexpr, HAS_TB: tl.constexpr,
-              NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+              NEED_GRAD: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
@@ -114,10 +114,16 @@ def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, n_cols, s_strid
             acc_g += (1.0 - beta) * gq
     loss = tl.sum(acc, axis=0)
     tl.store(loss_ptr + row, loss)
+    row_const = loss
+    if DIV == 0:
+        row_const = 0.0
+    elif DIV == 2:
+        row_const = tl.sum(acc_g, axis=0)
+    if STATS:  # for the weight gradient by vocabulary slabs (slab_grad)
+        tl.store(stats_ptr + row * 3, lse_s)
+        tl.store(stats_ptr + row * 3 + 1, lse_t)
+        tl.store(stats_ptr + row * 3 + 2, row_const)
     if NEED_GRAD and DIV != 0:
-        row_const = loss
-        if DIV == 2:
-            row_const = tl.sum(acc_g, axis=0)
         for c0 in range(0, n_cols, BLOCK):
             lq, lp, msk, cols = _log_probs(s_row, t_row, sb_ptr, tb_ptr, c0, n_cols, lse_s,
                                            lse_t, temperature, HAS_SB, HAS_TB, BLOCK)
@@ -132,12 +138,14 @@ def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, n_cols, s_strid
 
 def chunk(s: torch.Tensor, t: torch.Tensor, s_bias: torch.Tensor | None,
           t_bias: torch.Tensor | None, scale: torch.Tensor | None, plan: Plan,
-          need_grad: bool) -> torch.Tensor:
+          need_grad: bool, stats: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row losses of one chunk; with ``need_grad``, ``s`` becomes the scaled gradient.
 
     ``s``: the student's float32 logits ``(rows, V)`` without bias, contiguous rows (it is
     overwritten). ``t``: the teacher's logits ``(rows, V)`` with unit column stride, any
-    float dtype. ``scale``: per-row weights of the loss (``need_grad`` only).
+    float dtype. ``scale``: per-row weights of the loss (``need_grad`` only). ``stats``: a
+    contiguous ``(rows, 3)`` float32 tensor that receives each row's log-sum-exps and
+    gradient row constant (for :func:`slab_grad`), or ``None``.
     """
     rows, v = s.shape
     if t.stride(-1) != 1:
@@ -149,13 +157,78 @@ def chunk(s: torch.Tensor, t: torch.Tensor, s_bias: torch.Tensor | None,
         return loss
     beta = plan.beta if plan.divergence == "js" else 0.5
     dummy = s  # an unused pointer argument still needs a tensor
+    out_stats = stats
+    if stats is not None and (stats.dtype != torch.float32 or not stats.is_contiguous()):
+        out_stats = torch.empty((rows, 3), dtype=torch.float32, device=s.device)
     block = max(16, min(4096, triton.next_power_of_2(v)))
     _fl_chunk[(rows,)](
         s, t, s_bias if s_bias is not None else dummy, t_bias if t_bias is not None else dummy,
-        loss, scale if scale is not None else dummy, v, s.stride(0), t.stride(0),
+        loss, scale if scale is not None else dummy,
+        out_stats if out_stats is not None else dummy, v, s.stride(0), t.stride(0),
         float(plan.temperature), float(beta), math.log(beta), math.log1p(-beta),
         DIV=_DIV_CODES[plan.divergence], HAS_SB=s_bias is not None, HAS_TB=t_bias is not None,
-        NEED_GRAD=bool(need_grad and scale is not None), BLOCK=block,
+        NEED_GRAD=bool(need_grad and scale is not None), STATS=stats is not None, BLOCK=block,
         num_warps=8 if block >= 2048 else 4,
     )
+    if stats is not None and out_stats is not None and out_stats is not stats:
+        stats.copy_(out_stats)
     return loss
+
+
+@triton.jit
+def _fl_slab_grad(s_ptr, t_ptr, sb_ptr, tb_ptr, stats_ptr, scale_ptr, g_ptr, n_cols, s_stride,
+                  t_stride, g_stride, temperature, beta, log_beta, log_1mb,
+                  DIV: tl.constexpr, HAS_SB: tl.constexpr, HAS_TB: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    # one row of a tile by one block of its vocabulary slab: d loss / d logits from the
+    # row's statistics, times the row's weight, in the output's dtype
+    row = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(1) * BLOCK
+    lse_s = tl.load(stats_ptr + row * 3)
+    lse_t = tl.load(stats_ptr + row * 3 + 1)
+    row_const = tl.load(stats_ptr + row * 3 + 2)
+    gscale = tl.load(scale_ptr + row).to(tl.float32) / temperature
+    lq, lp, msk, cols = _log_probs(s_ptr + row * s_stride, t_ptr + row * t_stride, sb_ptr,
+                                   tb_ptr, c0, n_cols, lse_s, lse_t, temperature, HAS_SB,
+                                   HAS_TB, BLOCK)
+    q = tl.exp(lq)
+    if DIV == 0:
+        g = q - tl.exp(lp)
+    elif DIV == 1:
+        g = tl.where(q == 0.0, 0.0, q * (lq - lp - row_const))
+    else:
+        lm = _log_m(lp, lq, log_beta, log_1mb)
+        g = tl.where(q == 0.0, 0.0, (1.0 - beta) * q * (lq - lm)) - q * row_const
+    g = g * gscale
+    tl.store(g_ptr + row * g_stride + cols, g.to(g_ptr.dtype.element_ty), mask=msk)
+
+
+def slab_grad(s: torch.Tensor, t: torch.Tensor, s_bias: torch.Tensor | None,
+              t_bias: torch.Tensor | None, stats: torch.Tensor, scale: torch.Tensor,
+              plan: Plan, out: torch.Tensor) -> None:
+    """``out[:] = d loss / d logits`` times ``scale / temperature`` per row, on a tile of
+    rows by a vocabulary slab, from the rows' statistics (:func:`chunk`'s ``stats``).
+
+    ``s``: the slab's student logits without bias (float32, unit column stride); ``t``: the
+    teacher's (any float dtype, unit column stride); ``s_bias``/``t_bias``: the slab's
+    biases; ``out``: ``(rows, slab)`` with unit column stride, any float dtype.
+    """
+    rows, v = s.shape
+    if rows == 0 or v == 0:
+        return
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    if s.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("the slab's logits and gradient must have unit column stride")
+    stats = stats.to(torch.float32).contiguous()
+    scale = scale.contiguous()
+    beta = plan.beta if plan.divergence == "js" else 0.5
+    dummy = s
+    block = max(16, min(1024, triton.next_power_of_2(v)))
+    _fl_slab_grad[(rows, triton.cdiv(v, block))](
+        s, t, s_bias if s_bias is not None else dummy, t_bias if t_bias is not None else dummy,
+        stats, scale, out, v, s.stride(0), t.stride(0), out.stride(0),
+        float(plan.temperature), float(beta), math.log(beta), math.log1p(-beta),
+        DIV=_DIV_CODES[plan.divergence], HAS_SB=s_bias is not None, HAS_TB=t_bias is not None,
+        BLOCK=block, num_warps=4,
+    )
