@@ -215,7 +215,12 @@ def _real(value: Any, what: str) -> float:
     """``value`` as a Python float: a real number (Python or NumPy scalar), not a bool."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a real number, got {type(value).__name__} {value!r}.")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int (or Fraction) beyond the float range: out of range
+        text = repr(value)
+        text = text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+        raise ValueError(f"{what}={text} is out of the range of a float.") from None
 
 
 def validate_temperature(temperature: Any, spaces: tuple[str, str]) -> float:
@@ -243,18 +248,20 @@ def validate_temperature(temperature: Any, spaces: tuple[str, str]) -> float:
 def log_softmax(xp: ModuleType, x: Any, temperature: float = 1.0) -> Any:
     """``log_softmax(x / temperature)`` over the last axis, stable, in ``x``'s dtype.
 
-    Max-shifted: ``z = x - max(x)``, ``z - log(sum(exp(z)))``. A row of all ``-inf`` gives all
-    ``-inf`` (not NaN), with zero gradients: the ``where`` calls replace the undefined
-    ``-inf - (-inf)`` and ``log(0)`` by safe values on both branches, so that no NaN reaches
-    the backward pass either.
+    Max-shifted, then scaled: ``z = (x - max(x)) / temperature``, ``z - log(sum(exp(z)))``
+    (``max(x / T) = max(x) / T`` for ``T > 0``; shifting first keeps ``z <= 0``, so that a tiny
+    temperature gives the one-hot limit, ``-inf`` off the row maximum, rather than an
+    overflowing ``x / T`` and NaN). A row of all ``-inf`` gives all ``-inf`` (not NaN), with
+    zero gradients: the ``where`` calls replace the undefined ``-inf - (-inf)`` and ``log(0)``
+    by safe values on both branches, so that no NaN reaches the backward pass either.
     """
-    if temperature != 1.0:
-        x = x / temperature
     if x.shape[-1] == 0:  # no classes: nothing to normalise
-        return x
+        return x / temperature if temperature != 1.0 else x
     m = xp.max(x, axis=-1, keepdims=True)
     m = xp.where(m == -math.inf, 0.0, m)
     z = x - m
+    if temperature != 1.0:
+        z = z / temperature
     s = xp.sum(xp.exp(z), axis=-1, keepdims=True)
     lse = xp.log(xp.where(s == 0.0, 1.0, s))
     return z - lse

@@ -49,6 +49,7 @@ import cupy as cp
 import numpy as np
 
 from .._kernel import EPSILON
+from .._spaces import broadcast_shapes
 
 __all__ = ["MAX_BLOCKS", "SOURCE", "THREADS", "js", "kl", "reverse_kl"]
 
@@ -337,7 +338,8 @@ def _run(op: str, y_true: Any, y_pred: Any, spaces: tuple[str, str], temperature
     if any(s not in _KINDS for s in spaces):
         return NotImplemented
     try:
-        shape = tuple(np.broadcast_shapes(y_true.shape, y_pred.shape))
+        # kldiv's own broadcast: NumPy's broadcast_shapes stops at 32 dimensions
+        shape = broadcast_shapes(tuple(y_true.shape), tuple(y_pred.shape), what="y_true and y_pred")
     except ValueError:
         return NotImplemented
     if len(shape) == 0 or 0 in shape:

@@ -69,11 +69,11 @@ def _log_softmax(x: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array
     """``(log_softmax(x / T), s)``: the operations of :func:`kldiv._spaces.log_softmax` (the
     same values, bit for bit), with the row sum ``s`` of ``exp(z)`` (0: a row of all ``-inf``,
     the zero measure; NaN: NaN or ``+inf`` in the row)."""
-    if temperature != 1.0:
-        x = x / temperature
     m = jnp.max(x, axis=-1, keepdims=True)
     m = jnp.where(m == -_INF, 0.0, m)
     z = x - m
+    if temperature != 1.0:
+        z = z / temperature
     s = jnp.sum(jnp.exp(z), axis=-1, keepdims=True)
     lse = jnp.log(jnp.where(s == 0.0, 1.0, s))
     return z - lse, s

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._kernel import EPSILON
+from .._spaces import broadcast_shapes
 from . import numpy_engine as engine
 
 __all__ = ["BLOCK_ELEMENTS", "js", "kl", "reverse_kl"]
@@ -47,10 +48,11 @@ def _log_block(x: np.ndarray, space: str, temperature: float) -> np.ndarray:
     if space == "probs":
         out = np.clip(x, EPSILON, 1.0)
         return np.log(out, out=out)
-    out = x / temperature if temperature != 1.0 else x.copy()
-    m = out.max(axis=-1, keepdims=True)
+    m = x.max(axis=-1, keepdims=True)
     m[m == -_INF] = 0.0  # a row of all -inf: the zero measure
-    out -= m
+    out = x - m  # shifted before the division: a tiny temperature cannot overflow it
+    if temperature != 1.0:
+        out /= temperature
     s = np.exp(out).sum(axis=-1, keepdims=True)
     s[s == 0.0] = 1.0
     out -= np.log(s, out=s)
@@ -86,7 +88,8 @@ def _run(block: Callable[[np.ndarray, np.ndarray], np.ndarray], y_true: Any, y_p
     dtype = y_pred.dtype
     if y_true.dtype != dtype or dtype not in (np.float32, np.float64):
         return NotImplemented
-    shape = np.broadcast_shapes(y_true.shape, y_pred.shape)
+    # kldiv's own broadcast: NumPy's broadcast_shapes stops at 32 dimensions (arrays go to 64)
+    shape = broadcast_shapes(y_true.shape, y_pred.shape, what="y_true and y_pred")
     if len(shape) == 0 or 0 in shape:
         return NotImplemented
 

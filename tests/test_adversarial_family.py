@@ -1,0 +1,203 @@
+"""Hostile inputs and options for the divergence family (``kl_divergence`` beyond probabilities,
+``reverse_kl_divergence``, ``js_divergence``, their loss classes and metrics).
+
+Each test here failed on the code before its fix: options whose conversion to a float overflows,
+inputs of high rank on the NumPy and TensorFlow fast paths and kernels, and temperatures so small
+that ``x / T`` overflows before the log-softmax's shift. The oracle is written from the
+definition (SPEC and docs/distillation.md), in float64, shifting logits by their row maximum
+*before* dividing by the temperature (the same number, mathematically: ``max(x / T) =
+max(x) / T`` for ``T > 0``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kldiv
+from conftest import ArrayBackend
+
+INF = math.inf
+FUNCTIONS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "kl": (kldiv.kl_divergence, {}),
+    "reverse_kl": (kldiv.reverse_kl_divergence, {}),
+    "js": (kldiv.js_divergence, {"beta": 0.3}),
+}
+LOSSES = [kldiv.KLDivergence, kldiv.ReverseKLDivergence, kldiv.JensenShannonDivergence]
+METRICS = [kldiv.metrics.KLDivergence, kldiv.metrics.ReverseKLDivergence,
+           kldiv.metrics.JensenShannonDivergence]
+
+
+def _call(member: str, y_true: Any, y_pred: Any, **kw: Any) -> Any:
+    fn, params = FUNCTIONS[member]
+    return fn(y_true, y_pred, **{**params, **kw})
+
+
+# ------------------------------------------------------------------------------------ oracle
+def _log64(x: Any, space: str, temperature: float) -> np.ndarray:
+    """One input in log space, float64, from the definitions; logits shifted, then scaled."""
+    x = np.array(x, dtype=np.float64)
+    if space == "probs":
+        return np.log(np.clip(x, 1e-7, 1.0))
+    if space == "log_probs":
+        return x
+    out = np.full(x.shape, -INF)
+    for idx in np.ndindex(x.shape[:-1]):
+        row = x[idx]
+        live = row > -INF
+        if live.any():
+            with np.errstate(over="ignore"):
+                z = (row[live] - row[live].max()) / temperature  # <= 0: -inf at worst
+            out[idx][live] = z - math.log(math.fsum(math.exp(v) for v in z))
+    return out
+
+
+def _oracle(member: str, y_true: Any, y_pred: Any, inputs: Any, temperature: float = 1.0,
+            beta: float = 0.3) -> np.ndarray:
+    spaces = (inputs, inputs) if isinstance(inputs, str) else inputs
+    lp, lq = _log64(y_true, spaces[0], temperature), _log64(y_pred, spaces[1], temperature)
+    rank = max(lp.ndim, lq.ndim)  # np.broadcast_shapes/arrays stop at 32 dimensions
+    a, b = (1,) * (rank - lp.ndim) + lp.shape, (1,) * (rank - lq.ndim) + lq.shape
+    shape = tuple(m if n == 1 else n for n, m in zip(a, b, strict=True))
+    lp, lq = np.broadcast_to(lp, shape), np.broadcast_to(lq, shape)
+    out = np.zeros(lp.shape[:-1])
+    for idx in np.ndindex(out.shape):
+        terms = []
+        for a, b in zip(lp[idx].tolist(), lq[idx].tolist(), strict=True):
+            if member == "reverse_kl":
+                a, b = b, a
+            if member in ("kl", "reverse_kl"):
+                if a > -INF:
+                    terms.append(INF if b == -INF else math.exp(a) * (a - b))
+            else:
+                p, q = math.exp(a), math.exp(b)
+                m = beta * p + (1 - beta) * q
+                if p > 0:
+                    terms.append(beta * p * math.log(p / m))
+                if q > 0:
+                    terms.append((1 - beta) * q * math.log(q / m))
+        out[idx] = INF if INF in terms else math.fsum(terms)
+    return out
+
+
+def _close(got: Any, want: np.ndarray, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    got = np.asarray(got, dtype=np.float64)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------- options that overflow a float
+HUGE = 10**400  # a Python int: float(HUGE) raises OverflowError
+
+
+@pytest.mark.parametrize("option", ["temperature", "beta"])
+def test_huge_integer_option_is_a_value_error(option: str) -> None:
+    t = np.array([[1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match=option):
+        kldiv.js_divergence(t, t, inputs="logits", **{option: HUGE})
+    with pytest.raises(ValueError, match=option):
+        kldiv.JensenShannonDivergence(inputs="logits", **{option: HUGE})
+    with pytest.raises(ValueError, match=option):
+        kldiv.metrics.JensenShannonDivergence(inputs="logits", **{option: HUGE})
+
+
+@pytest.mark.parametrize("cls", LOSSES + METRICS, ids=lambda c: f"{c.__module__}.{c.__name__}")
+def test_huge_integer_temperature_in_classes(cls: Any) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        cls(inputs="logits", temperature=-HUGE)
+
+
+# ---------------------------------------------------------------------------- high ranks
+HIGH_RANK_SPACES: list[Any] = ["logits", "log_probs", ("log_probs", "logits")]
+
+
+@pytest.mark.parametrize("inputs", HIGH_RANK_SPACES, ids=str)
+@pytest.mark.parametrize("member", list(FUNCTIONS))
+def test_rank_above_32(backend: ArrayBackend, member: str, inputs: Any) -> None:
+    """NumPy's ``broadcast_shapes`` stops at 32 dimensions; arrays go up to 64."""
+    rng = np.random.default_rng(1)
+    t = rng.normal(size=(2,) + (1,) * 38 + (4,))
+    p = rng.normal(size=(1,) * 39 + (4,))
+    got = backend.to_numpy(_call(member, backend.asarray(t, "float64"),
+                                 backend.asarray(p, "float64"), inputs=inputs))
+    _close(got, _oracle(member, t, p, inputs), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("member", list(FUNCTIONS))
+def test_numpy_js_probs_rank_above_32(member: str) -> None:
+    rng = np.random.default_rng(2)
+    t = rng.random((1,) * 35 + (3,))
+    p = rng.random((3,) + (1,) * 34 + (3,))
+    _close(_call(member, t, p), _oracle(member, t, p, "probs"), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("rank", [9, 12])
+@pytest.mark.parametrize("inputs", ["logits", "log_probs", "probs", ("probs", "logits")], ids=str)
+@pytest.mark.parametrize("member", list(FUNCTIONS))
+def test_tensorflow_rank_9_and_more(member: str, inputs: Any, rank: int) -> None:
+    """TensorFlow's ``where`` (SelectV2) refuses tensors of rank 9 or more ("Broadcast ... is
+    not supported yet"), even of one shape; the family's kernels select with it."""
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(3)
+    shape = (2,) + (1,) * (rank - 2) + (5,)
+    spaces = (inputs, inputs) if isinstance(inputs, str) else inputs
+    t, p = (rng.random(shape) if space == "probs" else rng.normal(size=shape) for space in spaces)
+    for x, space in ((t, spaces[0]), (p, spaces[1])):
+        x[..., 0] = 0.0 if space == "probs" else -INF  # a masked class
+    a, b = tf.Variable(t), tf.Variable(p)
+    with tf.GradientTape() as tape:
+        out = _call(member, a, b, inputs=inputs)
+        total = tf.reduce_sum(out)
+    assert isinstance(out, tf.Tensor) and tuple(out.shape) == shape[:-1]
+    _close(out.numpy(), _oracle(member, t, p, inputs), rtol=1e-9, atol=1e-12)
+    # the gradient matches the same call on a 2-D view of the rows
+    a2, b2 = tf.Variable(t.reshape(-1, 5)), tf.Variable(p.reshape(-1, 5))
+    with tf.GradientTape() as tape2:
+        total2 = tf.reduce_sum(_call(member, a2, b2, inputs=inputs))
+    for g, g2 in zip(tape.gradient(total, [a, b]), tape2.gradient(total2, [a2, b2]), strict=True):
+        np.testing.assert_allclose(g.numpy().reshape(-1, 5), g2.numpy(), rtol=1e-12, atol=1e-15)
+
+
+# --------------------------------------------------------------------- tiny temperatures
+@pytest.mark.parametrize("member", list(FUNCTIONS))
+def test_tiny_temperature_is_the_argmax_limit(backend: ArrayBackend, member: str) -> None:
+    """``x / T`` overflows for a tiny ``T`` (a valid temperature: finite and > 0); the
+    log-softmax of ``x / T`` is still defined (one-hot at the row maximum, shared between
+    ties): never NaN."""
+    t = np.array([[10.0, 20.0, 30.0], [40.0, 40.0, 10.0], [5.0, -5.0, 2.5], [-INF, 10.0, 10.0]])
+    p = np.array([[30.0, 20.0, 30.0], [10.0, 40.0, 0.0], [5.0, -5.0, 2.5], [-INF, 10.0, 10.0]])
+    # normal numbers (XLA and TensorFlow flush subnormal ones to 0 on CPU), small enough that
+    # 30 / T overflows
+    for dtype, temperature in (("float64", 1e-307), ("float32", 2e-38)):
+        if dtype not in backend.float_dtypes:
+            continue
+        got = backend.to_numpy(_call(member, backend.asarray(t, dtype), backend.asarray(p, dtype),
+                                     inputs="logits", temperature=temperature))
+        with np.errstate(over="ignore"):  # a divergence beyond float32's range is +inf there
+            want = _oracle(member, t, p, "logits", temperature).astype(dtype)
+        _close(got, want.astype(np.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_tiny_temperature_torch_gradient_is_finite_where_the_limit_is_flat() -> None:
+    torch = pytest.importorskip("torch")
+    t = torch.tensor([[10.0, 20.0, 30.0], [5.0, -5.0, 2.5]], dtype=torch.float64)
+    s = t.clone().requires_grad_(True)  # student == teacher: KL 0, gradient 0
+    for member in FUNCTIONS:
+        s.grad = None
+        out = _call(member, t, s, inputs="logits", temperature=1e-307)
+        out.sum().backward()
+        assert torch.equal(out, torch.zeros(2, dtype=torch.float64))
+        assert s.grad is not None and torch.equal(s.grad, torch.zeros_like(s))
+
+
+def test_tiny_temperature_tensorflow() -> None:
+    tf = pytest.importorskip("tensorflow")
+    t = np.array([[10.0, 20.0, 30.0], [40.0, 40.0, -INF]])
+    p = np.array([[30.0, 20.0, 30.0], [10.0, 40.0, 0.0]])
+    for member in FUNCTIONS:
+        got = _call(member, tf.constant(t), tf.constant(p), inputs="logits", temperature=1e-307)
+        _close(got.numpy(), _oracle(member, t, p, "logits", 1e-307))
