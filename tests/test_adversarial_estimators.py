@@ -246,3 +246,59 @@ def test_straight_through_keeps_k2s_second_derivative(diff_backend: ArrayBackend
             grad, second = np.asarray(jax.grad(total)(a)), np.diag(np.asarray(jax.hessian(total)(a)))
         np.testing.assert_allclose(grad, lp, rtol=1e-15)
         np.testing.assert_array_equal(second, 1.0)
+
+
+# ---- inputs that are not arrays ---------------------------------------------------------------
+
+def _k1_exact(lp: float, ref: float) -> float:
+    return float(decimal.Decimal(lp) - decimal.Decimal(ref))
+
+
+def test_python_reference_values_are_not_rounded_to_float32_first(backend: ArrayBackend) -> None:
+    # a Python float/list ref_logprob against a float64 logprob was rounded to float32 before
+    # the cast to float64: k1 off by 1.5e-9 (kld casts a list y_true to y_pred's dtype)
+    if "float64" not in backend.float_dtypes:
+        pytest.skip(f"{backend.name} has no float64")
+    lp = backend.asarray(np.array([-0.3, -2.7]), dtype="float64")
+    want = np.array([_k1_exact(-0.3, 0.1), _k1_exact(-2.7, -1.3)])
+    for ref in ([0.1, -1.3], (0.1, -1.3), [[0.1, -1.3]]):
+        out = backend.to_numpy(kldiv.kl_estimate(lp, ref, estimator="k1"))
+        assert out.dtype == np.float64
+        np.testing.assert_array_equal(out.reshape(-1), want)
+    out = backend.to_numpy(kldiv.kl_estimate(lp, 0.1, estimator="k1"))
+    np.testing.assert_array_equal(out, [_k1_exact(-0.3, 0.1), _k1_exact(-2.7, 0.1)])
+    loss = kldiv.KLEstimator("k1", reduction="sum")
+    assert float(backend.to_numpy(loss(lp, [0.1, -1.3]))) == pytest.approx(want.sum(), rel=1e-15)
+    metric = MetricKLEstimator("k1", dtype="float64")
+    metric.update_state(lp, [0.1, -1.3])
+    assert float(backend.to_numpy(metric.result())) == pytest.approx(want.mean(), rel=1e-15)
+
+
+def test_objects_with_a_dtype_of_their_own_keep_it() -> None:
+    # np.matrix, memoryview, array.array (and pandas, xarray...) carry float64: kl_estimate
+    # turned them into float32 (only Python floats are Keras' floatx, as kld does)
+    import array
+
+    values = np.array([-0.3, -2.7])
+    want = np.expm1(0.3) - 0.3, np.expm1(2.7) - 2.7
+    for obj in (np.matrix(values), memoryview(values), array.array("d", values)):
+        out = kldiv.kl_estimate(obj, 0.0)
+        assert out.dtype == np.float64, type(obj)
+        np.testing.assert_allclose(np.asarray(out).reshape(-1), want, rtol=1e-15)
+        assert kldiv.KLEstimator()(obj, 0.0).dtype == np.float64
+    # Python values stay float32, on either side
+    assert kldiv.kl_estimate([-0.3, -2.7], [0.0, 0.0]).dtype == np.float32
+    assert kldiv.kl_estimate(-0.3, 0.0).dtype == np.float32
+
+
+def test_sparse_inputs_name_the_argument() -> None:
+    torch = pytest.importorskip("torch")
+    sparse = torch.tensor([-1.0, 0.0]).to_sparse()
+    with pytest.raises(TypeError, match=r"^logprob is a sparse torch tensor"):
+        kldiv.kl_estimate(sparse, torch.zeros(2))
+    with pytest.raises(TypeError, match=r"^ref_logprob is a sparse torch tensor"):
+        kldiv.kl_estimate(torch.zeros(2), sparse)
+    with pytest.raises(TypeError, match=r"^logprob is a sparse"):
+        kldiv.KLEstimator()(sparse, torch.zeros(2))
+    with pytest.raises(TypeError, match=r"^logprob is a sparse"):
+        MetricKLEstimator().update_state(sparse, torch.zeros(2))

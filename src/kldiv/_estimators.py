@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._convert import as_pred_array, to_namespace
+from ._convert import _python_values, as_pred_array, check_dense, to_namespace
 from ._estimator_math import (
     ESTIMATORS,
     GRADIENTS,
@@ -64,13 +64,21 @@ class Inputs(NamedTuple):
     device: Any
 
 
-def _python_to_numpy(x: Any, what: str) -> np.ndarray:
+def _python_to_numpy(x: Any, what: str, *, floatx: bool) -> np.ndarray:
+    """``x`` (not an array of a supported library) as a NumPy array.
+
+    With ``floatx``, Python floats (numbers, lists, tuples) become float32, Keras' floatx, as
+    ``y_pred`` does in :func:`kldiv.kl_divergence`; anything that carries a dtype of its own
+    (NumPy scalars, ``np.matrix``, ``memoryview``, ``array.array``, pandas...) keeps it.
+    Without (``ref_logprob``), the values are kept exact until the cast to ``logprob``'s
+    dtype: a float64 ``logprob`` against ``[0.1]`` sees 0.1, not float32's 0.10000000149.
+    """
     try:
         arr = np.asarray(x)
     except (ValueError, TypeError) as exc:
         raise TypeError(f"{what} could not be converted to an array: {exc}") from None
-    if dtype_kind(arr.dtype) == "float" and not isinstance(x, np.generic):
-        arr = arr.astype(np.float32)  # Python floats are Keras floatx (float32), as elsewhere
+    if floatx and arr.dtype == np.float64 and _python_values(x):
+        arr = arr.astype(np.float32)
     return arr
 
 
@@ -85,8 +93,16 @@ def prepare_estimate(logprob: Any, ref_logprob: Any) -> Inputs:
     """
     if logprob is None or ref_logprob is None:
         raise TypeError("logprob and ref_logprob must be arrays, lists or numbers, not None.")
-    lp = as_pred_array(logprob) if is_array(logprob) else _python_to_numpy(logprob, "logprob")
-    ref = ref_logprob if is_array(ref_logprob) else _python_to_numpy(ref_logprob, "ref_logprob")
+    check_dense(logprob, "logprob")
+    check_dense(ref_logprob, "ref_logprob")
+    if is_array(logprob):
+        lp = as_pred_array(logprob)
+    else:
+        lp = _python_to_numpy(logprob, "logprob", floatx=True)
+    if is_array(ref_logprob):
+        ref = ref_logprob
+    else:
+        ref = _python_to_numpy(ref_logprob, "ref_logprob", floatx=False)
     lp, xp = pred_namespace(lp, ref, what="logprob")
 
     kind = dtype_kind(lp.dtype)
