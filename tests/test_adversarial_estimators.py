@@ -302,3 +302,18 @@ def test_sparse_inputs_name_the_argument() -> None:
         kldiv.KLEstimator()(sparse, torch.zeros(2))
     with pytest.raises(TypeError, match=r"^logprob is a sparse"):
         MetricKLEstimator().update_state(sparse, torch.zeros(2))
+
+
+def test_loss_float16_result_overflow_is_inf_without_a_warning() -> None:
+    """The loss classes' cast back to a float16 result: a value beyond its range is inf, as
+    documented, without NumPy's "overflow encountered in cast" warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = kldiv.KLEstimator(reduction="none")(np.array([-30.0], np.float16),
+                                                  np.array([0.0], np.float16))
+        kl = kldiv.KLDivergence(reduction="sum")(np.full((3, 4), 0.25, np.float16),
+                                                 np.full((3, 4), 1e-7, np.float16))
+    assert est.dtype == np.float16 and np.isinf(est).all()
+    assert kl.dtype == np.float16 and float(kl) > 0

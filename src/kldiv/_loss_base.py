@@ -131,7 +131,14 @@ class LossBase(KerasAwareLoss):
         dtype = out_dtype if name is None else result_dtype(xp, name, owner=owner)
         if out.dtype != dtype:
             try:
-                out = xp.astype(out, dtype)
+                if isinstance(out, (np.ndarray, np.generic)):
+                    # a value beyond a float16 result's range is inf, as documented, without
+                    # NumPy's "overflow encountered in cast" (np.errstate: NumPy only, it
+                    # would break a torch.compile trace)
+                    with np.errstate(over="ignore"):
+                        out = xp.astype(out, dtype)
+                else:
+                    out = xp.astype(out, dtype)
             except (TypeError, ValueError, RuntimeError) as exc:  # e.g. no float64 on the device
                 raise ValueError(
                     f"{owner}(dtype={self.dtype!r}): the result cannot be cast to {dtype} "
