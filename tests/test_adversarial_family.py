@@ -201,3 +201,19 @@ def test_tiny_temperature_tensorflow() -> None:
     for member in FUNCTIONS:
         got = _call(member, tf.constant(t), tf.constant(p), inputs="logits", temperature=1e-307)
         _close(got.numpy(), _oracle(member, t, p, "logits", 1e-307))
+
+
+# ------------------------------------------------------------------ shapes of unknown rank
+@pytest.mark.parametrize("unknown", ["y_true", "y_pred"])
+def test_tensorflow_unknown_rank_names_the_input(unknown: str) -> None:
+    """A ``tf.function`` traced with a shape of unknown rank: a ``ValueError`` that names the
+    input (kldiv needs the class axis), not TensorFlow's bare "Cannot iterate over a shape"."""
+    tf = pytest.importorskip("tensorflow")
+    known = tf.TensorSpec((2, 3), tf.float32)
+    vague = tf.TensorSpec(None, tf.float32)
+    specs = [vague, known] if unknown == "y_true" else [known, vague]
+    for member in FUNCTIONS:
+        fn = tf.function(lambda a, b, m=member: _call(m, a, b, inputs="logits"),
+                         input_signature=specs)
+        with pytest.raises(ValueError, match=f"{unknown} .*unknown rank"):
+            fn(tf.zeros((2, 3)), tf.zeros((2, 3)))

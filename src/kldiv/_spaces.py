@@ -84,6 +84,19 @@ def _given(shapes: tuple[tuple[Any, ...], tuple[Any, ...]]) -> str:
     return f"y_true of shape {shape_str(shapes[0])} and y_pred of shape {shape_str(shapes[1])}"
 
 
+def _known_rank(x: Any, what: str) -> tuple[Any, ...]:
+    """``x``'s shape as a tuple; a ``ValueError`` naming ``what`` for a shape of unknown rank
+    (a TensorFlow graph traced with ``TensorSpec(None)``): there is no class axis to find."""
+    try:
+        return tuple(x.shape)
+    except ValueError:
+        raise ValueError(
+            f"{what} has a shape of unknown rank (a graph traced without its rank, e.g. "
+            "tf.TensorSpec(None)); kldiv needs the rank to find the class (last) axis: give "
+            "the input signature a rank, e.g. tf.TensorSpec((None, None))."
+        ) from None
+
+
 def _squeeze_last(xp: ModuleType, x: Any) -> Any:
     return xp.reshape(x, tuple(x.shape[:-1]))
 
@@ -144,7 +157,7 @@ def prepare(y_true: Any, y_pred: Any, *, squeeze: bool = True) -> Prepared:
         y_pred = xp.astype(y_pred, compute_dtype)
     y_true = to_namespace(y_true, xp, device, compute_dtype, what="y_true")
 
-    given = (tuple(y_true.shape), tuple(y_pred.shape))
+    given = (_known_rank(y_true, "y_true"), _known_rank(y_pred, "y_pred"))
     squeezed = ""  # which input lost its trailing axis (messages are built only on errors:
     # formatting symbolic shapes would break a torch.compile graph)
     if squeeze:
