@@ -318,7 +318,16 @@ def test_torch_weight_grad_by_slabs(torch: Any, monkeypatch: pytest.MonkeyPatch,
         for g, e in zip(got, want, strict=True):
             assert torch.isfinite(g).all()
             _close(g, e, 1e-10)
-    assert len(slab_calls) == 2
+    # only the weight needs a gradient: the chunk pass computes no gradient, only statistics
+    h, w = tt(d["h"]), tt(d["w"], requires_grad=True)
+    out = _call(h, w, None, _teacher(d, form, tt), divergence=div, beta=BETA, sample_weight=sw,
+                chunk_size=4)
+    (got,) = torch.autograd.grad(out, (w,))
+    w64 = w.detach().requires_grad_()
+    ref = reduce(xp, plain(xp, h, w64, None, _teacher(d, form, tt), div, BETA, 1.0), sw,
+                 "mean_with_sample_weight")
+    _close(got, torch.autograd.grad(ref, (w64,))[0], 1e-10)
+    assert len(slab_calls) == 3
 
 
 def test_torch_weight_grad_mode(torch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1233,7 +1242,7 @@ def test_loss_class_config_pickle_and_call() -> None:
 _TRITON_SCRIPT = r"""
 import math, numpy as np, torch, triton
 from kldiv.backends import torch_fused_chunks, triton_fused
-from kldiv import fused_linear_divergence
+from kldiv import fused_linear_divergence, _fused_linear_math
 from tests.test_fused_linear import _data, _teacher, _call, plain, reduce, BETA, DIVS
 import array_api_compat
 torch_fused_chunks.FORCE_ROUTE = "triton"
@@ -1304,6 +1313,55 @@ loss = triton_fused.chunk(s.clone(), t, None, None, None, _fused_linear_math.Pla
 xp = array_api_compat.array_namespace(s)
 want = _fused_linear_math.chunk_terms(xp, s.double(), t.double(), "js", 0.4, False)[0]
 np.testing.assert_allclose(loss.double().numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+# per-token scales that are stride-0 views (the gradient of a sum; a scalar sample weight
+# with reduction="sum") and a strided bias: the kernels read contiguous copies
+for mode in ("chunks", "slabs"):
+    torch_fused_chunks.WEIGHT_GRAD = mode
+    d = _data(24)
+    f32 = lambda a: torch.tensor(a, dtype=torch.float32)
+    h, w = (f32(d[k]).requires_grad_() for k in ("h", "w"))
+    b = f32(np.stack([d["b"], d["b"]], -1))[:, 0].requires_grad_()  # stride 2
+    tl = f32(d["tl"])
+    d64 = [x.detach().double().requires_grad_() for x in (h, w, b)]
+    xp = array_api_compat.array_namespace(d64[0])
+    ref_per = plain(xp, *d64, {"logits": tl.double()}, "js", BETA, 1.0)
+    for kind in ("none-sum", "sum-scalar"):
+        if kind == "none-sum":
+            out = _call(h, w, b, {"logits": tl}, divergence="js", beta=BETA,
+                        reduction="none", chunk_size=3).sum()
+            ref = ref_per.sum()
+        else:
+            out = _call(h, w, b, {"logits": tl}, divergence="js", beta=BETA,
+                        reduction="sum", sample_weight=np.float32(0.5), chunk_size=3)
+            ref = 0.5 * ref_per.sum()
+        got = torch.autograd.grad(out, (h, w, b))
+        want = torch.autograd.grad(ref, d64, retain_graph=True)
+        assert abs(float(out) - float(ref)) < 1e-4 * (1 + abs(float(ref))), (mode, kind)
+        for g, e in zip(got, want):
+            np.testing.assert_allclose(g.double().numpy(), e.numpy(), rtol=1e-4, atol=1e-5)
+# bfloat16 weights kept bfloat16 in the products (CUDA's half route): by slabs, the slab
+# kernel stores a bfloat16 gradient; the same as by chunks to bfloat16 rounding
+bf = torch.bfloat16
+real_operand = torch_fused_chunks._operand
+torch_fused_chunks._operand = lambda x, cd: x if x is None or x.dtype in (bf, cd) else x.to(cd)
+d = _data(25)
+h, w = (torch.tensor(d[k]).to(bf) for k in ("h", "w"))
+th, tw = (torch.tensor(d[k]).to(bf) for k in ("th", "tw"))
+n = 10
+for div in DIVS:
+    plan = _fused_linear_math.Plan(div, BETA, 1.3, 3)
+    res = {}
+    for mode in ("chunks", "slabs"):
+        torch_fused_chunks.WEIGHT_GRAD = mode
+        _, dh, dW, _ = torch_fused_chunks.chunks(
+            h.reshape(n, -1), w, None, ("hidden", th.reshape(n, -1), tw, None), plan,
+            torch.rand(n, generator=torch.Generator().manual_seed(1)), (True, True, False))
+        res[mode] = (dh.float(), dW)
+    assert res["slabs"][1].dtype == bf and res["chunks"][1].dtype == torch.float32
+    for a, e in zip(res["slabs"], res["chunks"]):
+        np.testing.assert_allclose(a.float().numpy(), e.float().numpy(), rtol=2e-2,
+                                   atol=2e-2 * float(e.abs().max()))
+torch_fused_chunks._operand = real_operand
 assert len(calls) > 50, len(calls)  # the host code ran the kernel, not the torch ops
 assert len(slab_calls) > 50, len(slab_calls)  # and the slab kernel for the weight gradient
 print("TRITON-FUSED-OK")

@@ -217,12 +217,15 @@ class _Setup:
             rows = auto_chunk_size(h2.shape[0], W.shape[0], itemsize=4,
                                    buffers=TRITON_CHUNK_BUFFERS, on_gpu=True,
                                    available=available_memory(h2.device),
-                                   cap=SLAB_CHUNK_BYTES if self.slabs else TRITON_CHUNK_BYTES)
+                                   cap=TRITON_CHUNK_BYTES if weight_grad and not self.slabs
+                                   else SLAB_CHUNK_BYTES)
             plan = dataclasses.replace(plan, chunk_size=rows)
         self.plan, self.teacher = plan, teacher
-        self.b = None if b is None else b.to(cd)
+        # the Triton kernels read biases (and per-token scales) as contiguous rows
+        self.b = None if b is None else b.to(cd).contiguous()
         self.t_w = _operand(teacher[2], cd) if teacher[0] == "hidden" else None
-        self.t_b = None if teacher[0] != "hidden" or teacher[3] is None else teacher[3].to(cd)
+        self.t_b = None if teacher[0] != "hidden" or teacher[3] is None else \
+            teacher[3].to(cd).contiguous()
         self.ws = None
         if self.route == "torch" and self.W is not None and self.W.dtype == cd and (
                 self.t_w is None or self.t_w.dtype == cd):
@@ -238,8 +241,8 @@ class _Setup:
         receives the rows' statistics for the slab pass."""
         cd, teacher, temp = self.cd, self.teacher, self.plan.temperature
         W_ = self.W
-        hc = _operand(h2[i0:i1], cd)
-        assert hc is not None and W_ is not None
+        hc = self.operand_rows(h2, i0, i1)
+        assert W_ is not None
         bufs: list[torch.Tensor] = []
         mask: torch.Tensor | None = None
         if self.ws is not None:  # the torch-ops route: products written into the workspace
@@ -249,7 +252,7 @@ class _Setup:
             if teacher[0] == "logits":
                 t.copy_(teacher[1][i0:i1])
             else:
-                torch.mm(_operand(teacher[1][i0:i1], cd), self.t_w.T, out=t)  # type: ignore[arg-type, union-attr, unused-ignore]
+                torch.mm(self.operand_rows(teacher[1], i0, i1, self.t_w), self.t_w.T, out=t)  # type: ignore[union-attr, unused-ignore]
         else:
             s, t = self._logits(h2, hc, i0, i1, 0, W_.shape[0])
         need_grad = sc is not None
@@ -268,17 +271,32 @@ class _Setup:
             g.mul_(sc.div(temp).unsqueeze(-1))
         return hc, loss, g
 
-    def _logits(self, h2: torch.Tensor, hc: torch.Tensor, i0: int, i1: int, v0: int, v1: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logits(self, h2: torch.Tensor, hc: torch.Tensor, i0: int, i1: int, v0: int, v1: int,
+                th: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Both sides' logits of rows ``i0:i1`` and vocabulary entries ``v0:v1``, without
         biases: the student's a new ``cd`` tensor, the teacher's a slice of its logits (any
-        dtype) or a new ``cd`` tensor."""
+        dtype) or a new ``cd`` tensor (``th``: the teacher's rows as the product takes them,
+        when the caller has them)."""
         cd, teacher, W_ = self.cd, self.teacher, self.W
         assert W_ is not None
         s = _mm(hc, W_[v0:v1].T, cd)
         if teacher[0] == "logits":
             return s, teacher[1][i0:i1, v0:v1]
-        return s, _mm(_operand(teacher[1][i0:i1], cd), self.t_w[v0:v1].T, cd)  # type: ignore[arg-type, index, unused-ignore]
+        if th is None:
+            th = self.operand_rows(teacher[1], i0, i1, self.t_w)
+        return s, _mm(th, self.t_w[v0:v1].T, cd)  # type: ignore[index, union-attr, unused-ignore]
+
+    def operand_rows(self, x: torch.Tensor, i0: int, i1: int,
+                     weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``i0:i1`` of hidden states as the products with ``weight`` (default: the
+        student's) take them: in the compute dtype, or on CUDA's half route in the weight's
+        half dtype (converted here once, not by every product)."""
+        weight = self.W if weight is None else weight
+        xc = _operand(x[i0:i1], self.cd)
+        assert xc is not None and weight is not None
+        if weight.dtype in _HALF and xc.dtype != weight.dtype:
+            xc = xc.to(weight.dtype)
+        return xc
 
     def _shift(self, s: torch.Tensor, t: torch.Tensor, b: torch.Tensor | None,
                t_b: torch.Tensor | None) -> None:
@@ -292,11 +310,12 @@ class _Setup:
             s.div_(temp)
             t.div_(temp)
 
-    def slab_tile(self, h2: torch.Tensor, hc: torch.Tensor, i0: int, i1: int, v0: int,
-                  v1: int, sc: torch.Tensor, stats: torch.Tensor, out: torch.Tensor) -> None:
+    def slab_tile(self, h2: torch.Tensor, hc: torch.Tensor, th: torch.Tensor | None, i0: int,
+                  i1: int, v0: int, v1: int, sc: torch.Tensor, stats: torch.Tensor,
+                  out: torch.Tensor) -> None:
         """``out[:] = d loss / d logits`` of rows ``i0:i1`` and entries ``v0:v1``, times
         ``sc / temperature`` per row, from the rows' statistics (the slab pass)."""
-        s, t = self._logits(h2, hc, i0, i1, v0, v1)
+        s, t = self._logits(h2, hc, i0, i1, v0, v1, th)
         b = None if self.b is None else self.b[v0:v1]
         t_b = None if self.t_b is None else self.t_b[v0:v1]
         if self.route == "triton":
@@ -316,9 +335,10 @@ def _weight_grad_slabs(setup: _Setup, h2: torch.Tensor, scale: torch.Tensor,
     """The weight gradient ``sum_tokens G.T @ h`` by vocabulary slabs, in the weight
     operand's dtype: each slab's rows of ``G`` are formed again from the statistics of the
     first pass (both logits products once more) and multiplied by the hidden states, one
-    product over all tokens (float32 accumulation inside the GEMM) where a tile of all of
-    them fits the budget, else accumulated over token tiles in a slab-sized ``cd`` buffer.
-    No ``V x H`` buffer but the result."""
+    product over all tokens where a tile of all of them fits the budget (else accumulated
+    over token tiles), into a slab-sized ``cd`` buffer (float32 output: rounded once to a
+    half weight's dtype, whatever split the GEMM takes). No ``V x H`` buffer but the
+    result."""
     W_, cd = setup.W, setup.cd
     assert W_ is not None
     v, hid = W_.shape
@@ -329,19 +349,31 @@ def _weight_grad_slabs(setup: _Setup, h2: torch.Tensor, scale: torch.Tensor,
         return dW.zero_()
     cols = max(1, min(v, SLAB_COLUMNS))
     budget = SLAB_TILE_BYTES or (GPU_CHUNK_BYTES if dev.type != "cpu" else CPU_CHUNK_BYTES)
+    free = available_memory(dev)
     per_entry = 2 * cd.itemsize + W_.dtype.itemsize  # both logits tiles and the gradient tile
+    if free is not None:  # the chunk pass adapted to free memory: so does this one
+        budget = min(budget, max(cols * per_entry, free // 4))
     rows = max(1, min(n, budget // (cols * per_entry)))
     g_buf = torch.empty((rows, cols), dtype=W_.dtype, device=dev)
-    acc = None if rows >= n else torch.empty((cols, hid), dtype=cd, device=dev)
+    # the result's own dtype with one tile: written directly, else through a cd slab
+    acc = None if rows >= n and W_.dtype == cd else \
+        torch.empty((cols, hid), dtype=cd, device=dev)
+    teacher = setup.teacher
+    hidden_teacher = teacher[0] == "hidden"
+    whole: tuple[Any, ...] | None = None  # one tile: its operands converted once
+    if rows >= n:
+        whole = (setup.operand_rows(h2, 0, n),
+                 setup.operand_rows(teacher[1], 0, n, setup.t_w) if hidden_teacher else None)
     for v0 in range(0, v, cols):
         v1 = min(v, v0 + cols)
         for i0 in range(0, n, rows):
             i1 = min(n, i0 + rows)
-            hc = _operand(h2[i0:i1], cd)
-            assert hc is not None
+            hc, th = whole if whole is not None else (
+                setup.operand_rows(h2, i0, i1),
+                setup.operand_rows(teacher[1], i0, i1, setup.t_w) if hidden_teacher else None)
             g = g_buf[: i1 - i0, : v1 - v0]
-            setup.slab_tile(h2, hc, i0, i1, v0, v1, scale[i0:i1], stats[i0:i1], g)
-            if acc is None:  # one product over all tokens, rounded once
+            setup.slab_tile(h2, hc, th, i0, i1, v0, v1, scale[i0:i1], stats[i0:i1], g)
+            if acc is None:  # one product over all tokens, in the result's dtype
                 _mm_into(dW[v0:v1], g.T, hc)
             elif i0 == 0:
                 _mm_into(acc[: v1 - v0], g.T, hc)
@@ -359,6 +391,8 @@ def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
     ``sum(loss * scale)`` (``scale`` per token) in the compute dtype (``dW`` in the weight
     operand's dtype when formed by slabs, :data:`WEIGHT_GRAD`)."""
     need_grad = scale is not None and any(need)
+    if scale is not None:  # e.g. the stride-0 gradient of a sum: kernels read rows of it
+        scale = scale.contiguous()
     setup = _Setup(h2, W, b, teacher, plan, weight_grad=need_grad and need[1])
     cd, W_, plan = setup.cd, setup.W, setup.plan
     assert W_ is not None
@@ -371,13 +405,15 @@ def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
         if need_grad and need[1] and not setup.slabs else None
     db = torch.zeros(v, dtype=cd, device=dev) if need_grad and need[2] else None
     stats = torch.empty((n, STATS), dtype=cd, device=dev) if setup.slabs else None
+    # the chunk pass's gradient: for dh, db and (not by slabs) dW
+    chunk_grad = need_grad and (dh is not None or db is not None or dW is not None)
     for i0 in range(0, n, plan.chunk_size):
         i1 = min(n, i0 + plan.chunk_size)
-        hc, loss[i0:i1], g = setup.chunk(h2, i0, i1, scale[i0:i1] if need_grad else None,  # type: ignore[index]
+        hc, loss[i0:i1], g = setup.chunk(h2, i0, i1, scale[i0:i1] if chunk_grad else None,  # type: ignore[index]
                                          None if stats is None else stats[i0:i1])
         if g is not None:
             # half operands (CUDA): the gradient rounded once to their dtype, for both products
-            g_op = g if W_.dtype == cd else g.to(W_.dtype)
+            g_op = g if W_.dtype == cd or (dh is None and dW is None) else g.to(W_.dtype)
             if dh is not None:
                 _mm_into(dh[i0:i1], g_op, W_)
             if dW is not None:

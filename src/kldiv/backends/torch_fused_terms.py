@@ -94,10 +94,11 @@ def chunk_terms_(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float,
         loss = lp.sum(-1).mul_(beta)
         a.mul_(q).masked_fill_(torch.eq(q, 0, out=mask), 0.0)  # q (log q - log m)
         loss.add_(a.sum(-1), alpha=1 - beta)
-        if need_grad:
+        if need_grad or stats is not None:
             g = a.mul_(1 - beta)
             row_const = g.sum(-1)
-            grad = g.sub_(q.mul_(row_const.unsqueeze(-1)))
+            if need_grad:
+                grad = g.sub_(q.mul_(row_const.unsqueeze(-1)))
     if stats is not None:
         stats[:, 2] = row_const
     return loss, grad

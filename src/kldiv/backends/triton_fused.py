@@ -155,6 +155,11 @@ def chunk(s: torch.Tensor, t: torch.Tensor, s_bias: torch.Tensor | None,
     loss = torch.empty(rows, dtype=torch.float32, device=s.device)
     if rows == 0:
         return loss
+    if scale is not None:  # read as contiguous (a stride-0 view would repeat its first)
+        scale = scale.contiguous()
+    for bias in (s_bias, t_bias):
+        if bias is not None and bias.stride(-1) != 1:
+            raise ValueError("the biases must be contiguous")
     beta = plan.beta if plan.divergence == "js" else 0.5
     dummy = s  # an unused pointer argument still needs a tensor
     out_stats = stats
@@ -222,6 +227,9 @@ def slab_grad(s: torch.Tensor, t: torch.Tensor, s_bias: torch.Tensor | None,
         raise ValueError("the slab's logits and gradient must have unit column stride")
     stats = stats.to(torch.float32).contiguous()
     scale = scale.contiguous()
+    for bias in (s_bias, t_bias):
+        if bias is not None and bias.stride(-1) != 1:
+            raise ValueError("the biases must be contiguous")
     beta = plan.beta if plan.divergence == "js" else 0.5
     dummy = s
     block = max(16, min(1024, triton.next_power_of_2(v)))
