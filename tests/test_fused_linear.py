@@ -1121,6 +1121,8 @@ BAD = [
     ({}, {"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
     ({}, {"temperature": -1}, ValueError, "temperature"),
     ({}, {"temperature": math.inf}, ValueError, "temperature"),
+    ({}, {"temperature": 10**400}, ValueError, "temperature=1000.*out of the range of a float"),
+    ({}, {"divergence": "js", "beta": -10**400}, ValueError, "beta=.*out of the range"),
     ({}, {"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
     ({}, {"chunk_size": 2.5}, TypeError, "chunk_size must be a positive int"),
     ({}, {"chunk_size": True}, TypeError, "chunk_size"),

@@ -17,17 +17,11 @@ from ._dispatch import library_op
 from ._fused_linear_math import DIVERGENCES
 from ._namespace import array_namespace, dtype_kind, get_device, is_array, namespace_name
 from ._reduction import Reduction, validate_reduction
-from ._spaces import shape_str
+from ._spaces import _real, shape_str
 
 __all__ = ["BATCHMEAN", "check_arrays", "check_shapes", "validate_options"]
 
 BATCHMEAN = "batchmean"
-
-
-def _real(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a real number, got {type(value).__name__}.")
-    return float(value)
 
 
 def validate_options(divergence: Any, beta: Any, temperature: Any, reduction: Any,
