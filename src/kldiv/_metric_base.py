@@ -19,6 +19,7 @@ of the member's public function with those options. The public classes are in
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -35,7 +36,14 @@ from ._accumulate import (
 )
 from ._dispatch import Call, resolve
 from ._divergence import Divergence
-from ._keras import called_by_keras_wrapper, called_by_tf_keras_compile, metric_class
+from ._keras import (
+    called_by_keras_deserialize,
+    called_by_keras_wrapper,
+    called_by_tf_keras_compile,
+    keras_mask,
+    keras_masked_weight,
+    metric_class,
+)
 from ._metric_restore import public_name, restore_metric
 from ._namespace import array_namespace, get_device, namespace_name, numpy_result
 
@@ -378,7 +386,12 @@ class DivergenceMetric(RunningMean):
             Keras 2 rules: a scalar, a weight per sample (shape of the per-sample loss, or
             with a trailing axis of 1), or a weight of one rank less (scales each row). A mask
             (``labels != -100``) is a weight: the mean is then over the unmasked samples.
+            A Keras mask on ``y_pred`` (the output of a masking layer) is such a weight too,
+            as in Keras' metrics.
         """
+        mask = keras_mask(y_pred)
+        if mask is not None:
+            sample_weight = keras_masked_weight(mask, sample_weight, "sum", y_pred)
         sums = batch_sums(y_true, y_pred, sample_weight, call=self._kldiv_call)
         self._add(sums.xp, sums.weighted_sum, sums.n if sums.weight_sum is None else sums.weight_sum)
 
@@ -419,5 +432,26 @@ class DivergenceMetric(RunningMean):
 
         A Keras 3 ``DTypePolicy`` dict is accepted for ``dtype``; a Keras 2 ``"fn"`` key must
         name this metric's function. Unknown keys raise ``TypeError``.
+
+        Inside Keras' deserialization (``load_model``), a *loss* config of the same divergence
+        (one with a ``"reduction"`` entry) gives that loss (``kldiv.losses.KLDivergence``, ...):
+        kldiv's loss and metric share their Keras name (``"KLDivergence"``), so a saved model
+        that holds both is loaded with one entry,
+        ``custom_objects={"KLDivergence": kldiv.metrics.KLDivergence}``. Called directly, such a
+        config is an unknown key (``TypeError``).
         """
+        if isinstance(config, Mapping) and "reduction" in config:
+            loss_class = _loss_class(cls)
+            if loss_class is not None and called_by_keras_deserialize():
+                loss: Any = loss_class.from_config(config)
+                return loss
         return super().from_config(config)
+
+
+def _loss_class(cls: type) -> Any:
+    """``kldiv.losses``' class of the metric class ``cls``'s divergence (``None`` if none)."""
+    plain = getattr(cls, "_kldiv_class", cls)
+    found = getattr(sys.modules.get("kldiv.losses"), plain.__name__, None)
+    if isinstance(found, type) and getattr(found, "divergence", None) is getattr(plain, "divergence", None):
+        return found
+    return None

@@ -8,16 +8,20 @@ kldiv never imports Keras: everything here looks in ``sys.modules``.
 """
 
 from .detect import (
+    called_by_keras3_compile,
+    called_by_keras_deserialize,
     called_by_keras_wrapper,
     called_by_tf_keras_compile,
     in_graph,
     in_keras_scope,
+    keras_mask,
     loaded_keras,
 )
 from .loss import (
     KerasAwareLoss,
     keras_aware_class,
     keras_loss_bases,
+    keras_masked_weight,
     kldiv_class,
     kldiv_class_of_type,
     with_keras_bases,
@@ -26,12 +30,16 @@ from .metric import metric_class
 
 __all__ = [
     "KerasAwareLoss",
+    "called_by_keras3_compile",
+    "called_by_keras_deserialize",
     "called_by_keras_wrapper",
     "called_by_tf_keras_compile",
     "in_graph",
     "in_keras_scope",
     "keras_aware_class",
     "keras_loss_bases",
+    "keras_mask",
+    "keras_masked_weight",
     "kldiv_class",
     "kldiv_class_of_type",
     "loaded_keras",

@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 
 from .._libraries import graph_library
 
-__all__ = ["AUTOGRAPH_MARK", "TF_BACKEND", "called_by_keras_wrapper", "called_by_tf_keras_compile",
-           "graph_module", "graph_safe", "host_float", "in_graph", "in_keras_scope",
-           "is_tf_tensor", "loaded_keras"]
+__all__ = ["AUTOGRAPH_MARK", "TF_BACKEND", "called_by_keras3_compile", "called_by_keras_deserialize", "called_by_keras_wrapper",
+           "called_by_tf_keras_compile", "graph_module", "graph_safe", "host_float", "in_graph",
+           "in_keras_scope", "is_tf_tensor", "keras3_floatx", "keras_mask", "loaded_keras"]
 
 TF_BACKEND = "tensorflow"
 """Keras' own name of its TensorFlow backend (``keras.backend.backend()``); tf-keras (Keras 2)
@@ -168,3 +168,78 @@ def called_by_tf_keras_compile() -> bool:
     model = getattr(getattr(tf_keras, "models", None), "Model", None)
     return (caller.f_code.co_name == "_validate_compile" and isinstance(model, type)
             and isinstance(caller.f_locals.get("self"), model))
+
+
+# ---- what Keras' own Loss.__call__ does besides the loss -----------------------------------
+
+_KERAS3_COMPILE = "keras.src.trainers.compile_utils"  # the module of Keras 3's CompileLoss
+
+
+def keras_mask(x: Any) -> Any:
+    """The Keras mask ``x`` carries (``None`` without one): what a masking layer
+    (``Embedding(mask_zero=True)``, ``Masking``) set on its output, which Keras' ``Loss.__call__``
+    and ``MeanMetricWrapper`` weight by.
+
+    tf.keras and Keras 3 keep it as the tensor's ``_keras_mask`` attribute; Keras 3 keeps the
+    mask of an array that takes no attribute (JAX's) in its own table, read through its
+    ``get_keras_mask``. Never imports Keras.
+    """
+    try:
+        mask = getattr(x, "_keras_mask", None)
+    except Exception:  # an object whose attribute lookup raises
+        mask = None
+    if mask is None:
+        backend = sys.modules.get("keras.src.backend")
+        get = getattr(backend, "get_keras_mask", None)
+        if callable(get):
+            try:
+                mask = get(x)
+            except Exception:  # another Keras 3 layout
+                mask = None
+    return mask
+
+
+def called_by_keras3_compile(depth: int = 4) -> bool:
+    """True when Keras 3's compiled loss (``CompileLoss``: ``fit``/``evaluate``/``train_on_batch``)
+    calls the loss whose ``__call__`` asks. Looks at most ``depth`` frames up."""
+    if _KERAS3_COMPILE not in sys.modules:
+        return False
+    frame: FrameType | None = sys._getframe(2)  # the caller of loss.__call__
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_globals.get("__name__") == _KERAS3_COMPILE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def keras3_floatx() -> str | None:
+    """Keras 3's ``floatx`` (``"float32"`` unless changed), ``None`` without Keras 3 loaded."""
+    backend = getattr(sys.modules.get("keras"), "backend", None)
+    floatx = getattr(backend, "floatx", None)
+    if not callable(floatx):
+        return None
+    try:
+        return str(floatx())
+    except Exception:
+        return None
+
+
+_SAVING = ("keras.src.saving.", "tf_keras.src.saving.")  # Keras 3's and tf.keras' (de)serializers
+
+
+def called_by_keras_deserialize(depth: int = 5) -> bool:
+    """True when Keras' deserialization (``load_model``, ``deserialize_keras_object``,
+    ``compile_from_config``) calls the ``from_config`` that asks. Looks at most ``depth``
+    frames up; costs nothing without Keras."""
+    if not any(name in sys.modules for name in ("keras.src.saving", "tf_keras.src.saving")):
+        return False
+    frame: FrameType | None = sys._getframe(2)  # the caller of from_config
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if str(frame.f_globals.get("__name__", "")).startswith(_SAVING):
+            return True
+        frame = frame.f_back
+    return False

@@ -12,10 +12,12 @@ from __future__ import annotations
 import sys
 from typing import Any, TypeVar
 
-from .detect import graph_safe
+from .._namespace import array_namespace, dtype_name, is_array, is_low_precision
+from .._reduction import Reduction, apply_sample_weight, num_elements, validate_reduction
+from .detect import called_by_keras3_compile, graph_safe, keras3_floatx, keras_mask
 
-__all__ = ["KerasAwareLoss", "keras_aware_class", "keras_loss_bases", "kldiv_class",
-           "kldiv_class_of_type", "with_keras_bases"]
+__all__ = ["KerasAwareLoss", "keras_aware_class", "keras_loss_bases", "keras_masked_weight",
+           "kldiv_class", "kldiv_class_of_type", "with_keras_bases"]
 
 
 def keras_loss_bases() -> tuple[type, ...]:
@@ -33,6 +35,73 @@ def keras_loss_bases() -> tuple[type, ...]:
 
 
 _KERAS_CLASSES: dict[tuple[type, tuple[type, ...]], type] = {}
+
+# Keras spreads a mask's weight over the unmasked entries for these (a mean over them)
+_MEAN_REDUCTIONS = frozenset({Reduction.AUTO, Reduction.SUM_OVER_BATCH_SIZE, Reduction.MEAN})
+
+
+def keras_masked_weight(mask: Any, sample_weight: Any, reduction: str, like: Any) -> Any:
+    """``sample_weight`` with a Keras ``mask`` (of the per-sample loss' shape) folded in, as
+    Keras' ``Loss.__call__`` folds it (``apply_mask`` of Keras 3, ``apply_valid_mask`` of
+    tf.keras): for a mean (``"auto"``, ``"sum_over_batch_size"``, ``"mean"``) the unmasked entries
+    weigh ``size / valid``, so that the mean is over them (0 when every entry is masked, as in
+    Keras 3); for the other reductions the mask is a 0/1 weight. ``sample_weight`` follows
+    Keras 2's rank rules against the mask. Computed in ``like``'s (``y_pred``'s) library.
+    """
+    xp = array_namespace(like)
+    m = xp.astype(mask, xp.float64 if dtype_name(like.dtype) == "float64" else xp.float32)
+    if reduction in _MEAN_REDUCTIONS:
+        n = num_elements(tuple(m.shape))
+        total = xp.sum(xp.ones_like(m)) if n is None else n
+        valid = xp.sum(m)
+        none = valid == 0
+        m = m * xp.where(none, xp.zeros_like(valid), total / xp.where(none, xp.ones_like(valid), valid))
+    if sample_weight is None:
+        return m
+    weighted, _ = apply_sample_weight(xp, m, sample_weight)
+    return weighted
+
+
+def _in_floatx(x: Any, floatx: str) -> Any:
+    """``x`` cast to Keras 3's ``floatx`` where it is a half-precision array (what Keras 3's
+    ``Loss.__call__`` does to its inputs, a loss' dtype defaulting to floatx)."""
+    if not is_array(x) or not is_low_precision(getattr(x, "dtype", None)):
+        return x
+    xp = array_namespace(x)
+    return xp.astype(x, getattr(xp, floatx))
+
+
+def _keras_call(self: Any, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+    """kldiv's ``__call__``, with what Keras' ``Loss.__call__`` adds (both Keras agree):
+
+    - a Keras mask on ``y_pred`` (:func:`kldiv._keras.detect.keras_mask`) weighs the loss
+      (:func:`keras_masked_weight`), in ``compile`` and in a direct call;
+    - called by Keras 3's compiled loss, a loss without a ``dtype`` computes in Keras' floatx
+      (float32), as Keras 3's losses do: under a ``mixed_float16`` / ``mixed_bfloat16`` policy
+      the model's half-precision output is not rounded back to its half type. A direct call
+      keeps kldiv's rule (the result in ``y_pred``'s dtype).
+    """
+    plain = self._kldiv_class
+    mask = keras_mask(y_pred)
+    if self.dtype is None and called_by_keras3_compile():
+        floatx = keras3_floatx()
+        if floatx is not None:
+            y_true, y_pred = _in_floatx(y_true, floatx), _in_floatx(y_pred, floatx)
+    if mask is not None:
+        try:
+            reduction = validate_reduction(self.reduction, batchmean=True)
+        except (TypeError, ValueError):
+            reduction = None  # kldiv's own call raises the clear error
+        if reduction is not None:
+            sample_weight = keras_masked_weight(mask, sample_weight, reduction, y_pred)
+    return plain.__call__(self, y_true, y_pred, sample_weight)
+
+
+def _keras_hash(self: Any) -> int:
+    """Keras hashes the losses it is given as metrics (``fn in ALL_OBJECTS``). Equal kldiv
+    losses are of one class (``__eq__`` compares class and config), so the class' hash is a
+    hash that agrees with ``==`` whatever attribute is set later."""
+    return hash(kldiv_class(self))
 
 
 def with_keras_bases(cls: type, bases: tuple[type, ...]) -> type:
@@ -53,6 +122,8 @@ def with_keras_bases(cls: type, bases: tuple[type, ...]) -> type:
         "_kldiv_class": cls,
         # Keras 3's Loss.dtype is a read-only property: kldiv keeps its own attribute.
         "dtype": None,
+        "__call__": _keras_call,
+        "__hash__": _keras_hash,
     }
     made = _KERAS_CLASSES[(cls, bases)] = type(cls.__name__, (cls, *bases), namespace)
     return made

@@ -1,0 +1,357 @@
+"""Hostile and unusual uses of kldiv's losses and metrics inside Keras.
+
+Keras fixes its backend at import, so each Keras runs in its own subprocess (all at once):
+Keras 3 on JAX, torch and TensorFlow (``KERAS_BACKEND``), and tf.keras (Keras 2 through
+tf-keras, ``TF_USE_LEGACY_KERAS=1``). Each prints one JSON object; the tests compare kldiv
+with Keras' own ``KLDivergence`` (and with a float64 oracle written from the definition) on:
+
+- masked outputs (``Embedding(mask_zero=True)``): Keras' losses and metrics weight by the mask
+  (a mean over the unmasked entries); kldiv's must too, in ``compile`` and called directly;
+- a kldiv loss passed as a metric (Keras hashes it), and ``hash`` of equal losses;
+- mixed precision policies (``mixed_float16``, ``mixed_bfloat16``): Keras 3 computes a compiled
+  loss in float32 (its floatx), and so must kldiv's, not round it to the half type first;
+- saving and loading a model that holds kldiv's loss *and* metric of one name
+  (``"KLDivergence"``): ``custom_objects`` can map that name to one class only.
+
+Every Keras process is skipped cleanly, with the reason, when its packages are missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 300
+
+COMMON = r"""
+import json, os, tempfile
+try:
+    import triton  # noqa: F401  (before TensorFlow: see tests/conftest.py)
+except ImportError:
+    pass
+import numpy as np
+import kldiv
+
+early_loss = kldiv.KLDivergence(name="early_loss")  # made before any Keras is imported
+LEGACY = os.environ.get("TF_USE_LEGACY_KERAS") == "1"
+if LEGACY:
+    import tensorflow as tf
+    keras = tf.keras
+    backend = "tf_keras"
+else:
+    import keras
+    backend = keras.backend.backend()
+res = {"backend": backend}
+rng = np.random.default_rng(0)
+
+
+def kl64(t, p):
+    t = np.clip(np.asarray(t, np.float64), 1e-7, 1)
+    p = np.clip(np.asarray(p, np.float64), 1e-7, 1)
+    return np.sum(t * np.log(t / p), axis=-1)
+
+
+def capture(f):
+    try:
+        return f()
+    except Exception as exc:  # reported, and the test names what failed
+        return f"ERROR {type(exc).__name__}: {exc}"[:600]
+
+
+def to_np(v):
+    return np.asarray(keras.ops.convert_to_numpy(v) if not LEGACY else v.numpy(), np.float64)
+
+
+# ---- masks: a (B, T) mask on a (B, T, C) output -------------------------------------------
+B, T, C = 6, 5, 3
+xm = rng.integers(1, 10, (B, T))
+xm[:, 3:] = 0          # padding: masked
+xm[0, 1:] = 0          # a row with one valid step
+ym = rng.dirichlet(np.ones(C), (B, T)).astype("float32")
+wm = rng.random(B).astype("float32")
+wm2 = rng.random((B, T)).astype("float32")
+keras.utils.set_random_seed(0)
+inp = keras.Input((T,), dtype="int32")
+out = keras.layers.Dense(C, activation="softmax")(keras.layers.Embedding(10, 4, mask_zero=True)(inp))
+masked_model = keras.Model(inp, out)
+pm = masked_model.predict(xm, verbose=0)
+valid = (xm != 0).astype(np.float64)
+per = kl64(ym, pm) * valid
+oracle = {
+    "auto": per.sum() / valid.sum(),
+    "auto_w": (per * wm2).sum() / valid.sum(),
+    "auto_w1": (per * wm[:, None]).sum() / valid.sum(),  # a (B,) weight: Keras 2's rank rule
+    "sum": per.sum(),
+    "sum_w": (per * wm2).sum(),
+    "mean_with_sample_weight_w": (per * wm2).sum() / (valid * wm2).sum(),
+}
+res["mask_oracle"] = oracle
+KERAS_RED = {"auto": "sum_over_batch_size", "sum": "sum",
+             "mean_with_sample_weight": "mean_with_sample_weight"}
+mask_eval = {}
+for key, sw in (("auto", None), ("auto_w", wm2), ("auto_w1", wm), ("sum", None), ("sum_w", wm2),
+                ("mean_with_sample_weight_w", wm2)):
+    red = key.rsplit("_w", 1)[0] if "_w" in key else key
+    vals = []
+    # Keras 3 takes no (B,) weight with a (B, T) mask; tf.keras has no mean_with_sample_weight
+    ref = (None if key == "auto_w1" or (LEGACY and red == "mean_with_sample_weight")
+           else keras.losses.KLDivergence(reduction=KERAS_RED[red]))
+    for loss in (kldiv.KLDivergence(reduction=red), ref):
+        if loss is None:
+            vals.append(None)
+            continue
+        masked_model.compile(loss=loss)
+        vals.append(capture(lambda: masked_model.evaluate(xm, ym, sample_weight=sw, batch_size=B, verbose=0)))
+    mask_eval[key] = vals
+res["mask_eval"] = mask_eval
+# every step masked: Keras gives 0 (nothing to average), never NaN
+xz = np.zeros_like(xm)
+zero = []
+for loss in (kldiv.KLDivergence(), keras.losses.KLDivergence()):
+    masked_model.compile(loss=loss)
+    zero.append(capture(lambda: masked_model.evaluate(xz, ym, batch_size=B, verbose=0)))
+res["mask_all_masked"] = zero
+# called directly on a masked output (Keras' Loss.__call__ reads the mask too)
+if not LEGACY:
+    outm = masked_model(xm)
+    res["mask_direct"] = [capture(lambda: float(to_np(kldiv.KLDivergence()(ym, outm, sample_weight=wm2)))),
+                          capture(lambda: float(to_np(keras.losses.KLDivergence()(ym, outm, sample_weight=wm2))))]
+    res["mask_direct_none"] = [
+        capture(lambda: to_np(kldiv.KLDivergence(reduction="none")(ym, outm)).tolist()),
+        capture(lambda: to_np(keras.losses.KLDivergence(reduction=None)(ym, outm)).tolist())]
+    mets = [kldiv.metrics.KLDivergence(), keras.metrics.KLDivergence()]
+    res["mask_metric_direct"] = [capture(lambda m=m: (m.update_state(ym, outm), float(to_np(m.result())))[1])
+                                 for m in mets]
+
+# ---- a kldiv loss as a metric (Keras hashes its metrics' functions) -------------------------
+x = rng.random((32, 6), dtype=np.float32)
+y = rng.dirichlet(np.ones(4), 32).astype("float32")
+w = rng.random(32).astype("float32")
+
+
+def model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="softmax")])
+
+
+m = model()
+m.compile(loss="mse", metrics=[kldiv.KLDivergence(name="ours"), early_loss,
+                               keras.metrics.KLDivergence(name="ref")])
+res["loss_as_metric"] = capture(lambda: m.evaluate(x, y, verbose=0, return_dict=True))
+a, b = kldiv.KLDivergence(reduction="sum"), kldiv.KLDivergence(reduction="sum")
+res["hash"] = capture(lambda: [hash(a) == hash(b), a == b, len({a, b}), a in {b}])
+"""
+
+KERAS3 = r"""
+# ---- mixed precision: Keras 3 computes a compiled loss in floatx ----------------------------
+mixed = {}
+for policy in ("mixed_float16", "mixed_bfloat16"):
+    keras.mixed_precision.set_global_policy(policy)
+    vals = []
+    for loss in (kldiv.KLDivergence(), keras.losses.KLDivergence()):
+        mp = model()
+        mp.compile(optimizer="sgd", loss=loss)
+        vals.append(capture(lambda: [mp.evaluate(x, y, sample_weight=w, batch_size=32, verbose=0),
+                                     mp.fit(x, y, sample_weight=w, batch_size=32, epochs=2,
+                                            shuffle=False, verbose=0).history["loss"]]))
+    p16 = keras.ops.cast(keras.ops.convert_to_tensor(y * 0.5 + 0.125), policy[6:])
+    # called directly, a kldiv loss keeps y_pred's dtype (SPEC): only compile computes in floatx
+    direct = kldiv.KLDivergence()(y, p16)
+    vals.append(keras.backend.standardize_dtype(direct.dtype))
+    mixed[policy] = vals
+    keras.mixed_precision.set_global_policy("float32")
+res["mixed"] = mixed
+
+# ---- save and load: kldiv's loss and metric share the name "KLDivergence" --------------------
+m = model()
+m.compile(optimizer="sgd", loss=kldiv.KLDivergence(),
+          metrics=[kldiv.metrics.KLDivergence(), kldiv.metrics.JensenShannonDivergence(beta=0.3)])
+m.fit(x, y, epochs=1, verbose=0)
+path = os.path.join(tempfile.mkdtemp(), "m.keras")
+m.save(path)
+objs = {"KLDivergence": kldiv.metrics.KLDivergence,
+        "JensenShannonDivergence": kldiv.metrics.JensenShannonDivergence}
+
+
+def load():
+    loaded = keras.models.load_model(path, custom_objects=objs)
+    return [loaded.evaluate(x, y, verbose=0, return_dict=True),
+            m.evaluate(x, y, verbose=0, return_dict=True), repr(loaded.loss)]
+
+
+res["save_load"] = capture(load)
+print("JSON" + json.dumps(res))
+"""
+
+LEGACY = r"""
+# ---- save and load (HDF5): kldiv's loss and metric share the name "KLDivergence" -----------
+m = model()
+m.compile(optimizer="sgd", loss=kldiv.KLDivergence(), metrics=[kldiv.metrics.KLDivergence()])
+m.fit(x, y, epochs=1, verbose=0)
+path = os.path.join(tempfile.mkdtemp(), "m.h5")
+m.save(path)
+
+
+def load():
+    loaded = keras.models.load_model(path, custom_objects={"KLDivergence": kldiv.metrics.KLDivergence})
+    return [loaded.evaluate(x, y, verbose=0, return_dict=True),
+            m.evaluate(x, y, verbose=0, return_dict=True), repr(loaded.loss)]
+
+
+res["save_load"] = capture(load)
+print("JSON" + json.dumps(res))
+"""
+
+RUNS = {
+    "jax": {"KERAS_BACKEND": "jax"},
+    "torch": {"KERAS_BACKEND": "torch"},
+    "tensorflow": {"KERAS_BACKEND": "tensorflow"},
+    "tf_keras": {"TF_USE_LEGACY_KERAS": "1"},
+}
+NEEDS = {"jax": ("keras", "jax"), "torch": ("keras", "torch"), "tensorflow": ("keras", "tensorflow"),
+         "tf_keras": ("tensorflow", "tf_keras")}
+
+
+def _missing(run: str) -> str | None:
+    for module in NEEDS[run]:
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed: the {run} Keras run needs {' and '.join(NEEDS[run])}"
+    return None
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    for key in ("KERAS_BACKEND", "TF_USE_LEGACY_KERAS"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def keras_runs() -> dict[str, dict[str, Any] | str]:
+    """One subprocess per Keras, all at once; their JSON (or their error, or a skip reason)."""
+    procs = {}
+    results: dict[str, dict[str, Any] | str] = {}
+    for name, extra in RUNS.items():
+        reason = _missing(name)
+        if reason is not None:
+            results[name] = "SKIP " + reason
+            continue
+        script = COMMON + (LEGACY if name == "tf_keras" else KERAS3)
+        procs[name] = subprocess.Popen([sys.executable, "-c", script], env=_env(extra), cwd=ROOT,
+                                       text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for name, proc in procs.items():
+            try:
+                out, err = proc.communicate(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                err = f"timed out after {TIMEOUT} s\n{err}"
+            line = next((ln for ln in out.splitlines() if ln.startswith("JSON")), None)
+            results[name] = json.loads(line[4:]) if proc.returncode == 0 and line else err[-4000:]
+    finally:  # never leave a Keras process behind
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+@pytest.fixture(params=list(RUNS))
+def run(request: pytest.FixtureRequest, keras_runs: dict[str, dict[str, Any] | str]) -> dict[str, Any]:
+    res = keras_runs[request.param]
+    if isinstance(res, str) and res.startswith("SKIP "):
+        pytest.skip(res[5:])
+    assert isinstance(res, dict), f"the {request.param} Keras run failed:\n{res}"
+    assert res["backend"] == request.param
+    return res
+
+
+def _number(value: Any, what: str) -> float:
+    assert not isinstance(value, str), f"{what}: {value}"
+    return float(value)
+
+
+def test_masked_output_compiled_loss_matches_keras_and_the_oracle(run: dict[str, Any]) -> None:
+    """Keras weights a loss by the output's mask (a mean over the unmasked steps): kldiv's
+    loss in ``compile`` did not, and averaged over the padding too."""
+    for key, (ours, ref) in run["mask_eval"].items():
+        ours = _number(ours, f"kldiv, {key}")
+        np.testing.assert_allclose(ours, run["mask_oracle"][key], rtol=2e-5, err_msg=key)
+        if ref is not None:
+            np.testing.assert_allclose(ours, _number(ref, f"Keras, {key}"), rtol=2e-5, err_msg=key)
+    # the control: the mask changes the value (padding steps have a non-zero divergence)
+    unmasked_mean = run["mask_oracle"]["sum"] / 30
+    assert abs(run["mask_oracle"]["auto"] - unmasked_mean) > 0.1 * unmasked_mean
+
+
+def test_all_masked_batch_is_zero_not_nan(run: dict[str, Any]) -> None:
+    ours, ref = (_number(v, "all masked") for v in run["mask_all_masked"])
+    assert ours == 0.0
+    if run["backend"] != "tf_keras":  # tf.keras divides 0 by 0 here: NaN
+        assert ref == 0.0
+
+
+def test_masked_output_called_directly(run: dict[str, Any]) -> None:
+    if run["backend"] == "tf_keras":
+        pytest.skip("tf.keras outputs carry their mask inside compile's graph only")
+    ours, ref = (_number(v, "direct call") for v in run["mask_direct"])
+    np.testing.assert_allclose(ours, ref, rtol=2e-5)
+    ours_none, ref_none = run["mask_direct_none"]
+    assert not isinstance(ours_none, str), ours_none
+    np.testing.assert_allclose(ours_none, ref_none, rtol=2e-5, atol=1e-7)
+    ours_m, ref_m = (_number(v, "metric") for v in run["mask_metric_direct"])
+    np.testing.assert_allclose(ours_m, ref_m, rtol=2e-5)
+
+
+def test_loss_object_as_metric(run: dict[str, Any]) -> None:
+    """``compile(metrics=[kldiv.KLDivergence()])``: Keras 3 asks ``fn in ALL_OBJECTS``, which
+    hashes the loss (unhashable before); also for a loss made before Keras was imported."""
+    logs = run["loss_as_metric"]
+    assert isinstance(logs, dict), logs
+    assert logs["ours"] == pytest.approx(logs["ref"], rel=2e-6)
+    assert logs["early_loss"] == pytest.approx(logs["ref"], rel=2e-6)
+
+
+def test_equal_losses_hash_equal(run: dict[str, Any]) -> None:
+    assert run["hash"] == [True, True, 1, True]
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_compiled_loss_in_floatx(run: dict[str, Any], policy: str) -> None:
+    """Keras 3 computes a compiled loss in float32 from the half-precision output; kldiv
+    rounded its loss to the output's half type first (bfloat16 keeps 3 digits: the logged
+    loss did not move between epochs)."""
+    if run["backend"] == "tf_keras":
+        pytest.skip("tf.keras computes its losses in the output's dtype: kldiv matches it as is")
+    ours, ref, direct_dtype = run["mixed"][policy]
+    assert not isinstance(ours, str), ours
+    assert not isinstance(ref, str), ref
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5)
+    np.testing.assert_allclose(ours[1], ref[1], rtol=1e-5)
+    assert ours[1][0] != ours[1][1]
+    assert direct_dtype == policy[len("mixed_"):]  # a direct call keeps y_pred's dtype
+
+
+def test_save_load_with_loss_and_metric_of_one_name(run: dict[str, Any]) -> None:
+    """``custom_objects={"KLDivergence": kldiv.metrics.KLDivergence}`` loads a model whose
+    loss is kldiv's ``KLDivergence`` too: the metric class rebuilds a loss from a loss config."""
+    res = run["save_load"]
+    assert not isinstance(res, str), res
+    after, before, loss_repr = res
+    assert loss_repr.startswith("KLDivergence(reduction='auto'"), loss_repr
+    assert set(after) == set(before)
+    for key, value in before.items():
+        np.testing.assert_allclose(after[key], value, rtol=1e-6, err_msg=key)
