@@ -191,6 +191,29 @@ def load():
 
 
 res["save_load"] = capture(load)
+
+# ---- torch: a Keras-aware loss under torch.compile, and Keras' jit_compile on torch ----------
+if backend == "torch":
+    import torch
+
+    loss_fn = kldiv.KLDivergence()
+    net = torch.nn.Linear(6, 4)
+    step = torch.compile(lambda a, b, c: loss_fn(b, torch.softmax(net(a), -1), sample_weight=c),
+                         fullgraph=True)
+    xt, yt, wt = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(w)
+    res["torch_compile"] = [capture(lambda: float(step(xt, yt, wt))),
+                            float(loss_fn(yt, torch.softmax(net(xt), -1), sample_weight=wt))]
+    jit = []
+    for loss in (kldiv.KLDivergence(), keras.losses.KLDivergence()):
+        masked_model.compile(optimizer="sgd", loss=loss, jit_compile=True)
+        jit.append(capture(lambda: masked_model.evaluate(xm, ym, batch_size=B, verbose=0)))
+    res["torch_jit_mask"] = jit
+# the estimator loss, by its argument names, with Keras loaded
+lp = np.log(rng.random(16)).astype("float32")
+rp = np.log(rng.random(16)).astype("float32")
+est = kldiv.KLEstimator()
+res["estimator_keywords"] = [capture(lambda: float(est(logprob=lp, ref_logprob=rp, sample_weight=w[:16]))),
+                             float(est(lp, rp, w[:16]))]
 print("JSON" + json.dumps(res))
 """
 
@@ -355,3 +378,22 @@ def test_save_load_with_loss_and_metric_of_one_name(run: dict[str, Any]) -> None
     assert set(after) == set(before)
     for key, value in before.items():
         np.testing.assert_allclose(after[key], value, rtol=1e-6, err_msg=key)
+
+
+def test_keras_aware_loss_under_torch_compile(run: dict[str, Any]) -> None:
+    """With Keras loaded, kldiv's loss is Keras-aware: its call must stay traceable by
+    ``torch.compile(fullgraph=True)`` (no frame inspection, no Keras mask table), and Keras'
+    own ``jit_compile=True`` on torch must still weigh by the mask."""
+    if run["backend"] != "torch":
+        pytest.skip("torch.compile is checked on Keras' torch backend")
+    compiled, eager = run["torch_compile"]
+    np.testing.assert_allclose(_number(compiled, "torch.compile"), eager, rtol=1e-5)
+    ours, ref = (_number(v, "jit_compile") for v in run["torch_jit_mask"])
+    np.testing.assert_allclose(ours, ref, rtol=2e-5)
+
+
+def test_estimator_by_argument_names_with_keras_loaded(run: dict[str, Any]) -> None:
+    if run["backend"] == "tf_keras":
+        pytest.skip("checked with Keras 3 loaded")
+    by_name, positional = run["estimator_keywords"]
+    assert _number(by_name, "keywords") == positional

@@ -12,6 +12,7 @@ from types import FrameType, ModuleType
 from typing import Any, TypeVar
 
 from .._libraries import graph_library
+from .._namespace import torch_compiling
 
 __all__ = ["AUTOGRAPH_MARK", "TF_BACKEND", "called_by_keras3_compile", "called_by_keras_deserialize", "called_by_keras_wrapper",
            "called_by_tf_keras_compile", "graph_module", "graph_safe", "host_float", "in_graph",
@@ -188,7 +189,7 @@ def keras_mask(x: Any) -> Any:
         mask = getattr(x, "_keras_mask", None)
     except Exception:  # an object whose attribute lookup raises
         mask = None
-    if mask is None:
+    if mask is None and not torch_compiling():  # dynamo cannot trace Keras' table (by id)
         backend = sys.modules.get("keras.src.backend")
         get = getattr(backend, "get_keras_mask", None)
         if callable(get):

@@ -9,10 +9,11 @@ becomes one the first time Keras checks ``isinstance(loss, keras.losses.Loss)``
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any, TypeVar
 
-from .._namespace import array_namespace, dtype_name, is_array, is_low_precision
+from .._namespace import array_namespace, dtype_name, is_array, is_low_precision, torch_compiling
 from .._reduction import Reduction, apply_sample_weight, num_elements, validate_reduction
 from .detect import called_by_keras3_compile, graph_safe, keras3_floatx, keras_mask
 
@@ -71,7 +72,7 @@ def _in_floatx(x: Any, floatx: str) -> Any:
     return xp.astype(x, getattr(xp, floatx))
 
 
-def _keras_call(self: Any, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+def _keras_call(self: Any, *args: Any, **kwargs: Any) -> Any:
     """kldiv's ``__call__``, with what Keras' ``Loss.__call__`` adds (both Keras agree):
 
     - a Keras mask on ``y_pred`` (:func:`kldiv._keras.detect.keras_mask`) weighs the loss
@@ -80,21 +81,62 @@ def _keras_call(self: Any, y_true: Any, y_pred: Any, sample_weight: Any = None) 
       (float32), as Keras 3's losses do: under a ``mixed_float16`` / ``mixed_bfloat16`` policy
       the model's half-precision output is not rounded back to its half type. A direct call
       keeps kldiv's rule (the result in ``y_pred``'s dtype).
+
+    The arguments are kldiv's (positional or by their names: ``y_true``/``y_pred``,
+    ``logprob``/``ref_logprob``, ``sample_weight``). While ``torch.compile`` traces, kldiv's call
+    reads the mask only from the ``_keras_mask`` attribute of a positional ``y_pred`` (Keras'
+    compiled loss passes it so): the caller's frames and Keras' mask table cannot be traced.
     """
     plain = self._kldiv_class
-    mask = keras_mask(y_pred)
+    if torch_compiling():
+        return _traced_call(self, plain, args, kwargs)
+    try:
+        bound = _signature(plain).bind(self, *args, **kwargs)
+    except TypeError:  # kldiv's own call raises the clear error
+        return plain.__call__(self, *args, **kwargs)
+    arguments = bound.arguments
+    names = [name for name in arguments if name not in ("self", "sample_weight")]
+    if len(names) < 2:
+        return plain.__call__(self, *args, **kwargs)
+    first, second = names[0], names[1]
+    mask = keras_mask(arguments[second])
     if self.dtype is None and called_by_keras3_compile():
         floatx = keras3_floatx()
         if floatx is not None:
-            y_true, y_pred = _in_floatx(y_true, floatx), _in_floatx(y_pred, floatx)
+            arguments[first] = _in_floatx(arguments[first], floatx)
+            arguments[second] = _in_floatx(arguments[second], floatx)
     if mask is not None:
         try:
             reduction = validate_reduction(self.reduction, batchmean=True)
         except (TypeError, ValueError):
             reduction = None  # kldiv's own call raises the clear error
         if reduction is not None:
-            sample_weight = keras_masked_weight(mask, sample_weight, reduction, y_pred)
-    return plain.__call__(self, y_true, y_pred, sample_weight)
+            arguments["sample_weight"] = keras_masked_weight(
+                mask, arguments.get("sample_weight"), reduction, arguments[second])
+    return plain.__call__(*bound.args, **bound.kwargs)
+
+
+def _traced_call(self: Any, plain: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """:func:`_keras_call` under ``torch.compile``: the mask of a positional ``y_pred`` only."""
+    mask = getattr(args[1], "_keras_mask", None) if len(args) >= 2 else None
+    if mask is None:
+        return plain.__call__(self, *args, **kwargs)
+    rest = dict(kwargs)
+    weight = args[2] if len(args) > 2 else rest.pop("sample_weight", None)
+    reduction = validate_reduction(self.reduction, batchmean=True)
+    weight = keras_masked_weight(mask, weight, reduction, args[1])
+    return plain.__call__(self, args[0], args[1], weight, *args[3:], **rest)
+
+
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _signature(plain: type) -> inspect.Signature:
+    """The signature of kldiv's ``__call__`` of ``plain`` (cached)."""
+    sig = _SIGNATURES.get(plain)
+    if sig is None:
+        sig = _SIGNATURES[plain] = inspect.signature(plain.__call__)
+    return sig
 
 
 def _keras_hash(self: Any) -> int:
