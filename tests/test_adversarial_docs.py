@@ -1,0 +1,350 @@
+"""Documentation claims audit: statements of behaviour in README.md and docs/*.md that no other
+test checks, each probed on the backends it names, against the float64 oracle where there is
+a value.
+
+The tests marked ``xfail(strict=True)`` are documented behaviour that the code does not meet
+yet (the fix lies in ``src/``); ``strict`` makes them fail once the code is fixed, so that the
+marker is removed then.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kldiv
+from conftest import ArrayBackend, Backend, oracle
+
+SEED_T = np.array([[0, 1], [0, 0]], dtype=np.float32)
+SEED_P = np.array([[0.6, 0.4], [0.4, 0.6]], dtype=np.float32)
+
+REDUCING = ["auto", "sum", "mean", "sum_over_batch_size", "mean_with_sample_weight", "batchmean"]
+LOSS_CLASSES = [kldiv.KLDivergence, kldiv.ReverseKLDivergence, kldiv.JensenShannonDivergence]
+
+
+# ---------------------------------------------------------------- README: "dtypes"
+
+
+@pytest.mark.parametrize("cls", LOSS_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("reduction", REDUCING)
+@pytest.mark.parametrize("case", ["batch", "empty", "zero_weights"])
+def test_reduced_numpy_results_are_numpy_scalars(cls: type, reduction: str, case: str) -> None:
+    """README: 'Reduced NumPy results are NumPy scalars (np.float32(...)) ... the loss class for
+    every reducing reduction (an empty batch and a zero weight sum included)'; semantics.md
+    says the same of every loss class."""
+    t, p, w = SEED_T, SEED_P, np.array([0.8, 0.2], np.float32)
+    if case == "empty":
+        t, p, w = t[:0], p[:0], w[:0]
+    elif case == "zero_weights":
+        w = np.zeros(2, np.float32)
+    out = cls(reduction=reduction)(t, p, sample_weight=w)
+    assert type(out) is np.float32, (type(out), out)
+    if case != "batch":
+        assert out == 0.0
+
+
+@pytest.mark.parametrize("fn", [kldiv.kl_divergence, kldiv.reverse_kl_divergence, kldiv.js_divergence],
+                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_function_on_one_distribution_is_a_numpy_scalar(fn: Any, dtype: Any) -> None:
+    """README/semantics.md: the functions on 1-d NumPy inputs give a NumPy scalar of the
+    inputs' floating dtype."""
+    out = fn(SEED_T[0].astype(dtype), SEED_P[0].astype(dtype))
+    assert type(out) is dtype
+
+
+def test_python_float_weight_stays_float64(backend: ArrayBackend) -> None:
+    """README's differences table: 'Python-float scalar weight with float64 inputs | kept in
+    float64' (tf.keras rounds it to float32 first). 0.1 is not a float32 number, so the
+    weighted losses must be exactly the float64 losses times the float64 0.1."""
+    if "float64" not in backend.float_dtypes:
+        pytest.skip(f"{backend}: no float64")
+    t = backend.asarray(SEED_T, dtype="float64")
+    p = backend.asarray(SEED_P, dtype="float64")
+    out = backend.to_numpy(kldiv.KLDivergence(reduction="none")(t, p, sample_weight=0.1))
+    per_sample = backend.to_numpy(kldiv.kld(t, p))
+    assert out.dtype == np.float64
+    np.testing.assert_array_equal(out, per_sample * 0.1)
+    rounded = per_sample * float(np.float32(0.1))
+    assert not np.array_equal(out, rounded)  # the control: a float32 weight differs
+
+
+def test_float16_overflow_case_is_finite(backend: ArrayBackend) -> None:
+    """README's differences table and SPEC: float16 ``KLD([[1, 0]], [[1e-8, 1]])`` is finite
+    (computed in float32, rounded), where Keras gives inf; the result stays float16."""
+    if "float16" not in backend.float_dtypes:
+        pytest.skip(f"{backend}: no float16 in this library")
+    t = backend.asarray([[1.0, 0.0]], dtype="float16")
+    p = backend.asarray([[1e-8, 1.0]], dtype="float16")
+    out = kldiv.kld(t, p)
+    assert out.dtype == backend.dtype("float16")
+    got = backend.to_numpy(out)
+    # the float32 computation on the float16 inputs, rounded once to float16
+    expected = oracle(np.array([[1.0, 0.0]], np.float16), np.array([[1e-8, 1.0]], np.float16)).astype(np.float16)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got.astype(np.float64), expected.astype(np.float64), rtol=1e-3)
+
+
+# ---------------------------------------------------------------- README: "Reductions"
+
+
+def test_shape_rows_of_the_differences_table(backend: ArrayBackend) -> None:
+    """README's differences table: y_true (3, 1) with y_pred (3,): the function gives (3,)
+    (broadcast), the class with reduction='none' gives () (Keras 2's rank squeeze); two 0-d
+    inputs are a ValueError (no class axis); a weight that does not broadcast is a
+    ValueError naming both shapes."""
+    t = backend.asarray(np.full((3, 1), 0.5, np.float32))
+    p = backend.asarray(np.full(3, 0.3, np.float32))
+    f = kldiv.kld(t, p)
+    c = kldiv.KLDivergence(reduction="none")(t, p)
+    assert tuple(f.shape) == (3,)
+    assert tuple(c.shape) == ()
+    np.testing.assert_allclose(backend.to_numpy(f), oracle(np.full((3, 1), 0.5), np.full(3, 0.3)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(backend.to_numpy(c), oracle(np.full(3, 0.5), np.full(3, 0.3)),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="class axis"):
+        kldiv.kld(backend.asarray(np.float32(0.5)), backend.asarray(np.float32(0.5)))
+    with pytest.raises(ValueError, match=r"\(1, 3, 4\).*\(1,\)"):
+        kldiv.KLDivergence()(backend.asarray(SEED_T[:1]), backend.asarray(SEED_P[:1]),
+                             sample_weight=np.ones((1, 3, 4), np.float32))
+
+
+def test_config_forms_of_the_readme() -> None:
+    """README: get_config() gives {"reduction": "auto", "name": "kl_divergence"}; from_config
+    reads that, Keras 2 configs (an extra "fn" key) and Keras 3 configs (None reduction,
+    "dtype"); the class pickles and has a readable repr."""
+    loss = kldiv.KLDivergence()
+    assert loss.get_config() == {"reduction": "auto", "name": "kl_divergence"}
+    keras2 = kldiv.KLDivergence.from_config(
+        {"reduction": "sum", "name": "kl_divergence", "fn": "kl_divergence"})
+    assert keras2.get_config() == {"reduction": "sum", "name": "kl_divergence"}
+    keras3 = kldiv.KLDivergence.from_config({"reduction": None, "name": "k", "dtype": "float64"})
+    assert keras3(SEED_T, SEED_P).dtype == np.float64
+    assert keras3(SEED_T, SEED_P).shape == (2,)
+    again = pickle.loads(pickle.dumps(keras3))
+    assert again.get_config() == keras3.get_config()
+    assert repr(kldiv.KLDivergence(reduction="sum")) == "KLDivergence(reduction='sum', name='kl_divergence')"
+
+
+DTYPE_OBJECTS = {
+    "numpy": lambda: np.float64,
+    "numpy-dtype": lambda: np.dtype("float64"),
+    "torch": lambda: pytest.importorskip("torch").float64,
+    "jax": lambda: pytest.importorskip("jax.numpy").float64,
+    "array_api_strict": lambda: pytest.importorskip("array_api_strict").float64,
+}
+
+
+@pytest.mark.parametrize("source", list(DTYPE_OBJECTS))
+@pytest.mark.parametrize("cls", [kldiv.KLDivergence, kldiv.metrics.KLDivergence],
+                         ids=["loss", "metric"])
+def test_dtype_objects_are_stored_as_names(source: str, cls: type) -> None:
+    """README: 'dtype= (the loss class, the metric) takes a name or any library's dtype object
+    and is stored as its name (get_config() gives "float64")'."""
+    obj = cls(dtype=DTYPE_OBJECTS[source]())
+    assert obj.get_config()["dtype"] == "float64"
+    assert obj.dtype == "float64"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "src/kldiv/_loss_base.py: a dtype assigned after construction is validated at each call "
+    "but get_config() returns the raw object (torch.float64), not its name"))
+@pytest.mark.parametrize("source", ["numpy", "torch"])
+def test_dtype_set_after_construction_is_configured_by_name(source: str) -> None:
+    """semantics.md: 'A loss' reduction and dtype attributes may be set after construction';
+    README: dtype 'is stored as its name (get_config() gives "float64")'. A config holding
+    a library's dtype object is not what the README promises (nor JSON-serialisable)."""
+    loss = kldiv.KLDivergence()
+    loss.dtype = DTYPE_OBJECTS[source]()
+    assert loss(SEED_T, SEED_P).dtype == np.float64
+    assert loss.get_config()["dtype"] == "float64"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "src/kldiv/_metric_base.py result(): a dtype object assigned after construction reaches "
+    "_accumulate.named_dtype, whose getattr(xp, name) raises a bare TypeError"))
+def test_metric_dtype_set_after_construction() -> None:
+    """The metric's dtype attribute set to a library's dtype object after construction: the
+    result is in that dtype (as for the loss), not a TypeError from getattr."""
+    torch = pytest.importorskip("torch")
+    metric = kldiv.metrics.KLDivergence()
+    metric.dtype = torch.float64
+    metric.update_state(SEED_T, SEED_P)
+    assert metric.result().dtype == np.float64
+
+
+# ---------------------------------------------------------------- README: Dask
+
+
+def _unknown_rows(x: np.ndarray, chunk: int = 4) -> Any:
+    """A Dask array of ``x`` whose row chunks have unknown (NaN) sizes, as after a boolean
+    mask: every row is kept."""
+    da = pytest.importorskip("dask.array")
+    a = da.from_array(x, chunks=(chunk, *x.shape[1:]))
+    flat = a.reshape(a.shape[0], -1) if a.ndim > 1 else a[:, None]
+    out = a[flat[:, 0] == flat[:, 0]]
+    assert np.isnan(out.shape[0])
+    return out
+
+
+def _unknown_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    t = rng.dirichlet(np.ones(5), size=12).astype(np.float32)
+    p = rng.dirichlet(np.ones(5), size=12).astype(np.float32)
+    w = rng.random(12).astype(np.float32)
+    return t, p, w
+
+
+@pytest.mark.parametrize("reduction", ["auto", "sum", "mean_with_sample_weight", "batchmean"])
+def test_dask_unknown_chunks_scalar_weight(reduction: str) -> None:
+    """README (Dask): 'the loss class (every reduction, every sample_weight form, also Dask
+    weights and chunks of unknown size)': the scalar form."""
+    t, p, _ = _unknown_data()
+    out = kldiv.KLDivergence(reduction=reduction)(_unknown_rows(t), _unknown_rows(p), sample_weight=2.0)
+    expected = kldiv.KLDivergence(reduction=reduction)(t, p, sample_weight=2.0)
+    np.testing.assert_allclose(out.compute(), expected, rtol=2e-6)
+
+
+UNKNOWN_XFAIL = pytest.mark.xfail(strict=True, reason=(
+    "src/kldiv/_reduction.py apply_sample_weight (xp.reshape for the squeeze, expand_dims) and "
+    "src/kldiv/_spaces.py _squeeze_last (xp.reshape) pass NaN sizes to dask's reshape: "
+    "'ValueError: cannot convert float NaN to integer'; x[..., 0] / x[..., None] keep them"))
+
+
+@UNKNOWN_XFAIL
+@pytest.mark.parametrize("reduction", ["auto", "sum", "none", "mean_with_sample_weight", "batchmean"])
+def test_dask_unknown_chunks_column_weight(reduction: str) -> None:
+    """A (B, 1) Dask weight (rank r + 1 with a last axis of 1: squeezed) on inputs whose row
+    chunks have unknown sizes."""
+    t, p, w = _unknown_data()
+    loss = kldiv.KLDivergence(reduction=reduction)
+    out = loss(_unknown_rows(t), _unknown_rows(p), sample_weight=_unknown_rows(w[:, None]))
+    np.testing.assert_allclose(out.compute(), loss(t, p, sample_weight=w[:, None]), rtol=2e-6)
+
+
+@UNKNOWN_XFAIL
+def test_dask_unknown_chunks_row_weight_on_a_sequence_loss() -> None:
+    """A (B,) Dask weight on a (B, T) per-sample loss (rank r - 1: a trailing axis is added,
+    each row scaled), rows of unknown sizes."""
+    rng = np.random.default_rng(8)
+    t = rng.dirichlet(np.ones(4), size=(10, 3)).astype(np.float32)
+    p = rng.dirichlet(np.ones(4), size=(10, 3)).astype(np.float32)
+    w = rng.random(10).astype(np.float32)
+    loss = kldiv.KLDivergence(reduction="sum")
+    out = loss(_unknown_rows(t), _unknown_rows(p), sample_weight=_unknown_rows(w))
+    np.testing.assert_allclose(out.compute(), loss(t, p, sample_weight=w), rtol=2e-6)
+
+
+@UNKNOWN_XFAIL
+def test_dask_unknown_chunks_rank_squeeze() -> None:
+    """SPEC/README: y_true (B, 1) with y_pred (B,): the class squeezes y_true's axis of 1
+    (Keras 2's rank squeeze), also for rows of unknown sizes."""
+    t, p, _ = _unknown_data()
+    loss = kldiv.KLDivergence(reduction="none")
+    out = loss(_unknown_rows(t[:, :1]), _unknown_rows(p[:, 0]))
+    np.testing.assert_allclose(out.compute(), loss(t[:, :1], p[:, 0]), rtol=2e-6)
+
+
+@UNKNOWN_XFAIL
+def test_dask_unknown_chunks_metric_column_weight() -> None:
+    """README (Dask): the metric accepts Dask arrays too; a (B, 1) weight, unknown row sizes."""
+    t, p, w = _unknown_data()
+    metric = kldiv.metrics.KLDivergence()
+    metric.update_state(_unknown_rows(t), _unknown_rows(p), sample_weight=_unknown_rows(w[:, None]))
+    reference = kldiv.metrics.KLDivergence()
+    reference.update_state(t, p, sample_weight=w[:, None])
+    np.testing.assert_allclose(float(metric.result().compute()), float(reference.result()), rtol=2e-6)
+
+
+# ---------------------------------------------------------------- README: streaming
+
+
+def test_streaming_refuses_batchmean(tmp_path: Path) -> None:
+    """README: evaluate_files computes 'any reduction but the loss class' "batchmean", which
+    is a ValueError here' (its docstring and the CLI's choices agree); evaluate_batches too."""
+    np.save(tmp_path / "t.npy", SEED_T)
+    np.save(tmp_path / "p.npy", SEED_P)
+    with pytest.raises(ValueError, match="batchmean"):
+        kldiv.evaluate_files(str(tmp_path / "t.npy"), str(tmp_path / "p.npy"), reduction="batchmean")
+    with pytest.raises(ValueError, match="batchmean"):
+        kldiv.evaluate_batches([SEED_T], [SEED_P], reduction="batchmean")
+    # the other reductions are the loss class' on the whole data
+    for reduction in ["auto", "sum", "mean", "sum_over_batch_size", "mean_with_sample_weight"]:
+        got = kldiv.evaluate_batches([SEED_T[:1], SEED_T[1:]], [SEED_P[:1], SEED_P[1:]],
+                                     reduction=reduction)
+        assert type(got) is np.float32
+        np.testing.assert_allclose(got, kldiv.KLDivergence(reduction=reduction)(SEED_T, SEED_P),
+                                   rtol=1e-6)
+
+
+@pytest.mark.parametrize("member", [Backend.NUMPY.pytest_param(), Backend.TORCH.pytest_param(),
+                                    Backend.JAX.pytest_param(), Backend.ARRAY_API_STRICT.pytest_param()])
+def test_streamed_float16_files(tmp_path: Path, member: Backend) -> None:
+    """README: 'float16 files are accepted on every backend (float16 becomes float32 where the
+    backend has no float16, as on array-api-strict)'; the value is the oracle's."""
+    member.handle()  # a clean skip when the library is missing
+    rng = np.random.default_rng(4)
+    t = rng.dirichlet(np.ones(6), size=40).astype(np.float16)
+    p = rng.dirichlet(np.ones(6), size=40).astype(np.float16)
+    np.save(tmp_path / "t.npy", t)
+    np.save(tmp_path / "p.npy", p)
+    out = kldiv.evaluate_files(str(tmp_path / "t.npy"), str(tmp_path / "p.npy"),
+                               backend=member.library, batch_rows=16)
+    name = str(out.dtype).rsplit(".", 1)[-1]
+    assert name == ("float32" if member is Backend.ARRAY_API_STRICT else "float16")
+    np.testing.assert_allclose(float(out), oracle(t, p).mean(), rtol=2e-3)
+
+
+def test_cli_class_axes_that_do_not_match_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """README (the compute command): bad input, such as 'row counts or class axes that do not
+    match', gets one line on stderr, 'kldiv compute: error: ...', and exit status 2."""
+    from kldiv import _cli
+
+    rng = np.random.default_rng(5)
+    np.save(tmp_path / "t.npy", rng.dirichlet(np.ones(5), size=20).astype(np.float32))
+    np.save(tmp_path / "p.npy", rng.dirichlet(np.ones(3), size=20).astype(np.float32))
+    rc = _cli.compute_main([str(tmp_path / "t.npy"), str(tmp_path / "p.npy")])
+    cap = capsys.readouterr()
+    assert rc == 2
+    assert cap.out == ""
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kldiv compute: error: "), cap.err
+    assert "(20, 5)" in lines[0] and "(20, 3)" in lines[0]
+
+
+# ---------------------------------------------------------------- docs/distillation.md
+
+
+def test_reverse_kl_of_probs_is_swapped_kl_in_the_predictions_library(backend: ArrayBackend) -> None:
+    """distillation.md: 'reverse_kl_divergence(p, q) is exactly kl_divergence(q, p) computed in
+    q's library', with p from another library (NumPy) than q."""
+    rng = np.random.default_rng(6)
+    p = rng.random((7, 5)).astype(np.float32) * 1.2 - 0.1  # outside [0, 1] too: clipped
+    q = rng.random((7, 5)).astype(np.float32)
+    rev = kldiv.reverse_kl_divergence(p, backend.asarray(q))
+    assert backend.is_native(rev)
+    swapped = kldiv.kl_divergence(backend.asarray(q), backend.asarray(p))
+    np.testing.assert_array_equal(backend.to_numpy(rev), backend.to_numpy(swapped))
+    np.testing.assert_allclose(backend.to_numpy(rev), oracle(q, p), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_measure_rows(backend: ArrayBackend) -> None:
+    """distillation.md: a row of all -inf logits is the zero measure: KL(0 ‖ Q) = 0,
+    KL(P ‖ 0) = +inf, never NaN; the JSD stays finite."""
+    zero = backend.asarray(np.full((1, 3), -np.inf, np.float32))
+    finite = backend.asarray(np.zeros((1, 3), np.float32))
+    got = {
+        "kl(0, q)": kldiv.kl_divergence(zero, finite, inputs="logits"),
+        "kl(p, 0)": kldiv.kl_divergence(finite, zero, inputs="logits"),
+        "js": kldiv.js_divergence(zero, finite, inputs="logits"),
+    }
+    vals = {k: backend.to_numpy(v) for k, v in got.items()}
+    assert vals["kl(0, q)"].tolist() == [0.0]
+    assert vals["kl(p, 0)"].tolist() == [np.inf]
+    # M = (1 - beta) Q: KL(Q ‖ M) = -log(1 - beta), weighted by 1 - beta
+    np.testing.assert_allclose(vals["js"], [0.5 * np.log(2.0)], rtol=1e-6)
