@@ -12,6 +12,7 @@ forward-only loop below. The input checks are
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -109,6 +110,12 @@ def _constant(lib: str, x: Any) -> Any:
 
 
 def _compute_dtype(xp: ModuleType, *arrays: Any) -> Any:
+    """float32, or float64 where an input is float64, or an input's own dtype where it is
+    wider still (NumPy's ``longdouble``: never computed in less than double precision)."""
+    wide = [x.dtype for x in arrays if x is not None and x.dtype != xp.float64
+            and getattr(x.dtype, "itemsize", 0) > 8]
+    if wide:
+        return max(wide, key=lambda dt: dt.itemsize)
     return xp.float64 if any(x is not None and x.dtype == xp.float64 for x in arrays) \
         else xp.float32
 
@@ -227,7 +234,7 @@ def fused_linear_divergence(
     auto = chunk_size is None
     if chunk_size is None:
         on_gpu = on_accelerator(device)
-        itemsize = 8 if cd == xp.float64 else 4
+        itemsize = 4 if cd == xp.float32 else 8 if cd == xp.float64 else 16
         chunk_size = auto_chunk_size(n, v, itemsize=itemsize, buffers=CHUNK_BUFFERS[divergence],
                                      on_gpu=on_gpu, available=available_memory(device))
     plan = Plan(divergence, beta, temperature, max(1, min(chunk_size, max(n, 1))), auto)
@@ -309,6 +316,9 @@ class FusedLinearDivergence:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FusedLinearDivergence:
         """Rebuild from :meth:`get_config` output; unknown keys raise ``TypeError``."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a dict (get_config()'s output), got "
+                            f"{type(config).__name__}.")
         config = dict(config)
         unknown = set(config) - {"divergence", "beta", "temperature", "reduction",
                                  "chunk_size", "name"}

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ._convert import check_dense
 from ._dispatch import library_op
 from ._fused_linear_math import DIVERGENCES
 from ._namespace import array_namespace, dtype_kind, get_device, is_array, namespace_name
@@ -44,7 +45,7 @@ def validate_options(divergence: Any, beta: Any, temperature: Any, reduction: An
     temperature = _real(temperature, "temperature")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
-    if isinstance(reduction, str) and reduction.lower() == BATCHMEAN:
+    if isinstance(reduction, str) and reduction == BATCHMEAN:  # exact, as every name
         reduction = BATCHMEAN
     else:
         try:
@@ -79,6 +80,13 @@ def check_arrays(named: dict[str, Any]) -> tuple[ModuleType, str]:
         if isinstance(x, (numbers.Number, np.generic)) or not is_array(x):
             raise TypeError(f"{what} must be an array (NumPy, torch, JAX, CuPy, ...), "
                             f"got {type(x).__name__}.")
+        check_dense(x, what)  # a sparse tensor has no matrix products or slices here
+        if isinstance(x, np.ma.MaskedArray):  # a mask cannot take part in a matrix product
+            raise TypeError(
+                f"{what} is a masked array: its mask cannot take part in the matrix products. "
+                "Pass x.filled(...) (or np.asarray(x)), and give a token mask as "
+                "sample_weight.")
+        _check_sizes(x, what)
         x_xp = array_namespace(x)
         x_lib = namespace_name(x_xp)
         if xp is None:
@@ -101,6 +109,18 @@ def check_arrays(named: dict[str, Any]) -> tuple[ModuleType, str]:
                 f"has no {missing[0]}). Pass NumPy, CuPy or other array-API arrays (value "
                 "only), or torch or JAX arrays (with gradients).")
     return xp, lib
+
+
+def _check_sizes(x: Any, what: str) -> None:
+    """``ValueError`` for an axis of unknown size (a Dask array after boolean indexing: NaN):
+    the chunks are planned from the token count and the shapes must match."""
+    shape = tuple(x.shape)
+    if any(d is None or (isinstance(d, float) and math.isnan(d)) for d in shape):
+        hint = " Call x.compute_chunk_sizes() first." if hasattr(x, "compute_chunk_sizes") \
+            else ""
+        known = tuple(None if d is None or d != d else d for d in shape)
+        raise ValueError(f"{what} has an unknown size (shape {shape_str(known)}): "
+                         f"fused_linear_divergence needs known sizes.{hint}")
 
 
 _GENERIC_FUNCTIONS = ("astype", "broadcast_to", "concat", "exp", "expand_dims",

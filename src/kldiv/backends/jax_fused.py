@@ -106,7 +106,9 @@ def _per_token(plan: Plan, h2: Any, w: Any, b: Any, teacher: dict[str, Any]) -> 
 
 
 def _per_token_fwd(plan: Plan, h2: Any, w: Any, b: Any, teacher: dict[str, Any]) -> Any:
-    return _per_token(plan, h2, w, b, teacher), (h2, w, b, teacher)
+    # the scan itself, not ``_per_token``: a rule that calls the custom_vjp function cannot be
+    # differentiated forward (``jax.hessian`` = forward over this reverse rule)
+    return _scan(plan, h2, w, b, teacher, None, False)[0], (h2, w, b, teacher)
 
 
 def _per_token_bwd(plan: Plan, res: Any, g: Any) -> tuple[Any, ...]:
