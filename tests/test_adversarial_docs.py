@@ -228,6 +228,29 @@ def test_dask_unknown_chunks_column_weight(reduction: str) -> None:
 
 
 @UNKNOWN_XFAIL
+@pytest.mark.parametrize("face", ["ReverseKLDivergence", "JensenShannonDivergence", "KLEstimator",
+                                  "evaluate_batches"])
+def test_dask_unknown_chunks_column_weight_siblings(face: str) -> None:
+    """The same (B, 1) Dask weight on unknown row sizes through the other faces that share
+    the sample-weight rules (estimators.md: 'Keras 2's rank rules'; README: evaluate_batches
+    gives what the loss class gives)."""
+    t, p, w = _unknown_data()
+    args: tuple[Any, Any] = (t, p)
+    if face == "KLEstimator":
+        args = (np.log(t[:, 0]), np.log(p[:, 0]))
+    dargs = tuple(_unknown_rows(a) for a in args)
+    dw = _unknown_rows(w[:, None])
+    if face == "evaluate_batches":
+        out = kldiv.evaluate_batches([dargs[0]], [dargs[1]], [dw])
+        expected = kldiv.KLDivergence()(t, p, sample_weight=w[:, None])
+    else:
+        loss = getattr(kldiv, face)()
+        out = loss(*dargs, sample_weight=dw)
+        expected = loss(*args, sample_weight=w[:, None])
+    np.testing.assert_allclose(out.compute(), expected, rtol=2e-6)
+
+
+@UNKNOWN_XFAIL
 def test_dask_unknown_chunks_row_weight_on_a_sequence_loss() -> None:
     """A (B,) Dask weight on a (B, T) per-sample loss (rank r - 1: a trailing axis is added,
     each row scaled), rows of unknown sizes."""
