@@ -2,9 +2,8 @@
 test checks, each probed on the backends it names, against the float64 oracle where there is
 a value.
 
-The tests marked ``xfail(strict=True)`` are documented behaviour that the code does not meet
-yet (the fix lies in ``src/``); ``strict`` makes them fail once the code is fixed, so that the
-marker is removed then.
+Some of them found defects (Dask chunks of unknown size through the sample-weight rank rules,
+a dtype attribute set after construction), fixed in ``src/``.
 """
 
 from __future__ import annotations
@@ -151,9 +150,6 @@ def test_dtype_objects_are_stored_as_names(source: str, cls: type) -> None:
     assert obj.dtype == "float64"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src/kldiv/_loss_base.py: a dtype assigned after construction is validated at each call "
-    "but get_config() returns the raw object (torch.float64), not its name"))
 @pytest.mark.parametrize("source", ["numpy", "torch"])
 def test_dtype_set_after_construction_is_configured_by_name(source: str) -> None:
     """semantics.md: 'A loss' reduction and dtype attributes may be set after construction';
@@ -165,9 +161,6 @@ def test_dtype_set_after_construction_is_configured_by_name(source: str) -> None
     assert loss.get_config()["dtype"] == "float64"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src/kldiv/_metric_base.py result(): a dtype object assigned after construction reaches "
-    "_accumulate.named_dtype, whose getattr(xp, name) raises a bare TypeError"))
 def test_metric_dtype_set_after_construction() -> None:
     """The metric's dtype attribute set to a library's dtype object after construction: the
     result is in that dtype (as for the loss), not a TypeError from getattr."""
@@ -210,13 +203,6 @@ def test_dask_unknown_chunks_scalar_weight(reduction: str) -> None:
     np.testing.assert_allclose(out.compute(), expected, rtol=2e-6)
 
 
-UNKNOWN_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "src/kldiv/_reduction.py apply_sample_weight (xp.reshape for the squeeze, expand_dims) and "
-    "src/kldiv/_spaces.py _squeeze_last (xp.reshape) pass NaN sizes to dask's reshape: "
-    "'ValueError: cannot convert float NaN to integer'; x[..., 0] / x[..., None] keep them"))
-
-
-@UNKNOWN_XFAIL
 @pytest.mark.parametrize("reduction", ["auto", "sum", "none", "mean_with_sample_weight", "batchmean"])
 def test_dask_unknown_chunks_column_weight(reduction: str) -> None:
     """A (B, 1) Dask weight (rank r + 1 with a last axis of 1: squeezed) on inputs whose row
@@ -227,7 +213,6 @@ def test_dask_unknown_chunks_column_weight(reduction: str) -> None:
     np.testing.assert_allclose(out.compute(), loss(t, p, sample_weight=w[:, None]), rtol=2e-6)
 
 
-@UNKNOWN_XFAIL
 @pytest.mark.parametrize("face", ["ReverseKLDivergence", "JensenShannonDivergence", "KLEstimator",
                                   "evaluate_batches"])
 def test_dask_unknown_chunks_column_weight_siblings(face: str) -> None:
@@ -250,7 +235,6 @@ def test_dask_unknown_chunks_column_weight_siblings(face: str) -> None:
     np.testing.assert_allclose(out.compute(), expected, rtol=2e-6)
 
 
-@UNKNOWN_XFAIL
 def test_dask_unknown_chunks_row_weight_on_a_sequence_loss() -> None:
     """A (B,) Dask weight on a (B, T) per-sample loss (rank r - 1: a trailing axis is added,
     each row scaled), rows of unknown sizes."""
@@ -263,7 +247,6 @@ def test_dask_unknown_chunks_row_weight_on_a_sequence_loss() -> None:
     np.testing.assert_allclose(out.compute(), loss(t, p, sample_weight=w), rtol=2e-6)
 
 
-@UNKNOWN_XFAIL
 def test_dask_unknown_chunks_rank_squeeze() -> None:
     """SPEC/README: y_true (B, 1) with y_pred (B,): the class squeezes y_true's axis of 1
     (Keras 2's rank squeeze), also for rows of unknown sizes."""
@@ -273,7 +256,6 @@ def test_dask_unknown_chunks_rank_squeeze() -> None:
     np.testing.assert_allclose(out.compute(), loss(t[:, :1], p[:, 0]), rtol=2e-6)
 
 
-@UNKNOWN_XFAIL
 def test_dask_unknown_chunks_metric_column_weight() -> None:
     """README (Dask): the metric accepts Dask arrays too; a (B, 1) weight, unknown row sizes."""
     t, p, w = _unknown_data()

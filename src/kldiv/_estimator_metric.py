@@ -125,5 +125,5 @@ class KLEstimator(RunningMean):
             "log_ratio_clamp": self.log_ratio_clamp,
             "value_clamp": self.value_clamp,
             "name": self.name,
-            "dtype": self.dtype,
+            "dtype": self._dtype_name(),
         }

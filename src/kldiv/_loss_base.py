@@ -164,8 +164,10 @@ class LossBase(KerasAwareLoss):
         """The constructor arguments, as Keras would save them (JSON-ready: a pair of input
         spaces is a list)."""
         config = self._config()
-        if self.dtype is not None:
-            config["dtype"] = self.dtype
+        # by name, also when the attribute was set after construction (a dtype object)
+        name = validate_dtype(self.dtype, owner=type(self).__name__)
+        if name is not None:
+            config["dtype"] = name
         return config
 
     @classmethod

@@ -93,6 +93,10 @@ class RunningMean:
     def _normalize_dtype(cls, dtype: Any) -> str:
         return metric_dtype(dtype, owner=cls._DTYPE_OWNER or cls._owner())
 
+    def _dtype_name(self) -> str:
+        """The ``dtype`` attribute as a name, checked again (it may be set after construction)."""
+        return type(self)._normalize_dtype(self.dtype)
+
     def _describe(self) -> str:
         """``kldiv.metrics.KLDivergence(name=...)``: unambiguous in messages (the loss class is
         also called ``KLDivergence``)."""
@@ -144,15 +148,17 @@ class RunningMean:
         The value stays on the state's device (lazy for Dask) in the metric's ``dtype``; read
         it with ``float(...)`` (or ``.compute()`` for Dask) when needed.
         """
+        # the attribute may have been set after construction (a library's dtype object)
+        name = self._dtype_name()
         if self._total is None or self._count is None:
-            return np.asarray(0.0, dtype=np.dtype(self.dtype if self.dtype != "bfloat16" else "float32"))[()]
+            return np.asarray(0.0, dtype=np.dtype(name if name != "bfloat16" else "float32"))[()]
         total, count = self._total.total(), self._count.total()
         xp = array_namespace(total)
         out = safe_divide(xp, total, count)
-        dtype = named_dtype(xp, self.dtype)
+        dtype = named_dtype(xp, name)
         if dtype is None:  # e.g. bfloat16 in NumPy, float16 in array-api-strict
             dtype = xp.float32
-        elif self.dtype == "float64" and out.dtype != xp.float64:  # no float64 here
+        elif name == "float64" and out.dtype != xp.float64:  # no float64 here
             dtype = out.dtype
         return numpy_result(out if out.dtype == dtype else xp.astype(out, dtype))
 
@@ -239,7 +245,7 @@ class RunningMean:
 
     def get_config(self) -> dict[str, Any]:
         """``{"name": ..., "dtype": ...}``, as Keras saves a metric."""
-        return {"name": self.name, "dtype": self.dtype}
+        return {"name": self.name, "dtype": self._dtype_name()}
 
     @classmethod
     def _config_arguments(cls, config: dict[str, Any]) -> dict[str, Any]:
@@ -413,7 +419,7 @@ class DivergenceMetric(RunningMean):
     def get_config(self) -> dict[str, Any]:
         """``{"name": ..., "dtype": ...}`` and the options (``inputs``/``temperature`` where not
         the defaults, the member's parameters always), as Keras saves a metric."""
-        return {"name": self.name, "dtype": self.dtype, **self._option_config()}
+        return {"name": self.name, "dtype": self._dtype_name(), **self._option_config()}
 
     @classmethod
     def _config_arguments(cls, config: dict[str, Any]) -> dict[str, Any]:

@@ -98,10 +98,12 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[
                      peer=loss)
     given = tuple(w.shape)  # for messages: the shape the caller passed, before the rank rules
     r = loss.ndim
+    # indexing, not reshape/expand_dims: those need every size, which a lazy Dask array with
+    # chunks of unknown size lacks (NaN)
     if w.ndim == r + 1 and w.shape[-1] == 1:
-        w = xp.reshape(w, tuple(w.shape[:-1]))
+        w = w[..., 0]
     elif r >= 1 and w.ndim == r - 1:
-        w = xp.expand_dims(w, axis=-1)
+        w = w[..., None]
     loss_shape = tuple(loss.shape)
     try:
         shape = broadcast_shapes(tuple(w.shape), loss_shape, what="sample_weight and the loss")

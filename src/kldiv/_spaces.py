@@ -98,7 +98,9 @@ def _known_rank(x: Any, what: str) -> tuple[Any, ...]:
 
 
 def _squeeze_last(xp: ModuleType, x: Any) -> Any:
-    return xp.reshape(x, tuple(x.shape[:-1]))
+    """``x`` without its last axis (of size 1): by indexing, which also takes a Dask array
+    whose chunks have unknown sizes (a reshape needs them)."""
+    return x[..., 0]
 
 
 def pred_namespace(pred: Any, other: Any, *, what: str) -> tuple[Any, ModuleType]:
