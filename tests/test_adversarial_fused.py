@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import kldiv
+from conftest import ArrayBackend
 
 F = kldiv.fused_linear_divergence
 INF = math.inf
@@ -173,3 +174,169 @@ def test_reduction_names_are_exact(reduction: str) -> None:
 def test_from_config_of_a_non_mapping_is_a_clear_type_error(config: Any) -> None:
     with pytest.raises(TypeError, match="config must be a dict"):
         kldiv.FusedLinearDivergence.from_config(config)
+
+
+# ------------------------------------------------------------------------- tiny temperatures
+# student logits = h @ eye(V).T = h exactly; the teacher's as logits or as hidden @ eye
+TINY_S = np.array([[30.0, 20.0, 30.0], [10.0, 40.0, 0.0], [5.0, -5.0, 2.5], [10.0, 10.0, 9.0]])
+TINY_T = np.array([[10.0, 20.0, 30.0], [40.0, 40.0, 10.0], [5.0, -5.0, 2.5], [-INF, 10.0, 10.0]])
+# normal numbers (XLA flushes subnormal ones to 0 on CPU), small enough that 40 / T overflows
+TINY = (("float64", 1e-307), ("float32", 2e-38))
+
+
+def _tiny_want(div: str, dtype: str, temperature: float) -> np.ndarray:
+    with np.errstate(over="ignore"):  # a divergence beyond float32's range is +inf there
+        return oracle(TINY_S, np.eye(3), TINY_T, div, temperature).astype(dtype).astype(float)
+
+
+def _close_finite(got: Any, want: np.ndarray, rtol: float = 1e-5) -> None:
+    got = np.asarray(got, dtype=np.float64)
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("div", ["kl", "reverse_kl", "js"])
+def test_tiny_temperature_is_the_argmax_limit(backend: ArrayBackend, div: str) -> None:
+    """``x / T`` overflows for a tiny (valid) temperature; the log-softmax of ``x / T`` is
+    still defined (one-hot at the row maximum, shared between ties): the oracle's value,
+    never NaN (JS was NaN where it is finite), on every backend and both teacher forms."""
+    for dtype, temperature in TINY:
+        if dtype not in backend.float_dtypes:
+            continue
+        h, w = backend.asarray(TINY_S, dtype), backend.asarray(np.eye(3), dtype)
+        tl = backend.asarray(TINY_T, dtype)
+        want = _tiny_want(div, dtype, temperature)
+        got = F(h, w, tl, divergence=div, beta=BETA, temperature=temperature, reduction="none",
+                chunk_size=3)
+        _close_finite(backend.to_numpy(got), want)
+        th = backend.asarray(np.where(np.isinf(TINY_T), -1e30, TINY_T), dtype)  # finite
+        got = F(h, w, teacher_hidden=th, teacher_weight=w, divergence=div, beta=BETA,
+                temperature=temperature, reduction="none")
+        with np.errstate(over="ignore"):
+            want = oracle(TINY_S, np.eye(3), np.asarray(backend.to_numpy(th), np.float64), div,
+                          temperature).astype(dtype).astype(float)
+        _close_finite(backend.to_numpy(got), want)
+
+
+def _torch_plain(torch: Any, h: Any, w: Any, b: Any, tl: Any, div: str, temperature: float
+                 ) -> Any:
+    """Per-token divergence by torch autograd's own operations (float64), for gradients."""
+    lq = torch.log_softmax((h @ w.T + b) / temperature, -1)
+    lp = torch.log_softmax(tl / temperature, -1)
+    p, q = lp.exp(), lq.exp()
+    if div == "kl":
+        return (p * (lp - lq)).sum(-1)
+    if div == "reverse_kl":
+        return (q * (lq - lp)).sum(-1)
+    lm = torch.logaddexp(lp + math.log(BETA), lq + math.log1p(-BETA))
+    return BETA * (p * (lp - lm)).sum(-1) + (1 - BETA) * (q * (lq - lm)).sum(-1)
+
+
+TORCH_MODES = [("forward", "chunks"), ("forward", "slabs"), ("recompute", "chunks"),
+               ("recompute", "slabs")]
+
+
+@pytest.mark.parametrize("grad_mode,weight_grad", TORCH_MODES)
+@pytest.mark.parametrize("div", ["kl", "reverse_kl", "js"])
+def test_torch_temperature_below_one_every_mode(monkeypatch: pytest.MonkeyPatch, div: str,
+                                                grad_mode: str, weight_grad: str) -> None:
+    """A temperature below 1 shifts each row before the division: the weight gradient by
+    vocabulary slabs must shift its tiles' rows by the chunk pass's amounts (stored with the
+    log-sum-exps). Values and all three gradients against autograd's float64 formula, slabs
+    of 4 entries, chunks of 3 tokens, both reductions' routes."""
+    torch = pytest.importorskip("torch")
+    from kldiv.backends import torch_fused, torch_fused_chunks
+
+    monkeypatch.setattr(torch_fused, "GRAD_MODE", grad_mode)
+    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", weight_grad)
+    monkeypatch.setattr(torch_fused_chunks, "SLAB_COLUMNS", 4)
+    d = _data(7, tokens=(7,))
+    h, w, b = (torch.tensor(d[k] * 3, requires_grad=True) for k in ("h", "w", "b"))
+    tl = torch.tensor(d["tl"] * 3)
+    sw = torch.tensor(np.random.default_rng(8).random(7))
+    for reduction in ("mean_with_sample_weight", "none"):
+        out = F(h, w, tl, student_bias=b, divergence=div, beta=BETA, temperature=0.4,
+                sample_weight=sw, reduction=reduction, chunk_size=3)
+        per = _torch_plain(torch, h, w, b, tl, div, 0.4) * sw
+        ref = per if reduction == "none" else per.sum() / sw.sum()
+        np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), rtol=1e-10)
+        cot = torch.ones_like(out)
+        for g, e in zip(torch.autograd.grad(out, (h, w, b), cot),
+                        torch.autograd.grad(ref, (h, w, b), cot), strict=True):
+            np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad_mode,weight_grad", TORCH_MODES)
+def test_torch_tiny_temperature_gradient_is_finite_where_the_limit_is_flat(
+        monkeypatch: pytest.MonkeyPatch, grad_mode: str, weight_grad: str) -> None:
+    """Student == teacher at a temperature so small that ``x / T`` overflows: KL 0 and
+    gradients 0 (were NaN), in every gradient mode."""
+    torch = pytest.importorskip("torch")
+    from kldiv.backends import torch_fused, torch_fused_chunks
+
+    monkeypatch.setattr(torch_fused, "GRAD_MODE", grad_mode)
+    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", weight_grad)
+    monkeypatch.setattr(torch_fused_chunks, "SLAB_COLUMNS", 2)
+    t = torch.tensor(TINY_S)
+    h, w = t.clone().requires_grad_(), torch.eye(3, dtype=torch.float64).requires_grad_()
+    for div in ("kl", "reverse_kl"):
+        for reduction in ("sum", "none"):
+            out = F(h, w, t, divergence=div, temperature=1e-307, reduction=reduction,
+                    chunk_size=3)
+            assert torch.equal(out.detach(), torch.zeros_like(out))
+            for g in torch.autograd.grad(out, (h, w), torch.ones_like(out)):
+                assert torch.equal(g, torch.zeros_like(g)), (div, reduction, g)
+
+
+_TRITON_TINY = r"""
+import math, numpy as np, torch, triton
+from kldiv.backends import torch_fused_chunks
+from kldiv import fused_linear_divergence as F
+from test_adversarial_fused import TINY_S, TINY_T, BETA, _tiny_want, _close_finite, _data
+from test_adversarial_fused import _torch_plain
+torch_fused_chunks.FORCE_ROUTE = "triton"
+torch_fused_chunks.SLAB_COLUMNS = 4
+for div in ("kl", "reverse_kl", "js"):
+    # tiny temperature: the kernels shift each row before dividing (were NaN)
+    h, w = torch.tensor(TINY_S, dtype=torch.float32), torch.eye(3)
+    got = F(h, w, torch.tensor(TINY_T, dtype=torch.float32), divergence=div, beta=BETA,
+            temperature=2e-38, reduction="none")
+    _close_finite(got.numpy(), _tiny_want(div, "float32", 2e-38))
+    # a temperature below 1, both weight-gradient modes: the slab kernel reads the shifts
+    d = _data(9, tokens=(7,))
+    for mode in ("chunks", "slabs"):
+        torch_fused_chunks.WEIGHT_GRAD = mode
+        f32 = lambda a: torch.tensor(a * 1.5, dtype=torch.float32)
+        h, w, b = (f32(d[k]).requires_grad_() for k in ("h", "w", "b"))
+        tl = f32(d["tl"])
+        out = F(h, w, tl, student_bias=b, divergence=div, beta=BETA, temperature=0.4,
+                chunk_size=3)
+        x64 = [x.detach().double().requires_grad_() for x in (h, w, b)]
+        ref = _torch_plain(torch, *x64, tl.double(), div, 0.4).mean()
+        assert abs(float(out) - float(ref)) < 1e-5 * (1 + abs(float(ref))), (div, mode)
+        for g, e in zip(torch.autograd.grad(out, (h, w, b)), torch.autograd.grad(ref, x64)):
+            np.testing.assert_allclose(g.double().numpy(), e.numpy(), rtol=1e-4, atol=1e-5)
+print("TRITON-TINY-OK")
+"""
+
+
+def test_triton_kernels_tiny_temperature_interpreted() -> None:
+    """The Triton kernels (chunk and slab gradient) in Triton's interpreter on CPU: a tiny
+    temperature gives the oracle's values, a temperature below 1 the float64 gradients by
+    chunks and by slabs. A subprocess: TRITON_INTERPRET is read at import."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    from test_triton_family import skip_if_triton_interpreter_defective
+
+    skip_if_triton_interpreter_defective()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.join(root, "src"), os.path.join(root, "tests"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _TRITON_TINY], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0 and "TRITON-TINY-OK" in proc.stdout, proc.stderr[-3000:]

@@ -25,6 +25,7 @@ from ._fused_linear_math import (
     auto_chunk_size,
     available_memory,
     chunk_terms,
+    divide_by_temperature,
     on_accelerator,
 )
 from ._namespace import get_device
@@ -93,8 +94,8 @@ def _generic_forward(xp: ModuleType, h2: Any, w: Any, b: Any, teacher: dict[str,
             t = xp.matmul(xp.astype(teacher["hidden"][i0:i1, ...], cd, copy=False), tw_t)
             if tb_ is not None:
                 t = t + tb_
-        if plan.temperature != 1.0:
-            s, t = s / plan.temperature, t / plan.temperature
+        s = divide_by_temperature(xp, s, plan.temperature)
+        t = divide_by_temperature(xp, t, plan.temperature)
         losses.append(chunk_terms(xp, s, t, plan.divergence, plan.beta, False)[0])
         del s, t
     if not losses:
@@ -142,7 +143,9 @@ def fused_linear_divergence(
     formed ``chunk_size`` tokens at a time and never all at once, nor are their
     log-probabilities or their gradient, so memory grows with ``chunk_size x V`` and
     ``V x H``, not with the number of tokens. Both sides' logits are divided by
-    ``temperature`` and log-softmaxed (stably, in float32 or wider), then
+    ``temperature`` and log-softmaxed (stably, in float32 or wider; below 1 the rows are
+    shifted by their maximum before the division, so a tiny temperature cannot overflow),
+    then
 
     - ``"kl"``: ``KL(teacher || student) = sum p (log p - log q)``;
     - ``"reverse_kl"``: ``KL(student || teacher) = sum q (log q - log p)``;

@@ -38,6 +38,7 @@ __all__ = [
     "available_memory",
     "chunk_terms",
     "divergence_rows",
+    "divide_by_temperature",
     "log_softmax_parts",
 ]
 
@@ -82,6 +83,21 @@ def log_softmax_parts(xp: ModuleType, x: Any) -> tuple[Any, Any]:
     e = xp.exp(x - m)
     z = xp.sum(e, axis=-1, keepdims=True)
     return e / z, x - (m + xp.log(z))
+
+
+def divide_by_temperature(xp: ModuleType, x: Any, temperature: float) -> Any:
+    """``x / temperature`` as the log-softmax sees it: for ``temperature < 1`` each row is
+    first shifted by its maximum (a finite one; an all ``-inf`` row is left as it is), so
+    that a tiny temperature cannot overflow ``x / T`` to ``inf`` (``inf - inf``: NaN) where
+    the log-softmax of ``x / T`` is defined. The log-softmax is unchanged (it is
+    shift-invariant), and so is every divergence and its gradient with respect to ``x``.
+    Dividing by ``T >= 1`` cannot overflow: no shift there."""
+    if temperature == 1.0:
+        return x
+    if temperature < 1.0:
+        m = xp.max(x, axis=-1, keepdims=True)
+        x = x - xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    return x / temperature
 
 
 def _xlogy_terms(xp: ModuleType, prob: Any, diff: Any) -> Any:

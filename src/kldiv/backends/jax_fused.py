@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._fused_linear_math import Plan, chunk_terms
+from .._fused_linear_math import Plan, chunk_terms, divide_by_temperature
 
 __all__ = ["GRAD_MODE", "fused_linear", "run", "stop_gradient"]
 
@@ -66,8 +66,8 @@ def _scan(plan: Plan, h2: Any, w: Any, b: Any, teacher: dict[str, Any], scale: A
             t = lax.dynamic_slice_in_dim(teacher["hidden"], start, c, 0).astype(cd) @ tw.T
             if tb is not None:
                 t = t + tb
-        if plan.temperature != 1.0:
-            s, t = s / plan.temperature, t / plan.temperature
+        s = divide_by_temperature(jnp, s, plan.temperature)
+        t = divide_by_temperature(jnp, t, plan.temperature)
         loss_c, g = chunk_terms(jnp, s, t, plan.divergence, plan.beta, need_grad)
         loss = lax.dynamic_update_slice_in_dim(loss, loss_c, start, 0)
         if need_grad:

@@ -44,7 +44,7 @@ import torch
 
 from .._compat import compat_torch
 from .._convert import call_time_values
-from .._fused_linear_math import Plan, divergence_rows
+from .._fused_linear_math import Plan, divergence_rows, divide_by_temperature
 from .torch_ import _batched, _has_tangent, _tracing
 from .torch_fused_chunks import chunks, compute_dtype, linear_backward
 
@@ -89,8 +89,8 @@ def differentiable(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
             t = teacher["hidden"][i0:i1].detach().to(cd) @ tw.T
             if tb is not None:
                 t = t + tb
-        if plan.temperature != 1.0:
-            s, t = s / plan.temperature, t / plan.temperature
+        s = divide_by_temperature(xp, s, plan.temperature)
+        t = divide_by_temperature(xp, t, plan.temperature)
         parts.append(divergence_rows(xp, s, t, plan.divergence, plan.beta))
     if not parts:  # no tokens: (0,), still connected to the inputs
         return h2.sum(-1).to(cd) * 0

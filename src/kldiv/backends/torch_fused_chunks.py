@@ -13,7 +13,7 @@ No more than one chunk of ``(rows, V)`` buffers exists at any time.
 For half-precision weights kept half in the products (CUDA), a float32 ``dW`` accumulator
 would be a second gradient twice the size of the result: there the weight gradient is formed
 by vocabulary slabs instead (:data:`WEIGHT_GRAD`, :func:`_weight_grad_slabs`): the chunk pass
-keeps three statistics per token, and a second pass forms each slab's logits and gradient
+keeps five statistics per token, and a second pass forms each slab's logits and gradient
 again and writes ``dW[slab] = G[:, slab].T @ h`` in one product over all tokens.
 
 On CUDA the per-chunk softmax, divergence and gradient run in one Triton kernel
@@ -263,7 +263,10 @@ class _Setup:
             return hc, loss, s if need_grad else None
         if self.ws is None and teacher[0] == "logits":
             t = t.to(cd, copy=True)
-        self._shift(s, t, self.b, self.t_b)
+        shifts = self._shift(s, t, self.b, self.t_b)
+        if stats is not None:  # the slab pass shifts its tiles' rows by the same amounts
+            stats[:, 3] = 0.0 if shifts is None else shifts[0].squeeze(-1)
+            stats[:, 4] = 0.0 if shifts is None else shifts[1].squeeze(-1)
         loss, g = chunk_terms_(s, t, self.plan.divergence, self.plan.beta, need_grad,
                                bufs[2:] or None, mask, stats)
         if g is not None:
@@ -299,16 +302,31 @@ class _Setup:
         return xc
 
     def _shift(self, s: torch.Tensor, t: torch.Tensor, b: torch.Tensor | None,
-               t_b: torch.Tensor | None) -> None:
-        """Biases added and the temperature divided out, in place (the torch-ops route)."""
+               t_b: torch.Tensor | None,
+               shifts: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Biases added and the temperature divided out, in place (the torch-ops route).
+
+        For a temperature below 1 each row is shifted first, by ``shifts`` (``(rows, 1)``
+        each side) or by its finite maximum, so that ``x / T`` cannot overflow
+        (:func:`kldiv._fused_linear_math.divide_by_temperature`); returns the shifts used
+        (``None``: none)."""
         temp = self.plan.temperature
         if b is not None:
             s.add_(b)
         if t_b is not None:
             t.add_(t_b)
+        if temp < 1.0:
+            if shifts is None:
+                shifts = (_row_max(s), _row_max(t))
+            s.sub_(shifts[0])
+            t.sub_(shifts[1])
+        else:
+            shifts = None
         if temp != 1.0:
             s.div_(temp)
             t.div_(temp)
+        return shifts
 
     def slab_tile(self, h2: torch.Tensor, hc: torch.Tensor, th: torch.Tensor | None, i0: int,
                   i1: int, v0: int, v1: int, sc: torch.Tensor, stats: torch.Tensor,
@@ -325,9 +343,15 @@ class _Setup:
             return
         if self.teacher[0] == "logits":
             t = t.to(self.cd, copy=True)
-        self._shift(s, t, b, t_b)
+        self._shift(s, t, b, t_b, (stats[:, 3:4], stats[:, 4:5]))
         g = slab_grad_(s, t, stats, self.plan.divergence, self.plan.beta)
         out.copy_(g.mul_(sc.div(self.plan.temperature).unsqueeze(-1)))
+
+
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    """Each row's maximum, ``(rows, 1)``; 0 where it is not finite (an all ``-inf`` row)."""
+    m = x.amax(-1, keepdim=True)
+    return m.masked_fill_(~torch.isfinite(m), 0.0)
 
 
 def _weight_grad_slabs(setup: _Setup, h2: torch.Tensor, scale: torch.Tensor,

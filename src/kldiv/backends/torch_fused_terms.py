@@ -24,9 +24,11 @@ __all__ = ["SPARE_BUFFERS", "STATS", "Workspace", "chunk_terms_", "slab_grad_"]
 SPARE_BUFFERS = {"kl": 2, "reverse_kl": 2, "js": 4}
 """``(rows, V)`` buffers :func:`chunk_terms_` needs beside the two logits."""
 
-STATS = 3
-"""Statistics per row for the slab pass: the student's and the teacher's log-sum-exp and the
-gradient's row constant (0 for KL, the row's loss for the reverse KL, ``sum g`` for JS)."""
+STATS = 5
+"""Statistics per row for the slab pass: the student's and the teacher's log-sum-exp, the
+gradient's row constant (0 for KL, the row's loss for the reverse KL, ``sum g`` for JS), and
+the student's and the teacher's shift before the division by a temperature below 1 (0 for
+other temperatures): the log-sum-exps are those of ``(x - shift) / T``."""
 
 
 class Workspace:

@@ -4,7 +4,8 @@ The matrix products run on cuBLAS (:mod:`kldiv.backends.torch_fused_chunks`); th
 the rest of a chunk in one launch, one program per token row, without any ``(rows, V)``
 temporary: it reads the student's logits (float32, written by the matrix product) and the
 teacher's (any float dtype and row stride: a slice of the caller's logits is read where it
-lies), adds the biases, divides by the temperature and
+lies), adds the biases, shifts each row by its maximum and divides by the temperature (the
+shift first: a tiny temperature cannot overflow ``x / T``) and
 
 1. finds both rows' log-sum-exp online over vocabulary blocks (a running max and a running
    sum rescaled as the max grows, per lane, then combined);
@@ -34,28 +35,32 @@ _DIV_CODES = {"kl": 0, "reverse_kl": 1, "js": 2}
 
 
 @triton.jit
-def _load_row(ptr, bias_ptr, cols, msk, temperature, HAS_BIAS: tl.constexpr):
+def _load_row(ptr, bias_ptr, cols, msk, HAS_BIAS: tl.constexpr):
+    # the logits as given (plus the bias), before the shift and the temperature
     x = tl.load(ptr + cols, mask=msk, other=float("-inf")).to(tl.float32)
     if HAS_BIAS:
         x += tl.load(bias_ptr + cols, mask=msk, other=0.0).to(tl.float32)
-    return x / temperature
+    return x
 
 
 @triton.jit
 def _online_lse(ptr, bias_ptr, n_cols, temperature, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """``(shift, lse)``: the row's finite maximum (0 for an all -inf row) and the
+    log-sum-exp of ``(x - shift) / temperature``: the shift comes before the division, so
+    a tiny temperature cannot overflow ``x / T`` (no ``inf - inf``)."""
     offs = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     d = tl.zeros([BLOCK], tl.float32)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + offs
-        x = _load_row(ptr, bias_ptr, cols, cols < n_cols, temperature, HAS_BIAS)
+        x = _load_row(ptr, bias_ptr, cols, cols < n_cols, HAS_BIAS)
         new_m = tl.maximum(m, x)
         shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # all -inf so far: nothing to add
-        d = d * tl.exp(m - shift) + tl.exp(x - shift)
+        d = d * tl.exp((m - shift) / temperature) + tl.exp((x - shift) / temperature)
         m = new_m
     big = tl.max(m, axis=0)
     big = tl.where(big == float("-inf"), 0.0, big)
-    return big + tl.log(tl.sum(d * tl.exp(m - big), axis=0))
+    return big, tl.log(tl.sum(d * tl.exp((m - big) / temperature), axis=0))
 
 
 @triton.jit
@@ -70,13 +75,13 @@ def _log_m(lp, lq, log_beta, log_1mb):
 
 
 @triton.jit
-def _log_probs(s_row, t_row, sb_ptr, tb_ptr, c0, n_cols, lse_s, lse_t, temperature,
+def _log_probs(s_row, t_row, sb_ptr, tb_ptr, c0, n_cols, m_s, m_t, lse_s, lse_t, temperature,
                HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, BLOCK: tl.constexpr):
     # one vocabulary block of both rows: (log q, log p, column mask, columns)
     cols = c0 + tl.arange(0, BLOCK)
     msk = cols < n_cols
-    lq = _load_row(s_row, sb_ptr, cols, msk, temperature, HAS_SB) - lse_s
-    lp = _load_row(t_row, tb_ptr, cols, msk, temperature, HAS_TB) - lse_t
+    lq = (_load_row(s_row, sb_ptr, cols, msk, HAS_SB) - m_s) / temperature - lse_s
+    lp = (_load_row(t_row, tb_ptr, cols, msk, HAS_TB) - m_t) / temperature - lse_t
     return lq, lp, msk, cols
 
 
@@ -88,16 +93,16 @@ def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, stats_ptr, n_co
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
-    lse_s = _online_lse(s_row, sb_ptr, n_cols, temperature, HAS_SB, BLOCK)
-    lse_t = _online_lse(t_row, tb_ptr, n_cols, temperature, HAS_TB, BLOCK)
+    m_s, lse_s = _online_lse(s_row, sb_ptr, n_cols, temperature, HAS_SB, BLOCK)
+    m_t, lse_t = _online_lse(t_row, tb_ptr, n_cols, temperature, HAS_TB, BLOCK)
     gscale = 0.0
     if NEED_GRAD:
         gscale = tl.load(scale_ptr + row).to(tl.float32) / temperature
     acc = tl.zeros([BLOCK], tl.float32)
     acc_g = tl.zeros([BLOCK], tl.float32)
     for c0 in range(0, n_cols, BLOCK):
-        lq, lp, msk, cols = _log_probs(s_row, t_row, sb_ptr, tb_ptr, c0, n_cols, lse_s, lse_t,
-                                       temperature, HAS_SB, HAS_TB, BLOCK)
+        lq, lp, msk, cols = _log_probs(s_row, t_row, sb_ptr, tb_ptr, c0, n_cols, m_s, m_t,
+                                       lse_s, lse_t, temperature, HAS_SB, HAS_TB, BLOCK)
         q = tl.exp(lq)
         p = tl.exp(lp)
         if DIV == 0:
@@ -120,13 +125,15 @@ def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, stats_ptr, n_co
     elif DIV == 2:
         row_const = tl.sum(acc_g, axis=0)
     if STATS:  # for the weight gradient by vocabulary slabs (slab_grad)
-        tl.store(stats_ptr + row * 3, lse_s)
-        tl.store(stats_ptr + row * 3 + 1, lse_t)
-        tl.store(stats_ptr + row * 3 + 2, row_const)
+        tl.store(stats_ptr + row * 5, lse_s)
+        tl.store(stats_ptr + row * 5 + 1, lse_t)
+        tl.store(stats_ptr + row * 5 + 2, row_const)
+        tl.store(stats_ptr + row * 5 + 3, m_s)
+        tl.store(stats_ptr + row * 5 + 4, m_t)
     if NEED_GRAD and DIV != 0:
         for c0 in range(0, n_cols, BLOCK):
-            lq, lp, msk, cols = _log_probs(s_row, t_row, sb_ptr, tb_ptr, c0, n_cols, lse_s,
-                                           lse_t, temperature, HAS_SB, HAS_TB, BLOCK)
+            lq, lp, msk, cols = _log_probs(s_row, t_row, sb_ptr, tb_ptr, c0, n_cols, m_s, m_t,
+                                           lse_s, lse_t, temperature, HAS_SB, HAS_TB, BLOCK)
             q = tl.exp(lq)
             if DIV == 1:
                 g = tl.where(q == 0.0, 0.0, q * (lq - lp - row_const))
@@ -144,8 +151,8 @@ def chunk(s: torch.Tensor, t: torch.Tensor, s_bias: torch.Tensor | None,
     ``s``: the student's float32 logits ``(rows, V)`` without bias, contiguous rows (it is
     overwritten). ``t``: the teacher's logits ``(rows, V)`` with unit column stride, any
     float dtype. ``scale``: per-row weights of the loss (``need_grad`` only). ``stats``: a
-    contiguous ``(rows, 3)`` float32 tensor that receives each row's log-sum-exps and
-    gradient row constant (for :func:`slab_grad`), or ``None``.
+    contiguous ``(rows, 5)`` float32 tensor that receives each row's log-sum-exps, gradient
+    row constant and both shifts (for :func:`slab_grad`), or ``None``.
     """
     rows, v = s.shape
     if t.stride(-1) != 1:
@@ -164,7 +171,7 @@ def chunk(s: torch.Tensor, t: torch.Tensor, s_bias: torch.Tensor | None,
     dummy = s  # an unused pointer argument still needs a tensor
     out_stats = stats
     if stats is not None and (stats.dtype != torch.float32 or not stats.is_contiguous()):
-        out_stats = torch.empty((rows, 3), dtype=torch.float32, device=s.device)
+        out_stats = torch.empty((rows, 5), dtype=torch.float32, device=s.device)
     block = max(16, min(4096, triton.next_power_of_2(v)))
     _fl_chunk[(rows,)](
         s, t, s_bias if s_bias is not None else dummy, t_bias if t_bias is not None else dummy,
@@ -189,13 +196,15 @@ def _fl_slab_grad(s_ptr, t_ptr, sb_ptr, tb_ptr, stats_ptr, scale_ptr, g_ptr, n_c
     # row's statistics, times the row's weight, in the output's dtype
     row = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(1) * BLOCK
-    lse_s = tl.load(stats_ptr + row * 3)
-    lse_t = tl.load(stats_ptr + row * 3 + 1)
-    row_const = tl.load(stats_ptr + row * 3 + 2)
+    lse_s = tl.load(stats_ptr + row * 5)
+    lse_t = tl.load(stats_ptr + row * 5 + 1)
+    row_const = tl.load(stats_ptr + row * 5 + 2)
+    m_s = tl.load(stats_ptr + row * 5 + 3)
+    m_t = tl.load(stats_ptr + row * 5 + 4)
     gscale = tl.load(scale_ptr + row).to(tl.float32) / temperature
     lq, lp, msk, cols = _log_probs(s_ptr + row * s_stride, t_ptr + row * t_stride, sb_ptr,
-                                   tb_ptr, c0, n_cols, lse_s, lse_t, temperature, HAS_SB,
-                                   HAS_TB, BLOCK)
+                                   tb_ptr, c0, n_cols, m_s, m_t, lse_s, lse_t, temperature,
+                                   HAS_SB, HAS_TB, BLOCK)
     q = tl.exp(lq)
     if DIV == 0:
         g = q - tl.exp(lp)
