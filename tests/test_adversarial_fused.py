@@ -340,3 +340,29 @@ def test_triton_kernels_tiny_temperature_interpreted() -> None:
     proc = subprocess.run([sys.executable, "-c", _TRITON_TINY], env=env, capture_output=True,
                           text=True, timeout=600, cwd=root)
     assert proc.returncode == 0 and "TRITON-TINY-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------- -inf logits, no warnings
+@pytest.mark.parametrize("div", ["kl", "reverse_kl", "js"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_numpy_minus_inf_logits_warn_nothing(div: str, temperature: float) -> None:
+    """``-inf`` logits are documented input (a masked vocabulary entry, ``0 log 0 = 0``):
+    NumPy must not warn ('invalid value encountered in multiply/subtract' from the masked
+    ``0 * inf`` terms, an error under ``-W error``), and a float16 result beyond its range
+    is inf without a cast warning."""
+    import warnings
+
+    d = _data(10, tokens=(4,))
+    tl = d["tl"].copy()
+    tl[:, [2, 5]] = -INF
+    b = np.zeros(V)
+    b[[3, 5]] = -INF
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = F(d["h"], d["w"], tl, student_bias=b, divergence=div, beta=BETA,
+                temperature=temperature, reduction="none")
+        half = F(d["h"].astype(np.float16) * 300, d["w"].astype(np.float16),
+                 (d["tl"] * 0).astype(np.float16), divergence="kl", reduction="sum",
+                 temperature=1e-3)
+    _close_finite(out, oracle(d["h"], d["w"], tl, div, temperature, b=b))
+    assert half.dtype == np.float16 and half == np.inf

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from ._convert import call_time_values
 from ._dispatch import library_op
 from ._fused_linear_checks import BATCHMEAN, check_arrays, check_shapes, validate_options
@@ -253,14 +255,20 @@ def fused_linear_divergence(
     if route is not None:
         out = route(h2, w, b, teacher, plan, scale)
     else:
-        out = _generic_forward(xp, h2, w, b, teacher, plan, cd)
-        if scale is not None:
-            out = xp.sum(out * scale)
+        # NumPy: the masked terms of -inf logits (0 * inf, -inf - -inf, documented input)
+        # are replaced, not warned about; a half result beyond its range is inf
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            out = _generic_forward(xp, h2, w, b, teacher, plan, cd)
+            if scale is not None:
+                out = xp.sum(out * scale)
     if reduction == Reduction.NONE:
         out = xp.reshape(out, tokens)
         if w_shaped is not None:
             out = out * _constant(lib, w_shaped)
-    return xp.astype(out, h.dtype) if out.dtype != h.dtype else out
+    if out.dtype == h.dtype:
+        return out
+    with np.errstate(over="ignore"):
+        return xp.astype(out, h.dtype)
 
 
 class FusedLinearDivergence:
