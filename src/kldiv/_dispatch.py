@@ -88,7 +88,11 @@ def resolve(divergence: Divergence | str, *, inputs: Any = "probs", temperature:
     step does not check them again each time.
     """
     div = _divergence.get(divergence)
-    key = _options_key(div, inputs, temperature, params)
+    # Neither read nor written while dynamo traces: a graph that read the cache is guarded on
+    # its length (every eager call with new options afterwards would recompile it), options
+    # may be symbolic floats there (``dynamic=True`` traces float defaults so), and a mutated
+    # global dict breaks the graph. The checks below fold to constants in the trace.
+    key = None if torch_compiling() else _options_key(div, inputs, temperature, params)
     call = _RESOLVED.get(key) if key is not None else None
     if call is None:
         spaces = parse_inputs(inputs)
@@ -102,8 +106,7 @@ def resolve(divergence: Divergence | str, *, inputs: Any = "probs", temperature:
             call = Call(KERAS_KL, spaces, t, bound, swap=div.keras_swap)
         else:
             call = Call(div, spaces, t, bound)
-        # never written while dynamo traces: a mutated global dict breaks its graph
-        if key is not None and len(_RESOLVED) < _RESOLVED_MAX and not torch_compiling():
+        if key is not None and len(_RESOLVED) < _RESOLVED_MAX:
             _RESOLVED[key] = call
     return call
 

@@ -74,7 +74,7 @@ def _torch_namespace() -> ModuleType:
 def array_namespace(x: Any) -> ModuleType:
     """The array-API namespace of ``x`` (compat-wrapped; or a kldiv shim, e.g. TensorFlow)."""
     tp = type(x)
-    xp = _NAMESPACE_CACHE.get(tp)
+    xp = _NAMESPACE_CACHE.get(tp) if not torch_compiling() else None  # (see _remember)
     if xp is None:
         if _is_torch(x):
             xp = _torch_namespace()
@@ -82,21 +82,30 @@ def array_namespace(x: Any) -> ModuleType:
             xp = shim_namespace(x)
             if xp is None:
                 xp = _compat.array_namespace(x)
-        _NAMESPACE_CACHE[tp] = xp
+        _remember_namespace(tp, xp)
     return xp
+
+
+def _remember_namespace(tp: type, xp: ModuleType) -> None:
+    if not torch_compiling():
+        _NAMESPACE_CACHE[tp] = xp
 
 
 def is_array(x: object) -> bool:
     """True for any array object a supported library (or the array API) produces."""
     if isinstance(x, (int, float, bool, complex)):  # first: np.float64 is a float, and the
         return False  # same answer whatever the cache below holds (np.float64 as a total)
-    if type(x) in _NAMESPACE_CACHE or _is_torch(x):  # a type already seen as an array
+    if _is_torch(x):  # first: what dynamo traces ends here, without reading the cache below
+        return True
+    if type(x) in _NAMESPACE_CACHE:  # a type already seen as an array
         return True
     return _compat.is_array_api_obj(x) or shim_namespace(x) is not None
 
 
 def torch_compiling() -> bool:
-    """True while ``torch.compile`` (dynamo) traces kldiv: then only the generic kernel runs.
+    """True while ``torch.compile`` (dynamo) traces kldiv: then only the generic kernel runs,
+    and kldiv's per-process caches are neither read nor written (dynamo would guard the graph
+    on them: see :func:`kldiv._libraries.compiling`).
 
     Fast paths are opaque to dynamo, and their dispatch (context variables, environment,
     lazy imports) would break the graph; ``torch.compiler.is_compiling()`` folds to a
@@ -112,8 +121,10 @@ _LAZY = lazy_library()
 def is_dask(x: object) -> bool:
     """``x`` is an array of the lazy (chunked) library, Dask, where it is loaded: what
     array-api-compat's ``is_dask_array`` asks, without its ``lru_cache``'d helper (see
-    :func:`_is_torch`)."""
-    return _LAZY.is_instance(x)
+    :func:`_is_torch`). A tensor first: under ``torch.compile`` every input is one, and
+    looking up a library that is not loaded guards the graph on ``len(sys.modules)`` (any
+    later import would recompile it)."""
+    return not _is_torch(x) and _LAZY.is_instance(x)
 
 
 def namespace_name(xp: ModuleType) -> str:
@@ -178,7 +189,11 @@ def _remember(cache: dict[type, dict[Any, Any]], tp: type, key: Any, value: Any)
 
 def _cached(cache: dict[type, dict[Any, Any]], dtype: Any, compute: Callable[[Any], Any]) -> Any:
     """``compute(dtype)``, remembered in ``cache`` (one dict per dtype type, see
-    :func:`_remember`)."""
+    :func:`_remember`). Not read while ``torch.compile`` traces either: dynamo would guard
+    the graph on the cache's contents, and recompile it whenever an eager call adds a dtype
+    (:func:`kldiv._libraries.compiling`); the answer folds to a constant in the trace."""
+    if torch_compiling():
+        return compute(dtype)
     per_type = cache.get(type(dtype))
     try:
         return per_type[dtype]  # type: ignore[index]

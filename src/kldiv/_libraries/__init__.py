@@ -20,12 +20,14 @@ Nothing here imports a framework: an adapter is imported only when its library i
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from .. import _compat
+from . import record
 from .record import Library, load
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "WrongDevice",
     "backend_name",
     "compiler_library",
+    "compiling",
     "device_library",
     "find",
     "graph_library",
@@ -132,6 +135,9 @@ def compiler_library() -> Library:
     return next(lib for lib in LIBRARIES if lib.compiled_namespace)
 
 
+_COMPILER_MODULE = compiler_library().modules[0]
+
+
 def device_library(device: Any) -> Library | None:
     """The record of the library whose device object ``device`` is (its type's package)."""
     package = type(device).__module__.partition(".")[0]
@@ -169,17 +175,39 @@ def _name_of(xp: ModuleType) -> str | None:
     return None
 
 
+def compiling() -> bool:
+    """True while the compiler library's compiler (``torch.compile``'s dynamo) traces kldiv.
+
+    Nothing traced may read kldiv's per-process caches (dicts that grow as new namespaces,
+    dtypes and options are seen): dynamo guards a graph on what it read there, the dict's
+    length included, so any later eager call that adds an entry would recompile the graph
+    (and after ``recompile_limit`` recompiles run it eagerly). Folds to a constant in the
+    trace."""
+    mod = sys.modules.get(_COMPILER_MODULE)
+    return mod is not None and bool(mod.compiler.is_compiling())
+
+
+record.tracing = compiling
+
+
 def find(xp: ModuleType) -> Library | None:
     """The table's record for namespace ``xp`` (compat-wrapped, shim or the module itself)."""
+    if compiling():  # the cache is neither read nor written in a traced graph (see compiling)
+        return _lookup(xp)
     try:
         return _BY_ID[id(xp)]
     except KeyError:
         pass
+    lib = _lookup(xp)
+    _BY_ID[id(xp)] = lib  # namespaces are modules: they live as long as the process
+    return lib
+
+
+def _lookup(xp: ModuleType) -> Library:
     name = _name_of(xp)
     lib = _BY_NAME.get(name) if name is not None else None
     if lib is None:  # an array-API library kldiv has no entry for: no fast path, no flags
         lib = Library(getattr(xp, "__name__", type(xp).__name__), ())
-    _BY_ID[id(xp)] = lib  # namespaces are modules: they live as long as the process
     return lib
 
 

@@ -28,6 +28,18 @@ def load(path: str) -> Any:
     return getattr(obj, attr) if attr else obj
 
 
+def _never() -> bool:
+    return False
+
+
+tracing: Callable[[], bool] = _never
+"""True while the compiler library's compiler traces kldiv (the table sets it:
+:func:`kldiv._libraries.compiling`). Then only that library's arrays (and NumPy's, which it
+traces as its own) reach kldiv, and another library is taken as not loaded without looking in
+``sys.modules``: a name missing there guards the traced graph on ``len(sys.modules)``, so that
+any later import would recompile it."""
+
+
 @dataclass(frozen=True)
 class Library:
     """What kldiv knows about one array library (see the module docstring)."""
@@ -96,13 +108,21 @@ class Library:
     """More on installing it (the CLI's ``show``)."""
 
     # -------------------------------------------------------------------- lookups
+    def _module(self, name: str) -> Any:
+        """``sys.modules.get(name)`` for one of this library's modules; ``None`` for another
+        library than the compiler's while it traces (see :data:`tracing`)."""
+        if self.compiled_namespace is None and tracing():
+            return None
+        return sys.modules.get(name)
+
     def loaded(self) -> ModuleType | None:
         """The library's module if it is imported (never imports it)."""
-        return sys.modules.get(self.modules[0])
+        mod: ModuleType | None = self._module(self.modules[0])
+        return mod
 
     def is_instance(self, x: object) -> bool:
         """``isinstance(x, <module>.<tensor_type>)`` where the library is loaded."""
-        mod = sys.modules.get(self.modules[0])
+        mod = self._module(self.modules[0])
         return mod is not None and bool(self.tensor_type) and isinstance(x, getattr(mod, self.tensor_type))
 
     def exact_type(self, x: object) -> bool:
@@ -145,7 +165,7 @@ class Library:
         """``x`` is one of :attr:`array_types` (looked up only where the library is loaded)."""
         for path in self.array_types:
             module, _, attr = path.partition(":")
-            mod = sys.modules.get(module)
+            mod = self._module(module)
             if mod is not None and isinstance(x, getattr(mod, attr)):
                 return True
         return False

@@ -1,0 +1,163 @@
+"""Adversarial tests of function transforms and compiled/lazy execution: torch.compile
+(fullgraph, dynamic), torch.func, JAX transforms, Dask lazy graphs.
+
+Compiled functions use dynamo's ``"eager"`` backend where the test is about tracing (graph
+breaks, guards, recompiles) rather than about Inductor's code: the same trace, seconds less.
+Values are checked against the float64 oracle written from the definition (``conftest.oracle``)
+or against the eager call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kldiv
+from conftest import oracle
+from kldiv import _dispatch, _libraries, _namespace
+
+
+def _probs(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    """Rows of probabilities bounded away from 0 (finite differences stay accurate)."""
+    a = rng.uniform(0.5, 1.0, shape)
+    return a / a.sum(-1, keepdims=True)
+
+
+# ---- torch.compile --------------------------------------------------------------------------
+
+@pytest.fixture
+def torch() -> Iterator[Any]:
+    torch = pytest.importorskip("torch")
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache")
+        yield torch
+    torch._dynamo.reset()
+
+
+def _compile(torch: Any, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    return torch.compile(fn, fullgraph=True, backend="eager", **kwargs)
+
+
+@contextlib.contextmanager
+def _empty_kldiv_caches() -> Iterator[None]:
+    """kldiv's per-process caches emptied (as in a fresh process), restored afterwards."""
+    caches: list[dict[Any, Any]] = [_namespace._NAMESPACE_CACHE, _namespace._KIND_CACHE,
+                                    _namespace._LOW_CACHE, _dispatch._RESOLVED, _libraries._BY_ID]
+    saved = [dict(c) for c in caches]
+    for c in caches:
+        c.clear()
+    try:
+        yield
+    finally:
+        for c, s in zip(caches, saved, strict=True):
+            c.clear()
+            c.update(s)
+
+
+@contextlib.contextmanager
+def _a_new_module() -> Iterator[None]:
+    """A module imported after compiling (``len(sys.modules)`` changes)."""
+    name = f"kldiv_test_module_{id(object())}"
+    sys.modules[name] = types.ModuleType(name)
+    try:
+        yield
+    finally:
+        del sys.modules[name]
+
+
+class _Subclass(np.ndarray):
+    """A NumPy array type kldiv has never seen."""
+
+
+_COMPILED = {
+    "kld": lambda a, b: kldiv.kld(a, b),
+    "kld numpy y_true": lambda a, b: kldiv.kld(np.full((4, 5), 0.2), b),
+    "kld list y_true": lambda a, b: kldiv.kld([0.1, 0.2, 0.3, 0.2, 0.2], b),
+    "kld logits": lambda a, b: kldiv.kld(a, b, inputs="logits", temperature=2.0),
+    "loss": lambda a, b: kldiv.KLDivergence()(a, b, sample_weight=b[:, 0]),
+    "loss numpy weight": lambda a, b: kldiv.KLDivergence(reduction="sum")(a, b, sample_weight=np.arange(4.0)),
+    "reverse": lambda a, b: kldiv.ReverseKLDivergence(inputs="log_probs", reduction="none")(a, b),
+    "js": lambda a, b: kldiv.js_divergence(a, b, inputs=("probs", "logits"), beta=0.25),
+}
+
+
+@pytest.mark.parametrize("name", list(_COMPILED))
+def test_compiled_function_is_not_recompiled_by_later_eager_calls(torch: Any, name: str) -> None:
+    """A compiled function must not depend on kldiv's per-process caches: dynamo guarded on
+    their sizes (``len(_RESOLVED) != 2``, ``len(_NAMESPACE_CACHE) ...``), so every eager call
+    with a new array type, dtype or options afterwards recompiled it (after 8: eager fallback)."""
+    fn = _COMPILED[name]
+    rng = np.random.default_rng(0)
+    t, p = torch.tensor(_probs(rng, 4, 5)), torch.tensor(_probs(rng, 4, 5))
+    expected = fn(t, p)  # eagerly first (a loss class' Keras-aware form is then made)
+    with _empty_kldiv_caches():
+        compiled = _compile(torch, fn)
+        first = compiled(t, p)
+        # eager calls that fill every cache with something new
+        kldiv.kld(np.ones((2, 3), np.float16), np.ones((2, 3), np.float16).view(_Subclass))
+        kldiv.kld(torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(2, 3, dtype=torch.int8))
+        kldiv.kld(torch.nn.Parameter(t), p, inputs="logits", temperature=3.5)
+        kldiv.js_divergence([[0.5, 0.5]], [[0.25, 0.75]], inputs="log_probs", beta=0.125)
+        kldiv.reverse_kl_divergence(t, p, inputs=["logits", "probs"], temperature=1.25)
+        with _a_new_module(), torch._dynamo.config.patch(error_on_recompile=True):
+            again = compiled(t, p)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(again, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_compiled_kld_recompiles_for_nothing_but_its_inputs(torch: Any) -> None:
+    """Same inputs, same graph: a hundred eager calls with distinct options in between."""
+    t, p = torch.rand(3, 4).softmax(-1), torch.rand(3, 4).softmax(-1)
+    with _empty_kldiv_caches():
+        compiled = _compile(torch, lambda a, b: kldiv.kld(a, b, inputs="log_probs"))
+        compiled(t.log(), p.log())
+        for i in range(100):
+            kldiv.kld(t, p, inputs="logits", temperature=1.0 + i / 64)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = compiled(t.log(), p.log())
+    np.testing.assert_allclose(out.numpy(), oracle(t.numpy(), p.numpy()), rtol=1e-5, atol=1e-7)
+
+
+_SYMBOLIC_TEMPERATURE = pytest.mark.xfail(
+    strict=True, reason="kldiv._spaces.validate_temperature calls math.isfinite on the symbolic "
+    "default temperature, which dynamo cannot trace (a fix outside this file's owner's modules)")
+
+
+@pytest.mark.parametrize("member", [pytest.param("js_divergence", marks=_SYMBOLIC_TEMPERATURE),
+                                    pytest.param("reverse_kl_divergence", marks=_SYMBOLIC_TEMPERATURE),
+                                    "kl_divergence"])
+def test_compile_dynamic_true_with_default_options(torch: Any, member: str) -> None:
+    """``torch.compile(dynamic=True)`` traces the functions' float defaults (``beta=0.5``,
+    ``temperature=1.0``) as symbolic floats: resolving the options sorted them (dynamo: "sort
+    with non-constant keys", a hard error under ``fullgraph``)."""
+    fn = getattr(kldiv, member)
+    compiled = _compile(torch, lambda a, b: fn(a, b), dynamic=True)
+    rng = np.random.default_rng(1)
+    for n in (2, 3, 5):
+        t, p = _probs(rng, n, 4), _probs(rng, n, 4)
+        out = compiled(torch.tensor(t), torch.tensor(p))
+        torch.testing.assert_close(out, fn(torch.tensor(t), torch.tensor(p)), rtol=1e-12, atol=1e-14)
+        if member != "js_divergence":
+            a, b = (t, p) if member == "kl_divergence" else (p, t)
+            np.testing.assert_allclose(out.numpy(), oracle(a, b), rtol=1e-12, atol=1e-14)
+
+
+def test_compile_dynamic_true_with_a_symbolic_beta(torch: Any) -> None:
+    """A float argument of a ``dynamic=True`` compiled function is a symbolic float: ``beta``
+    given so was sorted with the other options (a hard error under ``fullgraph``); it is
+    traced as a graph input instead, one graph for every beta."""
+    compiled = _compile(torch, lambda a, b, beta: kldiv.js_divergence(
+        a, b, inputs="logits", temperature=2.0, beta=beta), dynamic=True)
+    rng = np.random.default_rng(2)
+    t, p = torch.tensor(rng.normal(size=(3, 6))), torch.tensor(rng.normal(size=(3, 6)))
+    for beta in (0.2, 0.3, 0.7):
+        expected = kldiv.js_divergence(t, p, inputs="logits", temperature=2.0, beta=beta)
+        torch.testing.assert_close(compiled(t, p, beta), expected, rtol=1e-12, atol=1e-14)
