@@ -21,7 +21,7 @@ import pytest
 
 import kldiv
 from conftest import oracle
-from kldiv import _dispatch, _libraries, _namespace
+from kldiv import _dispatch, _estimator_math, _libraries, _namespace
 
 
 def _probs(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -50,7 +50,8 @@ def _compile(torch: Any, fn: Callable[..., Any], **kwargs: Any) -> Any:
 def _empty_kldiv_caches() -> Iterator[None]:
     """kldiv's per-process caches emptied (as in a fresh process), restored afterwards."""
     caches: list[dict[Any, Any]] = [_namespace._NAMESPACE_CACHE, _namespace._KIND_CACHE,
-                                    _namespace._LOW_CACHE, _dispatch._RESOLVED, _libraries._BY_ID]
+                                    _namespace._LOW_CACHE, _dispatch._RESOLVED, _libraries._BY_ID,
+                                    _estimator_math._COEFFICIENTS]
     saved = [dict(c) for c in caches]
     for c in caches:
         c.clear()
@@ -86,6 +87,7 @@ _COMPILED = {
     "loss numpy weight": lambda a, b: kldiv.KLDivergence(reduction="sum")(a, b, sample_weight=np.arange(4.0)),
     "reverse": lambda a, b: kldiv.ReverseKLDivergence(inputs="log_probs", reduction="none")(a, b),
     "js": lambda a, b: kldiv.js_divergence(a, b, inputs=("probs", "logits"), beta=0.25),
+    "estimate": lambda a, b: kldiv.kl_estimate(a.log(), b.log()),
 }
 
 
@@ -107,6 +109,7 @@ def test_compiled_function_is_not_recompiled_by_later_eager_calls(torch: Any, na
         kldiv.kld(torch.nn.Parameter(t), p, inputs="logits", temperature=3.5)
         kldiv.js_divergence([[0.5, 0.5]], [[0.25, 0.75]], inputs="log_probs", beta=0.125)
         kldiv.reverse_kl_divergence(t, p, inputs=["logits", "probs"], temperature=1.25)
+        kldiv.kl_estimate(np.log(np.full(3, 0.5)), np.log(np.full(3, 0.25, np.float32)))
         with _a_new_module(), torch._dynamo.config.patch(error_on_recompile=True):
             again = compiled(t, p)
     torch.testing.assert_close(again, first, rtol=0, atol=0)
@@ -126,14 +129,7 @@ def test_compiled_kld_recompiles_for_nothing_but_its_inputs(torch: Any) -> None:
     np.testing.assert_allclose(out.numpy(), oracle(t.numpy(), p.numpy()), rtol=1e-5, atol=1e-7)
 
 
-_SYMBOLIC_TEMPERATURE = pytest.mark.xfail(
-    strict=True, reason="kldiv._spaces.validate_temperature calls math.isfinite on the symbolic "
-    "default temperature, which dynamo cannot trace (a fix outside this file's owner's modules)")
-
-
-@pytest.mark.parametrize("member", [pytest.param("js_divergence", marks=_SYMBOLIC_TEMPERATURE),
-                                    pytest.param("reverse_kl_divergence", marks=_SYMBOLIC_TEMPERATURE),
-                                    "kl_divergence"])
+@pytest.mark.parametrize("member", ["js_divergence", "reverse_kl_divergence", "kl_divergence"])
 def test_compile_dynamic_true_with_default_options(torch: Any, member: str) -> None:
     """``torch.compile(dynamic=True)`` traces the functions' float defaults (``beta=0.5``,
     ``temperature=1.0``) as symbolic floats: resolving the options sorted them (dynamo: "sort
@@ -161,3 +157,21 @@ def test_compile_dynamic_true_with_a_symbolic_beta(torch: Any) -> None:
     for beta in (0.2, 0.3, 0.7):
         expected = kldiv.js_divergence(t, p, inputs="logits", temperature=2.0, beta=beta)
         torch.testing.assert_close(compiled(t, p, beta), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_loss_objects_are_hashable_for_jax_jit() -> None:
+    """``jax.jit(loss_object)`` hashes the callable: kldiv's loss objects (equal ones hash
+    equal) are accepted, and give the eager values."""
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    rng = np.random.default_rng(3)
+    t, p = jnp.asarray(_probs(rng, 4, 5)), jnp.asarray(_probs(rng, 4, 5))
+    for loss in (kldiv.KLDivergence(), kldiv.JensenShannonDivergence(beta=0.25),
+                 kldiv.KLEstimator()):
+        args = (jnp.log(t[:, 0]), jnp.log(p[:, 0])) if isinstance(loss, kldiv.KLEstimator) else (t, p)
+        np.testing.assert_allclose(np.asarray(jax.jit(loss)(*args)), np.asarray(loss(*args)),
+                                   rtol=1e-6)
+    assert hash(kldiv.KLDivergence()) == hash(kldiv.KLDivergence(reduction="sum"))
+    fused = kldiv.FusedLinearDivergence("js")
+    assert fused == kldiv.FusedLinearDivergence("js") and hash(fused) == hash(
+        kldiv.FusedLinearDivergence("js"))

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._libraries import library
+from ._libraries import compiling, library
 
 __all__ = ["ESTIMATORS", "GRADIENTS", "EstimatorOptions", "Ops", "estimate_terms",
            "estimator_options", "log_ratio", "ops_for"]
@@ -200,7 +200,10 @@ def _series_coefficients(xp: ModuleType, dtype: Any) -> tuple[float, ...]:
     """``1 / (m + 2)!`` for m = 0..M, M the smallest that keeps the truncation of
     ``(exp(u) - 1 - u) / u**2`` on ``|u| < 0.5`` below an eighth of dtype's epsilon."""
     key = str(dtype)
-    coeffs = _COEFFICIENTS.get(key)
+    # not read while torch.compile traces: dynamo would guard the graph on this dict (its
+    # length too), and a later eager call with a new dtype would recompile it
+    tracing = compiling()
+    coeffs = None if tracing else _COEFFICIENTS.get(key)
     if coeffs is None:
         try:
             eps = float(xp.finfo(dtype).eps)
@@ -209,7 +212,9 @@ def _series_coefficients(xp: ModuleType, dtype: Any) -> tuple[float, ...]:
         m = 1
         while 2 * _SERIES_RADIUS ** (m + 1) / math.factorial(m + 3) >= eps / 8:
             m += 1
-        coeffs = _COEFFICIENTS[key] = tuple(1.0 / math.factorial(k + 2) for k in range(m + 1))
+        coeffs = tuple(1.0 / math.factorial(k + 2) for k in range(m + 1))
+        if not tracing:
+            _COEFFICIENTS[key] = coeffs
     return coeffs
 
 

@@ -213,7 +213,11 @@ class LossBase(KerasAwareLoss):
             return NotImplemented
         return self.get_config() == other.get_config()
 
-    __hash__ = None  # type: ignore[assignment]
+    def __hash__(self) -> int:
+        """The class' hash: it agrees with ``==`` (class and config) whatever attribute is set
+        later, and lets ``jax.jit(loss)`` and Keras (which hashes the objects it is given)
+        take a loss object."""
+        return hash(kldiv_class(self))
 
 
 class DivergenceLoss(LossBase):

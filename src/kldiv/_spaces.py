@@ -249,7 +249,9 @@ def validate_temperature(temperature: Any, spaces: tuple[str, str]) -> float:
         If it is not finite and > 0, or differs from 1 while neither input is logits.
     """
     t = _real(temperature, "temperature")
-    if not (math.isfinite(t) and t > 0):
+    # comparisons, not math.isfinite: a symbolic float (torch.compile(dynamic=True)) traces
+    # them; the same test, NaN included
+    if not (-math.inf < t < math.inf and t > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
     if t != 1.0 and "logits" not in spaces:
         raise ValueError(
