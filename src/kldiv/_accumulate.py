@@ -8,6 +8,7 @@ faces above it. :func:`accumulator_dtype` is the one place that chooses the accu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -196,11 +197,14 @@ def batch_sums(y_true: Any, y_pred: Any, sample_weight: Any = None, *, call: Cal
     return BatchSums(xp, prep.out_dtype, xp.sum(loss), n, weight_sum, loss)
 
 
-def check_same_place(state: Any, new: Any, *, what: str, owner: str) -> None:
-    """Raise if 0-d arrays ``state`` (held) and ``new`` (incoming) differ in library or device."""
+def check_same_place(state: Any, new: Any, *, what: str,
+                     owner: str | Callable[[], str]) -> None:
+    """Raise if 0-d arrays ``state`` (held) and ``new`` (incoming) differ in library or device.
+    ``owner`` names the holder in the message (a callable: evaluated only for a message)."""
     held_lib = namespace_name(array_namespace(state))
     new_lib = namespace_name(array_namespace(new))
     if held_lib != new_lib:
+        owner = owner() if callable(owner) else owner
         raise TypeError(
             f"{owner} holds {held_lib} state but {what} gave {new_lib} arrays; a metric "
             f"accumulates in one library. Convert the inputs to {held_lib}, or call "
@@ -208,6 +212,7 @@ def check_same_place(state: Any, new: Any, *, what: str, owner: str) -> None:
         )
     held_dev, new_dev = get_device(state), get_device(new)
     if held_dev is not None and new_dev is not None and held_dev != new_dev:
+        owner = owner() if callable(owner) else owner
         raise ValueError(
             f"{owner} holds {held_lib} state on device {held_dev} but {what} gave arrays on "
             f"device {new_dev}; move the inputs to {held_dev}, or call reset_state() first "

@@ -137,7 +137,7 @@ class RunningMean:
         if self._total is None or self._count is None:
             self._total, self._count = running_sums(total, count, xp)
             return
-        check_same_place(self._total.value, total, what="update_state", owner=self._describe())
+        check_same_place(self._total.value, total, what="update_state", owner=self._describe)
         self._total.add(total)
         self._count.add(count)
 
