@@ -317,3 +317,64 @@ def test_loss_float16_result_overflow_is_inf_without_a_warning() -> None:
                                                  np.full((3, 4), 1e-7, np.float16))
     assert est.dtype == np.float16 and np.isinf(est).all()
     assert kl.dtype == np.float16 and float(kl) > 0
+
+
+# ---- second pass ------------------------------------------------------------------------------
+
+_AUTOGRAPH = """
+import sys
+import triton  # noqa: F401  (before TensorFlow: see the README)
+import numpy as np
+import tensorflow as tf
+import kldiv
+from kldiv.metrics import KLEstimator
+
+lp = tf.constant(np.array([[-0.5, -1.0, -2.0], [-0.1, -3.0, -9.0]]))
+ref = tf.constant(np.array([[-0.7, -0.9, -2.0], [-0.2, -2.5, 0.0]]))
+mask = tf.constant(np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]))
+metric = KLEstimator("k1", dtype="float64")
+
+def fn(x, y, w):
+    return tf.reduce_sum(kldiv.kl_estimate(x, y, estimator="k2", gradient="k2", value_clamp=3.0))
+
+def loss(x, y, w):
+    return kldiv.KLEstimator(log_ratio_clamp=20.0)(x, y, sample_weight=w)
+
+def call(x, y, w):
+    return tf.reduce_sum(kldiv.KLEstimator("k1").call(x, y))
+
+def update(x, y, w):
+    metric.update_state(x, y, sample_weight=w)
+    return metric.result()
+
+spec = [tf.TensorSpec([None, None], tf.float64)] * 3
+for f in (fn, loss, call, update):
+    print(f.__name__, float(tf.function(f, input_signature=spec)(lp, ref, mask)))
+"""
+
+
+def test_tf_function_does_not_convert_the_estimators(tmp_path: Any) -> None:
+    # kl_estimate was not marked graph-safe as kl_divergence is: autograph rewrote it and what
+    # it calls inside a user's tf.function, and printed "AutoGraph could not transform
+    # <function ops_for> ... Please report this to the TensorFlow team" (an annotated name in
+    # a branch) and the same for importlib's _gcd_import
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "autograph_probe.py"  # a file: autograph skips code of "-c" strings
+    script.write_text(_AUTOGRAPH)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", AUTOGRAPH_VERBOSITY="1")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "could not transform" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    d = np.array([[0.2, -0.1, 0.0], [0.1, -0.5, -9.0]])
+    values = dict(line.split() for line in proc.stdout.splitlines())
+    assert float(values["fn"]) == pytest.approx(np.minimum(d * d / 2, 3.0).sum(), rel=1e-14)
+    k3 = np.expm1(-d) + d
+    m = np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    assert float(values["loss"]) == pytest.approx((k3 * m).sum() / m.sum(), rel=1e-13)
+    assert float(values["call"]) == pytest.approx(d.sum(), rel=1e-14)
+    assert float(values["update"]) == pytest.approx((d * m).sum() / m.sum(), rel=1e-14)

@@ -116,11 +116,13 @@ def ops_for(xp: ModuleType) -> Ops:
         # importlib, which it cannot: a compiled call before any eager one (fullgraph) broke
         from .backends import torch_adapter
 
-        ops: tuple[Any, ...] | None = tuple(torch_adapter.estimator_ops(xp))
+        found = tuple(torch_adapter.estimator_ops(xp))
     else:
-        ops = lib.estimator_ops(xp)
-    if ops is not None:
-        return Ops(*ops)
+        found = lib.estimator_ops(xp)
+    # (no annotated assignment in the branches above: autograph, should it convert this
+    # function, cannot make an annotated name nonlocal and gives up with a warning)
+    if found is not None:
+        return Ops(*found)
     return Ops(xp.where, xp.expm1, xp.isfinite, xp.isnan, None)
 
 

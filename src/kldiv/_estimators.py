@@ -34,6 +34,7 @@ from ._estimator_math import (
     log_ratio,
     ops_for,
 )
+from ._keras.detect import graph_safe
 from ._namespace import (
     device_scope,
     dtype_kind,
@@ -251,3 +252,9 @@ def kl_estimate(
         else:
             out = xp.astype(out, inputs.out_dtype)
     return numpy_result(out)
+
+
+# autograph calls it as it is inside a user's tf.function (graph-safe code, as kl_divergence):
+# converted, it failed ("tf__is_array() missing 1 required positional argument") or printed
+# "AutoGraph could not transform ... Please report this to the TensorFlow team"
+graph_safe(kl_estimate)
