@@ -378,3 +378,23 @@ def test_tf_function_does_not_convert_the_estimators(tmp_path: Any) -> None:
     assert float(values["loss"]) == pytest.approx((k3 * m).sum() / m.sum(), rel=1e-13)
     assert float(values["call"]) == pytest.approx(d.sum(), rel=1e-14)
     assert float(values["update"]) == pytest.approx((d * m).sum() / m.sum(), rel=1e-14)
+
+
+def test_metric_keeps_no_graph_from_weights_that_require_grad() -> None:
+    # documented: "It keeps no gradient". The inputs were detached but not the sample weights:
+    # weights that require grad (a learned token weighting) made the state a torch graph that
+    # grew with every update_state (result().requires_grad was True)
+    torch = pytest.importorskip("torch")
+    lp = torch.tensor([[-0.5, -1.0, -2.0], [-0.1, -3.0, -9.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    metric = MetricKLEstimator("k1", dtype="float64")
+    for w in (torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True),
+              torch.tensor([2.0, 0.5], dtype=torch.float64, requires_grad=True),
+              torch.tensor(3.0, dtype=torch.float64, requires_grad=True)):
+        metric.update_state(lp, ref, sample_weight=w)
+        assert not metric.result().requires_grad
+    d = lp.detach().numpy()
+    m1 = np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    m2 = np.array([[2.0], [0.5]]) * np.ones((2, 3))
+    want = ((d * m1).sum() + (d * m2).sum() + 3 * d.sum()) / (m1.sum() + m2.sum() + 18)
+    assert float(metric.result()) == pytest.approx(want, rel=1e-14)

@@ -78,6 +78,9 @@ class KLEstimator(RunningMean):
         if weights is None:
             count: Any = xp.sum(xp.ones_like(est)) if n is None else n
             return xp.sum(est), count
+        # the inputs are detached (update_state), the weights too: weights that require grad
+        # made the state a graph that grew with every update
+        (weights,) = detached(xp, weights)
         weights = weights if weights.dtype == acc else xp.astype(weights, acc)
         full = weights * xp.ones_like(est)  # the weights broadcast to the estimate's shape
         return xp.sum(est * weights), xp.sum(full)
