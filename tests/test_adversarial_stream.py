@@ -345,3 +345,75 @@ def test_mean_with_sample_weight_when_some_batches_have_no_weight(
     metric = kldiv.evaluate_batches([backend.asarray(t[:3]), backend.asarray(t[3:])],
                                     [backend.asarray(p[:3]), backend.asarray(p[3:])], sw, metric=True)
     assert _float(metric) == pytest.approx(expected, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Second pass: tracers, data-less tensors, per-sample losses that do not stack, messages
+# --------------------------------------------------------------------------------------
+
+
+def test_metric_refuses_jax_tracers_and_keeps_its_state() -> None:
+    """An update of a metric under jax.jit stored the tracer as the state: later calls of the
+    compiled function never updated the metric again (a silently wrong mean) and the next
+    eager use raised JAX's UnexpectedTracerError."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    m = KLDivergence()
+    m.update_state(jnp.asarray(YT), jnp.asarray(YP), sample_weight=[1, 0])
+
+    def step(t: Any, p: Any) -> Any:
+        m.update_state(t, p)
+        return m.result()
+
+    for transform in (jax.jit, jax.grad):
+        with pytest.raises(TypeError, match=r"update_state .*traced.*kldiv\.kl_divergence"):
+            transform(lambda t, p: step(t, p).sum())(jnp.asarray(YT), jnp.asarray(YP))
+    assert _float(m.result()) == pytest.approx(oracle(YT, YP)[0], rel=1e-6)
+    m.update_state(jnp.asarray(YT), jnp.asarray(YP))
+    assert _float(m.result()) == pytest.approx((oracle(YT, YP)[0] + oracle(YT, YP).sum()) / 3, rel=1e-6)
+    # a fresh metric under jit: the same clear error, and no state left behind
+    fresh = KLDivergence()
+    with pytest.raises(TypeError, match="traced"):
+        jax.jit(lambda t, p: fresh(t, p))(jnp.asarray(YT), jnp.asarray(YP))
+    assert fresh.variables == [] and fresh.library is None
+
+
+def test_reduction_none_batches_that_do_not_stack(backend: ArrayBackend) -> None:
+    """In memory, per-sample losses of different ranks or trailing shapes reached the
+    library's concatenate: torch's RuntimeError, JAX's TypeError, NumPy's ValueError, each
+    worded its own way; the out= file already said so clearly."""
+    t2, p2 = backend.asarray(YT), backend.asarray(YP)
+    t3, p3 = backend.asarray(YT[None]), backend.asarray(YP[None])
+    for tb, pb, shapes in (([t2, t3], [p2, p3], r"\('N',\) then \(1, 2\)"),
+                           ([t3, backend.asarray(np.ones((1, 3, 2), np.float32) / 2)],
+                            [p3, backend.asarray(np.ones((1, 3, 2), np.float32) / 2)],
+                            r"\('N', 2\) then \(1, 3\)")):
+        with pytest.raises(ValueError, match=f"do not stack along the first axis: {shapes}"):
+            kldiv.evaluate_batches(tb, pb, reduction="none")
+
+
+def test_batches_of_two_libraries_name_no_metric_method() -> None:
+    """evaluate_batches' message for batches of two libraries told the caller to call
+    reset_state(), which it has no way to do (it holds no metric)."""
+    torch = pytest.importorskip("torch")
+    for red in ("sum", "none"):
+        with pytest.raises(TypeError, match="evaluate_batches") as info:
+            kldiv.evaluate_batches([YT, torch.tensor(YT)], [YP, torch.tensor(YP)], reduction=red)
+        assert "reset_state" not in str(info.value) and "a metric" not in str(info.value)
+        assert "numpy" in str(info.value) and "torch" in str(info.value)
+
+
+def test_meta_tensors_have_no_values_to_write_or_move(tmp_path: Path) -> None:
+    """torch's 'meta' tensors (shapes only) leaked NotImplementedError('Cannot copy out of meta
+    tensor') from out= and from evaluate_files' move to another device; on 'meta' itself they
+    compute (lazily, shapes only) as the loss class does."""
+    torch = pytest.importorskip("torch")
+    t, p = torch.tensor(YT, device="meta"), torch.tensor(YP, device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        kldiv.evaluate_batches([t], [p], reduction="none", out=tmp_path / "o.npy")
+    assert os.listdir(tmp_path) == []
+    for backend in ("numpy", "torch"):
+        with pytest.raises(ValueError, match="y_true .*meta"):
+            kldiv.evaluate_files(t, p, backend=backend)
+    assert kldiv.evaluate_files(t, p, backend="torch", device="meta").device.type == "meta"
+    assert kldiv.evaluate_batches([t], [p]).device.type == "meta"

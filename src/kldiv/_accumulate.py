@@ -8,6 +8,7 @@ faces above it. :func:`accumulator_dtype` is the one place that chooses the accu
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -16,7 +17,7 @@ import numpy as np
 
 from ._dispatch import Call, compute, resolve
 from ._divergence import KL
-from ._libraries import library
+from ._libraries import compiling, library
 from ._namespace import array_namespace, get_device, is_dask, namespace_name
 from ._reduction import apply_sample_weight, num_elements
 from ._spaces import prepare
@@ -35,6 +36,7 @@ __all__ = [
     "qualified",
     "running_sums",
     "safe_divide",
+    "traced",
 ]
 
 FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
@@ -198,26 +200,41 @@ def batch_sums(y_true: Any, y_pred: Any, sample_weight: Any = None, *, call: Cal
 
 
 def check_same_place(state: Any, new: Any, *, what: str,
-                     owner: str | Callable[[], str]) -> None:
+                     owner: str | Callable[[], str], metric: bool = True) -> None:
     """Raise if 0-d arrays ``state`` (held) and ``new`` (incoming) differ in library or device.
-    ``owner`` names the holder in the message (a callable: evaluated only for a message)."""
+    ``owner`` names the holder in the message (a callable: evaluated only for a message);
+    ``metric=False``: the holder is a stream of batches, which has no ``reset_state()``."""
     held_lib = namespace_name(array_namespace(state))
     new_lib = namespace_name(array_namespace(new))
     if held_lib != new_lib:
         owner = owner() if callable(owner) else owner
-        raise TypeError(
-            f"{owner} holds {held_lib} state but {what} gave {new_lib} arrays; a metric "
-            f"accumulates in one library. Convert the inputs to {held_lib}, or call "
-            "reset_state() first (or use one metric per library)."
-        )
+        advice = (f"a metric accumulates in one library. Convert the inputs to {held_lib}, or "
+                  "call reset_state() first (or use one metric per library)." if metric else
+                  f"every batch must be of one library. Convert the batches to {held_lib} "
+                  "(convert= does that for evaluate_batches).")
+        raise TypeError(f"{owner} holds {held_lib} state but {what} gave {new_lib} arrays; {advice}")
     held_dev, new_dev = get_device(state), get_device(new)
     if held_dev is not None and new_dev is not None and held_dev != new_dev:
         owner = owner() if callable(owner) else owner
+        advice = (f"move the inputs to {held_dev}, or call reset_state() first (or use one "
+                  "metric per device)." if metric else
+                  f"every batch must be on one device. Move the batches to {held_dev}.")
         raise ValueError(
             f"{owner} holds {held_lib} state on device {held_dev} but {what} gave arrays on "
-            f"device {new_dev}; move the inputs to {held_dev}, or call reset_state() first "
-            "(or use one metric per device)."
+            f"device {new_dev}; {advice}"
         )
+
+
+def traced(x: Any) -> bool:
+    """True for an abstract value of a tracing transformation (a JAX tracer under ``jax.jit``,
+    ``jax.grad``, ``jax.vmap``): it exists only while the transformed function is traced, so
+    a running state must never hold one (the compiled function would not update it again,
+    and the next eager use would meet a leaked tracer)."""
+    if compiling():  # torch.compile traces Python state faithfully; no JAX lookup there
+        return False
+    core = sys.modules.get("jax.core")
+    tracer = getattr(core, "Tracer", None)
+    return isinstance(tracer, type) and isinstance(x, tracer)
 
 
 def safe_divide(xp: ModuleType, num: Any, den: Any) -> Any:

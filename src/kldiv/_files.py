@@ -25,6 +25,7 @@ from ._npyio import (
     Source,
     backing_file,
     check_output,
+    data_less,
     open_source,
 )
 from ._reduction import Reduction
@@ -177,6 +178,12 @@ def evaluate_files(
     elif sample_weight is not None:
         weight = open_source(sample_weight, "sample_weight")
     all_sources = [*sources, weight]
+    for s in all_sources:
+        if s is not None and data_less(s.array) and not (name == "torch" and device == "meta"):
+            raise DataFileError(
+                f"{s.label} is a tensor on torch's 'meta' device (shapes only, no values): it "
+                f"cannot be moved to backend={name!r}" + (f", device={device!r}" if device else "")
+                + ". Pass data, or compute on backend='torch', device='meta'.")
     # (what, path): messages show the path once, after the description
     inputs = [(f"{s.label} file" if s.path is not None else s.label,
                s.path if s.path is not None else backing_file(s.array))

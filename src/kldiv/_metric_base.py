@@ -33,6 +33,7 @@ from ._accumulate import (
     named_dtype,
     running_sums,
     safe_divide,
+    traced,
 )
 from ._dispatch import Call, resolve
 from ._divergence import Divergence
@@ -134,6 +135,15 @@ class RunningMean:
     def _add(self, xp: Any, total: Any, count: Any) -> None:
         """Add one batch's ``total`` (a 0-d array in the accumulator dtype) and ``count`` (the
         same, or an int): the first batch creates the state in its library and on its device."""
+        if traced(total):
+            fn = getattr(type(self), "_function", None)
+            function = f"kldiv.{fn.__name__}" if fn is not None else "a kldiv function"
+            raise TypeError(
+                f"{self._owner()}.update_state was called with traced arrays (under jax.jit, "
+                "jax.grad or jax.vmap): the metric keeps its state in Python, which a compiled "
+                "function would not update again. Inside a transformation use the function "
+                f"({function}) and sum its result, or update the metric eagerly."
+            )
         if self._total is None or self._count is None:
             self._total, self._count = running_sums(total, count, xp)
             return

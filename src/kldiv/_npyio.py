@@ -38,6 +38,7 @@ __all__ = [
     "as_path",
     "backing_file",
     "check_output",
+    "data_less",
     "host_ready",
     "open_source",
     "refuse_input",
@@ -467,6 +468,18 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def data_less(x: Any) -> bool:
+    """True for an array that has a shape but no values (a torch tensor on the ``meta``
+    device): nothing can be copied out of it, to the host or to another device."""
+    return getattr(x, "is_meta", False) is True
+
+
 def to_host(x: Any) -> np.ndarray:
-    """Any array (of any library) as a NumPy array on the host."""
-    return x if isinstance(x, np.ndarray) else host_numpy(x)
+    """Any array (of any library) as a NumPy array on the host (a ``ValueError`` for one with
+    no values to copy, such as a torch ``meta`` tensor)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if data_less(x):
+        raise ValueError("the per-sample losses are on torch's 'meta' device (shapes only, no "
+                         "values): there is nothing to write to out=. Compute on a real device.")
+    return host_numpy(x)

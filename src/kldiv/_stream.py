@@ -72,6 +72,18 @@ def _concat(parts: list[Any]) -> Any:
         return xp.concat(parts, axis=0)
 
 
+def _check_stacks(first: Any, loss: Any) -> None:
+    """Raise unless per-sample losses ``first`` and ``loss`` concatenate along the first axis
+    (the same rank, of at least 1, and the same trailing shape), before the library's
+    ``concat`` raises its own error (torch's ``RuntimeError``, JAX's ``TypeError``)."""
+    a, b = tuple(first.shape), tuple(loss.shape)
+    if not a or not b:
+        raise ValueError("reduction='none' over several batches needs inputs of at least 2-d.")
+    if len(a) != len(b) or a[1:] != b[1:]:
+        raise ValueError("per-sample losses of the batches do not stack along the first axis: "
+                         f"{('N', *a[1:])} then {b}.")
+
+
 def _promoted(xp: Any, a: Any, b: Any) -> Any:
     """The floating dtype of ``a`` and ``b`` together (float32 and float64 give float64)."""
     if a == b:
@@ -103,7 +115,7 @@ class _Accumulator:
             self.wsum = running_sums(total, w, xp)[1]
             self.out_dtype = sums.out_dtype
         else:
-            check_same_place(self.total.value, total, what="a batch", owner="evaluate_batches")
+            check_same_place(self.total.value, total, what="a batch", owner="evaluate_batches", metric=False)
             # batches of several dtypes: the dtype of their concatenation (the loss class')
             self.out_dtype = _promoted(xp, self.out_dtype, sums.out_dtype)
             self.total.add(total)
@@ -193,7 +205,8 @@ def run_batches(
                 elif red == Reduction.NONE:
                     loss = _Loss(reduction=Reduction.NONE)(yt, yp, sample_weight=sw)
                     if parts:
-                        check_same_place(parts[0], loss, what="a batch", owner="evaluate_batches")
+                        check_same_place(parts[0], loss, what="a batch", owner="evaluate_batches", metric=False)
+                        _check_stacks(parts[0], loss)
                     if writer is not None:
                         writer.write(to_host(loss))
                         parts[:1] = [loss]
