@@ -8,7 +8,9 @@ a dtype attribute set after construction), fixed in ``src/``.
 
 from __future__ import annotations
 
+import ast
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -357,3 +359,144 @@ def test_zero_measure_rows(backend: ArrayBackend) -> None:
     assert vals["kl(p, 0)"].tolist() == [np.inf]
     # M = (1 - beta) Q: KL(Q ‖ M) = -log(1 - beta), weighted by 1 - beta
     np.testing.assert_allclose(vals["js"], [0.5 * np.log(2.0)], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- docs/architecture.md, paths
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "kldiv"
+
+
+def _diagram() -> tuple[dict[str, int], str]:
+    """architecture.md's layer diagram: {module (dotted, under kldiv): layer} for the layered
+    modules (a package named ``name/`` puts all its modules on its layer), and the text of
+    the ``backends/`` part."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("```text\n", 1)[1].split("```", 1)[0]
+    layered, _, backends = block.partition("\n backends/")
+    layers: dict[str, int] = {}
+    layer = 0
+    for line in layered.splitlines():
+        head = re.match(r"^ ?(\d) ", line)
+        if head:
+            layer = int(head.group(1))
+        for name in re.findall(r"\b(_?[A-Za-z_]+)\.py\b", line):
+            layers[name] = layer
+        for pkg in re.findall(r"\b(_?[a-z_]+)/", line):
+            layers[pkg] = layer
+            for sub in (PACKAGE / pkg).glob("*.py"):
+                if sub.stem != "__init__":
+                    layers[f"{pkg}.{sub.stem}"] = layer
+    return layers, backends
+
+
+def _modules() -> list[str]:
+    """Every module of the package, dotted under kldiv (a package as its own name)."""
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out.append(".".join(parts) or "__init__")
+    return out
+
+
+def test_architecture_names_every_module() -> None:
+    """architecture.md's diagram names every module of src/kldiv (the layered ones with their
+    file name, the backends' by name): a module added (or moved, like the fused linear slab
+    pass into backends/torch_fused_slabs.py) without its place in the layers is a stale page."""
+    layers, backends = _diagram()
+    missing = []
+    for mod in _modules():
+        if mod.startswith("backends"):
+            stem = mod.split(".")[-1]
+            if stem != "backends" and not re.search(rf"\b{re.escape(stem)}\b", backends):
+                missing.append(mod)
+        elif mod not in layers and mod.split(".")[0] not in layers:
+            missing.append(mod)
+    assert not missing, f"architecture.md does not name: {missing}"
+
+
+def _imports(path: Path, me: str) -> list[str]:
+    """The kldiv modules ``path`` imports (at any depth of the file), dotted under kldiv."""
+    package = me.split(".") if path.name == "__init__.py" else me.split(".")[:-1]
+    if me == "__init__":
+        package = []
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+            elif node.module and (node.module == "kldiv" or node.module.startswith("kldiv.")):
+                out.append(node.module[len("kldiv"):].lstrip(".") or "__init__")
+                continue
+            else:
+                continue
+            if node.module:
+                out.append(".".join([*base, node.module]))
+            else:  # from . import x: x is a module or a name of the package
+                for alias in node.names:
+                    dotted = ".".join([*base, alias.name])
+                    is_module = any((PACKAGE / Path(*dotted.split("."))).with_suffix(s).exists()
+                                    for s in (".py", ""))
+                    out.append(dotted if is_module else (".".join(base) or "__init__"))
+        elif isinstance(node, ast.Import):
+            out += [a.name[len("kldiv."):] for a in node.names if a.name.startswith("kldiv.")]
+    return out
+
+
+def test_architecture_layers_import_only_downwards() -> None:
+    """architecture.md: 'Each module sits on a layer and imports only from the layers below it
+    [or its own]: nothing imports upwards'; backends/ 'imports layers 1-4 only'. Checked on
+    the diagram's own layer numbers (the page was stale: _spaces (layer 3) imported
+    _kernel (layer 4), the backends imported _targets and _fused_linear_math (layer 8))."""
+    layers, _ = _diagram()
+
+    def layer_of(mod: str) -> int | None:
+        for key in (mod, mod.split(".")[0]):
+            if key in layers:
+                return layers[key]
+        return None
+
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        me = ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "__init__"
+        in_backends = me.startswith("backends")
+        mine = 4 if in_backends else layer_of(me)
+        for target in _imports(path, me):
+            if target.startswith("backends"):
+                if not in_backends and mine is not None and mine <= 4:
+                    upward.append(f"{me} (layer {mine}) -> {target}")
+                continue
+            theirs = 8 if target == "__init__" else layer_of(target)
+            if mine is None or theirs is None:
+                upward.append(f"{me} -> {target}: not in the diagram")
+            elif theirs > mine:
+                upward.append(f"{me} (layer {mine}) -> {target} (layer {theirs})")
+    assert not upward, upward
+
+
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "docs" / "getting-started").glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_paths_named_in_the_docs_exist(doc: Path) -> None:
+    """Every repository path the README and the docs name in code text (``src/...``,
+    ``tests/...::test_name*``, ``benchmarks/...``, ``examples/...``, ``ci/...``, ``docs/...``)
+    exists, and a named test (or test-name prefix) is defined in that file. (The README named
+    the libraries table ``src/kldiv/_libraries.py``, a package since.)"""
+    bad = []
+    for token in re.findall(r"`((?:src|tests|benchmarks|examples|ci|docs|\.ci)/[^`\s]*)`",
+                            doc.read_text()):
+        path, _, test = token.partition("::")
+        if path.startswith("docs/_build"):
+            continue  # the site nox -s docs builds
+        matches = sorted(ROOT.glob(path)) if "*" in path else [ROOT / path]
+        exists = bool(matches) and all(m.exists() for m in matches)
+        defined = not test or (exists and any(
+            re.search(rf"^def {re.escape(test.rstrip('*'))}", m.read_text(), re.M) for m in matches))
+        if not (exists and defined):
+            bad.append(token)
+    assert not bad, f"{doc.name} names paths or tests that do not exist: {bad}"
