@@ -245,11 +245,11 @@ def test_torch_temperature_below_one_every_mode(monkeypatch: pytest.MonkeyPatch,
     log-sum-exps). Values and all three gradients against autograd's float64 formula, slabs
     of 4 entries, chunks of 3 tokens, both reductions' routes."""
     torch = pytest.importorskip("torch")
-    from kldiv.backends import torch_fused, torch_fused_chunks
+    from kldiv.backends import torch_fused, torch_fused_slabs
 
     monkeypatch.setattr(torch_fused, "GRAD_MODE", grad_mode)
-    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", weight_grad)
-    monkeypatch.setattr(torch_fused_chunks, "SLAB_COLUMNS", 4)
+    monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", weight_grad)
+    monkeypatch.setattr(torch_fused_slabs, "SLAB_COLUMNS", 4)
     d = _data(7, tokens=(7,))
     h, w, b = (torch.tensor(d[k] * 3, requires_grad=True) for k in ("h", "w", "b"))
     tl = torch.tensor(d["tl"] * 3)
@@ -272,11 +272,11 @@ def test_torch_tiny_temperature_gradient_is_finite_where_the_limit_is_flat(
     """Student == teacher at a temperature so small that ``x / T`` overflows: KL 0 and
     gradients 0 (were NaN), in every gradient mode."""
     torch = pytest.importorskip("torch")
-    from kldiv.backends import torch_fused, torch_fused_chunks
+    from kldiv.backends import torch_fused, torch_fused_slabs
 
     monkeypatch.setattr(torch_fused, "GRAD_MODE", grad_mode)
-    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", weight_grad)
-    monkeypatch.setattr(torch_fused_chunks, "SLAB_COLUMNS", 2)
+    monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", weight_grad)
+    monkeypatch.setattr(torch_fused_slabs, "SLAB_COLUMNS", 2)
     t = torch.tensor(TINY_S)
     h, w = t.clone().requires_grad_(), torch.eye(3, dtype=torch.float64).requires_grad_()
     for div in ("kl", "reverse_kl"):
@@ -290,12 +290,12 @@ def test_torch_tiny_temperature_gradient_is_finite_where_the_limit_is_flat(
 
 _TRITON_TINY = r"""
 import math, numpy as np, torch, triton
-from kldiv.backends import torch_fused_chunks
+from kldiv.backends import torch_fused_chunks, torch_fused_slabs
 from kldiv import fused_linear_divergence as F
 from test_adversarial_fused import TINY_S, TINY_T, BETA, _tiny_want, _close_finite, _data
 from test_adversarial_fused import _torch_plain
 torch_fused_chunks.FORCE_ROUTE = "triton"
-torch_fused_chunks.SLAB_COLUMNS = 4
+torch_fused_slabs.SLAB_COLUMNS = 4
 for div in ("kl", "reverse_kl", "js"):
     # tiny temperature: the kernels shift each row before dividing (were NaN)
     h, w = torch.tensor(TINY_S, dtype=torch.float32), torch.eye(3)
@@ -305,7 +305,7 @@ for div in ("kl", "reverse_kl", "js"):
     # a temperature below 1, both weight-gradient modes: the slab kernel reads the shifts
     d = _data(9, tokens=(7,))
     for mode in ("chunks", "slabs"):
-        torch_fused_chunks.WEIGHT_GRAD = mode
+        torch_fused_slabs.WEIGHT_GRAD = mode
         f32 = lambda a: torch.tensor(a * 1.5, dtype=torch.float32)
         h, w, b = (f32(d[k]).requires_grad_() for k in ("h", "w", "b"))
         tl = f32(d["tl"])

@@ -291,14 +291,14 @@ def test_torch_weight_grad_by_slabs(torch: Any, monkeypatch: pytest.MonkeyPatch,
     logits, masks, temperatures, the per-token (recomputing) route."""
     import array_api_compat
 
-    from kldiv.backends import torch_fused_chunks
+    from kldiv.backends import torch_fused_slabs
 
-    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", "slabs")
-    monkeypatch.setattr(torch_fused_chunks, "SLAB_COLUMNS", 8)
-    monkeypatch.setattr(torch_fused_chunks, "SLAB_TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "slabs")
+    monkeypatch.setattr(torch_fused_slabs, "SLAB_COLUMNS", 8)
+    monkeypatch.setattr(torch_fused_slabs, "SLAB_TILE_BYTES", tile_bytes)
     slab_calls: list[int] = []
-    real = torch_fused_chunks._weight_grad_slabs
-    monkeypatch.setattr(torch_fused_chunks, "_weight_grad_slabs",
+    real = torch_fused_slabs._weight_grad_slabs
+    monkeypatch.setattr(torch_fused_slabs, "_weight_grad_slabs",
                         lambda *a: slab_calls.append(1) or real(*a))
     d = _data(22, masked=masked)
     tt = torch.tensor
@@ -335,20 +335,28 @@ def test_torch_weight_grad_mode(torch: Any, monkeypatch: pytest.MonkeyPatch) -> 
     half-precision weights (CUDA): the gradient is then returned in the weight's dtype,
     with no float32 ``V x H`` accumulator; a bad ``KLDIV_FUSED_WEIGHT_GRAD`` is a clear
     error."""
-    from kldiv.backends import torch_fused_chunks
+    from kldiv.backends import torch_fused_chunks, torch_fused_slabs
 
-    by_slabs = torch_fused_chunks._weight_grad_by_slabs
     f32, bf = torch.float32, torch.bfloat16
-    assert by_slabs(torch.zeros(2, dtype=bf), f32) and not by_slabs(torch.zeros(2), f32)
-    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", "chunks")
-    assert not by_slabs(torch.zeros(2, dtype=bf), f32)
-    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", "slab")
-    with pytest.raises(ValueError, match="KLDIV_FUSED_WEIGHT_GRAD must be 'auto', 'chunks'"):
-        by_slabs(torch.zeros(2), f32)
-    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", "auto")
     # CUDA's half route on CPU: half operands kept half in the products
     monkeypatch.setattr(torch_fused_chunks, "_operand",
                         lambda x, cd: x if x is None or x.dtype in (bf, cd) else x.to(cd))
+
+    def by_slabs(dtype: Any) -> bool:  # the decision as the chunk pass makes it
+        h, w = torch.zeros((1, 2), dtype=dtype), torch.zeros((3, 2), dtype=dtype)
+        return bool(torch_fused_chunks.Setup(
+            h, w, None, ("logits", torch.zeros(1, 3)), _fused_linear_math.Plan("kl", 0.5, 1.0, 1),
+            weight_grad=torch_fused_slabs.weight_grad_mode()).slabs)
+
+    assert by_slabs(bf) and not by_slabs(f32)
+    monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "chunks")
+    assert not by_slabs(bf)
+    monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "slabs")
+    assert by_slabs(f32)
+    monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "slab")
+    with pytest.raises(ValueError, match="KLDIV_FUSED_WEIGHT_GRAD must be 'auto', 'chunks'"):
+        by_slabs(f32)
+    monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "auto")
     zeros = torch.zeros
     big: list[tuple[Any, Any]] = []
 
@@ -361,7 +369,7 @@ def test_torch_weight_grad_mode(torch: Any, monkeypatch: pytest.MonkeyPatch) -> 
     h, w = (torch.tensor(d[k]).to(bf) for k in ("h", "w"))
     n = h.reshape(-1, H).shape[0]
     plan = _fused_linear_math.Plan("js", BETA, 1.0, 3)
-    _, dh, dW, _ = torch_fused_chunks.chunks(
+    _, dh, dW, _ = torch_fused_slabs.chunks(
         h.reshape(n, H), w, None, ("logits", torch.tensor(d["tl"]).reshape(n, V)), plan,
         torch.ones(n), (True, True, False))
     monkeypatch.undo()
@@ -546,7 +554,7 @@ def test_triton_route_chooses_its_own_chunk_size(monkeypatch: pytest.MonkeyPatch
     """An automatic chunk size is chosen again by the Triton route (three buffers, a 2 GiB
     cap: 1024 tokens at V=128256); a chunk size given by the caller is kept."""
     torch = pytest.importorskip("torch")
-    from kldiv.backends import torch_fused, torch_fused_chunks
+    from kldiv.backends import torch_fused, torch_fused_chunks, torch_fused_slabs
 
     auto_chunk_size = _fused_linear_math.auto_chunk_size
     assert auto_chunk_size(10**6, 128256, itemsize=4, buffers=3, on_gpu=True, available=None,
@@ -565,14 +573,14 @@ def test_triton_route_chooses_its_own_chunk_size(monkeypatch: pytest.MonkeyPatch
             40, 64, itemsize=4, buffers=torch_fused_chunks.TRITON_CHUNK_BUFFERS, on_gpu=True,
             available=_fused_linear_math.available_memory(h.device),
             cap=torch_fused_chunks.TRITON_CHUNK_BYTES)), (plans[1], 3)):
-        setup = torch_fused_chunks._Setup(h, w, None, ("logits", tl), plan)
+        setup = torch_fused_chunks.Setup(h, w, None, ("logits", tl), plan)
         assert setup.route == "triton" and setup.plan.chunk_size == want
     # the weight gradient by slabs: no per-chunk V x H accumulation, a smaller cap
     assert auto_chunk_size(10**6, 128256, itemsize=4, buffers=3, on_gpu=True, available=None,
                            cap=torch_fused_chunks.SLAB_CHUNK_BYTES) == 256
-    monkeypatch.setattr(torch_fused_chunks, "WEIGHT_GRAD", "slabs")
+    monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "slabs")
     monkeypatch.setattr(torch_fused_chunks, "SLAB_CHUNK_BYTES", 64 * 3 * 4 * 4)  # 4 rows
-    setup = torch_fused_chunks._Setup(h, w, None, ("logits", tl), auto_plan, weight_grad=True)
+    setup = torch_fused_chunks.Setup(h, w, None, ("logits", tl), auto_plan, weight_grad="slabs")
     assert setup.slabs and setup.plan.chunk_size == 4
 
 
@@ -1243,7 +1251,7 @@ def test_loss_class_config_pickle_and_call() -> None:
 # -------------------------------------------------------------------- Triton, interpreted
 _TRITON_SCRIPT = r"""
 import math, numpy as np, torch, triton
-from kldiv.backends import torch_fused_chunks, triton_fused
+from kldiv.backends import torch_fused_chunks, torch_fused_slabs, triton_fused
 from kldiv import fused_linear_divergence, _fused_linear_math
 from tests.test_fused_linear import _data, _teacher, _call, plain, reduce, BETA, DIVS
 import array_api_compat
@@ -1260,15 +1268,15 @@ def slab_spy(*a, **k):
     slab_calls.append(1)
     return real_slab(*a, **k)
 triton_fused.slab_grad = slab_spy
-torch_fused_chunks.SLAB_COLUMNS = 8  # slabs that do not divide V
+torch_fused_slabs.SLAB_COLUMNS = 8  # slabs that do not divide V
 for mode, masked in (("chunks", ""), ("chunks", "both"), ("slabs", "both")):
-    torch_fused_chunks.WEIGHT_GRAD = mode
+    torch_fused_slabs.WEIGHT_GRAD = mode
     d = _data(20, masked=masked)
     for div in DIVS:
         for form in ("logits", "hidden"):
             for temp, chunk in ((1.0, 3), (1.9, 4)):
                 # token tiles of 2 rows for the slab pass (float32: 12 bytes an entry)
-                torch_fused_chunks.SLAB_TILE_BYTES = 2 * 8 * 12 if chunk == 4 else None
+                torch_fused_slabs.SLAB_TILE_BYTES = 2 * 8 * 12 if chunk == 4 else None
                 f32 = lambda a: torch.tensor(a, dtype=torch.float32)
                 h, w, b = (f32(d[k]).requires_grad_() for k in ("h", "w", "b"))
                 teacher = _teacher(d, form, f32)
@@ -1318,7 +1326,7 @@ np.testing.assert_allclose(loss.double().numpy(), want.numpy(), rtol=1e-5, atol=
 # per-token scales that are stride-0 views (the gradient of a sum; a scalar sample weight
 # with reduction="sum") and a strided bias: the kernels read contiguous copies
 for mode in ("chunks", "slabs"):
-    torch_fused_chunks.WEIGHT_GRAD = mode
+    torch_fused_slabs.WEIGHT_GRAD = mode
     d = _data(24)
     f32 = lambda a: torch.tensor(a, dtype=torch.float32)
     h, w = (f32(d[k]).requires_grad_() for k in ("h", "w"))
@@ -1354,8 +1362,8 @@ for div in DIVS:
     plan = _fused_linear_math.Plan(div, BETA, 1.3, 3)
     res = {}
     for mode in ("chunks", "slabs"):
-        torch_fused_chunks.WEIGHT_GRAD = mode
-        _, dh, dW, _ = torch_fused_chunks.chunks(
+        torch_fused_slabs.WEIGHT_GRAD = mode
+        _, dh, dW, _ = torch_fused_slabs.chunks(
             h.reshape(n, -1), w, None, ("hidden", th.reshape(n, -1), tw, None), plan,
             torch.rand(n, generator=torch.Generator().manual_seed(1)), (True, True, False))
         res[mode] = (dh.float(), dW)

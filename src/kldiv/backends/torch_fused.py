@@ -3,8 +3,10 @@
 The chunk loop (:mod:`kldiv.backends.torch_fused_chunks`) walks the tokens ``chunk_size``
 rows at a time, forms each chunk's logits, its divergence and its gradient with respect to
 the logits, and pushes the gradient through the matrix products; no more than one chunk of
-``(rows, V)`` buffers exists at any time. This module decides when it runs and how autograd
-sees it.
+``(rows, V)`` buffers exists at any time; the weight gradient of half-precision weights is
+formed afterwards by vocabulary slabs (:mod:`kldiv.backends.torch_fused_slabs`, whose
+:func:`~kldiv.backends.torch_fused_slabs.chunks` runs both passes). This module decides when
+they run and how autograd sees them.
 
 Gradients are computed in the forward pass (the approach of Liger-Kernel's fused linear
 losses) when the result is reduced: the reduction's per-token weights are known then, so the
@@ -46,7 +48,8 @@ from .._compat import compat_torch
 from .._convert import call_time_values
 from .._fused_linear_math import Plan, divergence_rows, divide_by_temperature
 from .torch_ import _batched, _has_tangent, _tracing
-from .torch_fused_chunks import chunks, compute_dtype, linear_backward
+from .torch_fused_chunks import compute_dtype, linear_backward
+from .torch_fused_slabs import chunks
 
 __all__ = ["GRAD_MODE", "differentiable", "fused_linear", "run", "stop_gradient"]
 

@@ -12,9 +12,9 @@ No more than one chunk of ``(rows, V)`` buffers exists at any time.
 
 For half-precision weights kept half in the products (CUDA), a float32 ``dW`` accumulator
 would be a second gradient twice the size of the result: there the weight gradient is formed
-by vocabulary slabs instead (:data:`WEIGHT_GRAD`, :func:`_weight_grad_slabs`): the chunk pass
-keeps five statistics per token, and a second pass forms each slab's logits and gradient
-again and writes ``dW[slab] = G[:, slab].T @ h`` in one product over all tokens.
+by vocabulary slabs instead (:mod:`kldiv.backends.torch_fused_slabs`, which runs this chunk
+pass and then its own): the chunk pass keeps five statistics per token (``weight_grad``
+``"slabs"``), and the slab pass forms each slab's logits and gradient again from them.
 
 On CUDA the per-chunk softmax, divergence and gradient run in one Triton kernel
 (:mod:`kldiv.backends.triton_fused`: online log-sum-exp over vocabulary blocks) beside
@@ -26,24 +26,21 @@ once (the weight: one ``V x H`` float32 copy).
 from __future__ import annotations
 
 import dataclasses
-import os
 from types import ModuleType
 from typing import Any
 
 import torch
 
 from .._fused_linear_math import (
-    CPU_CHUNK_BYTES,
-    GPU_CHUNK_BYTES,
     Plan,
     auto_chunk_size,
     available_memory,
 )
 from .torch_ import optional_module
-from .torch_fused_terms import SPARE_BUFFERS, STATS, Workspace, chunk_terms_, slab_grad_
+from .torch_fused_terms import SPARE_BUFFERS, STATS, Workspace, chunk_terms_
 
-__all__ = ["FORCE_ROUTE", "SPARE_BUFFERS", "WEIGHT_GRAD", "Workspace", "chunk_terms_",
-           "chunks", "compute_dtype", "linear_backward"]
+__all__ = ["FORCE_ROUTE", "SPARE_BUFFERS", "Setup", "Workspace", "addmm_", "chunk_pass",
+           "chunk_terms_", "compute_dtype", "linear_backward", "mm_into"]
 
 FORCE_ROUTE: str | None = None
 """Tests only: ``"triton"`` runs the Triton kernel on any device (CPU under
@@ -107,7 +104,7 @@ def _mixed_gemm(a: torch.Tensor) -> bool:
     return a.dtype in _HALF and _MIXED_GEMM.get(a.device.type, True)
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``out[:] = a @ b`` in ``out``'s dtype, without a temporary where torch allows."""
     cd = out.dtype
     if a.dtype == cd and b.dtype == cd:
@@ -123,7 +120,7 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     out.copy_(a.to(cd) @ b.to(cd))
 
 
-def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` in ``acc``'s dtype, in place: half operands (CUDA) go to one
     mixed-precision ``addmm`` writing into ``acc``, so no ``acc``-sized product (the
     ``V x H`` weight gradient) is ever allocated beside it."""
@@ -162,35 +159,9 @@ whole call (51 of 101 ms); per chunk of 1024 rows it costs 2.2 ms against 1.6 ms
 (``benchmarks/gpu_profile_fused.py``). This cap gives 1024 rows at that vocabulary."""
 
 
-WEIGHT_GRAD = os.environ.get("KLDIV_FUSED_WEIGHT_GRAD", "auto")
-"""How the weight gradient is formed: ``"chunks"`` accumulates ``G_c.T @ h_c`` over the token
-chunks in the compute dtype (float32): cheapest where the weight is float32 itself; for a
-half-precision weight that accumulator is a second, twice as large ``V x H`` gradient.
-``"slabs"`` writes the gradient slab by slab of the vocabulary, each slab one product over
-all tokens (float32 accumulation inside the GEMM, rounded once to the weight's dtype): no
-accumulator, at the cost of forming the slab's logits again (:func:`_weight_grad_slabs`).
-``"auto"`` (the default): slabs where the products take half-precision weights (CUDA),
-chunks elsewhere. Set by the ``KLDIV_FUSED_WEIGHT_GRAD`` environment variable."""
-
-SLAB_COLUMNS = 4096
-"""Vocabulary entries per slab of the slab pass."""
-
-SLAB_TILE_BYTES: int | None = None
-"""Budget of one tile of the slab pass (both logits and the gradient, ``rows x
-SLAB_COLUMNS``); ``None``: the chunk caps of :mod:`kldiv._fused_linear_math` (256 MiB on
-CPU, 1 GiB on a GPU: all 8192 tokens of a 4096-entry slab in one tile)."""
-
 SLAB_CHUNK_BYTES = 512 * 2**20
 """Cap on one chunk's buffers on the Triton route when the weight gradient is formed by
 slabs: the first pass then has no per-chunk ``V x H`` accumulation to amortise."""
-
-
-def _weight_grad_by_slabs(w_operand: torch.Tensor, cd: torch.dtype) -> bool:
-    mode = WEIGHT_GRAD
-    if mode not in ("auto", "chunks", "slabs"):
-        raise ValueError(f"KLDIV_FUSED_WEIGHT_GRAD must be 'auto', 'chunks' or 'slabs', "
-                         f"got {mode!r}.")
-    return mode == "slabs" or (mode == "auto" and w_operand.dtype != cd)
 
 
 def _route(h: torch.Tensor) -> str:
@@ -201,17 +172,20 @@ def _route(h: torch.Tensor) -> str:
     return "torch"
 
 
-class _Setup:
+class Setup:
     """What every chunk of one call shares: the compute dtype, the route, the operands in
     the form the products take them, and (torch-ops route) the reused buffers."""
 
     def __init__(self, h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
-                 teacher: tuple[Any, ...], plan: Plan, weight_grad: bool = False) -> None:
+                 teacher: tuple[Any, ...], plan: Plan, weight_grad: str | None = None
+                 ) -> None:
         self.cd = cd = compute_dtype(h2, W)
         self.route = _route(h2) if cd != torch.float64 else "torch"
         self.W = _operand(W, cd)
         assert self.W is not None
-        self.slabs = weight_grad and _weight_grad_by_slabs(self.W, cd)
+        # the weight gradient (``weight_grad`` given) by vocabulary slabs: "slabs", or
+        # "auto" where the products take a half-precision weight
+        self.slabs = weight_grad == "slabs" or (weight_grad == "auto" and self.W.dtype != cd)
         if self.route == "triton" and plan.auto_chunk:
             # this route's chunk holds fewer buffers than the generic count: choose again
             rows = auto_chunk_size(h2.shape[0], W.shape[0], itemsize=4,
@@ -254,7 +228,7 @@ class _Setup:
             else:
                 torch.mm(self.operand_rows(teacher[1], i0, i1, self.t_w), self.t_w.T, out=t)  # type: ignore[union-attr, unused-ignore]
         else:
-            s, t = self._logits(h2, hc, i0, i1, 0, W_.shape[0])
+            s, t = self.logits(h2, hc, i0, i1, 0, W_.shape[0])
         need_grad = sc is not None
         if self.route == "triton":
             tri = _triton_module()
@@ -263,7 +237,7 @@ class _Setup:
             return hc, loss, s if need_grad else None
         if self.ws is None and teacher[0] == "logits":
             t = t.to(cd, copy=True)
-        shifts = self._shift(s, t, self.b, self.t_b)
+        shifts = self.shift(s, t, self.b, self.t_b)
         if stats is not None:  # the slab pass shifts its tiles' rows by the same amounts
             stats[:, 3] = 0.0 if shifts is None else shifts[0].squeeze(-1)
             stats[:, 4] = 0.0 if shifts is None else shifts[1].squeeze(-1)
@@ -274,7 +248,7 @@ class _Setup:
             g.mul_(sc.div(temp).unsqueeze(-1))
         return hc, loss, g
 
-    def _logits(self, h2: torch.Tensor, hc: torch.Tensor, i0: int, i1: int, v0: int, v1: int,
+    def logits(self, h2: torch.Tensor, hc: torch.Tensor, i0: int, i1: int, v0: int, v1: int,
                 th: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Both sides' logits of rows ``i0:i1`` and vocabulary entries ``v0:v1``, without
         biases: the student's a new ``cd`` tensor, the teacher's a slice of its logits (any
@@ -301,7 +275,7 @@ class _Setup:
             xc = xc.to(weight.dtype)
         return xc
 
-    def _shift(self, s: torch.Tensor, t: torch.Tensor, b: torch.Tensor | None,
+    def shift(self, s: torch.Tensor, t: torch.Tensor, b: torch.Tensor | None,
                t_b: torch.Tensor | None,
                shifts: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -328,96 +302,26 @@ class _Setup:
             t.div_(temp)
         return shifts
 
-    def slab_tile(self, h2: torch.Tensor, hc: torch.Tensor, th: torch.Tensor | None, i0: int,
-                  i1: int, v0: int, v1: int, sc: torch.Tensor, stats: torch.Tensor,
-                  out: torch.Tensor) -> None:
-        """``out[:] = d loss / d logits`` of rows ``i0:i1`` and entries ``v0:v1``, times
-        ``sc / temperature`` per row, from the rows' statistics (the slab pass)."""
-        s, t = self._logits(h2, hc, i0, i1, v0, v1, th)
-        b = None if self.b is None else self.b[v0:v1]
-        t_b = None if self.t_b is None else self.t_b[v0:v1]
-        if self.route == "triton":
-            tri = _triton_module()
-            assert tri is not None
-            tri.slab_grad(s, t, b, t_b, stats, sc, self.plan, out)
-            return
-        if self.teacher[0] == "logits":
-            t = t.to(self.cd, copy=True)
-        self._shift(s, t, b, t_b, (stats[:, 3:4], stats[:, 4:5]))
-        g = slab_grad_(s, t, stats, self.plan.divergence, self.plan.beta)
-        out.copy_(g.mul_(sc.div(self.plan.temperature).unsqueeze(-1)))
-
-
 def _row_max(x: torch.Tensor) -> torch.Tensor:
     """Each row's maximum, ``(rows, 1)``; 0 where it is not finite (an all ``-inf`` row)."""
     m = x.amax(-1, keepdim=True)
     return m.masked_fill_(~torch.isfinite(m), 0.0)
 
 
-def _weight_grad_slabs(setup: _Setup, h2: torch.Tensor, scale: torch.Tensor,
-                       stats: torch.Tensor) -> torch.Tensor:
-    """The weight gradient ``sum_tokens G.T @ h`` by vocabulary slabs, in the weight
-    operand's dtype: each slab's rows of ``G`` are formed again from the statistics of the
-    first pass (both logits products once more) and multiplied by the hidden states, one
-    product over all tokens where a tile of all of them fits the budget (else accumulated
-    over token tiles), into a slab-sized ``cd`` buffer (float32 output: rounded once to a
-    half weight's dtype, whatever split the GEMM takes). No ``V x H`` buffer but the
-    result."""
-    W_, cd = setup.W, setup.cd
-    assert W_ is not None
-    v, hid = W_.shape
-    n = h2.shape[0]
-    dev = h2.device
-    dW = torch.empty((v, hid), dtype=W_.dtype, device=dev)
-    if n == 0:
-        return dW.zero_()
-    cols = max(1, min(v, SLAB_COLUMNS))
-    budget = SLAB_TILE_BYTES or (GPU_CHUNK_BYTES if dev.type != "cpu" else CPU_CHUNK_BYTES)
-    free = available_memory(dev)
-    per_entry = 2 * cd.itemsize + W_.dtype.itemsize  # both logits tiles and the gradient tile
-    if free is not None:  # the chunk pass adapted to free memory: so does this one
-        budget = min(budget, max(cols * per_entry, free // 4))
-    rows = max(1, min(n, budget // (cols * per_entry)))
-    g_buf = torch.empty((rows, cols), dtype=W_.dtype, device=dev)
-    # the result's own dtype with one tile: written directly, else through a cd slab
-    acc = None if rows >= n and W_.dtype == cd else \
-        torch.empty((cols, hid), dtype=cd, device=dev)
-    teacher = setup.teacher
-    hidden_teacher = teacher[0] == "hidden"
-    whole: tuple[Any, ...] | None = None  # one tile: its operands converted once
-    if rows >= n:
-        whole = (setup.operand_rows(h2, 0, n),
-                 setup.operand_rows(teacher[1], 0, n, setup.t_w) if hidden_teacher else None)
-    for v0 in range(0, v, cols):
-        v1 = min(v, v0 + cols)
-        for i0 in range(0, n, rows):
-            i1 = min(n, i0 + rows)
-            hc, th = whole if whole is not None else (
-                setup.operand_rows(h2, i0, i1),
-                setup.operand_rows(teacher[1], i0, i1, setup.t_w) if hidden_teacher else None)
-            g = g_buf[: i1 - i0, : v1 - v0]
-            setup.slab_tile(h2, hc, th, i0, i1, v0, v1, scale[i0:i1], stats[i0:i1], g)
-            if acc is None:  # one product over all tokens, in the result's dtype
-                _mm_into(dW[v0:v1], g.T, hc)
-            elif i0 == 0:
-                _mm_into(acc[: v1 - v0], g.T, hc)
-            else:
-                _addmm_(acc[: v1 - v0], g.T, hc)
-        if acc is not None:
-            dW[v0:v1].copy_(acc[: v1 - v0])
-    return dW
-
-
-def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
-           teacher: tuple[Any, ...], plan: Plan, scale: torch.Tensor | None,
-           need: tuple[bool, bool, bool]) -> tuple[Any, ...]:
-    """``(loss, dh, dW, db)``: per-token losses and, where ``need``, the gradients of
-    ``sum(loss * scale)`` (``scale`` per token) in the compute dtype (``dW`` in the weight
-    operand's dtype when formed by slabs, :data:`WEIGHT_GRAD`)."""
+def chunk_pass(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
+               teacher: tuple[Any, ...], plan: Plan, scale: torch.Tensor | None,
+               need: tuple[bool, bool, bool], weight_grad: str = "chunks"
+               ) -> tuple[Any, ...]:
+    """``(loss, dh, dW, db, slabs)``: per-token losses and, where ``need``, the gradients
+    of ``sum(loss * scale)`` (``scale`` per token) in the compute dtype. ``weight_grad``
+    (``"chunks"``, ``"slabs"`` or ``"auto"``) says how ``dW`` is formed: where by slabs,
+    ``dW`` is ``None`` and ``slabs`` is ``(setup, stats)``, what the slab pass
+    (:mod:`kldiv.backends.torch_fused_slabs`) starts from; else ``slabs`` is ``None``."""
     need_grad = scale is not None and any(need)
     if scale is not None:  # e.g. the stride-0 gradient of a sum: kernels read rows of it
         scale = scale.contiguous()
-    setup = _Setup(h2, W, b, teacher, plan, weight_grad=need_grad and need[1])
+    setup = Setup(h2, W, b, teacher, plan,
+                  weight_grad=weight_grad if need_grad and need[1] else None)
     cd, W_, plan = setup.cd, setup.W, setup.plan
     assert W_ is not None
     n, hid = h2.shape
@@ -439,18 +343,17 @@ def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
             # half operands (CUDA): the gradient rounded once to their dtype, for both products
             g_op = g if W_.dtype == cd or (dh is None and dW is None) else g.to(W_.dtype)
             if dh is not None:
-                _mm_into(dh[i0:i1], g_op, W_)
+                mm_into(dh[i0:i1], g_op, W_)
             if dW is not None:
-                _addmm_(dW, g_op.T, hc)
+                addmm_(dW, g_op.T, hc)
             if db is not None:
                 db.add_(g.sum(0))
             del g_op
         del hc, g
-    if stats is not None:
-        assert scale is not None
-        setup.ws = None  # the first pass's buffers are free for the second
-        dW = _weight_grad_slabs(setup, h2, scale, stats)
-    return loss, dh, dW, db
+    if stats is None:
+        return loss, dh, dW, db, None
+    setup.ws = None  # the first pass's buffers are free for the second
+    return loss, dh, None, db, (setup, stats)
 
 
 def linear_backward(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
@@ -462,7 +365,7 @@ def linear_backward(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
     usual (it does not depend on ``grad``), and combined with ``grad`` by out-of-place ops,
     which torch batches and differentiates forward."""
     with torch.no_grad():
-        setup = _Setup(h2, W, b, teacher, plan)
+        setup = Setup(h2, W, b, teacher, plan)
     cd = setup.cd
     W_ = W.to(cd)
     n = h2.shape[0]

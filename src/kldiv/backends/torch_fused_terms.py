@@ -1,6 +1,7 @@
 """In-place torch math of one chunk of :func:`kldiv.fused_linear_divergence` (CPU route).
 
-Two passes use it (:mod:`kldiv.backends.torch_fused_chunks`):
+Two passes use it (:mod:`kldiv.backends.torch_fused_chunks`,
+:mod:`kldiv.backends.torch_fused_slabs`):
 
 - :func:`chunk_terms_`: a chunk of whole rows (``rows x V``): the per-row divergence and its
   gradient with respect to the student's logits, and (for the weight gradient by vocabulary
