@@ -500,3 +500,37 @@ def test_paths_named_in_the_docs_exist(doc: Path) -> None:
         if not (exists and defined):
             bad.append(token)
     assert not bad, f"{doc.name} names paths or tests that do not exist: {bad}"
+
+
+# ---------------------------------------------------------------- README: dense arrays only
+
+
+@pytest.mark.xfail(strict=True, reason="src defect reported to the lead: a torch nested "
+                   "(jagged) tensor leaks torch's RuntimeError 'NestedTensorImpl doesn't support "
+                   "sizes' instead of the TypeError the README promises for non-dense arrays")
+@pytest.mark.parametrize("side", ["y_true", "y_pred"])
+def test_torch_nested_tensor_is_a_clear_type_error(side: str) -> None:
+    """README: 'Sparse arrays (a SciPy sparse matrix, a sparse torch tensor, ...) raise a
+    TypeError that says how to densify them: kldiv never densifies silently.' A nested
+    tensor (rows of different lengths) is the same kind of non-dense input."""
+    torch = pytest.importorskip("torch")
+    nested = torch.nested.nested_tensor([torch.tensor([0.6, 0.4]), torch.tensor([0.2, 0.3, 0.5])])
+    dense = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    args = (nested, dense) if side == "y_true" else (dense, nested)
+    with pytest.raises(TypeError, match=rf"{side}.*nested"):
+        kldiv.kl_divergence(*args)
+
+
+@pytest.mark.xfail(strict=True, reason="src defect reported to the lead: a tf.RaggedTensor is "
+                   "'y_pred has dtype object, which is not a numeric dtype' (a TypeError, but it "
+                   "neither names the ragged layout nor says how to densify it)")
+@pytest.mark.parametrize("side", ["y_true", "y_pred"])
+def test_tf_ragged_tensor_is_a_clear_type_error(side: str) -> None:
+    """The README's sparse rule for TensorFlow's ragged tensors: a TypeError naming the input
+    and the layout (``.to_tensor()``), as kldiv gives for a tf.SparseTensor."""
+    tf = pytest.importorskip("tensorflow")
+    ragged = tf.ragged.constant([[0.6, 0.4], [0.5]])
+    dense = tf.constant([[0.5, 0.5], [0.5, 0.5]])
+    args = (ragged, dense) if side == "y_true" else (dense, ragged)
+    with pytest.raises(TypeError, match=rf"{side}.*[Rr]agged"):
+        kldiv.kl_divergence(*args)
