@@ -366,3 +366,62 @@ def test_numpy_minus_inf_logits_warn_nothing(div: str, temperature: float) -> No
                  temperature=1e-3)
     _close_finite(out, oracle(d["h"], d["w"], tl, div, temperature, b=b))
     assert half.dtype == np.float16 and half == np.inf
+
+
+# ------------------------------------------------------------------------- second pass
+def _dask_case(which: str) -> tuple[Any, ...]:
+    """``(args, kwargs, numpy args, numpy kwargs)``: Dask inputs with a block of size 0 on
+    one axis (chunks such as ``((3, 0, 7), ...)``, as ``x[mask]`` then
+    ``compute_chunk_sizes()`` gives)."""
+    da = pytest.importorskip("dask.array")
+    rng = np.random.default_rng(31)
+    h, w = rng.standard_normal((10, H)), rng.standard_normal((V, H))
+    tl, b = rng.standard_normal((10, V)) * 2, rng.standard_normal(V)
+    th, tw = rng.standard_normal((10, 3)), rng.standard_normal((V, 3))
+    sw = rng.random(10)
+    rows, vocab = (3, 0, 7), (4, 0, 7)
+    dh = da.from_array(h, chunks=(rows, -1) if which == "tokens" else -1)
+    dw = da.from_array(w, chunks=(vocab, -1) if which == "vocabulary" else -1)
+    db = da.from_array(b, chunks=(vocab,) if which == "bias" else -1)
+    dsw = da.from_array(sw, chunks=(rows,))
+    if which == "teacher_hidden":
+        return ((dh, dw), {"teacher_hidden": da.from_array(th, chunks=((5, 0, 5), (1, 0, 2))),
+                           "teacher_weight": da.from_array(tw, chunks=(vocab, (2, 0, 1))),
+                           "sample_weight": dsw},
+                (h, w), {"teacher_hidden": th, "teacher_weight": tw, "sample_weight": sw})
+    dtl = da.from_array(tl, chunks=(rows, vocab) if which == "teacher_logits" else -1)
+    return ((dh, dw, dtl), {"student_bias": db, "sample_weight": dsw},
+            (h, w, tl), {"student_bias": b, "sample_weight": sw})
+
+
+@pytest.mark.parametrize("which", ["tokens", "vocabulary", "bias", "teacher_logits",
+                                   "teacher_hidden"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_dask_blocks_of_size_zero(which: str, temperature: float) -> None:
+    """Dask arrays with an empty block on the token, vocabulary or hidden axis (boolean
+    indexing then ``compute_chunk_sizes()``) give the NumPy result; they failed inside Dask
+    at ``compute()`` (``zero-size array to reduction operation maximum``, a concatenate
+    shape error)."""
+    args, kwargs, np_args, np_kwargs = _dask_case(which)
+    for reduction in ("none", "sum"):
+        got = F(*args, **kwargs, divergence="js", beta=BETA, temperature=temperature,
+                reduction=reduction).compute()
+        want = F(*np_args, **np_kwargs, divergence="js", beta=BETA, temperature=temperature,
+                 reduction=reduction)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_dask_boolean_indexed_inputs() -> None:
+    """The documented recipe: ``x[mask]``, ``compute_chunk_sizes()``, then the call (the
+    last block of the tokens is empty here); the default chunk size takes all tokens."""
+    da = pytest.importorskip("dask.array")
+    rng = np.random.default_rng(32)
+    h, w, tl = rng.standard_normal((10, H)), rng.standard_normal((V, H)), rng.standard_normal((10, V))
+    mask = np.array([True, False] * 5)
+    dh = da.from_array(h, chunks=3)[da.from_array(mask, chunks=3)]
+    dtl = da.from_array(tl, chunks=3)[da.from_array(mask, chunks=3)]
+    dh.compute_chunk_sizes()
+    dtl.compute_chunk_sizes()
+    assert 0 in dh.chunks[0]
+    got = F(dh, da.from_array(w), dtl, reduction="none").compute()
+    np.testing.assert_allclose(got, oracle(h[mask], w, tl[mask], "kl"), rtol=1e-10, atol=1e-12)

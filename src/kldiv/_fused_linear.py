@@ -30,7 +30,7 @@ from ._fused_linear_math import (
     divide_by_temperature,
     on_accelerator,
 )
-from ._namespace import get_device
+from ._namespace import get_device, is_dask
 from ._reduction import Reduction, apply_sample_weight
 
 __all__ = ["FusedLinearDivergence", "fused_linear_divergence"]
@@ -72,6 +72,17 @@ def _scale(xp: ModuleType, reduction: str, tokens: tuple[int, ...], w_flat: Any,
     if reduction == BATCHMEAN:
         return base / (tokens[0] if tokens and tokens[0] else 1)
     return base / max(n, 1)
+
+
+def _without_empty_blocks(x: Any) -> Any:
+    """A Dask array without blocks of size 0 (chunks such as ``((3, 0, 7), ...)``, what
+    ``x[mask]`` then ``compute_chunk_sizes()`` gives): Dask's own ``max`` fails on such a
+    block, and its matrix products and concatenations mismatch blocks with a neighbour's
+    empty one at ``compute()``. An axis of length 0 becomes one block; nothing else
+    changes (other arrays are returned as they are)."""
+    if not is_dask(x) or not any(0 in c and len(c) > 1 for c in x.chunks):
+        return x
+    return x.rechunk(tuple(tuple(n for n in c if n) or (0,) for c in x.chunks))
 
 
 # -------------------------------------------------------------------------------- backends
@@ -232,6 +243,8 @@ def fused_linear_divergence(
     if h is None or w is None:
         raise TypeError("student_hidden and student_weight are required arrays.")
     check_shapes(h, w, b, tl, th, tw, tb)
+    h, w, b, tl, th, tw, tb, sample_weight = (
+        _without_empty_blocks(x) for x in (h, w, b, tl, th, tw, tb, sample_weight))
     tokens = tuple(int(d) for d in h.shape[:-1])
     n, v, hid = math.prod(tokens), int(w.shape[0]), int(h.shape[-1])
     cd = _compute_dtype(xp, h, w)
