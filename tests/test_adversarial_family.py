@@ -217,3 +217,47 @@ def test_tensorflow_unknown_rank_names_the_input(unknown: str) -> None:
                          input_signature=specs)
         with pytest.raises(ValueError, match=f"{unknown} .*unknown rank"):
             fn(tf.zeros((2, 3)), tf.zeros((2, 3)))
+
+
+# ------------------------------------------------------------ Dask blocks of no rows
+DASK_SPACES: list[Any] = ["logits", "log_probs", ("probs", "logits"), ("logits", "log_probs")]
+
+
+@pytest.mark.parametrize("inputs", DASK_SPACES, ids=str)
+@pytest.mark.parametrize("member", list(FUNCTIONS))
+def test_dask_blocks_of_no_rows(member: str, inputs: Any) -> None:
+    """A Dask array with an empty block (``((2, 0, 2), ...)``, or ``x[mask]`` after
+    ``compute_chunk_sizes()``): Dask's own ``max`` over the class axis failed on the empty
+    block ("zero-size array to reduction operation maximum"), also with the class axis in
+    two chunks; and an array with no rows at all in several blocks failed at ``compute()``
+    (Dask keeps one task for its blocks: ``KeyError``/``AxisError`` inside Dask)."""
+    da = pytest.importorskip("dask.array")
+    rng = np.random.default_rng(7)
+    spaces = (inputs, inputs) if isinstance(inputs, str) else inputs
+    t = rng.normal(size=(4, 5))
+    p = rng.normal(size=(4, 5))
+    t[1, 2] = p[2, 0] = -INF  # masked classes
+    if spaces[0] == "probs":
+        t = np.exp(t) / np.exp(t).sum(-1, keepdims=True)
+    for chunks in (((2, 0, 2), (5,)), ((2, 0, 2), (3, 2)), ((0, 4, 0), (5,))):
+        got = _call(member, da.from_array(t, chunks=chunks), da.from_array(p, chunks=chunks),
+                    inputs=inputs)
+        assert isinstance(got, da.Array)
+        _close(got.compute(), _oracle(member, t, p, inputs), rtol=1e-9, atol=1e-12)
+    # x[mask] with no row selected, in 2 blocks of no rows
+    dt, dp = da.from_array(t, chunks=(2, 5)), da.from_array(p, chunks=(2, 5))
+    keep = da.from_array(t[:, 0] > 100, chunks=2)
+    et, ep = dt[keep], dp[keep]
+    et.compute_chunk_sizes()
+    ep.compute_chunk_sizes()
+    assert et.numblocks == (2, 1)
+    got = _call(member, et, ep, inputs=inputs).compute()
+    assert got.shape == (0,) and got.dtype == np.float64
+    for cls in (LOSSES + METRICS):
+        obj = cls(inputs=inputs, **({"beta": 0.3} if "Jensen" in cls.__name__ else {}))
+        if cls in METRICS:
+            obj.update_state(et, ep)
+            assert float(np.asarray(obj.result())) == 0.0
+        else:
+            assert float(np.asarray(obj(et, ep))) == 0.0
+            assert float(np.asarray(obj(et, ep, sample_weight=da.ones(0, chunks=0)))) == 0.0

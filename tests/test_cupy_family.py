@@ -529,3 +529,53 @@ def test_second_device(launches: list[tuple[str, Any]]) -> None:
     assert out.device.id == 1
     ref, scale = oracle("js", a64, b64, ("logits", "logits"), 1.0, 0.3)
     assert_same(out, ref, scale, TOL[np.float64], "device 1")
+
+
+def _log_softmax64_shifted(x: np.ndarray, t: float) -> np.ndarray:
+    """``log_softmax(x / t)`` shifted by the row maximum before the division (no overflow of
+    ``x / t`` at a tiny ``t``); a row of all ``-inf`` is the zero measure."""
+    m = np.max(x, axis=-1, keepdims=True)
+    m = np.where(m == -INF, 0.0, m)
+    with np.errstate(invalid="ignore"):
+        z = (x - m) / t
+    s = np.sum(np.exp(z), axis=-1, keepdims=True)
+    return z - np.log(np.where(s == 0.0, 1.0, s))
+
+
+@pytest.mark.parametrize(("dtype", "t"), [(np.float32, 1e-38), (np.float32, 1e30),
+                                          (np.float64, 1e-307), (np.float64, 1e300)],
+                         ids=["float32-T1e-38", "float32-T1e30", "float64-T1e-307",
+                              "float64-T1e300"])
+@pytest.mark.parametrize(("op", "beta"), MEMBERS)
+def test_extreme_temperatures(op: str, beta: float | None, dtype: Any, t: float,
+                              launches: list[tuple[str, Any]]) -> None:
+    """Logits around 10 at a tiny temperature: the kernel shifts each row by its maximum
+    before dividing by ``T`` (``x / T`` overflowed to ``inf``: ``inf - inf``, a NaN row where
+    the one-hot limit is finite), as the generic kernel does; -inf entries and rows kept."""
+    fast, public, params = _call(op, beta)
+    rng = np.random.default_rng(5)
+    a = 10.0 - rng.uniform(0.0, 1.5, (5, 40))
+    b = 10.0 - rng.uniform(0.0, 1.5, (5, 40))
+    a[:, 4] = b[:, 4] = 10.0
+    b[3, 4], b[3, 7] = 9.0, 10.0  # other argmaxes: KL huge in the limit
+    a[1, ::3] = b[1, ::3] = -INF
+    a[2] = -INF
+    a[4] = b[4] = -INF
+    yt, yp = cp.asarray(a, dtype=dtype), cp.asarray(b, dtype=dtype)
+    del launches[:]
+    direct = fast(yt, yp, spaces=("logits", "logits"), temperature=t, **params)
+    assert len(launches) == 1
+    lp = _log_softmax64_shifted(_host(yt), t)
+    lq = _log_softmax64_shifted(_host(yp), t)
+    if op == "js":
+        assert beta is not None
+        ref, scale = _js64(lp, lq, beta)
+    else:
+        ref, scale = _kl64(lp, lq) if op == "kl" else _kl64(lq, lp)
+    ref = ref.astype(dtype).astype(np.float64)  # inf beyond the dtype's range
+    what = f"{op} T={t} {np.dtype(dtype).name}"
+    assert not np.isnan(_host(direct)).any(), what
+    assert_same(direct, ref, scale, TOL[dtype], what + " vs oracle")
+    with kldiv.use_generic():
+        gen = _public(public, yt, yp, ("logits", "logits"), t, params)
+    assert_same(direct, gen, scale, TOL[dtype], what + " vs generic")

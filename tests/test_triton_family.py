@@ -433,3 +433,100 @@ def test_triton_route_taken_on_triton_devices_only(triton_spy: list[Any],
     with kldiv.use_generic():
         ref = _FNS["js"](x, y, inputs="logits")
     torch.testing.assert_close(out, ref)
+
+
+_TEMPERATURE_SCRIPT = r'''
+import math
+import numpy as np, torch
+from kldiv.backends import triton_family as tf
+from kldiv._divergence import MEMBERS
+from kldiv._spaces import to_log_space
+from kldiv._libraries.torch_traced import array_api
+
+INF = math.inf
+BETA = 0.3
+
+def log_softmax64(x, T):  # the definition, shifted by the row maximum before the division
+    m = np.max(x, axis=-1, keepdims=True)
+    m = np.where(m == -INF, 0.0, m)
+    with np.errstate(invalid="ignore"):
+        z = (x - m) / T
+    s = np.sum(np.exp(z), axis=-1, keepdims=True)
+    return z - np.log(np.where(s == 0.0, 1.0, s))
+
+def kl64(lp, lq):
+    p = np.exp(lp)
+    with np.errstate(invalid="ignore"):
+        return np.sum(np.where(p > 0, p * (lp - lq), 0.0), axis=-1)
+
+def oracle(op, a, b, T):
+    lp, lq = log_softmax64(a, T), log_softmax64(b, T)
+    if op == "kl":
+        return kl64(lp, lq)
+    if op == "reverse_kl":
+        return kl64(lq, lp)
+    with np.errstate(divide="ignore"):
+        lm = np.log(BETA * np.exp(lp) + (1 - BETA) * np.exp(lq))
+    return BETA * kl64(lp, lm) + (1 - BETA) * kl64(lq, lm)
+
+def generic_grads(op, a, b, T, w):
+    x = a.detach().double().requires_grad_()
+    y = b.detach().double().requires_grad_()
+    lp = to_log_space(array_api, x, "logits", T)
+    lq = to_log_space(array_api, y, "logits", T)
+    val = MEMBERS[op].generic(array_api, lp, lq, **({"beta": BETA} if op == "js" else {}))
+    return torch.autograd.grad(val, (x, y), w)
+
+rng = np.random.default_rng(3)
+C = 10
+# logits around 10 (x / T overflowed for T <= 1e-38 in float32) spread less than 1.5 below
+# each row's maximum (so that (x - max) / T stays finite at T=1e-38 in float32)
+a = 10.0 - rng.uniform(0.0, 1.5, (5, C))
+b = 10.0 - rng.uniform(0.0, 1.5, (5, C))
+a[:, 4] = b[:, 4] = 10.0            # one argmax on both sides...
+b[3, 4], b[3, 7] = 9.0, 10.0        # ...but in row 3 (KL huge in the limit)
+a[1, ::3] = b[1, ::3] = -INF        # a shared masked vocabulary (the argmax kept)
+a[2] = -INF                         # P: the zero measure
+a[4] = b[4] = -INF                  # both zero measures
+cases = 0
+for dtype, temps in ((torch.float32, (1e-38, 1e-30, 1e-3, 1e30)),
+                     (torch.float64, (1e-307, 1e-200, 1e300))):
+    at, bt = torch.tensor(a).to(dtype), torch.tensor(b).to(dtype)
+    a64, b64 = at.double().numpy(), bt.double().numpy()
+    for T in temps:
+        for op in ("kl", "reverse_kl", "js"):
+            what = f"{op} T={T} {dtype}"
+            val, state = tf.forward(op, at, bt, ("logits", "logits"), T, BETA, block=16)
+            ref = torch.tensor(oracle(op, a64, b64, T)).to(dtype)  # inf beyond dtype's range
+            assert not bool(torch.isnan(val).any()), (what, val)
+            torch.testing.assert_close(val, ref, rtol=2e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+            w = torch.linspace(0.5, 2.0, 5, dtype=torch.float64)
+            gx, gy = generic_grads(op, at, bt, T, w)
+            ga, gb = tf.backward(at, bt, state, w.to(dtype), True, True, block=16)
+            fin = torch.isfinite(torch.tensor(oracle(op, a64, b64, T)))
+            fin &= torch.isfinite(gx.to(dtype)).all(-1) & torch.isfinite(gy.to(dtype)).all(-1)
+            for g, ref_g, side in ((ga, gx, "a"), (gb, gy, "b")):
+                assert not bool(torch.isnan(g[fin]).any()), (what, side, g)
+                scale = max(1.0, float(ref_g[fin].abs().max())) if bool(fin.any()) else 1.0
+                torch.testing.assert_close(g[fin].double(), ref_g[fin], rtol=2e-5,
+                                           atol=2e-5 * scale, msg=lambda m: f"{what} {side}: {m}")
+            cases += 1
+print("TRITON-TEMPERATURE-OK", cases)
+'''
+
+
+def test_triton_family_kernels_extreme_temperatures() -> None:
+    """Tiny and huge temperatures (float32 ``T=1e-38``, float64 ``T=1e-307``, ``T=1e30``):
+    the kernels shift each row by its maximum before dividing by ``T`` (``x / T`` overflowed
+    to ``inf`` and gave NaN where the one-hot limit is finite), values against the float64
+    oracle and gradients against autograd of the generic formula, -inf entries and rows
+    included."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    skip_if_triton_interpreter_defective()
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", _TEMPERATURE_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "TRITON-TEMPERATURE-OK 21" in proc.stdout, (
+        proc.stdout[-2000:] + proc.stderr[-4000:])

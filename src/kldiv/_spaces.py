@@ -32,7 +32,8 @@ from ._libraries import lazy_library
 from ._namespace import array_namespace, dtype_kind, get_device, is_dask, is_low_precision
 
 __all__ = ["SPACES", "Prepared", "broadcast_shapes", "log_softmax", "parse_inputs", "pred_namespace",
-           "prepare", "shape_str", "to_log_space", "validate_temperature"]
+           "prepare", "row_max", "shape_str", "single_block_if_empty", "to_log_space",
+           "validate_temperature"]
 
 
 # ------------------------------------------------------------------------------ the inputs
@@ -187,6 +188,8 @@ def prepare(y_true: Any, y_pred: Any, *, squeeze: bool = True) -> Prepared:
             note = (f" (after Keras' rank rule for losses and metrics: {squeezed}'s trailing axis "
                     f"of 1 squeezed, giving {shape_str(now)})")
         raise ValueError(f"{_given(given)} do not broadcast{note}.") from None
+    if is_dask(y_pred):
+        y_true, y_pred = single_block_if_empty(y_true), single_block_if_empty(y_pred)
     return Prepared(xp, y_true, y_pred, out_dtype, device)
 
 
@@ -262,6 +265,37 @@ def validate_temperature(temperature: Any, spaces: tuple[str, str]) -> float:
     return t
 
 
+def _block_max(x: Any, axis: Any = None, keepdims: bool = False, **_: Any) -> Any:
+    # a Dask block's (or partial result's) maximum, by the block's own method: Dask's own
+    # chunk function returns a block of no rows as an empty (1, 0) array, whose maximum over
+    # the class axis then fails ("zero-size array to reduction operation maximum")
+    return x.max(axis=axis, keepdims=keepdims)
+
+
+def row_max(xp: ModuleType, x: Any) -> Any:
+    """``max(x, axis=-1, keepdims=True)``; on Dask by a reduction that takes blocks of no
+    rows (``x[mask]`` after ``compute_chunk_sizes()``, chunks such as ``((2, 0, 2), (5,))``),
+    where Dask's own ``max`` fails. The class axis must not be empty."""
+    if is_dask(x):
+        lazy = _LAZY.loaded()
+        assert lazy is not None
+        return lazy.reduction(x, _block_max, _block_max, axis=-1, keepdims=True,
+                              dtype=x.dtype, meta=x._meta)
+    return xp.max(x, axis=-1, keepdims=True)
+
+
+def single_block_if_empty(x: Any) -> Any:
+    """A Dask array of size 0 (a known size of 0 on some axis) in one block.
+
+    Dask gives such an array one (empty) task but keeps its chunks: any binary operation
+    on one of several empty blocks, ``x == 0`` or ``x - m``, then fails at ``compute()`` (a
+    ``KeyError`` or ``IndexError`` inside Dask). Nothing else changes.
+    """
+    if is_dask(x) and 0 in x.shape and math.prod(x.numblocks) > 1:
+        return x.rechunk(tuple(-1 for _ in x.shape))
+    return x
+
+
 def log_softmax(xp: ModuleType, x: Any, temperature: float = 1.0) -> Any:
     """``log_softmax(x / temperature)`` over the last axis, stable, in ``x``'s dtype.
 
@@ -274,7 +308,7 @@ def log_softmax(xp: ModuleType, x: Any, temperature: float = 1.0) -> Any:
     """
     if x.shape[-1] == 0:  # no classes: nothing to normalise
         return x / temperature if temperature != 1.0 else x
-    m = xp.max(x, axis=-1, keepdims=True)
+    m = row_max(xp, x)
     m = xp.where(m == -math.inf, 0.0, m)
     z = x - m
     if temperature != 1.0:

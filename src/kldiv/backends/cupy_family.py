@@ -7,11 +7,13 @@ and the member) reads the inputs and writes one value per row. Each block of
 :data:`THREADS` threads takes a row (a grid-stride loop over the rows), its threads stride
 over the class axis, and:
 
-1. for each ``"logits"`` side, finds the log-sum-exp of ``x / T`` online (a running maximum
-   and a sum of ``exp`` rescaled as the maximum grows, per thread, then merged across the
-   block with warp shuffles and shared memory);
+1. for each ``"logits"`` side, finds the row's maximum and the log-sum-exp of
+   ``(x - max) / T`` online (a running maximum of the raw logits and a sum of ``exp`` rescaled
+   as the maximum grows, per thread, then merged across the block with warp shuffles and
+   shared memory; the shift comes before the division, so a tiny temperature gives the
+   one-hot limit instead of overflowing ``x / T``);
 2. brings each side to log space as :func:`kldiv._spaces.to_log_space` does (``"probs"``:
-   ``log(clip(x, 1e-7, 1))``; ``"log_probs"``: ``x``; ``"logits"``: ``(x / T - max) -
+   ``log(clip(x, 1e-7, 1))``; ``"log_probs"``: ``x``; ``"logits"``: ``(x - max) / T -
    log(sum)``) and sums the member's terms over the row (block reduction), once.
 
 The terms are the generic kernels' (:func:`kldiv._divergence.kl_terms`,
@@ -115,23 +117,25 @@ __device__ T kldiv_block_sum(T v, T* sh) {
     return v;
 }
 
-// (m, s) += (m2, s2) for the online log-sum-exp: s is a sum of exp(x - m) over x > -inf.
-// Neither m is NaN or +inf; m = -inf only with s = 0 (no term), kept so (never -inf - -inf).
+// (m, s) += (m2, s2) for the online log-sum-exp: m is a maximum of the raw logits x, s a
+// sum of exp((x - m) / t) over x > -inf. Neither m is NaN or +inf; m = -inf only with s = 0
+// (no term), kept so (never -inf - -inf).
 template <typename T>
-__device__ __forceinline__ void kldiv_lse_merge(T& m, T& s, T m2, T s2) {
+__device__ __forceinline__ void kldiv_lse_merge(T& m, T& s, T m2, T s2, T t) {
     const T hi = m > m2 ? m : m2;
     if (hi == -kldiv_inf(hi)) {
         s = (T)0;
     } else {
-        s = s * kldiv_exp(m - hi) + s2 * kldiv_exp(m2 - hi);  // exp(-inf - hi) = 0
+        s = s * kldiv_exp((m - hi) / t) + s2 * kldiv_exp((m2 - hi) / t);  // exp(-inf) = 0
     }
     m = hi;
 }
 
-// One row of logits: log_softmax(x / T) = (x / T - shift) - log_s, as the generic
-// kldiv._spaces.log_softmax computes it: shift = max(x / T) (0 for a row of all -inf),
-// log_s = log(sum(exp(x / T - shift))) (log 1 = 0 for a row of all -inf). A NaN or +inf
-// in x / T makes both NaN, so the whole row is NaN as in the generic kernel (its max is NaN,
+// One row of logits: log_softmax(x / T) = (x - shift) / T - log_s, as the generic
+// kldiv._spaces.log_softmax computes it: shift = max(x) (0 for a row of all -inf),
+// log_s = log(sum(exp((x - shift) / T))) (log 1 = 0 for a row of all -inf). The shift
+// comes before the division, so a tiny T cannot overflow x / T (inf - inf: NaN). A NaN or
+// +inf in x makes both NaN, so the whole row is NaN as in the generic kernel (its max is NaN,
 // or +inf and then inf - inf = NaN in its sum). sh: 64 shared elements, free on entry and
 // on return. Every thread of the block must call it.
 template <typename T>
@@ -142,20 +146,20 @@ __device__ void kldiv_row_lse(const T* __restrict__ x, long long n, long long st
     T s = (T)0;
     int bad = 0;
     for (long long c = threadIdx.x; c < n; c += blockDim.x) {
-        const T v = x[c * stride] / temperature;
+        const T v = x[c * stride];
         if (v != v || v == inf) {
             bad = 1;
         } else if (v > m) {  // a new maximum (m = -inf before: s = 0 * 0)
-            s = s * kldiv_exp(m - v) + (T)1;
+            s = s * kldiv_exp((m - v) / temperature) + (T)1;
             m = v;
         } else if (v != -inf) {  // -inf <= v <= m: m is finite
-            s += kldiv_exp(v - m);
+            s += kldiv_exp((v - m) / temperature);
         }
     }
     for (int o = 16; o > 0; o >>= 1) {
         const T m2 = __shfl_down_sync(KLDIV_FULL_MASK, m, o);
         const T s2 = __shfl_down_sync(KLDIV_FULL_MASK, s, o);
-        kldiv_lse_merge(m, s, m2, s2);
+        kldiv_lse_merge(m, s, m2, s2, temperature);
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n_warps = blockDim.x >> 5;
@@ -170,7 +174,7 @@ __device__ void kldiv_row_lse(const T* __restrict__ x, long long n, long long st
         for (int o = 16; o > 0; o >>= 1) {
             const T m2 = __shfl_down_sync(KLDIV_FULL_MASK, m, o);
             const T s2 = __shfl_down_sync(KLDIV_FULL_MASK, s, o);
-            kldiv_lse_merge(m, s, m2, s2);
+            kldiv_lse_merge(m, s, m2, s2, temperature);
         }
         if (lane == 0) {
             sh[0] = m;
@@ -198,7 +202,7 @@ __device__ __forceinline__ T kldiv_to_log(T x, T temperature, T shift, T log_s) 
         x = x < lo ? lo : (x > (T)1 ? (T)1 : x);  // CuPy's clip: NaN passes
         return kldiv_log(x);
     }
-    if (K == KLDIV_LOGITS) return (x / temperature - shift) - log_s;
+    if (K == KLDIV_LOGITS) return (x - shift) / temperature - log_s;
     return x;
 }
 

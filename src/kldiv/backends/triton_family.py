@@ -5,10 +5,12 @@ One program per row, looping over the class axis in blocks, for ``kl`` (``revers
 log-probabilities or logits (``log_softmax(x / T)``); the kernels read both inputs through
 their strides (a broadcast row has stride 0), so no input is copied.
 
-Forward, per row: for each logits side an online log-sum-exp of ``x / T`` over the blocks (a
-running maximum and a running sum rescaled as the maximum grows, per lane, combined at the
-end), then one pass summing the member's terms. It saves per row, in the compute dtype, the
-two log-normalisers and two sums: ``(KL, mass of P)`` for ``kl`` and ``(KL(P||M),
+Forward, per row: for each logits side an online log-sum-exp of ``(x - max(x)) / T`` over the
+blocks (a running maximum of the raw logits and a running sum rescaled as the maximum grows,
+per lane, combined at the end; the shift comes before the division, so a tiny temperature
+gives the one-hot limit instead of overflowing ``x / T``), then one pass summing the member's
+terms. It saves per row, in the compute dtype, each side's (maximum, log-normaliser) and two
+sums: ``(KL, mass of P)`` for ``kl`` and ``(KL(P||M),
 KL(Q||M))`` for ``js``.
 
 Backward, one program per (row, block of classes), with ``lp``/``lq`` the log-probabilities,
@@ -51,35 +53,38 @@ __all__ = ["OPS", "backward", "forward"]
 OPS = {"kl": 0, "reverse_kl": 0, "js": 1}
 """The ops, by kernel code (``reverse_kl`` runs ``kl`` on the swapped sides)."""
 _KINDS = ("log_probs", "logits")
-_N_STATS = 4  # per row: lse_a, lse_b, r1, r2
+_N_STATS = 6  # per row: shift_a, lse_a, shift_b, lse_b, r1, r2
 
 
 @triton.jit
 def _lse(row_ptr, s_c, n_cols, T, CT: tl.constexpr, BLOCK: tl.constexpr):
-    """``log(sum(exp(x / T)))`` of one row, online over blocks; 0 for a row of all -inf."""
+    """``(shift, lse)`` of one row, online over blocks: its maximum (0 for a row of all -inf)
+    and ``log(sum(exp((x - shift) / T)))`` (0 for a row of all -inf). The shift comes before
+    the division, as in :func:`kldiv._spaces.log_softmax`: a tiny temperature cannot overflow
+    ``x / T`` (which gave ``inf - inf``, NaN, where the limit is the one-hot row)."""
     offs = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), CT)
     d = tl.zeros([BLOCK], CT)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + offs
         x = tl.load(row_ptr + cols.to(tl.int64) * s_c, mask=cols < n_cols,
-                    other=float("-inf")).to(CT) / T
+                    other=float("-inf")).to(CT)
         new_m = tl.maximum(m, x)
         shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # all -inf so far: adds 0
-        d = d * tl.exp(m - shift) + tl.exp(x - shift)
+        d = d * tl.exp((m - shift) / T) + tl.exp((x - shift) / T)
         m = new_m
     big = tl.max(m, axis=0)
     big = tl.where(big == float("-inf"), 0.0, big)
-    s = tl.sum(d * tl.exp(m - big), axis=0)
-    return big + tl.log(tl.where(s == 0.0, 1.0, s))
+    s = tl.sum(d * tl.exp((m - big) / T), axis=0)
+    return big, tl.log(tl.where(s == 0.0, 1.0, s))
 
 
 @triton.jit
-def _side(row_ptr, s_c, cols, msk, lse, T, LOGITS: tl.constexpr, CT: tl.constexpr):
+def _side(row_ptr, s_c, cols, msk, shift, lse, T, LOGITS: tl.constexpr, CT: tl.constexpr):
     """One block of a row in log space (masked lanes: -inf, i.e. probability 0)."""
     x = tl.load(row_ptr + cols.to(tl.int64) * s_c, mask=msk, other=float("-inf")).to(CT)
     if LOGITS:
-        x = x / T - lse
+        x = (x - shift) / T - lse
     return x
 
 
@@ -92,22 +97,24 @@ def _fwd(a_ptr, b_ptr, prm_ptr, out_ptr, st_ptr, n_cols, sa_r, sa_c, sb_r, sb_c,
     b_row = b_ptr + row * sb_r
     T = tl.load(prm_ptr)
     beta = tl.load(prm_ptr + 1)
-    if LOGITS_A:  # noqa: SIM108 (constexpr branches)
-        lse_a = _lse(a_row, sa_c, n_cols, T, CT, BLOCK)
+    if LOGITS_A:
+        m_a, lse_a = _lse(a_row, sa_c, n_cols, T, CT, BLOCK)
     else:
-        lse_a = tl.load(prm_ptr + 4)  # 0 (unused)
-    if LOGITS_B:  # noqa: SIM108 (constexpr branches)
-        lse_b = _lse(b_row, sb_c, n_cols, T, CT, BLOCK)
+        m_a = tl.load(prm_ptr + 4)  # 0 (unused)
+        lse_a = m_a
+    if LOGITS_B:
+        m_b, lse_b = _lse(b_row, sb_c, n_cols, T, CT, BLOCK)
     else:
-        lse_b = tl.load(prm_ptr + 4)
+        m_b = tl.load(prm_ptr + 4)
+        lse_b = m_b
     offs = tl.arange(0, BLOCK)
     acc1 = tl.zeros([BLOCK], CT)
     acc2 = tl.zeros([BLOCK], CT)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + offs
         msk = cols < n_cols
-        la = _side(a_row, sa_c, cols, msk, lse_a, T, LOGITS_A, CT)
-        lb = _side(b_row, sb_c, cols, msk, lse_b, T, LOGITS_B, CT)
+        la = _side(a_row, sa_c, cols, msk, m_a, lse_a, T, LOGITS_A, CT)
+        lb = _side(b_row, sb_c, cols, msk, m_b, lse_b, T, LOGITS_B, CT)
         pa = tl.exp(la)
         if OP == 0:
             d = la - lb
@@ -126,11 +133,13 @@ def _fwd(a_ptr, b_ptr, prm_ptr, out_ptr, st_ptr, n_cols, sa_r, sa_c, sb_r, sb_c,
     else:
         value = beta * r1 + (1.0 - beta) * r2
     tl.store(out_ptr + row, value)
-    st = st_ptr + row * 4
-    tl.store(st, lse_a)
-    tl.store(st + 1, lse_b)
-    tl.store(st + 2, r1)
-    tl.store(st + 3, r2)
+    st = st_ptr + row * 6
+    tl.store(st, m_a)
+    tl.store(st + 1, lse_a)
+    tl.store(st + 2, m_b)
+    tl.store(st + 3, lse_b)
+    tl.store(st + 4, r1)
+    tl.store(st + 5, r2)
 
 
 @triton.jit
@@ -142,12 +151,14 @@ def _bwd(a_ptr, b_ptr, prm_ptr, st_ptr, g_ptr, ga_ptr, gb_ptr, n_cols, sa_r, sa_
     msk = cols < n_cols
     T = tl.load(prm_ptr)
     beta = tl.load(prm_ptr + 1)
-    st = st_ptr + row * 4
-    r1 = tl.load(st + 2)
-    r2 = tl.load(st + 3)
+    st = st_ptr + row * 6
+    r1 = tl.load(st + 4)
+    r2 = tl.load(st + 5)
     g = tl.load(g_ptr + row * s_g).to(CT)
-    la = _side(a_ptr + row * sa_r, sa_c, cols, msk, tl.load(st), T, LOGITS_A, CT)
-    lb = _side(b_ptr + row * sb_r, sb_c, cols, msk, tl.load(st + 1), T, LOGITS_B, CT)
+    la = _side(a_ptr + row * sa_r, sa_c, cols, msk, tl.load(st), tl.load(st + 1), T, LOGITS_A,
+               CT)
+    lb = _side(b_ptr + row * sb_r, sb_c, cols, msk, tl.load(st + 2), tl.load(st + 3), T,
+               LOGITS_B, CT)
     pa = tl.exp(la)
     out = row * n_cols + cols
     if OP == 0:
