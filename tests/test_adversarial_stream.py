@@ -417,3 +417,13 @@ def test_meta_tensors_have_no_values_to_write_or_move(tmp_path: Path) -> None:
             kldiv.evaluate_files(t, p, backend=backend)
     assert kldiv.evaluate_files(t, p, backend="torch", device="meta").device.type == "meta"
     assert kldiv.evaluate_batches([t], [p]).device.type == "meta"
+
+
+def test_metric_dtype_python_float_is_float32_as_in_keras() -> None:
+    """dtype=float gave a float64 metric (NumPy's reading of the Python type); Keras 3
+    (PYTHON_DTYPES_MAP) and tf.keras (tf.as_dtype) both read it as float32."""
+    m = KLDivergence(dtype=float)
+    assert m.get_config()["dtype"] == "float32"
+    m.update_state(YT, YP)
+    assert m.result().dtype == np.float32
+    assert KLDivergence.from_config(m.get_config()).get_config() == m.get_config()

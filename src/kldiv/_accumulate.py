@@ -244,10 +244,10 @@ def safe_divide(xp: ModuleType, num: Any, den: Any) -> Any:
 
 
 def metric_dtype(dtype: Any, *, owner: str) -> str:
-    """A metric's ``dtype`` argument as a name: ``None`` is ``"float32"``; names, Keras
+    """A metric's ``dtype`` argument as a name: ``None`` and ``float`` are ``"float32"``; names, Keras
     ``DTypePolicy`` objects and configs (``"mixed_..."`` gives the compute dtype) and any
     library's dtype object are accepted. ``owner`` starts the message of the ``ValueError``."""
-    if dtype is None:
+    if dtype is None or dtype is float:  # Python's float: float32, as in Keras (not NumPy's float64)
         return "float32"
     given = dtype
     if isinstance(dtype, dict):  # Keras 3 DTypePolicy config: its name, nothing else
