@@ -413,7 +413,7 @@ def test_meta_tensors_have_no_values_to_write_or_move(tmp_path: Path) -> None:
         kldiv.evaluate_batches([t], [p], reduction="none", out=tmp_path / "o.npy")
     assert os.listdir(tmp_path) == []
     for backend in ("numpy", "torch"):
-        with pytest.raises(ValueError, match="y_true .*meta"):
+        with pytest.raises(ValueError, match=r"y_true .*meta"):
             kldiv.evaluate_files(t, p, backend=backend)
     assert kldiv.evaluate_files(t, p, backend="torch", device="meta").device.type == "meta"
     assert kldiv.evaluate_batches([t], [p]).device.type == "meta"
