@@ -207,3 +207,75 @@ def test_tf_function_log_probs_in_a_graph(tmp_path: Any) -> None:
     proc = _autograph_probe(tmp_path, "log_probs")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "log_probs" in proc.stdout
+
+
+# ---- second pass: exports, argument names in conversion messages, inference tensors --------
+
+def test_losses_module_exports_the_estimator_loss() -> None:
+    """``kldiv.losses`` holds every loss class (``kldiv.metrics.KLEstimator`` had no
+    ``kldiv.losses`` counterpart) and the functional form, as the other members."""
+    assert kldiv.losses.KLEstimator is kldiv.KLEstimator
+    assert kldiv.losses.kl_estimate is kldiv.kl_estimate
+    assert {"KLEstimator", "kl_estimate"} <= set(kldiv.losses.__all__)
+    lp = np.log(np.array([[0.5, 0.25], [0.2, 0.4]], np.float32))
+    ref = np.log(np.array([[0.25, 0.25], [0.4, 0.2]], np.float32))
+    ratio = ref.astype(np.float64) - lp  # k3 = exp(r) - 1 - r, r = ref - lp, its mean
+    np.testing.assert_allclose(float(kldiv.losses.KLEstimator()(lp, ref)),
+                               np.mean(np.expm1(ratio) - ratio), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("weight", "match"), [
+    (np.ones(2, np.complex64), "complex dtype complex64, which cannot be cast to the loss's real dtype"),
+    (np.array(["a", "b"]), "sample_weight has dtype <U1, which cannot be cast to the loss's dtype"),
+])
+def test_sample_weight_cast_message_names_the_loss_not_y_pred(weight: Any, match: str) -> None:
+    """A bad sample weight was said not to cast to "y_pred's" dtype, also for the estimator
+    loss, whose inputs are ``logprob`` and ``ref_logprob``: it is cast to the loss' dtype."""
+    x = np.log(np.full((2, 3), 0.5, np.float32))
+    for loss, args in ((kldiv.KLEstimator(), (x, x)), (kldiv.KLDivergence(), (np.exp(x), np.exp(x)))):
+        with pytest.raises(TypeError, match=match) as info:
+            loss(*args, sample_weight=weight)
+        assert "y_pred" not in str(info.value)
+
+
+def test_conversion_messages_name_the_target_argument() -> None:
+    """The conversion layer names the argument converted *to* as its caller says
+    (``like=``): the estimators convert ``ref_logprob`` to ``logprob``'s library."""
+    from kldiv import _convert
+
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="ref_logprob has complex dtype complex128, which cannot "
+                                        "be cast to logprob's real dtype") as info:
+        _convert.to_namespace(np.ones(2, complex), np, "cpu", np.float32, what="ref_logprob",
+                              like="logprob")
+    assert "y_pred" not in str(info.value)
+    meta = torch.ones(3, device="meta")  # no data: cannot reach NumPy
+    with pytest.raises(TypeError, match=r"ref_logprob .* could not be converted to logprob's "
+                                        "library numpy"):
+        _convert.to_namespace(meta, np, "cpu", np.float32, what="ref_logprob", like="logprob")
+    with pytest.raises(TypeError, match=r"y_true .* could not be converted to y_pred's library"):
+        kldiv.kld(meta, np.ones(3, np.float32))  # the default: the functions' y_pred
+
+
+@pytest.mark.parametrize("rows", [4, 64])  # the native route and the fused one (>= 4096 elements)
+def test_inference_mode_targets_with_a_student_requiring_grad(rows: int) -> None:
+    """A teacher's output made under ``torch.inference_mode()`` (the usual distillation
+    pattern) against a student that requires grad: fine on small inputs, but the fused route
+    (4096 elements or more) saved the inference tensor for backward (torch's "Inference
+    tensors cannot be saved for backward"); so did ``loss * sample_weight`` for an
+    inference-mode weight. The gradient is the oracle's."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    t, p = rng.uniform(0.01, 1, (rows, 100)), rng.uniform(0.01, 1, (rows, 100))
+    w = rng.uniform(0, 1, rows)
+    with torch.inference_mode():
+        teacher, weight = torch.tensor(t), torch.tensor(w)
+    student = torch.tensor(p, requires_grad=True)
+    loss = kldiv.KLDivergence(reduction="sum")(teacher, student, sample_weight=weight)
+    loss.backward()
+    np.testing.assert_allclose(float(loss.detach()), float(np.sum(oracle(t, p) * w)), rtol=1e-12)
+    assert student.grad is not None
+    np.testing.assert_allclose(student.grad.numpy(), -t / p * w[:, None], rtol=1e-12)
+    student.grad = None
+    kldiv.kld(teacher, student).sum().backward()
+    np.testing.assert_allclose(student.grad.numpy(), -t / p, rtol=1e-12)

@@ -73,6 +73,8 @@ def _read_variable(x: Any) -> Any:
     """A TensorFlow variable's value as a tensor (a read GradientTape watches); else ``x``.
 
     The shim's ``asarray`` reads variables and gives tensors back as they are."""
+    if type(x) is np.ndarray or _COMPILER.is_instance(x):  # the common cases: no shim's
+        return x
     shim = shim_namespace(x)
     return x if shim is None else shim.asarray(x)
 
@@ -108,12 +110,14 @@ def check_dense(x: object, what: str) -> None:
         raise TypeError(f"{what} is a sparse {hint}. kldiv works on dense arrays.")
 
 
-def as_pred_array(y_pred: Any) -> Any:
-    """y_pred as an array of its own library; Python values become NumPy (floats: float32)."""
-    check_dense(y_pred, "y_pred")
+def as_pred_array(y_pred: Any, what: str = "y_pred") -> Any:
+    """y_pred as an array of its own library; Python values become NumPy (floats: float32).
+
+    ``what``: the argument's name in messages (``"logprob"`` for the estimators)."""
+    check_dense(y_pred, what)
     if is_array(y_pred):
         return _native_byte_order(_read_variable(y_pred))
-    arr = _from_python(y_pred, "y_pred")
+    arr = _from_python(y_pred, what)
     if arr.dtype == np.float64 and _python_values(y_pred):
         # Python floats are Keras floatx (float32) values, as in the seed examples. Objects
         # that carry a dtype of their own keep it: NumPy scalars and np.matrix (which
@@ -131,20 +135,20 @@ def _python_values(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, np.generic)
 
 
-def _check_castable(x_dtype: Any, target: Any, what: str) -> None:
-    kind = dtype_kind(x_dtype)
+def _check_castable(x_dtype: Any, target: Any, what: str, like: str, tracing: bool) -> None:
+    kind = dtype_kind(x_dtype, tracing=tracing)
     if kind in {"float", "int", "bool"}:
         return
     if kind == "complex":
         raise TypeError(
-            f"{what} has complex dtype {x_dtype}, which cannot be cast to y_pred's real dtype "
+            f"{what} has complex dtype {x_dtype}, which cannot be cast to {like}'s real dtype "
             f"{target} without losing the imaginary part."
         )
-    raise TypeError(f"{what} has dtype {x_dtype}, which cannot be cast to y_pred's dtype {target}.")
+    raise TypeError(f"{what} has dtype {x_dtype}, which cannot be cast to {like}'s dtype {target}.")
 
 
 def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str,
-                 peer: Any = None) -> Any:
+                 like: str = "y_pred", peer: Any = None, tracing: bool | None = None) -> Any:
     """Convert ``x`` (any library, list or scalar) to namespace ``xp`` on ``device`` as ``dtype``.
 
     Arrays of the same library only move when they sit on another device; arrays of another
@@ -154,15 +158,22 @@ def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str,
     ``GradientTape``), so memory imported into them from a mutable library (torch, CuPy) is
     copied.
 
+    ``what`` names ``x`` in messages, ``like`` the argument (or result) whose library and
+    dtype it is converted to: ``"y_pred"``, ``"logprob"``, ``"the loss"``.
+
     ``peer`` is an array whose gradient autograd may compute from the result later (the loss
-    that a ``sample_weight`` multiplies): see :func:`call_time_values`.
+    that a ``sample_weight`` multiplies): see :func:`call_time_values`. ``tracing``:
+    :func:`~kldiv._namespace.torch_compiling`'s answer where the caller has it (asked here,
+    once for the whole conversion, when ``None``; each check costs about 0.1 us).
     """
-    if torch_compiling() and not _COMPILER.is_instance(x) and library(xp) is _COMPILER:
+    if tracing is None:
+        tracing = torch_compiling()
+    if tracing and not _COMPILER.is_instance(x) and library(xp, tracing=True) is _COMPILER:
         # dynamo traces NumPy (and Python lists through np.asarray) as torch, but cannot read
         # an ndarray's dtype: go straight to a tensor
         return _COMPILER.loaded().as_tensor(x, dtype=dtype, device=device)  # type: ignore[union-attr]
-    out = _to_namespace(x, xp, device, dtype, what)
-    return out if peer is None else call_time_values(out, peer)
+    out = _to_namespace(x, xp, device, dtype, what, like, tracing)
+    return out if peer is None else _call_time_values(out, peer, tracing)
 
 
 def call_time_values(x: Any, peer: Any) -> Any:
@@ -179,23 +190,29 @@ def call_time_values(x: Any, peer: Any) -> Any:
     (``kldiv.backends.torch_._private``). Not applied while ``torch.compile`` traces: the
     compiled backward reads its graph inputs when it runs, a copy inside the graph or not.
     """
+    return _call_time_values(x, peer, None)
+
+
+def _call_time_values(x: Any, peer: Any, tracing: bool | None) -> Any:
     for lib in GRAPHED:  # the adapter's rule (torch's), never loaded while dynamo traces
-        if lib.is_instance(x) and lib.is_instance(peer) and not torch_compiling():
+        if lib.is_instance(x) and lib.is_instance(peer) and not (
+                torch_compiling() if tracing is None else tracing):
             return lib.load_adapter().call_time_values(x, peer)
     return x
 
 
-def _to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, what: str) -> Any:
+def _to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, what: str, like: str,
+                  tracing: bool) -> Any:
     check_dense(x, what)
     if not is_array(x):
         arr = _from_python(x, what)
-        _check_castable(arr.dtype, dtype, what)
+        _check_castable(arr.dtype, dtype, what, like, tracing)
         return _asarray(xp, arr, device, dtype)
 
-    _check_castable(x.dtype, dtype, what)
+    _check_castable(x.dtype, dtype, what, like, tracing)
     x = _native_byte_order(_read_variable(x))
     try:
-        src_xp: ModuleType | None = array_namespace(x)
+        src_xp: ModuleType | None = array_namespace(x, tracing=tracing)
     except TypeError:
         src_xp = None
     if src_xp is xp:
@@ -219,7 +236,7 @@ def _to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, what: str) ->
     except (TypeError, ValueError, RuntimeError, AttributeError, BufferError) as exc:
         src = namespace_name(src_xp) if src_xp is not None else type(x).__name__
         raise TypeError(
-            f"{what} ({src} array of dtype {x.dtype}) could not be converted to y_pred's "
+            f"{what} ({src} array of dtype {x.dtype}) could not be converted to {like}'s "
             f"library {namespace_name(xp)} as {dtype} on device {device}: {exc}"
         ) from None
     return x

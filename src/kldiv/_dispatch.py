@@ -36,7 +36,7 @@ from ._spaces import Prepared, parse_inputs, shape_str, to_log_space, validate_t
 from ._switch import fast_path, fast_path_modules, generic_forced, library_op, use_generic
 
 __all__ = ["Call", "compute", "fast_path", "fast_path_modules", "generic_forced", "library_op",
-           "resolve", "use_generic"]
+           "resolve", "resolve_traced", "use_generic"]
 
 
 # ------------------------------------------------------------------------------ options
@@ -87,12 +87,17 @@ def resolve(divergence: Divergence | str, *, inputs: Any = "probs", temperature:
     remembered (a few hundred combinations at most), so that a loss class called once per
     step does not check them again each time.
     """
-    div = _divergence.get(divergence)
+    return resolve_traced(_divergence.get(divergence), inputs, temperature, params, torch_compiling())
+
+
+def resolve_traced(div: Divergence, inputs: Any, temperature: Any, params: dict[str, Any],
+                   compiling: bool) -> Call:
+    """:func:`resolve`, with ``compiling`` (:func:`torch_compiling`) asked by the caller."""
     # Neither read nor written while dynamo traces: a graph that read the cache is guarded on
     # its length (every eager call with new options afterwards would recompile it), options
     # may be symbolic floats there (``dynamic=True`` traces float defaults so), and a mutated
     # global dict breaks the graph. The checks below fold to constants in the trace.
-    key = None if torch_compiling() else _options_key(div, inputs, temperature, params)
+    key = None if compiling else _options_key(div, inputs, temperature, params)
     call = _RESOLVED.get(key) if key is not None else None
     if call is None:
         spaces = parse_inputs(inputs)
@@ -130,21 +135,25 @@ def _check_class_axes(call: Call, prep: Prepared) -> None:
             )
 
 
-def compute(call: Call, prep: Prepared, *, cast: bool = True) -> Any:
+def compute(call: Call, prep: Prepared, *, cast: bool = True, compiling: bool | None = None) -> Any:
     """The per-row divergence of prepared inputs (see the module docstring).
 
     With ``cast=False`` the result stays in the compute dtype (float32 for float16/bfloat16
-    inputs), for a reduction that must not overflow before the final cast.
+    inputs), for a reduction that must not overflow before the final cast. ``compiling``:
+    :func:`torch_compiling`'s answer where the caller has it (asked here when ``None``).
     """
     if call.swap:
         prep = prep._replace(y_true=prep.y_pred, y_pred=prep.y_true)
     elif "logits" in call.spaces:
         _check_class_axes(call, prep)
-    scope = library(prep.xp).device_scope(prep.device)
+    if compiling is None:  # asked once per call (~0.1 us each time)
+        compiling = torch_compiling()
+    lib = library(prep.xp, tracing=compiling)
+    scope = lib.device_scope(prep.device)
     if scope is None:
-        return _compute(call, prep, cast)
+        return _compute(call, prep, cast, lib, compiling)
     with scope:
-        return _compute(call, prep, cast)
+        return _compute(call, prep, cast, lib, compiling)
 
 
 # NumPy would warn about the 0 * inf and -inf - (-inf) that the log-space kernels compute on
@@ -163,11 +172,9 @@ def _kernel_namespace(lib: Library, xp: ModuleType, compiling: bool) -> ModuleTy
     return xp
 
 
-def _compute(call: Call, prep: Prepared, cast: bool) -> Any:
+def _compute(call: Call, prep: Prepared, cast: bool, lib: Library, compiling: bool) -> Any:
     xp = prep.xp
     div = call.divergence
-    lib = library(xp)
-    compiling = torch_compiling()
     fast = None if compiling else fast_path(lib.name, div.op)
     loss = NotImplemented
     if fast is not None:

@@ -16,11 +16,11 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from ._dispatch import Call, compute, resolve
+from ._dispatch import Call, compute, resolve, resolve_traced
 from ._divergence import Divergence
 from ._keras import KerasAwareLoss, kldiv_class
 from ._libraries import library
-from ._namespace import device_scope, dtype_name, namespace_name, numpy_result, torch_compiling
+from ._namespace import dtype_name, namespace_name, numpy_result, torch_compiling
 from ._reduction import reduce_loss, validate_reduction
 from ._spaces import prepare
 
@@ -114,11 +114,13 @@ class LossBase(KerasAwareLoss):
         """Validate and set ``dtype`` (messages name this class)."""
         self.dtype = validate_dtype(dtype, owner=type(self).__name__)
 
-    def _reduced(self, xp: Any, device: Any, out_dtype: Any, reduce: Callable[[], Any]) -> Any:
+    def _reduced(self, xp: Any, device: Any, out_dtype: Any, reduce: Callable[[], Any],
+                 tracing: bool | None = None) -> Any:
         """``reduce()`` (the weighted, reduced loss in the compute dtype: float32 for half
         precision, as a sum of many float16 losses overflows) run on the inputs' ``device``,
-        then cast once to ``self.dtype`` (by default ``out_dtype``, the inputs')."""
-        scope = device_scope(xp, device)
+        then cast once to ``self.dtype`` (by default ``out_dtype``, the inputs').
+        ``tracing``: :func:`torch_compiling`'s answer where the caller has it."""
+        scope = library(xp, tracing=tracing).device_scope(device)
         if scope is None:
             out = reduce()
         else:
@@ -256,7 +258,7 @@ class DivergenceLoss(LossBase):
             setattr(self, key, value)
         self._set_dtype(dtype)
 
-    def _resolved(self) -> Call:
+    def _resolved(self, compiling: bool | None = None) -> Call:
         """The member with this loss' options (validated again: attributes may be set).
 
         While ``torch.compile`` traces, the options last validated eagerly are used as they
@@ -264,11 +266,12 @@ class DivergenceLoss(LossBase):
         and checks such as ``math.isfinite`` on them cannot be traced.
         """
         cached: Call | None = self.__dict__.get("_call")  # absent in pickles of older versions
-        if cached is not None and torch_compiling():
+        if compiling is None:
+            compiling = torch_compiling()
+        if cached is not None and compiling:
             return cached
         params = {key: getattr(self, key) for key in self.divergence.params}
-        self._call = resolve(self.divergence, inputs=self.inputs,
-                             temperature=self.temperature, **params)
+        self._call = resolve_traced(self.divergence, self.inputs, self.temperature, params, compiling)
         return self._call
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
@@ -280,14 +283,15 @@ class DivergenceLoss(LossBase):
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         """Weighted, reduced loss. ``sample_weight`` follows Keras 2's rank rules; a mask
         (``labels != -100``, bool or 0/1) is a sample weight."""
-        call = self._resolved()
+        compiling = torch_compiling()  # asked once here (each check costs about 0.1 us)
+        call = self._resolved(compiling)
         prep = prepare(y_true, y_pred, squeeze=True)
 
         def reduce() -> Any:
-            per_sample = compute(call, prep, cast=False)
+            per_sample = compute(call, prep, cast=False, compiling=compiling)
             return reduce_loss(prep.xp, per_sample, sample_weight, reduction=self.reduction)
 
-        return self._reduced(prep.xp, prep.device, prep.out_dtype, reduce)
+        return self._reduced(prep.xp, prep.device, prep.out_dtype, reduce, compiling)
 
     def _options(self) -> dict[str, Any]:
         """The member's options as config entries: its parameters always, ``inputs`` and

@@ -71,10 +71,15 @@ def _torch_namespace() -> ModuleType:
     return _compat.compat_torch()
 
 
-def array_namespace(x: Any) -> ModuleType:
-    """The array-API namespace of ``x`` (compat-wrapped; or a kldiv shim, e.g. TensorFlow)."""
+def array_namespace(x: Any, *, tracing: bool | None = None) -> ModuleType:
+    """The array-API namespace of ``x`` (compat-wrapped; or a kldiv shim, e.g. TensorFlow).
+
+    ``tracing``: :func:`torch_compiling`'s answer where the caller has it already (each
+    check costs about 0.1 us: it is asked once per call where it can be)."""
+    if tracing is None:
+        tracing = torch_compiling()
     tp = type(x)
-    xp = _NAMESPACE_CACHE.get(tp) if not torch_compiling() else None  # (see _remember)
+    xp = _NAMESPACE_CACHE.get(tp) if not tracing else None  # (see _remember)
     if xp is None:
         if _is_torch(x):
             xp = _torch_namespace()
@@ -82,13 +87,9 @@ def array_namespace(x: Any) -> ModuleType:
             xp = shim_namespace(x)
             if xp is None:
                 xp = _compat.array_namespace(x)
-        _remember_namespace(tp, xp)
+        if not tracing:
+            _NAMESPACE_CACHE[tp] = xp
     return xp
-
-
-def _remember_namespace(tp: type, xp: ModuleType) -> None:
-    if not torch_compiling():
-        _NAMESPACE_CACHE[tp] = xp
 
 
 def is_array(x: object) -> bool:
@@ -124,7 +125,7 @@ def is_dask(x: object) -> bool:
     :func:`_is_torch`). A tensor first: under ``torch.compile`` every input is one, and
     looking up a library that is not loaded guards the graph on ``len(sys.modules)`` (any
     later import would recompile it)."""
-    return not _is_torch(x) and _LAZY.is_instance(x)
+    return type(x) is not np.ndarray and not _is_torch(x) and _LAZY.is_instance(x)
 
 
 def namespace_name(xp: ModuleType) -> str:
@@ -176,23 +177,16 @@ _KIND_CACHE: dict[type, dict[Any, str]] = {}
 libraries' dtype objects, e.g. TensorFlow's C-level ``DType.__hash__``, a graph break.)"""
 
 
-def _remember(cache: dict[type, dict[Any, Any]], tp: type, key: Any, value: Any) -> None:
-    """``cache[tp][key] = value``, except while ``torch.compile`` traces: a cache written
-    during tracing is a side effect dynamo replays by rebuilding the whole dict, hashing
-    every key in it, other libraries' dtypes included (TensorFlow's C ``DType.__hash__`` is
-    a graph break)."""
-    if torch_compiling():
-        return
-    with contextlib.suppress(TypeError):  # unhashable dtype object: no caching
-        cache.setdefault(tp, {})[key] = value
-
-
-def _cached(cache: dict[type, dict[Any, Any]], dtype: Any, compute: Callable[[Any], Any]) -> Any:
-    """``compute(dtype)``, remembered in ``cache`` (one dict per dtype type, see
-    :func:`_remember`). Not read while ``torch.compile`` traces either: dynamo would guard
-    the graph on the cache's contents, and recompile it whenever an eager call adds a dtype
-    (:func:`kldiv._libraries.compiling`); the answer folds to a constant in the trace."""
-    if torch_compiling():
+def _cached(cache: dict[type, dict[Any, Any]], dtype: Any, compute: Callable[[Any], Any],
+            tracing: bool | None) -> Any:
+    """``compute(dtype)``, remembered in ``cache`` (one dict per dtype type), except while
+    ``torch.compile`` traces (``tracing``: :func:`torch_compiling`'s answer, asked here when
+    ``None``). Then the cache is neither read (dynamo would guard the graph on its contents,
+    and recompile it whenever an eager call adds a dtype: :func:`kldiv._libraries.compiling`;
+    the answer folds to a constant in the trace) nor written (a side effect dynamo replays by
+    rebuilding the whole dict, hashing every key in it, other libraries' dtypes included:
+    TensorFlow's C ``DType.__hash__`` is a graph break)."""
+    if torch_compiling() if tracing is None else tracing:
         return compute(dtype)
     per_type = cache.get(type(dtype))
     try:
@@ -200,13 +194,16 @@ def _cached(cache: dict[type, dict[Any, Any]], dtype: Any, compute: Callable[[An
     except (KeyError, TypeError):  # not seen yet (or no dict for its type), or unhashable
         pass
     value = compute(dtype)
-    _remember(cache, type(dtype), dtype, value)
+    with contextlib.suppress(TypeError):  # unhashable dtype object: no caching
+        cache.setdefault(type(dtype), {})[dtype] = value
     return value
 
 
-def dtype_kind(dtype: Any) -> str:
-    """Classify a dtype of any library: 'float', 'int', 'bool', 'complex' or 'other'."""
-    kind: str = _cached(_KIND_CACHE, dtype, _dtype_kind)
+def dtype_kind(dtype: Any, *, tracing: bool | None = None) -> str:
+    """Classify a dtype of any library: 'float', 'int', 'bool', 'complex' or 'other'.
+
+    ``tracing``: see :func:`array_namespace`."""
+    kind: str = _cached(_KIND_CACHE, dtype, _dtype_kind, tracing)
     return kind
 
 
@@ -254,10 +251,10 @@ def _dtype_kind(dtype: Any) -> str:
     return {"f": "float", "i": "int", "u": "int", "b": "bool", "c": "complex"}.get(kind, "other")
 
 
-def is_low_precision(dtype: Any) -> bool:
+def is_low_precision(dtype: Any, *, tracing: bool | None = None) -> bool:
     """float16, bfloat16 and the float8/float6/float4 formats (of any library): computed in
-    float32 by kldiv and returned in the input dtype."""
-    low: bool = _cached(_LOW_CACHE, dtype, _is_low_precision)
+    float32 by kldiv and returned in the input dtype. ``tracing``: see :func:`array_namespace`."""
+    low: bool = _cached(_LOW_CACHE, dtype, _is_low_precision, tracing)
     return low
 
 

@@ -95,7 +95,7 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[
     (:func:`kldiv._convert.call_time_values`).
     """
     w = to_namespace(sample_weight, xp, get_device(loss), loss.dtype, what="sample_weight",
-                     peer=loss)
+                     like="the loss", peer=loss)
     given = tuple(w.shape)  # for messages: the shape the caller passed, before the rank rules
     r = loss.ndim
     # indexing, not reshape/expand_dims: those need every size, which a lazy Dask array with

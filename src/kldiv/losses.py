@@ -1,5 +1,6 @@
 """Keras-style losses: the functional aliases and the divergence loss classes
-:class:`KLDivergence`, :class:`ReverseKLDivergence` and :class:`JensenShannonDivergence`.
+:class:`KLDivergence`, :class:`ReverseKLDivergence` and :class:`JensenShannonDivergence`;
+the sampled-token estimates :func:`kl_estimate` and their loss class :class:`KLEstimator`.
 
 The machinery they share (reductions, config, pickling, Keras interop) is
 ``kldiv._loss_base.DivergenceLoss``; this module holds the members' classes and their
@@ -11,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from ._divergence import JS, KL, REVERSE_KL
+from ._estimator_loss import KLEstimator
+from ._estimators import kl_estimate
 from ._family import jensen_shannon_divergence, js_divergence, reverse_kl_divergence
 from ._functional import KLD, kl_divergence, kld, kullback_leibler_divergence
 from ._keras import keras_aware_class  # noqa: F401  (a public name of this module before)
@@ -23,11 +26,13 @@ __all__ = [
     "KLD",
     "JensenShannonDivergence",
     "KLDivergence",
+    "KLEstimator",
     "Reduction",
     "ReverseKLDivergence",
     "jensen_shannon_divergence",
     "js_divergence",
     "kl_divergence",
+    "kl_estimate",
     "kld",
     "kullback_leibler_divergence",
     "reverse_kl_divergence",

@@ -190,10 +190,13 @@ def compiling() -> bool:
 record.tracing = compiling
 
 
-def find(xp: ModuleType) -> Library | None:
-    """The table's record for namespace ``xp`` (compat-wrapped, shim or the module itself)."""
-    if compiling():  # the cache is neither read nor written in a traced graph (see compiling)
-        return _lookup(xp)
+def find(xp: ModuleType, *, tracing: bool | None = None) -> Library | None:
+    """The table's record for namespace ``xp`` (compat-wrapped, shim or the module itself).
+
+    ``tracing``: :func:`compiling`'s answer where the caller has it already (asked once per
+    call, not once per lookup)."""
+    if compiling() if tracing is None else tracing:  # the cache is neither read nor written
+        return _lookup(xp)  # in a traced graph (see compiling)
     try:
         return _BY_ID[id(xp)]
     except KeyError:
@@ -211,10 +214,11 @@ def _lookup(xp: ModuleType) -> Library:
     return lib
 
 
-def library(xp_or_name: ModuleType | str) -> Library:
+def library(xp_or_name: ModuleType | str, *, tracing: bool | None = None) -> Library:
     """The :class:`Library` named ``xp_or_name``, or of namespace ``xp_or_name``.
 
     A namespace the table does not list gets a record with no fast path and no flags.
+    ``tracing``: see :func:`find`.
 
     Raises
     ------
@@ -223,7 +227,7 @@ def library(xp_or_name: ModuleType | str) -> Library:
     """
     if isinstance(xp_or_name, str):
         return _BY_NAME[backend_name(xp_or_name)]
-    lib = find(xp_or_name)
+    lib = find(xp_or_name, tracing=tracing)
     assert lib is not None
     return lib
 

@@ -163,9 +163,11 @@ class Library:
 
     def is_array(self, x: object) -> bool:
         """``x`` is one of :attr:`array_types` (looked up only where the library is loaded)."""
+        if not self.array_types or (self.compiled_namespace is None and tracing()):
+            return False  # (asked once, not once per type: it costs ~0.1 us a call)
         for path in self.array_types:
             module, _, attr = path.partition(":")
-            mod = self._module(module)
+            mod = sys.modules.get(module)
             if mod is not None and isinstance(x, getattr(mod, attr)):
                 return True
         return False

@@ -44,6 +44,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from .._kernel import kl_divergence_generic
+from .._libraries import library
 
 __all__ = ["MIN_ELEMENTS", "float_tensors", "fused", "keras_kl"]
 
@@ -52,6 +53,7 @@ MIN_ELEMENTS = 4096
 """Smaller inputs take the native route: the formula's few small kernels are then cheaper."""
 
 _FLOATS = (torch.float32, torch.float64)
+_TORCH = library("torch")  # torch's record in the libraries table (looked up once)
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _triton: ModuleType | bool | None = False  # False: not tried yet; None: not available
 
@@ -121,9 +123,11 @@ def _private(x: torch.Tensor) -> torch.Tensor:
     torch did not allocate (NumPy arrays converted without a copy, ``torch.from_numpy``,
     DLPack capsules, ``torch.frombuffer``: the storages torch cannot resize) can be rewritten
     by its owner without torch knowing, so the values at call time are kept in a copy
-    (``clone`` is differentiable: the gradient still reaches ``x``).
+    (``clone`` is differentiable: the gradient still reaches ``x``). An inference tensor
+    (made under ``torch.inference_mode()``: a teacher's output) cannot be saved for backward
+    at all; its clone, made here outside inference mode, can.
     """
-    return x if x.untyped_storage().resizable() else x.clone()
+    return x if x.untyped_storage().resizable() and not x.is_inference() else x.clone()
 
 
 def _as_rows(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -338,6 +342,6 @@ def keras_kl(y_true: Any, y_pred: Any) -> Any:
         # Small inputs, or no fused kernel for this device: the generic kernel with torch's
         # own functions as the namespace (array-api-compat's wrappers cost more than the
         # few small kernels); torch.clamp's gradient is the generic one.
-        return kl_divergence_generic(torch, y_true, y_pred)
+        return kl_divergence_generic(torch, y_true, y_pred, lib=_TORCH)
     out = fused(y_true, y_pred, route)
     return NotImplemented if out is None else out

@@ -41,14 +41,16 @@ def host_numpy(x: torch.Tensor) -> np.ndarray:
 
 def call_time_values(x: torch.Tensor, peer: torch.Tensor) -> torch.Tensor:
     """``x``, or a copy in memory torch owns where autograd may save it for ``peer``'s backward
-    pass and its memory is not torch's own (see :func:`kldiv._convert.call_time_values`)."""
+    pass and its memory is not torch's own (see :func:`kldiv._convert.call_time_values`), or
+    it is an inference tensor (made under ``torch.inference_mode()``), which autograd cannot
+    save at all: its clone, made outside inference mode, it can."""
     if not peer.requires_grad or not torch.is_grad_enabled():
         return x
     try:
         own = x.layout != torch.strided or x.untyped_storage().resizable()
     except (RuntimeError, NotImplementedError):  # no storage to ask (functorch wrappers)
         return x
-    return x if own else x.clone()
+    return x if own and not x.is_inference() else x.clone()
 
 
 def free_memory(device: Any) -> int | None:
