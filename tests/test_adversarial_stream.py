@@ -427,3 +427,44 @@ def test_metric_dtype_python_float_is_float32_as_in_keras() -> None:
     m.update_state(YT, YP)
     assert m.result().dtype == np.float32
     assert KLDivergence.from_config(m.get_config()).get_config() == m.get_config()
+
+
+def test_compensated_sum_of_an_infinity_stays_infinite(backend: ArrayBackend) -> None:
+    """Where there is no float64 (JAX without x64, MPS, array-API devices) the running sums
+    are float32 with Neumaier compensation, whose error term of an infinite sum is inf - inf:
+    a total that overflowed, or a batch with an infinite weight, became NaN there while the
+    float64 state (and the loss class) gave inf."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's overflow warning: the data's
+        warnings.filterwarnings("error", "invalid value", RuntimeWarning)  # inf - inf: kldiv's
+        s = kldiv.metrics.RunningSum(backend.asarray(np.float32(1.0)), True)
+        s.add(backend.asarray(np.float32(np.inf)))
+        s.add(backend.asarray(np.float32(2.0)))
+        assert _float(s.total()) == np.inf
+        big = kldiv.metrics.RunningSum(backend.asarray(np.float32(3e38)), True)
+        big.add(backend.asarray(np.float32(3e38)))  # overflows to inf
+        assert _float(big.total()) == np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        big.add(-big.total())  # inf - inf is NaN, as in float64
+        assert np.isnan(_float(big.total()))
+    fin = kldiv.metrics.RunningSum(backend.asarray(np.float32(1.0)), True)
+    for _ in range(3):
+        fin.add(backend.asarray(np.float32(1e-8)))
+    if fin.parts is None:  # (Dask sums its lazy parts as a tree instead)
+        assert backend.to_numpy(fin.comp).dtype == np.float32 and _float(fin.comp) != 0  # still compensates
+
+
+def test_streamed_sum_with_an_infinite_weight_on_a_device_without_float64() -> None:
+    xps = pytest.importorskip("array_api_strict")
+    try:
+        dev = xps.Device("no_float64")
+    except Exception:
+        pytest.skip("this array-api-strict has no device without float64")
+    t, p = xps.asarray(YT, device=dev), xps.asarray(YP, device=dev)
+    w = xps.asarray(np.array([np.inf, 1.0], np.float32), device=dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = kldiv.evaluate_batches([t, t], [p, p], [None, w], reduction="sum")
+        whole = kldiv.KLDivergence(reduction="sum")(t, p, sample_weight=w)
+    assert float(got) == float(whole) == np.inf

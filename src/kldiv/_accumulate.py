@@ -78,8 +78,13 @@ class RunningSum:
             xp = array_namespace(s)
             if not hasattr(x, "shape"):
                 x = xp.zeros_like(s) + x
-            # Neumaier: the part of the smaller addend that t could not hold.
-            err = xp.where(xp.abs(s) >= xp.abs(x), (s - t) + x, (x - t) + s)
+            # Neumaier: the part of the smaller addend that t could not hold. An infinite (or
+            # NaN) t holds everything there is: no error term, which would be inf - inf = NaN
+            # (computed on zeros there, so that no invalid-value warning is raised either).
+            finite = xp.isfinite(t)
+            zero = xp.zeros_like(t)
+            s0, x0, t0 = (xp.where(finite, v, zero) for v in (s, x, t))
+            err = xp.where(xp.abs(s0) >= xp.abs(x0), (s0 - t0) + x0, (x0 - t0) + s0)
             self.comp = self.comp + err
         self.value = t
 
