@@ -398,3 +398,79 @@ def test_metric_keeps_no_graph_from_weights_that_require_grad() -> None:
     m2 = np.array([[2.0], [0.5]]) * np.ones((2, 3))
     want = ((d * m1).sum() + (d * m2).sum() + 3 * d.sum()) / (m1.sum() + m2.sum() + 18)
     assert float(metric.result()) == pytest.approx(want, rel=1e-14)
+
+
+def _weight_grad(b: ArrayBackend, lp: np.ndarray, w: np.ndarray, loss: Any) -> tuple[float, np.ndarray]:
+    """``(loss(lp, 0, sample_weight=w), d loss / d w)`` on a differentiable backend, float64."""
+    if b.name.startswith("torch"):
+        torch = b.module
+        a = torch.tensor(lp, device=b.device, dtype=torch.float64)
+        wt = torch.tensor(w, device=b.device, dtype=torch.float64, requires_grad=True)
+        out = loss(a, torch.zeros_like(a), sample_weight=wt)
+        out.backward()
+        return float(out), wt.grad.cpu().numpy()
+    import jax
+
+    jnp = b.module
+    a = b.asarray(lp, dtype="float64")
+
+    def f(wt: Any) -> Any:
+        return loss(a, jnp.zeros_like(a), sample_weight=wt)
+
+    wt = b.asarray(w, dtype="float64")
+    return float(f(wt)), np.asarray(jax.grad(f)(wt))
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("reduction", ["mean_with_sample_weight", "sum", "mean"])
+def test_gradient_with_respect_to_zero_weights(diff_backend: ArrayBackend, estimator: str, reduction: str) -> None:
+    # a masked token's log-ratio was replaced by 0 before anything was computed, so the
+    # derivative of the loss with respect to its weight (0) lost the token's estimate: with
+    # w = [1, 0, 1], d(mean_with_sample_weight)/dw_1 was -loss / sum(w) instead of
+    # (k_1 - loss) / sum(w). Where a token's estimate is finite it now counts; where it is not
+    # (an inf or NaN log-probability, k3 past its range) it stays left out, gradient 0
+    if "float64" not in diff_backend.float_dtypes:
+        pytest.skip(f"{diff_backend.name} has no float64")
+    lp = np.array([[-0.5, 0.7, -2.0, 0.3], [-0.1, -3.0, -np.inf, np.nan]])
+    w = np.array([[1.0, 0.0, 2.0, 0.0], [0.5, 0.0, 0.0, 0.0]])
+    k = np.array([[_exact(x, estimator) if np.isfinite(x) else 0.0 for x in row] for row in lp])
+    loss = kldiv.KLEstimator(estimator, reduction=reduction)
+    value, grad = _weight_grad(diff_backend, lp, w, loss)
+    total = (w * k).sum()
+    if reduction == "mean_with_sample_weight":
+        want_value, want_grad = total / w.sum(), (k - total / w.sum()) / w.sum()
+    elif reduction == "sum":
+        want_value, want_grad = total, k
+    else:
+        want_value, want_grad = total / k.size, k / k.size
+    assert value == pytest.approx(want_value, rel=1e-14)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-13, atol=1e-16)
+    # where the estimate does not fit the dtype (k3 at d = -1000), the masked token stays out
+    lp2 = np.array([[-0.5, -1000.0]])
+    value, grad = _weight_grad(diff_backend, lp2, np.array([[1.0, 0.0]]), kldiv.KLEstimator(estimator, reduction="sum"))
+    k0 = _exact(-0.5, estimator)
+    assert value == pytest.approx(k0, rel=1e-14)
+    want1 = 0.0 if estimator == "k3" else _exact(-1000.0, estimator)
+    np.testing.assert_allclose(grad, [[k0, want1]], rtol=1e-14)
+
+
+def test_equal_infinite_inputs_give_zero_without_a_warning(backend: ArrayBackend) -> None:
+    # documented: "Equal inputs give 0, also where both are -inf". NumPy's -inf - -inf was
+    # computed under errstate; array-api-strict warned "invalid value encountered in
+    # subtract" at the call and Dask at compute(): the difference is no longer taken there
+    lp = np.array([[-np.inf, -2.0, np.inf, -np.inf], [-1.0, -np.inf, 0.5, -3.0]], dtype=np.float32)
+    ref = np.array([[-np.inf, -2.5, np.inf, 0.0], [-1.0, -np.inf, 0.0, -3.0]], dtype=np.float32)
+    mask = np.array([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=np.float32)
+    d = np.array([[0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0]])
+    metric = MetricKLEstimator("k3", dtype="float64")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        per_token = backend.to_numpy(kldiv.kl_estimate(backend.asarray(lp), backend.asarray(ref), estimator="k1"))
+        mean = backend.to_numpy(kldiv.KLEstimator()(backend.asarray(lp), backend.asarray(ref),
+                                                    sample_weight=backend.asarray(mask)))
+        metric.update_state(backend.asarray(lp), backend.asarray(ref), sample_weight=backend.asarray(mask))
+        result = backend.to_numpy(metric.result())
+    np.testing.assert_array_equal(per_token, np.where(np.isinf(lp) & (lp != ref), -np.inf, d).astype(np.float32))
+    k3 = np.expm1(-d) + d
+    assert float(mean) == pytest.approx((k3 * mask).sum() / mask.sum(), rel=1e-6)
+    assert float(result) == pytest.approx((k3 * mask).sum() / mask.sum(), rel=1e-6)

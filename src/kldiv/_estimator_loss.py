@@ -51,8 +51,10 @@ class KLEstimator(LossBase):
     the per-token estimate as the loss: a scalar; the estimate's shape, or one more axis of
     size 1; one rank less (a ``(batch,)`` weight scales each sequence of a ``(batch, tokens)``
     estimate); or anything that broadcasts to it. A mask is a weight: ``sample_weight=mask``.
-    A token of weight 0 is left out rather than multiplied by 0, so that an ``inf`` or NaN
-    log-probability at a padded position reaches neither the loss nor its gradient.
+    A token of weight 0 whose estimate is not finite is left out rather than multiplied by 0,
+    so that an ``inf`` or NaN log-probability at a padded position reaches neither the loss
+    nor its gradient (a finite one is multiplied by 0: the derivative with respect to its
+    weight is then right).
 
     The argument order is the RL libraries' ``(logprob, ref_logprob)``, not Keras'
     ``(y_true, y_pred)``. With Keras loaded the instance is also a ``keras.losses.Loss``; but

@@ -20,7 +20,7 @@ import numpy as np
 from ._libraries import compiling, library
 
 __all__ = ["ESTIMATORS", "GRADIENTS", "EstimatorOptions", "Ops", "estimate_terms",
-           "estimator_options", "log_ratio", "ops_for"]
+           "estimator_options", "finite_terms", "log_ratio", "ops_for"]
 
 ESTIMATORS = ("k1", "k2", "k3")
 """The estimator names, exactly as :func:`kl_estimate` takes them."""
@@ -229,12 +229,15 @@ def log_ratio(ops: Ops, logprob: Any, ref_logprob: Any) -> Any:
     """``d = logprob - ref_logprob``, and 0 where both are the same infinity (``-inf``: a
     token neither model can produce, such as padding), where the difference is NaN.
 
-    ``where`` keeps that NaN out of the gradient too: the unused branch's derivatives are
-    the constants 1 and -1. (Finite equal inputs take the subtraction, whose gradient k1
-    needs: a policy initialised from the reference has ``d = 0`` everywhere.)
+    Both inputs are replaced by 0 there before the subtraction, which keeps that NaN out of
+    the values, the gradient and the libraries' warnings. (Finite equal inputs take the
+    subtraction, whose gradient k1 needs: a policy initialised from the reference has
+    ``d = 0`` everywhere.)
     """
     same_infinity = (logprob == ref_logprob) & ~ops.isfinite(logprob)
-    return ops.where(same_infinity, 0.0, logprob - ref_logprob)
+    # both replaced by 0 there before the subtraction, so that no library computes inf - inf
+    # (array-api-strict and Dask warned "invalid value encountered in subtract")
+    return ops.where(same_infinity, 0.0, logprob) - ops.where(same_infinity, 0.0, ref_logprob)
 
 
 def _clamp(ops: Ops, x: Any, bound: float) -> Any:
@@ -256,6 +259,19 @@ def _k3_finite(ops: Ops, xp: ModuleType, x: Any) -> Any:
     return ops.where(small, series, closed)
 
 
+def _in_range(ops: Ops, xp: ModuleType, x: Any, estimator: str) -> Any:
+    """Where the estimator at (clamped) log-ratios ``x`` is computed from its formula: ``x``
+    finite and, for k3 and k2, where neither the value nor its derivative overflows."""
+    ok = ops.isfinite(x)
+    if estimator == "k3":
+        ok = ok & (x >= -_limits(xp, x.dtype).log_max)
+    elif estimator == "k2":
+        top = _limits(xp, x.dtype).k2_max
+        if math.isfinite(top):
+            ok = ok & (x <= top) & (x >= -top)
+    return ok
+
+
 def _terms(ops: Ops, xp: ModuleType, x: Any, estimator: str) -> Any:
     """The estimator at (already clamped) log-ratios ``x``.
 
@@ -264,13 +280,7 @@ def _terms(ops: Ops, xp: ModuleType, x: Any, estimator: str) -> Any:
     evaluated at a safe 0 there and the limit is a constant, so no ``inf * 0`` reaches the
     gradient (also under a later value clamp or mask).
     """
-    ok = ops.isfinite(x)
-    if estimator == "k3":
-        ok = ok & (x >= -_limits(xp, x.dtype).log_max)
-    elif estimator == "k2":
-        top = _limits(xp, x.dtype).k2_max
-        if math.isfinite(top):
-            ok = ok & (x <= top) & (x >= -top)
+    ok = _in_range(ops, xp, x, estimator)
     safe = ops.where(ok, x, 0.0)
     if estimator == "k1":
         value = safe
@@ -299,6 +309,15 @@ def _straight_through(ops: Ops, value: Any, d: Any) -> Any:
     s = ops.where(ops.isfinite(d), d, 0.0)
     held = stop(s)
     return stop(value) + (s - held) * (0.5 * s + 0.5 * held)
+
+
+def finite_terms(xp: ModuleType, ops: Ops, d: Any, options: EstimatorOptions) -> Any:
+    """Where the estimate at log-ratios ``d`` and its derivative are finite: ``d`` is finite
+    (or clamped to a finite bound) and, for k3 and k2, inside the range of ``d``'s dtype
+    (see :func:`_terms`). A token of weight 0 keeps its log-ratio there, so that the
+    derivative with respect to its weight is its estimate; elsewhere it is left out."""
+    c = _bound_in(xp, d.dtype, options.log_ratio_clamp)
+    return _in_range(ops, xp, d if c is None else _clamp(ops, d, c), options.estimator)
 
 
 def estimate_terms(xp: ModuleType, ops: Ops, d: Any, options: EstimatorOptions) -> Any:

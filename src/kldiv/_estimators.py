@@ -31,6 +31,7 @@ from ._estimator_math import (
     EstimatorOptions,
     estimate_terms,
     estimator_options,
+    finite_terms,
     log_ratio,
     ops_for,
 )
@@ -133,9 +134,11 @@ def compute_estimate(inputs: Inputs, options: EstimatorOptions, sample_weight: A
     """Per-token estimates in the compute dtype (float32 for half precision), uncast, and the
     sample weights brought to their library, dtype and (Keras 2 rules) rank; ``None`` without.
 
-    A token whose weight is 0 is left out, not multiplied by 0: its log-ratio is replaced by
-    0 before anything is computed from it, so an ``inf`` or NaN there (padding) reaches
-    neither the estimate nor its gradient.
+    A token whose weight is 0 is left out, not multiplied by 0, where its estimate is not
+    finite: its log-ratio is replaced by 0 before anything is computed from it, so an ``inf``
+    or NaN there (padding) reaches neither the estimate nor its gradient. Where its estimate
+    is finite, it is kept (and multiplied by 0): the derivative with respect to its weight is
+    then the estimate, as for any other weight (replacing it lost that term).
     """
     xp = inputs.xp
     ops = ops_for(xp)
@@ -144,8 +147,12 @@ def compute_estimate(inputs: Inputs, options: EstimatorOptions, sample_weight: A
         d = log_ratio(ops, inputs.logprob, inputs.ref_logprob)
         weights = None
         if sample_weight is not None:
-            _, weights = apply_sample_weight(xp, d, sample_weight)
-            d = ops.where(weights != 0, d, 0.0)
+            # the weights only (Keras 2's rank rules against d's shape): apply_sample_weight
+            # also multiplies its first argument by them, and d * 0 at an infinite log-ratio
+            # (padding) is NaN, with a warning in array-api-strict
+            _, weights = apply_sample_weight(xp, xp.zeros_like(d), sample_weight)
+            keep = (weights != 0) | finite_terms(xp, ops, d, options)
+            d = ops.where(keep, d, 0.0)
         return estimate_terms(xp, ops, d, options), weights
 
 
