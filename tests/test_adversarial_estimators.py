@@ -474,3 +474,24 @@ def test_equal_infinite_inputs_give_zero_without_a_warning(backend: ArrayBackend
     k3 = np.expm1(-d) + d
     assert float(mean) == pytest.approx((k3 * mask).sum() / mask.sum(), rel=1e-6)
     assert float(result) == pytest.approx((k3 * mask).sum() / mask.sum(), rel=1e-6)
+
+
+def test_masked_arrays_are_a_type_error_naming_the_input() -> None:
+    # np.ma arrays lost their mask silently (NumPy's where drops it): kl_estimate returned a
+    # plain array whose masked tokens held estimates of the masked data, and the loss and the
+    # metric averaged them in. A mask is given as sample_weight (docs); fused_linear_divergence
+    # and evaluate_files refuse masked arrays the same way
+    lp = np.ma.array([-0.5, -40.0], mask=[False, True])
+    ref = np.ma.array([0.0, 0.0], mask=[False, True])
+    plain = np.array([-0.5, -40.0])
+    for args, name in (((lp, 0.0), "logprob"), ((plain, ref), "ref_logprob"), ((lp, ref), "logprob")):
+        with pytest.raises(TypeError, match=rf"^{name} is a masked array.*sample_weight"):
+            kldiv.kl_estimate(*args)
+        with pytest.raises(TypeError, match=rf"^{name} is a masked array"):
+            kldiv.KLEstimator()(*args)
+        with pytest.raises(TypeError, match=rf"^{name} is a masked array"):
+            MetricKLEstimator().update_state(*args)
+    # what the message advises: the data, and the mask as the weights
+    w = ~np.ma.getmaskarray(lp)
+    got = kldiv.KLEstimator()(np.ma.getdata(lp), 0.0, sample_weight=w)
+    assert float(got) == pytest.approx(math.exp(0.5) - 1.5, rel=1e-15)

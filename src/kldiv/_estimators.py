@@ -97,6 +97,13 @@ def prepare_estimate(logprob: Any, ref_logprob: Any) -> Inputs:
         raise TypeError("logprob and ref_logprob must be arrays, lists or numbers, not None.")
     check_dense(logprob, "logprob")
     check_dense(ref_logprob, "ref_logprob")
+    for x, what in ((logprob, "logprob"), (ref_logprob, "ref_logprob")):
+        if isinstance(x, np.ma.MaskedArray):  # NumPy's where would drop the mask silently
+            raise TypeError(
+                f"{what} is a masked array, whose mask the estimators would drop. Pass the data "
+                "(np.ma.getdata) and give the mask as the weights: "
+                "KLEstimator()(..., sample_weight=~np.ma.getmaskarray(x)), or fill it (x.filled(0.0))."
+            )
     if is_array(logprob):
         lp = as_pred_array(logprob)
     else:
@@ -215,7 +222,8 @@ def kl_estimate(
         For an unknown ``estimator`` or ``gradient``, a clamp that is not positive and finite,
         or shapes that do not broadcast.
     TypeError
-        For a clamp that is not a number, inputs that are not real numbers, or ``None``.
+        For a clamp that is not a number, inputs that are not real numbers, NumPy masked
+        arrays (give the mask as a ``sample_weight`` of :class:`kldiv.KLEstimator`), or ``None``.
 
     Notes
     -----
