@@ -495,3 +495,20 @@ def test_masked_arrays_are_a_type_error_naming_the_input() -> None:
     w = ~np.ma.getmaskarray(lp)
     got = kldiv.KLEstimator()(np.ma.getdata(lp), 0.0, sample_weight=w)
     assert float(got) == pytest.approx(math.exp(0.5) - 1.5, rel=1e-15)
+
+
+def test_option_names_are_stored_as_plain_strings() -> None:
+    # a str subclass (np.str_, from an array of names or a config file read with NumPy) was
+    # stored as given: get_config() and repr held np.str_('k1'), and a pickle needed NumPy
+    import json
+    import pickle
+
+    name = np.array(["k1"])[0]
+    loss = kldiv.KLEstimator(name, gradient=np.str_("k2"))
+    metric = MetricKLEstimator(name)
+    for cfg in (loss.get_config(), metric.get_config()):
+        assert type(cfg["estimator"]) is str
+        assert json.loads(json.dumps(cfg)) == cfg
+    assert type(loss.get_config()["gradient"]) is str
+    assert "np.str_" not in repr(loss) + repr(metric)
+    assert pickle.loads(pickle.dumps(loss)) == loss

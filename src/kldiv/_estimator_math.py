@@ -50,7 +50,7 @@ class EstimatorOptions(NamedTuple):
 
 def _validate_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
     if isinstance(value, str) and value in choices:
-        return value
+        return choices[choices.index(value)]  # the plain str, not a subclass (np.str_)
     raise ValueError(f"Invalid {what} {value!r}. Expected one of: " + ", ".join(repr(c) for c in choices) + ".")
 
 
