@@ -279,3 +279,23 @@ def test_inference_mode_targets_with_a_student_requiring_grad(rows: int) -> None
     student.grad = None
     kldiv.kld(teacher, student).sum().backward()
     np.testing.assert_allclose(student.grad.numpy(), -t / p, rtol=1e-12)
+
+
+def test_sample_weight_against_a_loss_of_unknown_dask_size_says_why() -> None:
+    """Dask arrays with chunks of unknown size (after boolean indexing) give a per-sample loss
+    of size NaN, which Dask combines only with a size of 1 or another unknown size. A weight
+    of known size was refused as not broadcasting to "(nan,)", which it does in NumPy's
+    terms; the message now says what to do. The working forms give the oracle's value."""
+    da = pytest.importorskip("dask.array")
+    rng = np.random.default_rng(7)
+    t, p, w = rng.uniform(0.1, 1, (6, 5)), rng.uniform(0.1, 1, (6, 5)), rng.uniform(0, 1, 6)
+    unknown = [x[x[:, 0] > -1] for x in (da.from_array(t, chunks=(2, 5)), da.from_array(p, chunks=(2, 5)))]
+    loss = kldiv.KLDivergence(reduction="sum")
+    with pytest.raises(ValueError, match=r"sample_weight of shape \(6,\).*unknown.*compute_chunk_sizes"):
+        loss(*unknown, sample_weight=w)
+    weight = da.from_array(w[:, None], chunks=(2, 1))
+    weight = weight[weight[:, 0] > -1]  # the inputs' unknown chunks
+    np.testing.assert_allclose(float(loss(*unknown, sample_weight=weight).compute()),
+                               np.sum(oracle(t, p) * w), rtol=1e-12)
+    np.testing.assert_allclose(float(loss(*unknown, sample_weight=[2.0]).compute()),
+                               2 * np.sum(oracle(t, p)), rtol=1e-12)

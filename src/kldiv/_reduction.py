@@ -115,6 +115,11 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[
         ruled = "" if tuple(w.shape) == given else (
             f" (given as {shape_str(given)}; Keras 2's rank rules made it "
             f"{shape_str(tuple(w.shape))})")
+        if any(d != d for d in loss_shape):  # NaN: a Dask array's unknown chunk sizes
+            ruled += (". The loss' size is unknown (Dask chunks of unknown size), and Dask "
+                      "combines it only with a size of 1 or another unknown size: call "
+                      "compute_chunk_sizes() on the inputs, or give sample_weight as a Dask "
+                      "array chunked like them")
         raise ValueError(
             f"sample_weight of shape {shape_str(tuple(w.shape))} does not broadcast to the "
             f"per-sample loss of shape {shape_str(loss_shape)}{ruled}."
