@@ -468,3 +468,27 @@ def test_streamed_sum_with_an_infinite_weight_on_a_device_without_float64() -> N
         got = kldiv.evaluate_batches([t, t], [p, p], [None, w], reduction="sum")
         whole = kldiv.KLDivergence(reduction="sum")(t, p, sample_weight=w)
     assert float(got) == float(whole) == np.inf
+
+
+def test_reduction_none_batches_of_two_half_dtypes_on_tensorflow() -> None:
+    """TensorFlow's concat does not promote: bfloat16 then float16 per-sample losses raised
+    TensorFlow's InvalidArgumentError in memory (out= wrote float32, as NumPy and torch
+    concatenate them)."""
+    tf = pytest.importorskip("tensorflow")
+    t = tf.constant(YT)
+    got = kldiv.evaluate_batches([t, t], [tf.constant(YP, tf.bfloat16), tf.constant(YP, tf.float16)],
+                                 reduction="none")
+    assert got.dtype == tf.float32 and tuple(got.shape) == (4,)
+    np.testing.assert_allclose(got.numpy(), np.tile(oracle(YT, YP), 2), rtol=1e-2, atol=1e-6)
+
+
+def test_reduction_none_batches_of_several_dtypes_concatenate_promoted(backend: ArrayBackend) -> None:
+    """The in-memory result has the dtype of the batches' concatenation on every backend."""
+    if "float64" not in backend.float_dtypes:
+        pytest.skip(f"{backend.name}: no float64")
+    t = backend.asarray(YT)
+    got = kldiv.evaluate_batches([t, t, t], [backend.asarray(YP), backend.asarray(YP, "float64"),
+                                             backend.asarray(YP)], reduction="none")
+    out = backend.to_numpy(got)
+    assert out.dtype == np.float64 and out.shape == (6,)
+    np.testing.assert_allclose(out, np.tile(oracle(YT, YP), 3), rtol=1e-6, atol=1e-9)

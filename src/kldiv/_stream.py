@@ -67,9 +67,14 @@ def _unreduced_result(x: Any) -> Any:
 def _concat(parts: list[Any]) -> Any:
     """Concatenate per-sample losses along the first axis, in their library and device."""
     xp = array_namespace(parts[0])  # a kldiv shim (TensorFlow's) has its concat too
+    # parts of several dtypes: cast to their promoted dtype first (TensorFlow's concat does
+    # not promote; the others do, to the same dtype)
+    dtype = parts[0].dtype
+    for part in parts[1:]:
+        dtype = _promoted(xp, dtype, part.dtype)
     scope = device_scope(xp, get_device(parts[0]))
     with scope if scope is not None else contextlib.nullcontext():
-        return xp.concat(parts, axis=0)
+        return xp.concat([p if p.dtype == dtype else xp.astype(p, dtype) for p in parts], axis=0)
 
 
 def _check_stacks(first: Any, loss: Any) -> None:
