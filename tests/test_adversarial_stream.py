@@ -492,3 +492,18 @@ def test_reduction_none_batches_of_several_dtypes_concatenate_promoted(backend: 
     out = backend.to_numpy(got)
     assert out.dtype == np.float64 and out.shape == (6,)
     np.testing.assert_allclose(out, np.tile(oracle(YT, YP), 3), rtol=1e-6, atol=1e-9)
+
+
+def test_repr_of_a_metric_whose_dtype_was_set_to_a_bad_value() -> None:
+    """repr() (and every message naming the metric) raised the dtype's ValueError once the
+    dtype attribute had been set to a bad value: a mixed-library update then reported the
+    dtype instead of the library."""
+    torch = pytest.importorskip("torch")
+    m = KLDivergence()
+    m.update_state(YT, YP)
+    m.dtype = "int32"
+    assert "dtype='int32'" in repr(m)
+    with pytest.raises(TypeError, match="holds numpy state but update_state gave torch"):
+        m.update_state(torch.tensor(YT), torch.tensor(YP))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        m.result()  # where the dtype is used, it is still refused

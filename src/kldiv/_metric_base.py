@@ -280,7 +280,11 @@ class RunningMean:
         return cls(**config)
 
     def _repr_items(self) -> str:
-        return ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
+        try:
+            config = self.get_config()
+        except (TypeError, ValueError):  # a dtype attribute set to a bad value: repr never raises
+            config = {"name": self.name, "dtype": self.dtype}
+        return ", ".join(f"{key}={value!r}" for key, value in config.items())
 
     def __repr__(self) -> str:
         where = "" if self._total is None else f", state on {self.library}:{self.device}"
