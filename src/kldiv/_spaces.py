@@ -319,7 +319,23 @@ def log_softmax(xp: ModuleType, x: Any, temperature: float = 1.0) -> Any:
 
 
 def to_log_space(xp: ModuleType, x: Any, space: str, temperature: float) -> Any:
-    """``x`` (in ``space``) as natural-log probabilities, in namespace ``xp``."""
+    """``x`` (in ``space``) as natural-log probabilities, in namespace ``xp``.
+
+    Raises
+    ------
+    TypeError
+        For a NumPy masked array: NumPy's reductions skip its masked entries while ``where``
+        drops the mask, so the divergence would be neither that of the data nor that of the
+        unmasked entries.
+    """
+    if isinstance(x, np.ma.MaskedArray):
+        fill = "0.0" if space == "probs" else "-np.inf"
+        raise TypeError(
+            f"y_true or y_pred is a NumPy masked array, whose mask the divergence family's "
+            f"kernels cannot honour. Fill the masked entries with a probability of 0 "
+            f"(x.filled({fill}) for {space!r} inputs), or pass the data (np.ma.getdata) and "
+            "give a mask of whole rows as sample_weight to a loss class."
+        )
     if space == "log_probs":
         return x
     if space == "logits":
