@@ -299,3 +299,19 @@ def test_sample_weight_against_a_loss_of_unknown_dask_size_says_why() -> None:
                                np.sum(oracle(t, p) * w), rtol=1e-12)
     np.testing.assert_allclose(float(loss(*unknown, sample_weight=[2.0]).compute()),
                                2 * np.sum(oracle(t, p)), rtol=1e-12)
+
+
+def test_traced_y_true_against_a_numpy_y_pred_says_how_to_compute_in_jax() -> None:
+    """A JAX tracer (``jax.jit``/``grad``/``vmap``) cannot become a NumPy array: the
+    ``TypeError`` names the argument, and now also what to do (the call runs in
+    ``y_pred``'s library)."""
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    p = np.array([[0.5, 0.5], [0.125, 0.875]], np.float32)
+    with pytest.raises(TypeError, match=r"(?s)^y_true \(jax array.*give y_pred as a jax array\)"):
+        jax.jit(lambda a: kldiv.kld(a, p))(jnp.asarray(p))
+    with pytest.raises(TypeError, match=r"(?s)^sample_weight \(jax array.*give the inputs as jax arrays\)"):
+        jax.grad(lambda w: kldiv.KLDivergence()(p, p, sample_weight=w))(jnp.ones(2))
+    # given as JAX arrays, the same calls trace and give the oracle's values
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda a: kldiv.kld(a, jnp.asarray(p)))(jnp.asarray(p))),
+                               oracle(p, p), atol=1e-7)

@@ -235,9 +235,13 @@ def _to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, what: str, li
             x = xp.astype(x, dtype)
     except (TypeError, ValueError, RuntimeError, AttributeError, BufferError) as exc:
         src = namespace_name(src_xp) if src_xp is not None else type(x).__name__
+        # e.g. a JAX tracer or a torch.func-wrapped tensor against a NumPy y_pred: the call
+        # runs in y_pred's library, which cannot hold a traced value
+        owner = f"the inputs as {src} arrays" if like.startswith("the ") else f"{like} as a {src} array"
         raise TypeError(
             f"{what} ({src} array of dtype {x.dtype}) could not be converted to {like}'s "
-            f"library {namespace_name(xp)} as {dtype} on device {device}: {exc}"
+            f"library {namespace_name(xp)} as {dtype} on device {device}: {exc} (kldiv "
+            f"computes in {like}'s library; to compute in {src}, give {owner})"
         ) from None
     return x
 
