@@ -107,20 +107,21 @@ class Ops(NamedTuple):
     quiet: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
 
 
+def _torch_ops(xp: ModuleType) -> tuple[Any, ...]:
+    # an import statement, which torch.compile traces, where the table's loader calls
+    # importlib, which it cannot: a compiled call before any eager one (fullgraph) broke
+    from .backends import torch_adapter
+
+    return tuple(torch_adapter.estimator_ops(xp))
+
+
 def ops_for(xp: ModuleType) -> Ops:
     """:class:`Ops` for namespace ``xp``: its adapter's ``estimator_ops`` (the libraries
     table), else the array API's functions with nothing to stop and no context."""
     lib = library(xp)
-    if lib.name == "torch":
-        # an import statement, which torch.compile traces, where the table's loader calls
-        # importlib, which it cannot: a compiled call before any eager one (fullgraph) broke
-        from .backends import torch_adapter
-
-        found = tuple(torch_adapter.estimator_ops(xp))
-    else:
-        found = lib.estimator_ops(xp)
-    # (no annotated assignment in the branches above: autograph, should it convert this
-    # function, cannot make an annotated name nonlocal and gives up with a warning)
+    # one expression, no annotated assignment in branches: autograph, should it convert this
+    # function, cannot make an annotated name nonlocal and gives up with a warning
+    found = _torch_ops(xp) if lib.name == "torch" else lib.estimator_ops(xp)
     if found is not None:
         return Ops(*found)
     return Ops(xp.where, xp.expm1, xp.isfinite, xp.isnan, None)
