@@ -507,3 +507,20 @@ def test_repr_of_a_metric_whose_dtype_was_set_to_a_bad_value() -> None:
         m.update_state(torch.tensor(YT), torch.tensor(YP))
     with pytest.raises(ValueError, match="dtype must be one of"):
         m.result()  # where the dtype is used, it is still refused
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch", "jax", "dask"])
+def test_cli_prints_a_float16_result_in_float16_digits(tmp_path: Path, library: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The same float16 result printed as '0.4583' on NumPy, JAX and Dask but in float32's
+    digits on torch ('0.45825195'): the printout went through a float32 host copy."""
+    pytest.importorskip({"numpy": "numpy", "torch": "torch", "jax": "jax", "dask": "dask.array"}[library])
+    np.save(tmp_path / "t.npy", YT.astype(np.float16))
+    np.save(tmp_path / "p.npy", YP.astype(np.float16))
+    expected = kldiv.KLDivergence(reduction="sum")(YT.astype(np.float16), YP.astype(np.float16))
+    assert expected.dtype == np.float16
+    status = _cli.compute_main([str(tmp_path / "t.npy"), str(tmp_path / "p.npy"), "--backend", library,
+                                "--reduction", "sum"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out.strip() == str(expected), (library, out)

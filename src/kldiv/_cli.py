@@ -98,8 +98,13 @@ def _weight(value: str | None) -> Any:
 
 def _format(value: Any) -> str:
     from ._convert import host_numpy
+    from ._namespace import dtype_name
 
     arr = np.asarray(host_numpy(value))
+    # a float16 result comes to the host as float32 from some libraries (torch): print it
+    # in its own digits, as NumPy, JAX and Dask print theirs
+    if dtype_name(getattr(value, "dtype", arr.dtype)) == "float16" and arr.dtype != np.float16:
+        arr = arr.astype(np.float16)
     if arr.ndim == 0:
         return str(arr[()])
     return np.array2string(arr, separator=", ", threshold=20)
