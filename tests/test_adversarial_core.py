@@ -315,3 +315,14 @@ def test_traced_y_true_against_a_numpy_y_pred_says_how_to_compute_in_jax() -> No
     # given as JAX arrays, the same calls trace and give the oracle's values
     np.testing.assert_allclose(np.asarray(jax.jit(lambda a: kldiv.kld(a, jnp.asarray(p)))(jnp.asarray(p))),
                                oracle(p, p), atol=1e-7)
+
+
+def test_result_dtype_message_names_the_losses_input() -> None:
+    """``dtype=`` a library lacks: the message named ``y_pred`` also for the estimator loss,
+    whose result has ``logprob``'s library."""
+    xps = pytest.importorskip("array_api_strict")
+    x = xps.asarray(np.log(np.full((2, 3), 0.5)))
+    with pytest.raises(ValueError, match=r"no float16 dtype; choose one logprob's library holds"):
+        kldiv.KLEstimator(dtype="float16")(x, x)
+    with pytest.raises(ValueError, match=r"no float16 dtype; choose one y_pred's library holds"):
+        kldiv.KLDivergence(dtype="float16")(xps.exp(x), xps.exp(x))

@@ -52,8 +52,9 @@ def validate_dtype(dtype: Any, *, owner: str = "KLDivergence") -> str | None:
     return name
 
 
-def result_dtype(xp: Any, name: str, *, owner: str = "KLDivergence") -> Any:
-    """The dtype called ``name`` in ``xp`` (NumPy's and Dask's bfloat16 from ml_dtypes)."""
+def result_dtype(xp: Any, name: str, *, owner: str = "KLDivergence", what: str = "y_pred") -> Any:
+    """The dtype called ``name`` in ``xp`` (NumPy's and Dask's bfloat16 from ml_dtypes);
+    ``what`` names the input whose library ``xp`` is, in messages."""
     dtype = getattr(xp, name, None)
     numpy_dtypes = library(xp).numpy_dtypes  # NumPy's and Dask's dtypes are NumPy's
     if dtype is None and name != "bfloat16" and numpy_dtypes:
@@ -70,7 +71,7 @@ def result_dtype(xp: Any, name: str, *, owner: str = "KLDivergence") -> Any:
     if dtype is None:
         raise ValueError(
             f"{owner}(dtype={name!r}): {namespace_name(xp)} has no {name} dtype; choose "
-            "one y_pred's library holds."
+            f"one {what}'s library holds."
         )
     return dtype
 
@@ -130,7 +131,7 @@ class LossBase(KerasAwareLoss):
         # checked again: the attribute may have been set after construction ("int32" would
         # truncate the loss silently)
         name = validate_dtype(self.dtype, owner=owner)
-        dtype = out_dtype if name is None else result_dtype(xp, name, owner=owner)
+        dtype = out_dtype if name is None else result_dtype(xp, name, owner=owner, what=self._INPUT)
         if out.dtype != dtype:
             try:
                 if isinstance(out, (np.ndarray, np.generic)):
