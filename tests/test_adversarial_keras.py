@@ -218,7 +218,6 @@ rp = np.log(rng.random(16)).astype("float32")
 est = kldiv.KLEstimator()
 res["estimator_keywords"] = [capture(lambda: float(est(logprob=lp, ref_logprob=rp, sample_weight=w[:16]))),
                              float(est(lp, rp, w[:16]))]
-print("JSON" + json.dumps(res))
 """
 
 LEGACY = r"""
@@ -238,6 +237,97 @@ def load(cls=kldiv.metrics.KLDivergence):
 
 res["save_load"] = capture(load)
 res["save_load_loss_class"] = capture(lambda: load(kldiv.KLDivergence))
+"""
+
+REGISTRY = r"""
+# ---- Keras' registry: kldiv's classes saved as "kldiv>..." / "kldiv.metrics>...", loaded
+# without custom_objects; Keras' own KLDivergence keeps its name
+SAVE = os.environ["KLDIV_SAVE_DIR"]
+S, D = keras.saving.serialize_keras_object, keras.saving.deserialize_keras_object
+reg = {}
+reg["keras_own"] = capture(lambda: [type(D(S(keras.losses.KLDivergence()))).__module__.split(".")[0],
+                                    type(D(S(keras.metrics.KLDivergence()))).__module__.split(".")[0]])
+
+
+def round_trip(obj):
+    s = S(obj)
+    n = D(json.loads(json.dumps(s)))
+    return [s["registered_name"], type(n).__module__ + "." + type(n).__name__,
+            n.get_config() == obj.get_config(), type(n) is type(obj)]
+
+
+reg["round_trips"] = [capture(lambda o=o: round_trip(o)) for o in (
+    kldiv.KLDivergence(reduction="sum", name="a"), kldiv.losses.ReverseKLDivergence(inputs="logits", temperature=2.0),
+    kldiv.losses.JensenShannonDivergence(beta=0.25), kldiv.KLEstimator(), kldiv.metrics.KLDivergence(name="m"),
+    kldiv.metrics.JensenShannonDivergence(beta=0.3, dtype="float64"),
+    kldiv.metrics.ReverseKLDivergence(inputs=["log_probs", "logits"]), early_loss)]
+
+
+# a user's subclasses, registered the Keras way: saved under the user's names
+@keras.saving.register_keras_serializable("kldiv_test")
+class MyKL(kldiv.KLDivergence):
+    pass
+
+
+@keras.saving.register_keras_serializable("kldiv_test")
+class MyJS(kldiv.metrics.JensenShannonDivergence):
+    pass
+
+
+reg["user_subclasses"] = [capture(lambda o=o: round_trip(o)) for o in (MyKL(reduction="sum"), MyJS(beta=0.2))]
+sm = model()
+sm.compile(optimizer="sgd", loss=kldiv.KLDivergence(reduction="sum"),
+           metrics=[kldiv.metrics.KLDivergence(), kldiv.metrics.JensenShannonDivergence(beta=0.3),
+                    kldiv.ReverseKLDivergence(name="rk"), keras.metrics.KLDivergence(name="keras_kl")],
+           weighted_metrics=[kldiv.metrics.KLDivergence(name="wkl")])
+sm.fit(x, y, sample_weight=w, epochs=1, verbose=0)
+np.savez(os.path.join(SAVE, "data.npz"), x=x, y=y, w=w)
+reg["files"] = ["m.keras"] + (["m.h5"] if LEGACY else [])
+reg["same_process"] = {}
+for f in reg["files"]:
+    sm.save(os.path.join(SAVE, f))
+    reg["same_process"][f] = capture(lambda f=f: keras.models.load_model(os.path.join(SAVE, f)).evaluate(
+        x, y, sample_weight=w, verbose=0, return_dict=True))
+reg["before"] = sm.evaluate(x, y, sample_weight=w, verbose=0, return_dict=True)
+um = model()
+um.compile(optimizer="sgd", loss=MyKL(), metrics=[MyJS(beta=0.2)])
+um.save(os.path.join(SAVE, "user.keras"))
+reg["user_model"] = capture(lambda: [type(v).__name__ for v in (
+    keras.models.load_model(os.path.join(SAVE, "user.keras")).loss,)] + [
+    um.evaluate(x, y, verbose=0, return_dict=True),
+    keras.models.load_model(os.path.join(SAVE, "user.keras")).evaluate(x, y, verbose=0, return_dict=True)])
+res["registry"] = reg
+print("JSON" + json.dumps(res))
+"""
+
+# Loads the models saved by REGISTRY in a fresh process, with kldiv imported before or after Keras
+LOAD = r"""
+import json, os
+try:
+    import triton  # noqa: F401  (before TensorFlow: see tests/conftest.py)
+except ImportError:
+    pass
+import numpy as np
+LEGACY = os.environ.get("TF_USE_LEGACY_KERAS") == "1"
+SAVE = os.environ["KLDIV_SAVE_DIR"]
+if os.environ["KLDIV_ORDER"] == "kldiv_first":
+    import kldiv
+if LEGACY:
+    import tensorflow as tf
+    keras = tf.keras
+else:
+    import keras
+import kldiv  # noqa: F811  (after Keras in the keras_first order)
+
+data = np.load(os.path.join(SAVE, "data.npz"))
+res = {}
+for f in ["m.keras"] + (["m.h5"] if LEGACY else []):
+    try:
+        m = keras.models.load_model(os.path.join(SAVE, f))
+        res[f] = [m.evaluate(data["x"], data["y"], sample_weight=data["w"], verbose=0, return_dict=True),
+                  repr(m.loss), type(m.loss).__module__]
+    except Exception as exc:
+        res[f] = f"ERROR {type(exc).__name__}: {exc}"[:600]
 print("JSON" + json.dumps(res))
 """
 
@@ -266,19 +356,9 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def keras_runs() -> dict[str, dict[str, Any] | str]:
-    """One subprocess per Keras, all at once; their JSON (or their error, or a skip reason)."""
-    procs = {}
+def _collect(procs: dict[str, subprocess.Popen[str]]) -> dict[str, dict[str, Any] | str]:
+    """Each process' JSON line (or its error output)."""
     results: dict[str, dict[str, Any] | str] = {}
-    for name, extra in RUNS.items():
-        reason = _missing(name)
-        if reason is not None:
-            results[name] = "SKIP " + reason
-            continue
-        script = COMMON + (LEGACY if name == "tf_keras" else KERAS3)
-        procs[name] = subprocess.Popen([sys.executable, "-c", script], env=_env(extra), cwd=ROOT,
-                                       text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         for name, proc in procs.items():
             try:
@@ -295,6 +375,49 @@ def keras_runs() -> dict[str, dict[str, Any] | str]:
                 proc.kill()
                 proc.wait()
     return results
+
+
+@pytest.fixture(scope="module")
+def save_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Where each Keras run saves its models (and the data to evaluate them on)."""
+    return {name: tmp_path_factory.mktemp(f"saved_{name}") for name in RUNS}
+
+
+@pytest.fixture(scope="module")
+def keras_runs(save_dirs: dict[str, Path]) -> dict[str, dict[str, Any] | str]:
+    """One subprocess per Keras, all at once; their JSON (or their error, or a skip reason)."""
+    procs = {}
+    skipped: dict[str, dict[str, Any] | str] = {}
+    for name, extra in RUNS.items():
+        reason = _missing(name)
+        if reason is not None:
+            skipped[name] = "SKIP " + reason
+            continue
+        script = COMMON + (LEGACY if name == "tf_keras" else KERAS3) + REGISTRY
+        env = _env({**extra, "KLDIV_SAVE_DIR": str(save_dirs[name])})
+        procs[name] = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT,
+                                       text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return {**skipped, **_collect(procs)}
+
+
+ORDERS = ("kldiv_first", "keras_first")
+
+
+@pytest.fixture(scope="module")
+def loading_runs(keras_runs: dict[str, dict[str, Any] | str],
+                 save_dirs: dict[str, Path]) -> dict[str, dict[str, Any] | str]:
+    """The models each Keras run saved, loaded without ``custom_objects`` in fresh processes
+    (kldiv imported before Keras, and after), all at once."""
+    procs = {}
+    for name, extra in RUNS.items():
+        if not isinstance(keras_runs.get(name), dict):
+            continue
+        for order in ORDERS:
+            env = _env({**extra, "KLDIV_SAVE_DIR": str(save_dirs[name]), "KLDIV_ORDER": order})
+            procs[f"{name}/{order}"] = subprocess.Popen(
+                [sys.executable, "-c", LOAD], env=env, cwd=ROOT, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return _collect(procs)
 
 
 @pytest.fixture(params=list(RUNS))
@@ -403,3 +526,90 @@ def test_estimator_by_argument_names_with_keras_loaded(run: dict[str, Any]) -> N
         pytest.skip("checked with Keras 3 loaded")
     by_name, positional = run["estimator_keywords"]
     assert _number(by_name, "keywords") == positional
+
+
+# ---- Keras' registry: saved models load without custom_objects -----------------------------
+
+REGISTERED = ["kldiv>KLDivergence", "kldiv>ReverseKLDivergence", "kldiv>JensenShannonDivergence",
+              "kldiv>KLEstimator", "kldiv.metrics>KLDivergence", "kldiv.metrics>JensenShannonDivergence",
+              "kldiv.metrics>ReverseKLDivergence", "kldiv>KLDivergence"]
+
+
+def _close_logs(after: dict[str, float], before: dict[str, float], what: str) -> None:
+    assert set(after) == set(before), what
+    for key, value in before.items():
+        np.testing.assert_allclose(after[key], value, rtol=1e-6, err_msg=f"{what}: {key}")
+
+
+def test_registered_names_round_trip_and_leave_keras_own_class_alone(run: dict[str, Any]) -> None:
+    """kldiv's classes are registered as ``kldiv>Name`` (losses) and ``kldiv.metrics>Name``
+    (metrics: the loss and metric classes share their names); Keras' own ``KLDivergence``
+    still deserializes to Keras' class; configs round-trip exactly, through JSON."""
+    reg = run["registry"]
+    assert reg["keras_own"] == [run["backend"] if run["backend"] == "tf_keras" else "keras"] * 2
+    names = []
+    for entry in reg["round_trips"]:
+        assert not isinstance(entry, str), entry
+        name, cls, same_config, same_class = entry
+        names.append(name)
+        assert cls.startswith("kldiv."), cls
+        assert same_config and same_class, entry
+    assert names == REGISTERED
+
+
+def test_user_subclass_registered_the_keras_way_saves_and_loads(run: dict[str, Any]) -> None:
+    """A user's registered subclass of kldiv's loss or metric: its instances are of the
+    Keras-aware class made of it, which Keras saved under the bare class name (not loadable)."""
+    reg = run["registry"]
+    assert [e if isinstance(e, str) else e[0] for e in reg["user_subclasses"]] == [
+        "kldiv_test>MyKL", "kldiv_test>MyJS"]
+    assert all(e[2] and e[3] for e in reg["user_subclasses"])
+    user = reg["user_model"]
+    assert not isinstance(user, str), user
+    assert user[0] == "MyKL"
+    _close_logs(user[2], user[1], "user model")
+
+
+def test_saved_model_loads_without_custom_objects_in_the_same_process(run: dict[str, Any]) -> None:
+    reg = run["registry"]
+    for f in reg["files"]:
+        after = reg["same_process"][f]
+        assert not isinstance(after, str), (f, after)
+        _close_logs(after, reg["before"], f)
+    assert "keras_kl" in reg["before"] and "wkl" in reg["before"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_saved_model_loads_without_custom_objects_in_a_fresh_process(
+        run: dict[str, Any], loading_runs: dict[str, dict[str, Any] | str], order: str) -> None:
+    """``import keras; import kldiv`` (kldiv's classes do not exist when Keras' registry is
+    filled: stand-ins) and ``import kldiv; import keras`` (a post-import hook registers)."""
+    loaded = loading_runs[f"{run['backend']}/{order}"]
+    assert isinstance(loaded, dict), loaded
+    reg = run["registry"]
+    for f in reg["files"]:
+        entry = loaded[f]
+        assert not isinstance(entry, str), (f, entry)
+        after, loss_repr, loss_module = entry
+        _close_logs(after, reg["before"], f"{order} {f}")
+        assert loss_repr == "KLDivergence(reduction='sum', name='kl_divergence')"
+        assert loss_module == "kldiv.losses"
+
+
+def test_registry_lists_every_keras_aware_class_kldiv_exports() -> None:
+    """A new loss or metric class must be added to the registry's table, or its models would
+    not load without custom_objects (checked without Keras: the table is static)."""
+    import kldiv
+    import kldiv.losses
+    import kldiv.metrics
+    from kldiv._keras import KerasAwareLoss
+    from kldiv._keras.registry import LOSS_PACKAGE, METRIC_PACKAGE, PUBLIC_CLASSES
+    from kldiv._metric_base import DivergenceMetric
+
+    losses = {n for m in (kldiv, kldiv.losses) for n, v in vars(m).items()
+              if isinstance(v, type) and issubclass(v, KerasAwareLoss) and not n.startswith("_")
+              and n not in ("DivergenceLoss", "LossBase")}
+    metrics = {n for n, v in vars(kldiv.metrics).items() if isinstance(v, type)
+               and issubclass(v, DivergenceMetric) and v is not DivergenceMetric}
+    assert losses == set(PUBLIC_CLASSES[LOSS_PACKAGE][1])
+    assert metrics == set(PUBLIC_CLASSES[METRIC_PACKAGE][1])

@@ -5,6 +5,9 @@ kldiv never imports Keras: everything here looks in ``sys.modules``.
 - :mod:`kldiv._keras.detect`: which Keras is loaded, and whether Keras is calling.
 - :mod:`kldiv._keras.loss`: the Keras-aware loss classes (:class:`KerasAwareLoss`).
 - :mod:`kldiv._keras.metric`: the Keras-aware metric classes (:func:`metric_class`).
+- :mod:`kldiv._keras.registry`: kldiv's classes in Keras' registry of serializable classes
+  (``"kldiv>KLDivergence"``, ``"kldiv.metrics>KLDivergence"``), so saved models load without
+  ``custom_objects``.
 """
 
 from .detect import (
@@ -27,6 +30,9 @@ from .loss import (
     with_keras_bases,
 )
 from .metric import metric_class
+from .registry import install as _install_registry
+
+_install_registry()  # kldiv's classes in Keras' registry, now or when Keras is imported
 
 __all__ = [
     "KerasAwareLoss",

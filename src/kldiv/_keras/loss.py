@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from .._namespace import array_namespace, dtype_name, is_array, is_low_precision, torch_compiling
 from .._reduction import Reduction, apply_sample_weight, num_elements, validate_reduction
 from .detect import called_by_keras3_compile, graph_safe, keras3_floatx, keras_mask
+from .registry import LOSS_PACKAGE, register_class
 
 __all__ = ["KerasAwareLoss", "keras_aware_class", "keras_loss_bases", "keras_masked_weight",
            "kldiv_class", "kldiv_class_of_type", "with_keras_bases"]
@@ -168,6 +169,7 @@ def with_keras_bases(cls: type, bases: tuple[type, ...]) -> type:
         "__hash__": _keras_hash,
     }
     made = _KERAS_CLASSES[(cls, bases)] = type(cls.__name__, (cls, *bases), namespace)
+    register_class(made, LOSS_PACKAGE)  # saved as "kldiv>ClassName" (kldiv._keras.registry)
     return made
 
 
@@ -213,6 +215,7 @@ def _fresh_view(cls: type) -> type:
     if view is None:
         view = _VIEWS[cls] = type(cls.__name__, (cls,), {"__module__": cls.__module__,
                                                          "__qualname__": cls.__qualname__})
+        register_class(view, LOSS_PACKAGE)
     return view
 
 

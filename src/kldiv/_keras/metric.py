@@ -50,6 +50,7 @@ from .detect import (
     is_tf_tensor,
     loaded_keras,
 )
+from .registry import METRIC_PACKAGE, register_class
 
 __all__ = ["metric_class"]
 
@@ -95,6 +96,7 @@ def metric_class(cls: type) -> type | None:
             "_kldiv_keras": module,
         }
         made = _CLASSES[(cls, base)] = type(cls.__name__, (mixin, base, cls), namespace)
+        register_class(made, METRIC_PACKAGE)  # saved as "kldiv.metrics>ClassName"
     return made
 
 
