@@ -18,8 +18,10 @@ import numpy as np
 
 from ._libraries import BACKENDS, backend_name, library, target
 from ._metric_base import DivergenceMetric
+from ._namespace import array_namespace, namespace_name
 from ._npyio import (
     DataFileError,
+    DataTypeError,
     NpyWriter,
     PathLike,
     Source,
@@ -51,6 +53,14 @@ def _store_blocks(loss: Any, out: PathLike, inputs: list[tuple[str, str]]) -> np
             writer.write(np.asarray(block.compute()))
         path = writer.commit()
     return np.load(path, mmap_mode="r")
+
+
+def _computable_in_place(x: Any, name: str, device: str | None) -> bool:
+    """Whether an array without values (:func:`kldiv._npyio.data_less`) is computed where it
+    is: ``backend`` is its own library, and for a ``meta`` tensor, ``device`` is ``"meta"``."""
+    if namespace_name(array_namespace(x)) != name:
+        return False
+    return not getattr(x, "is_meta", False) or device == "meta"
 
 
 # --------------------------------------------------------------------------------------
@@ -178,12 +188,12 @@ def evaluate_files(
     elif sample_weight is not None:
         weight = open_source(sample_weight, "sample_weight")
     all_sources = [*sources, weight]
-    for s in all_sources:
-        if s is not None and data_less(s.array) and not (name == "torch" and device == "meta"):
-            raise DataFileError(
-                f"{s.label} is a tensor on torch's 'meta' device (shapes only, no values): it "
-                f"cannot be moved to backend={name!r}" + (f", device={device!r}" if device else "")
-                + ". Pass data, or compute on backend='torch', device='meta'.")
+    for s in all_sources:  # an array without values cannot move to another library or device
+        what = None if s is None else data_less(s.array)
+        if what is not None and s is not None and not _computable_in_place(s.array, name, device):
+            where = f"backend={name!r}" + (f", device={device!r}" if device else "")
+            raise DataTypeError(f"{s.label} is {what}: it cannot be moved to {where}. Pass data, "
+                                "or compute in its own library and on its own device.")
     # (what, path): messages show the path once, after the description
     inputs = [(f"{s.label} file" if s.path is not None else s.label,
                s.path if s.path is not None else backing_file(s.array))

@@ -65,6 +65,9 @@ class RunningMean:
     # How messages name the class, where its released wording differs from its public name.
     _DTYPE_OWNER: ClassVar[str | None] = None
     _CONFIG_OWNER: ClassVar[str | None] = None
+    # True for a metric that lives for one call only (evaluate_batches(metric=True)): its state
+    # cannot outlive a jax.jit trace, so traced batches are no error there.
+    _kldiv_transient: bool = False
 
     name: str
     dtype: Any
@@ -135,7 +138,7 @@ class RunningMean:
     def _add(self, xp: Any, total: Any, count: Any) -> None:
         """Add one batch's ``total`` (a 0-d array in the accumulator dtype) and ``count`` (the
         same, or an int): the first batch creates the state in its library and on its device."""
-        if traced(total):
+        if traced(total) and not self._kldiv_transient:
             fn = getattr(type(self), "_function", None)
             function = f"kldiv.{fn.__name__}" if fn is not None else "a kldiv function"
             raise TypeError(

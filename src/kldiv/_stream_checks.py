@@ -66,7 +66,9 @@ def _resolve_metric(
     if reduction not in ("auto", Reduction.AUTO):
         raise ValueError("pass either metric= or reduction=, not both: the metric is a weighted mean.")
     if metric is True:
-        return KLDivergence()
+        made = KLDivergence()
+        made._kldiv_transient = True  # private to this call (see RunningMean._kldiv_transient)
+        return made
     if not isinstance(metric, DivergenceMetric):
         hint = " (a class: pass an instance, e.g. KLDivergence())" if isinstance(metric, type) else ""
         raise TypeError(
