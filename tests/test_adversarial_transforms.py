@@ -175,3 +175,36 @@ def test_loss_objects_are_hashable_for_jax_jit() -> None:
     fused = kldiv.FusedLinearDivergence("js")
     assert fused == kldiv.FusedLinearDivergence("js") and hash(fused) == hash(
         kldiv.FusedLinearDivergence("js"))
+
+
+@pytest.mark.parametrize(("make", "attribute", "value"), [
+    (lambda: kldiv.KLDivergence(), "inputs", "logits"),
+    (lambda: kldiv.KLDivergence(inputs="logits"), "temperature", 3.0),
+    (lambda: kldiv.JensenShannonDivergence(inputs="log_probs"), "beta", 0.125),
+    (lambda: kldiv.ReverseKLDivergence(reduction="sum"), "inputs", ("probs", "logits")),
+])
+def test_compiled_loss_uses_options_set_after_construction(torch: Any, make: Callable[[], Any],
+                                                           attribute: str, value: Any) -> None:
+    """Options may be set as attributes after construction (checked again at each call);
+    under ``torch.compile`` the loss used the options resolved at construction instead, a
+    wrong value without a word. Compiled before and after the change, and eagerly, the
+    values agree with a loss constructed with the option."""
+    rng = np.random.default_rng(4)
+    t, p = torch.tensor(_probs(rng, 4, 6)), torch.tensor(_probs(rng, 4, 6))
+    if attribute == "beta":
+        t, p = t.log(), p.log()
+    loss = make()
+    compiled = _compile(torch, lambda a, b: loss(a, b))
+    before = compiled(t, p)
+    torch.testing.assert_close(before, make()(t, p), rtol=1e-12, atol=0)
+    setattr(loss, attribute, value)
+    fresh = make()
+    setattr(fresh, attribute, value)
+    expected = type(fresh).from_config(fresh.get_config())(t, p)  # constructed with it
+    assert not torch.allclose(expected, before)  # the option changes the value
+    torch.testing.assert_close(compiled(t, p), expected, rtol=1e-12, atol=0)
+    other = make()
+    setattr(other, attribute, value)  # set before its first call, compiled first
+    torch.testing.assert_close(_compile(torch, lambda a, b: other(a, b))(t, p), expected,
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(other(t, p), expected, rtol=1e-12, atol=0)

@@ -251,29 +251,40 @@ class DivergenceLoss(LossBase):
                  temperature: Any = 1.0, dtype: Any = None, **params: Any) -> None:
         self._set_common(reduction, name)
         call = resolve(self.divergence, inputs=inputs, temperature=temperature, **params)
-        self._call = call
         spaces = call.spaces
         self.inputs = spaces[0] if spaces[0] == spaces[1] else spaces
         self.temperature = call.temperature
         for key, value in call.params.items():  # the member's parameters (beta)
             setattr(self, key, value)
+        self.__dict__["_call"] = call  # after the options: setting one forgets it (__setattr__)
         self._set_dtype(dtype)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Setting an option (``inputs``, ``temperature``, the member's parameters) after
+        construction forgets the options resolved so far: the next call resolves and checks
+        them again, also when ``torch.compile`` traces it (which otherwise uses the options
+        last resolved, unchecked: the constructor's would be used silently)."""
+        super().__setattr__(name, value)
+        if name in ("inputs", "temperature") or name in self.divergence.params:
+            self.__dict__.pop("_call", None)
 
     def _resolved(self, compiling: bool | None = None) -> Call:
         """The member with this loss' options (validated again: attributes may be set).
 
         While ``torch.compile`` traces, the options last validated eagerly are used as they
-        are: dynamo may trace Python float attributes as symbolic values (dynamic shapes),
-        and checks such as ``math.isfinite`` on them cannot be traced.
+        are, unless an option was set since (:meth:`__setattr__` forgets them then): dynamo
+        may trace Python float attributes as symbolic values (dynamic shapes).
         """
-        cached: Call | None = self.__dict__.get("_call")  # absent in pickles of older versions
+        cached: Call | None = self.__dict__.get("_call")  # absent in pickles (rebuilt on use)
         if compiling is None:
             compiling = torch_compiling()
         if cached is not None and compiling:
             return cached
         params = {key: getattr(self, key) for key in self.divergence.params}
-        self._call = resolve_traced(self.divergence, self.inputs, self.temperature, params, compiling)
-        return self._call
+        call = resolve_traced(self.divergence, self.inputs, self.temperature, params, compiling)
+        if not compiling:  # (no side effect in a traced graph)
+            self.__dict__["_call"] = call  # not through __setattr__: once per call
+        return call
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """The unreduced, unweighted per-sample loss (Keras' ``Loss.call``), after Keras 2's
