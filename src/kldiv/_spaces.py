@@ -266,9 +266,16 @@ def validate_temperature(temperature: Any, spaces: tuple[str, str]) -> float:
 
 
 def _block_max(x: Any, axis: Any = None, keepdims: bool = False, **_: Any) -> Any:
-    # a Dask block's (or partial result's) maximum, by the block's own method: Dask's own
-    # chunk function returns a block of no rows as an empty (1, 0) array, whose maximum over
-    # the class axis then fails ("zero-size array to reduction operation maximum")
+    # a Dask block's (or partial result's) maximum over the class axis, by the block's own
+    # method: Dask's own chunk function returns a block of no rows as an empty (1, 0) array,
+    # whose maximum over the class axis then fails ("zero-size array to reduction operation
+    # maximum"). A block of no classes (chunks such as (2, 0, 3) on the class axis) has the
+    # maximum -inf, the identity of the maximum.
+    axes = tuple(a % x.ndim for a in (axis if isinstance(axis, tuple) else (axis,)))
+    if any(x.shape[a] == 0 for a in axes):
+        shape = tuple(1 if i in axes else n for i, n in enumerate(x.shape))
+        out = np.full_like(x, -math.inf, shape=shape)
+        return out if keepdims else out.reshape(tuple(n for i, n in enumerate(x.shape) if i not in axes))
     return x.max(axis=axis, keepdims=keepdims)
 
 
