@@ -171,7 +171,8 @@ def test_loss_objects_are_hashable_for_jax_jit() -> None:
         args = (jnp.log(t[:, 0]), jnp.log(p[:, 0])) if isinstance(loss, kldiv.KLEstimator) else (t, p)
         np.testing.assert_allclose(np.asarray(jax.jit(loss)(*args)), np.asarray(loss(*args)),
                                    rtol=1e-6)
-    assert hash(kldiv.KLDivergence()) == hash(kldiv.KLDivergence(reduction="sum"))
+    assert hash(kldiv.KLDivergence()) == hash(kldiv.KLDivergence.from_config(
+        kldiv.KLDivergence().get_config()))  # equal objects hash alike
     fused = kldiv.FusedLinearDivergence("js")
     assert fused == kldiv.FusedLinearDivergence("js") and hash(fused) == hash(
         kldiv.FusedLinearDivergence("js"))
@@ -208,3 +209,27 @@ def test_compiled_loss_uses_options_set_after_construction(torch: Any, make: Cal
     torch.testing.assert_close(_compile(torch, lambda a, b: other(a, b))(t, p), expected,
                                rtol=1e-12, atol=0)
     torch.testing.assert_close(other(t, p), expected, rtol=1e-12, atol=0)
+
+
+def test_jax_jit_of_a_loss_is_not_served_a_trace_of_other_options() -> None:
+    """``jax.jit`` keys its traces on the callable's hash and ``==``. Loss objects hashed by
+    class alone: a loss traced and then given other options left its trace under a key
+    that a new loss with those options matched, so ``jax.jit(KLDivergence(temperature=3))``
+    returned the temperature-1 value. Equal objects still hash alike. (The changed object
+    itself keeps its traces, as any state a jitted function captures: JAX's weak references
+    remember its first hash.)"""
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    rng = np.random.default_rng(6)
+    t, p = jnp.asarray(rng.normal(size=(4, 5))), jnp.asarray(rng.normal(size=(4, 5)))
+    first = kldiv.KLDivergence(inputs="logits")
+    jax.jit(first)(t, p)
+    first.temperature = 3.0
+    second = kldiv.KLDivergence(inputs="logits", temperature=3.0)
+    assert second == first and hash(second) == hash(first)
+    expected = second(t, p)
+    np.testing.assert_allclose(np.asarray(jax.jit(second)(t, p)), np.asarray(expected), rtol=1e-6)
+    assert hash(second) != hash(kldiv.KLDivergence(inputs="logits"))
+    broken = kldiv.KLDivergence()
+    broken.dtype = "int32"  # invalid: refused at the call; hashing it is still fine
+    assert isinstance(hash(broken), int)

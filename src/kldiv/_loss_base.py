@@ -217,10 +217,34 @@ class LossBase(KerasAwareLoss):
         return self.get_config() == other.get_config()
 
     def __hash__(self) -> int:
-        """The class' hash: it agrees with ``==`` (class and config) whatever attribute is set
-        later, and lets ``jax.jit(loss)`` and Keras (which hashes the objects it is given)
-        take a loss object."""
-        return hash(kldiv_class(self))
+        """The hash of the class and config, as ``==`` compares them: lets ``jax.jit(loss)``
+        and Keras (which hashes the objects it is given) take a loss object.
+
+        ``jax.jit`` keys its traces on the callable's hash and ``==``: with the class' hash
+        alone, a loss traced, then given other options (``loss.temperature = 3.0``), left a
+        trace that any later loss with those options (``jax.jit(KLDivergence(...,
+        temperature=3.0))``) was served, computed with the old ones. (The changed object
+        itself keeps its traces, as any state a jitted function captures: set a loss' options
+        before its first ``jax.jit``.)
+        """
+        try:
+            config = self.get_config()
+        except (TypeError, ValueError):  # an invalid attribute set since: no == either
+            return hash(kldiv_class(self))
+        return hash((kldiv_class(self), _frozen(config)))
+
+
+def _frozen(value: Any) -> Any:
+    """A config value made hashable, equal values alike (``1 == 1.0``, lists as tuples)."""
+    if isinstance(value, Mapping):
+        return frozenset((k, _frozen(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
 
 
 class DivergenceLoss(LossBase):
