@@ -545,3 +545,27 @@ def test_streaming_under_jax_jit(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
     with pytest.raises(TypeError, match=r"y_true is a traced array .*backend='numpy'"):
         jax.jit(lambda t, p: kldiv.evaluate_files(t, p, batch_rows=1))(t, p)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_metric_refuses_torch_func_transforms(transform: str) -> None:
+    """Under torch.func.vmap / grad the state became functorch's wrapped tensors: a later
+    result() raised 'your tensor may have escaped from inside a function being vmapped', and
+    after grad the state held GradTrackingTensors (and the gradient was silently zero)."""
+    torch = pytest.importorskip("torch")
+    m = KLDivergence()
+    m.update_state(torch.tensor(YT), torch.tensor(YP), sample_weight=[1, 0])
+
+    def step(p: Any) -> Any:
+        m.update_state(torch.tensor(YT), p)
+        return m.result()
+
+    p = torch.tensor(YP)
+    with pytest.raises(TypeError, match="traced"):
+        if transform == "vmap":
+            torch.func.vmap(step)(p[None].repeat(3, 1, 1))
+        else:
+            torch.func.grad(step)(p)
+    assert float(m.result()) == pytest.approx(oracle(YT, YP)[0], rel=1e-6)
+    assert all(type(v) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(v)
+               for v in m.variables)

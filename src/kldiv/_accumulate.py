@@ -231,15 +231,23 @@ def check_same_place(state: Any, new: Any, *, what: str,
 
 
 def traced(x: Any) -> bool:
-    """True for an abstract value of a tracing transformation (a JAX tracer under ``jax.jit``,
-    ``jax.grad``, ``jax.vmap``): it exists only while the transformed function is traced, so
-    a running state must never hold one (the compiled function would not update it again,
-    and the next eager use would meet a leaked tracer)."""
+    """True for an abstract value of a tracing transformation: a JAX tracer (``jax.jit``,
+    ``jax.grad``, ``jax.vmap``) or a tensor wrapped by a ``torch.func`` transform (``vmap``,
+    ``grad``). It exists only while the transformed function runs, so a running state must
+    never hold one (a compiled function would not update it again, and the next eager use
+    would meet an escaped tracer or wrapper)."""
     if compiling():  # torch.compile traces Python state faithfully; no JAX lookup there
         return False
-    core = sys.modules.get("jax.core")
-    tracer = getattr(core, "Tracer", None)
-    return isinstance(tracer, type) and isinstance(x, tracer)
+    tracer = getattr(sys.modules.get("jax.core"), "Tracer", None)
+    if isinstance(tracer, type) and isinstance(x, tracer):
+        return True
+    torch = sys.modules.get("torch")
+    tensor = getattr(torch, "Tensor", None)
+    if isinstance(tensor, type) and isinstance(x, tensor):
+        functorch = getattr(getattr(torch, "_C", None), "_functorch", None)
+        wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+        return wrapped is not None and bool(wrapped(x))
+    return False
 
 
 def safe_divide(xp: ModuleType, num: Any, den: Any) -> Any:

@@ -143,9 +143,10 @@ class RunningMean:
             function = f"kldiv.{fn.__name__}" if fn is not None else "a kldiv function"
             raise TypeError(
                 f"{self._owner()}.update_state was called with traced arrays (under jax.jit, "
-                "jax.grad or jax.vmap): the metric keeps its state in Python, which a compiled "
-                "function would not update again. Inside a transformation use the function "
-                f"({function}) and sum its result, or update the metric eagerly."
+                "jax.grad, jax.vmap or a torch.func transform): the metric keeps its state in "
+                "Python, which a compiled function would not update again. Inside a "
+                f"transformation use the function ({function}) and sum its result, or update "
+                "the metric eagerly."
             )
         if self._total is None or self._count is None:
             self._total, self._count = running_sums(total, count, xp)

@@ -471,12 +471,12 @@ def _fsync_directory(directory: str) -> None:
 
 def data_less(x: Any) -> str | None:
     """What ``x`` is when it has a shape but no values (a torch tensor on the ``meta`` device,
-    a JAX tracer under ``jax.jit``): nothing can be copied out of it, to the host or to
+    a JAX tracer under ``jax.jit``, a ``torch.func`` wrapper): nothing can be copied out of it, to the host or to
     another library or device. ``None`` for an array with values."""
     if getattr(x, "is_meta", False) is True:
         return "a tensor on torch's 'meta' device (shapes only, no values)"
     if traced(x):
-        return "a traced array (under jax.jit, jax.grad or jax.vmap: no values yet)"
+        return "a traced array (under jax.jit, jax.grad, jax.vmap or torch.func: no values yet)"
     return None
 
 
