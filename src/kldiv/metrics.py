@@ -97,8 +97,8 @@ class KLDivergence(DivergenceMetric, member=KL, function=kl_divergence,
     TypeError
         From :meth:`update_state` or :meth:`merge_state` when a batch or another metric is
         of a different library than the state held (or another metric is not a
-        ``kldiv.metrics.KLDivergence``); ``ValueError`` when it is on a different device or
-        was made with other options. The constructor raises as :func:`kldiv.kl_divergence`
+        ``kldiv.metrics.KLDivergence``), or an update gives traced arrays (see Notes);
+        ``ValueError`` when it is on a different device or was made with other options. The constructor raises as :func:`kldiv.kl_divergence`
         does for bad ``inputs`` or ``temperature``.
 
     See Also
@@ -111,7 +111,11 @@ class KLDivergence(DivergenceMetric, member=KL, function=kl_divergence,
     -----
     Before the first update the metric has no library: :meth:`result` then returns a NumPy
     0-d array holding 0. Under ``jax.jit`` use the functional ``kldiv.kld`` and sum the
-    result yourself: the metric is an eager, stateful Python object.
+    result yourself: the metric is an eager, stateful Python object, and an update with
+    traced arrays (``jax.jit``, ``jax.grad``, ``jax.vmap``, ``torch.func`` transforms) is a
+    ``TypeError`` that leaves the state as it was (a compiled function would never update it
+    again). ``kldiv.evaluate_batches(..., metric=True)``, whose metric lives for the call
+    only, works there.
 
     **In Keras.** Created while a Keras is imported (Keras 3 on any backend, or tf.keras 2
     through ``tf_keras``; kldiv never imports Keras itself), the metric is also a
