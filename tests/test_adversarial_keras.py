@@ -401,6 +401,8 @@ def keras_runs(save_dirs: dict[str, Path]) -> dict[str, dict[str, Any] | str]:
 
 
 ORDERS = ("kldiv_first", "keras_first")
+# the post-import hook (kldiv first) is the same for Keras 3's three backends: checked on one
+HOOK_RUNS = ("jax", "tf_keras")
 
 
 @pytest.fixture(scope="module")
@@ -413,6 +415,8 @@ def loading_runs(keras_runs: dict[str, dict[str, Any] | str],
         if not isinstance(keras_runs.get(name), dict):
             continue
         for order in ORDERS:
+            if order == "kldiv_first" and name not in HOOK_RUNS:
+                continue
             env = _env({**extra, "KLDIV_SAVE_DIR": str(save_dirs[name]), "KLDIV_ORDER": order})
             procs[f"{name}/{order}"] = subprocess.Popen(
                 [sys.executable, "-c", LOAD], env=env, cwd=ROOT, text=True,
@@ -584,6 +588,8 @@ def test_saved_model_loads_without_custom_objects_in_a_fresh_process(
         run: dict[str, Any], loading_runs: dict[str, dict[str, Any] | str], order: str) -> None:
     """``import keras; import kldiv`` (kldiv's classes do not exist when Keras' registry is
     filled: stand-ins) and ``import kldiv; import keras`` (a post-import hook registers)."""
+    if order == "kldiv_first" and run["backend"] not in HOOK_RUNS:
+        pytest.skip(f"the post-import hook is checked on {' and '.join(HOOK_RUNS)}")
     loaded = loading_runs[f"{run['backend']}/{order}"]
     assert isinstance(loaded, dict), loaded
     reg = run["registry"]

@@ -184,6 +184,11 @@ class _AfterImportLoader(importlib.abc.Loader):
     def __init__(self, loader: Any) -> None:
         self._loader = loader
 
+    def __getattr__(self, name: str) -> Any:
+        # the rest of the loader's API (get_filename, is_package, get_resource_reader, ...) for
+        # code that inspects the spec importlib.util.find_spec("keras") returns without importing
+        return getattr(self._loader, name)
+
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
         return self._loader.create_module(spec)
 
