@@ -316,6 +316,24 @@ for div in ("kl", "reverse_kl", "js"):
         assert abs(float(out) - float(ref)) < 1e-5 * (1 + abs(float(ref))), (div, mode)
         for g, e in zip(torch.autograd.grad(out, (h, w, b)), torch.autograd.grad(ref, x64)):
             np.testing.assert_allclose(g.double().numpy(), e.numpy(), rtol=1e-4, atol=1e-5)
+# a teacher row of all -inf (no mass): the generic functions' value, zero gradients for it
+from test_adversarial_fused import _empty_row_case
+h, w, tl = (torch.tensor(a, dtype=torch.float32) for a in _empty_row_case())
+keep = [0, 2, 3, 4]
+for div in ("kl", "js"):
+    for mode in ("chunks", "slabs"):
+        torch_fused_slabs.WEIGHT_GRAD = mode
+        x = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+        per = F(*x, tl, divergence=div, beta=BETA, reduction="none", chunk_size=2)
+        assert torch.isfinite(per).all(), (div, mode, per)
+        got = torch.autograd.grad(F(*x, tl, divergence=div, beta=BETA, reduction="sum",
+                                    chunk_size=2), x)
+        y = [h[keep].clone().requires_grad_(), w.clone().requires_grad_()]
+        want = torch.autograd.grad(F(*y, tl[keep], divergence=div, beta=BETA,
+                                     reduction="sum", chunk_size=2), y)
+        assert float(got[0][1].abs().max()) < 1e-6, (div, mode)
+        np.testing.assert_allclose(got[0][keep].numpy(), want[0].numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-4, atol=1e-6)
 print("TRITON-TINY-OK")
 """
 
@@ -323,7 +341,7 @@ print("TRITON-TINY-OK")
 def test_triton_kernels_tiny_temperature_interpreted() -> None:
     """The Triton kernels (chunk and slab gradient) in Triton's interpreter on CPU: a tiny
     temperature gives the oracle's values, a temperature below 1 the float64 gradients by
-    chunks and by slabs. A subprocess: TRITON_INTERPRET is read at import."""
+    chunks and by slabs, a teacher row of all ``-inf`` finite values and zero gradients. A subprocess: TRITON_INTERPRET is read at import."""
     pytest.importorskip("torch")
     pytest.importorskip("triton")
     import os
@@ -425,3 +443,90 @@ def test_dask_boolean_indexed_inputs() -> None:
     assert 0 in dh.chunks[0]
     got = F(dh, da.from_array(w), dtl, reduction="none").compute()
     np.testing.assert_allclose(got, oracle(h[mask], w, tl[mask], "kl"), rtol=1e-10, atol=1e-12)
+
+
+def _empty_row_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(33)
+    h, w = rng.standard_normal((5, H)), rng.standard_normal((V, H))
+    tl = rng.standard_normal((5, V))
+    tl[1] = -INF  # a teacher row with no distribution (e.g. a padding token's logits)
+    tl[3, :4] = -INF
+    return h, w, tl
+
+
+@pytest.mark.parametrize("div", ["kl", "reverse_kl", "js"])
+def test_all_minus_inf_teacher_row_is_the_generic_functions_value(backend: ArrayBackend,
+                                                                  div: str) -> None:
+    """A teacher row of all ``-inf`` logits: the value of ``kl_divergence`` /
+    ``reverse_kl_divergence`` / ``js_divergence`` with ``inputs="logits"`` (the documented
+    definition: P = 0 there, so KL 0, reverse KL inf, JS ``-(1 - beta) log(1 - beta)``);
+    was NaN, and a zero sample weight on that token made the whole reduced loss NaN."""
+    h, w, tl = _empty_row_case()
+    fn = {"kl": kldiv.kl_divergence, "reverse_kl": kldiv.reverse_kl_divergence,
+          "js": kldiv.js_divergence}[div]
+    kw = {"beta": BETA} if div == "js" else {}
+    want = np.asarray(fn(tl, h @ w.T, inputs="logits", **kw), dtype=np.float64)
+    assert want[1] == (INF if div == "reverse_kl" else 0.0 if div == "kl"
+                       else pytest.approx(-(1 - BETA) * math.log1p(-BETA)))
+    for dtype in ("float32", "float64"):
+        if dtype not in backend.float_dtypes:
+            continue
+        x = [backend.asarray(a, dtype) for a in (h, w, tl)]
+        got = np.asarray(backend.to_numpy(F(*x, divergence=div, beta=BETA, reduction="none",
+                                              chunk_size=2)), np.float64)
+        np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == "float32" else 1e-10)
+        if div != "reverse_kl":  # inf * 0 is NaN there, as in the generic functions
+            sw = backend.asarray(np.array([1.0, 0.0, 1.0, 1.0, 1.0]), dtype)
+            got_mean = float(backend.to_numpy(F(*x, divergence=div, beta=BETA,
+                                                sample_weight=sw, chunk_size=2)))
+            assert got_mean == pytest.approx(float(np.delete(want, 1).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("grad_mode,weight_grad", TORCH_MODES)
+@pytest.mark.parametrize("div", ["kl", "js"])
+def test_torch_all_minus_inf_teacher_row_gradients(monkeypatch: pytest.MonkeyPatch, div: str,
+                                                   grad_mode: str, weight_grad: str) -> None:
+    """The gradients of a teacher row of all ``-inf``: its loss is a constant (KL 0, JS
+    ``-(1 - beta) log(1 - beta)``), so it adds nothing: the gradients equal those of the
+    other tokens alone, in every gradient mode (were NaN)."""
+    torch = pytest.importorskip("torch")
+    from kldiv.backends import torch_fused, torch_fused_slabs
+
+    monkeypatch.setattr(torch_fused, "GRAD_MODE", grad_mode)
+    monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", weight_grad)
+    monkeypatch.setattr(torch_fused_slabs, "SLAB_COLUMNS", 4)
+    h, w, tl = _empty_row_case()
+    keep = [0, 2, 3, 4]
+    for reduction in ("sum", "none"):
+        x = [torch.tensor(a, requires_grad=True) for a in (h, w)]
+        out = F(*x, torch.tensor(tl), divergence=div, beta=BETA, reduction=reduction,
+                chunk_size=2)
+        got = torch.autograd.grad(out.sum(), x)
+        y0 = [torch.tensor(h[keep], requires_grad=True), torch.tensor(w, requires_grad=True)]
+        ref = F(*y0, torch.tensor(tl[keep]), divergence=div, beta=BETA, reduction="sum",
+                chunk_size=2)
+        want = torch.autograd.grad(ref, y0)
+        assert float(got[0][1].abs().max()) < 1e-12  # JS: 0 up to rounding
+        np.testing.assert_allclose(got[0][keep].numpy(), want[0].numpy(), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("div", ["kl", "js"])
+def test_jax_all_minus_inf_teacher_row_gradients(div: str) -> None:
+    """JAX's custom VJP: a teacher row of all ``-inf`` adds nothing to the gradients (were
+    NaN, and NaN everywhere once reduced)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    h, w, tl = _empty_row_case()
+    keep = [0, 2, 3, 4]
+
+    def loss(a: Any, b: Any, t: Any) -> Any:
+        return F(a, b, t, divergence=div, beta=BETA, reduction="sum", chunk_size=2)
+
+    f32 = [np.asarray(a, np.float32) for a in (h, w, tl)]
+    got = jax.grad(loss, argnums=(0, 1))(*map(jnp.asarray, f32))
+    want = jax.grad(loss, argnums=(0, 1))(jnp.asarray(f32[0][keep]), jnp.asarray(f32[1]),
+                                          jnp.asarray(f32[2][keep]))
+    assert float(jnp.abs(got[0][1]).max()) < 1e-6
+    np.testing.assert_allclose(np.asarray(got[0])[keep], want[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-6)

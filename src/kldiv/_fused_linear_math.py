@@ -76,12 +76,15 @@ GPU_CHUNK_BYTES = 1024 * 2**20
 
 
 def log_softmax_parts(xp: ModuleType, x: Any) -> tuple[Any, Any]:
-    """``(softmax(x), log_softmax(x))`` over the last axis, with one ``exp`` pass."""
+    """``(softmax(x), log_softmax(x))`` over the last axis, with one ``exp`` pass.
+
+    A row of all ``-inf`` has no mass: probabilities 0 and log-probabilities ``-inf`` (as
+    :func:`kldiv._spaces.log_softmax` gives), not NaN."""
     m = xp.max(x, axis=-1, keepdims=True)
-    # an all -inf row: keep its shift finite (its probabilities are then NaN: no distribution)
-    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))  # an all -inf row: a finite shift
     e = xp.exp(x - m)
     z = xp.sum(e, axis=-1, keepdims=True)
+    z = xp.where(z == 0, xp.ones_like(z), z)  # the all -inf row: e = 0, log z = 0
     return e / z, x - (m + xp.log(z))
 
 
@@ -132,8 +135,8 @@ def chunk_terms(
     grad = None
     if divergence == "kl":
         loss = xp.sum(_xlogy_terms(xp, p, lp - lq), axis=-1)
-        if need_grad:
-            grad = q - p
+        if need_grad:  # q sum(p) - p: sum(p) is 0 for a teacher row of no mass
+            grad = xp.where(xp.sum(p, axis=-1, keepdims=True) > 0, q, xp.zeros_like(q)) - p
     elif divergence == "reverse_kl":
         d = lq - lp
         loss = xp.sum(_xlogy_terms(xp, q, d), axis=-1)

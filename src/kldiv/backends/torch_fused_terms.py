@@ -27,7 +27,8 @@ SPARE_BUFFERS = {"kl": 2, "reverse_kl": 2, "js": 4}
 
 STATS = 5
 """Statistics per row for the slab pass: the student's and the teacher's log-sum-exp, the
-gradient's row constant (0 for KL, the row's loss for the reverse KL, ``sum g`` for JS), and
+gradient's row constant (for KL the factor of ``q``: 1, or 0 where the teacher's row has no
+mass, all ``-inf``; the row's loss for the reverse KL; ``sum g`` for JS), and
 the student's and the teacher's shift before the division by a temperature below 1 (0 for
 other temperatures): the log-sum-exps are those of ``(x - shift) / T``."""
 
@@ -65,9 +66,12 @@ def chunk_terms_(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float,
     if stats is not None:
         stats[:, 0] = torch.logsumexp(s, -1)
         stats[:, 1] = torch.logsumexp(t, -1)
+        # a row of no mass (all -inf): log-sum-exp 0, so that the slab pass's log-probabilities
+        # are -inf there too, not NaN
+        stats[:, :2].masked_fill_(torch.isneginf(stats[:, :2]), 0.0)
     lq, lp = spare[0], spare[1]
-    torch.log_softmax(s, -1, out=lq)  # one fused kernel (max, sum of exp, shift) per side
-    torch.log_softmax(t, -1, out=lp)
+    _log_softmax(s, lq)
+    empty_t = _log_softmax(t, lp)
     q = torch.exp(lq, out=s)
     grad = None
     row_const: torch.Tensor | float = 0.0
@@ -76,8 +80,12 @@ def chunk_terms_(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float,
         d = torch.sub(lp, lq, out=lq).mul_(p)  # p (log p - log q), with 0 log 0 = 0:
         d.masked_fill_(torch.eq(p, 0, out=mask), 0.0)
         loss = d.sum(-1)
-        if need_grad:
+        if need_grad:  # q sum(p) - p: sum(p) is 0 for a teacher row of no mass
             grad = q.sub_(p)
+            if empty_t is not None:
+                grad[empty_t] = 0.0
+        # the slab pass's factor of q: 1, or 0 for a teacher row of no mass
+        row_const = 1.0 if empty_t is None else (~empty_t).to(s.dtype)
     elif divergence == "reverse_kl":
         d = lq.sub_(lp)  # log q - log p
         torch.eq(q, 0, out=mask)
@@ -107,6 +115,20 @@ def chunk_terms_(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float,
     return loss, grad
 
 
+def _log_softmax(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+    """``out[:] = log_softmax(x)`` (one fused kernel: max, sum of exp, shift); a row of all
+    ``-inf`` (no mass) gets ``-inf``, not NaN, as
+    :func:`kldiv._fused_linear_math.log_softmax_parts` gives (a row with a NaN stays NaN).
+    Returns the mask of such rows, ``None`` where there is none."""
+    torch.log_softmax(x, -1, out=out)
+    candidates = torch.isnan(out[:, 0])
+    if not bool(candidates.any()):
+        return None
+    empty = candidates & torch.isneginf(x.amax(-1))
+    out[empty] = -math.inf
+    return empty
+
+
 def slab_grad_(s: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, divergence: str,
                beta: float) -> torch.Tensor:
     """``d loss / d s`` on a tile of rows by a vocabulary slab, from the rows' statistics
@@ -115,9 +137,9 @@ def slab_grad_(s: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, divergence
     lq = s.sub_(stats[:, 0:1])
     lp = t.sub_(stats[:, 1:2])
     q = torch.exp(lq)
-    if divergence == "kl":
-        return q.sub_(lp.exp_())
     row_const = stats[:, 2:3]
+    if divergence == "kl":  # row_const: 1, or 0 for a teacher row of no mass
+        return q.mul_(row_const).sub_(lp.exp_())
     if divergence == "reverse_kl":
         g = lq.sub_(lp).sub_(row_const).mul_(q)
     else:

@@ -45,9 +45,11 @@ def _load_row(ptr, bias_ptr, cols, msk, HAS_BIAS: tl.constexpr):
 
 @triton.jit
 def _online_lse(ptr, bias_ptr, n_cols, temperature, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """``(shift, lse)``: the row's finite maximum (0 for an all -inf row) and the
+    """``(shift, lse, mass)``: the row's finite maximum (0 for an all -inf row) and the
     log-sum-exp of ``(x - shift) / temperature``: the shift comes before the division, so
-    a tiny temperature cannot overflow ``x / T`` (no ``inf - inf``)."""
+    a tiny temperature cannot overflow ``x / T`` (no ``inf - inf``). A row of all -inf (no
+    mass) gets ``lse = 0``, so that its log-probabilities are -inf, not NaN; ``mass`` is 1,
+    or 0 for such a row."""
     offs = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     d = tl.zeros([BLOCK], tl.float32)
@@ -60,7 +62,8 @@ def _online_lse(ptr, bias_ptr, n_cols, temperature, HAS_BIAS: tl.constexpr, BLOC
         m = new_m
     big = tl.max(m, axis=0)
     big = tl.where(big == float("-inf"), 0.0, big)
-    return big, tl.log(tl.sum(d * tl.exp((m - big) / temperature), axis=0))
+    total = tl.sum(d * tl.exp((m - big) / temperature), axis=0)
+    return big, tl.where(total == 0.0, 0.0, tl.log(total)), tl.where(total == 0.0, 0.0, 1.0)
 
 
 @triton.jit
@@ -93,8 +96,8 @@ def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, stats_ptr, n_co
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
-    m_s, lse_s = _online_lse(s_row, sb_ptr, n_cols, temperature, HAS_SB, BLOCK)
-    m_t, lse_t = _online_lse(t_row, tb_ptr, n_cols, temperature, HAS_TB, BLOCK)
+    m_s, lse_s, _ = _online_lse(s_row, sb_ptr, n_cols, temperature, HAS_SB, BLOCK)
+    m_t, lse_t, mass_t = _online_lse(t_row, tb_ptr, n_cols, temperature, HAS_TB, BLOCK)
     gscale = 0.0
     if NEED_GRAD:
         gscale = tl.load(scale_ptr + row).to(tl.float32) / temperature
@@ -107,8 +110,8 @@ def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, stats_ptr, n_co
         p = tl.exp(lp)
         if DIV == 0:
             acc += tl.where(p == 0.0, 0.0, p * (lp - lq))
-            if NEED_GRAD:
-                tl.store(s_row + cols, (q - p) * gscale, mask=msk)
+            if NEED_GRAD:  # q sum(p) - p: sum(p) is 0 for a teacher row of no mass
+                tl.store(s_row + cols, (q * mass_t - p) * gscale, mask=msk)
         elif DIV == 1:
             acc += tl.where(q == 0.0, 0.0, q * (lq - lp))
         else:
@@ -120,8 +123,8 @@ def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, stats_ptr, n_co
     loss = tl.sum(acc, axis=0)
     tl.store(loss_ptr + row, loss)
     row_const = loss
-    if DIV == 0:
-        row_const = 0.0
+    if DIV == 0:  # the factor of q in the slab pass's q sum(p) - p
+        row_const = mass_t
     elif DIV == 2:
         row_const = tl.sum(acc_g, axis=0)
     if STATS:  # for the weight gradient by vocabulary slabs (slab_grad)
@@ -207,7 +210,7 @@ def _fl_slab_grad(s_ptr, t_ptr, sb_ptr, tb_ptr, stats_ptr, scale_ptr, g_ptr, n_c
                                    HAS_SB, HAS_TB, BLOCK)
     q = tl.exp(lq)
     if DIV == 0:
-        g = q - tl.exp(lp)
+        g = q * row_const - tl.exp(lp)
     elif DIV == 1:
         g = tl.where(q == 0.0, 0.0, q * (lq - lp - row_const))
     else:
