@@ -326,3 +326,22 @@ def test_result_dtype_message_names_the_losses_input() -> None:
         kldiv.KLEstimator(dtype="float16")(x, x)
     with pytest.raises(ValueError, match=r"no float16 dtype; choose one y_pred's library holds"):
         kldiv.KLDivergence(dtype="float16")(xps.exp(x), xps.exp(x))
+
+
+def test_torch_inputs_that_cannot_move_or_are_nested_are_clear_type_errors() -> None:
+    """A ``y_true`` or ``sample_weight`` on torch's ``meta`` device (no data) against a CPU
+    ``y_pred`` leaked torch's ``NotImplementedError``; a nested (ragged) tensor leaked
+    torch's internal ``RuntimeError`` ("NestedTensorImpl doesn't support sizes")."""
+    torch = pytest.importorskip("torch")
+    p = torch.tensor(YP)
+    with pytest.raises(TypeError, match=r"^y_true \(on device meta\) could not be moved to y_pred's device cpu"):
+        kldiv.kld(torch.ones(2, 2, device="meta"), p)
+    with pytest.raises(TypeError, match=r"^sample_weight \(on device meta\) could not be moved to the loss's device"):
+        kldiv.KLDivergence()(p, p, sample_weight=torch.ones(2, device="meta"))
+    nested = torch.nested.nested_tensor([torch.full((2,), 0.5), torch.full((3,), 1 / 3)],
+                                        layout=torch.jagged)
+    for args, what in (((p, nested), "y_pred"), ((nested, p), "y_true")):
+        with pytest.raises(TypeError, match=rf"^{what} is a nested \(ragged\) \w*Tensor; pad it first"):
+            kldiv.KLDivergence()(*args)
+    meta = torch.ones(2, 2, device="meta")  # all on meta: shapes only, as torch does
+    assert kldiv.KLDivergence(reduction="none")(meta, meta).shape == (2,)

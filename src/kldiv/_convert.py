@@ -104,7 +104,14 @@ def _sparse_hint(x: object) -> str | None:
 
 
 def check_dense(x: object, what: str) -> None:
-    """``TypeError`` for a sparse array: kldiv does not densify silently (memory)."""
+    """``TypeError`` for a sparse or nested (ragged) array: kldiv does not densify or pad
+    silently (memory, and the padding value is the caller's choice)."""
+    if type(x) is np.ndarray:  # the common case, in microseconds-per-call loops
+        return
+    if getattr(x, "is_nested", False) is True:  # torch (its jagged layout is no sparse one)
+        raise TypeError(f"{what} is a nested (ragged) {type(x).__name__}; pad it first, e.g. "
+                        ".to_padded_tensor(0.0) with a 0 sample weight on the padding. kldiv "
+                        "works on dense arrays.")
     hint = _sparse_hint(x)
     if hint is not None:
         raise TypeError(f"{what} is a sparse {hint}. kldiv works on dense arrays.")
@@ -222,7 +229,14 @@ def _to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, what: str, li
         if device is not None:
             x_device = get_device(x)
             if x_device is not None and x_device != device:
-                x = _to_device(x, device)
+                try:
+                    x = _to_device(x, device)
+                except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
+                    # e.g. torch's 'meta' device (no data), a device without the dtype
+                    raise TypeError(
+                        f"{what} (on device {x_device}) could not be moved to {like}'s device "
+                        f"{device}: {exc}"
+                    ) from None
         return x
     # Another library: cast on the source side first, to the dtype of the same name there, so
     # that only dtypes both libraries hold cross over (NumPy has no bfloat16, array-api-strict
