@@ -452,6 +452,15 @@ def test_gradient_with_respect_to_zero_weights(diff_backend: ArrayBackend, estim
     assert value == pytest.approx(k0, rel=1e-14)
     want1 = 0.0 if estimator == "k3" else _exact(-1000.0, estimator)
     np.testing.assert_allclose(grad, [[k0, want1]], rtol=1e-14)
+    # under a value clamp every estimate but NaN's is finite: the masked tokens count at
+    # their clamped value (k3 at d = -1000 and every member at d = -inf), NaN stays out
+    lp3 = np.array([[-0.5, -1000.0, -np.inf, np.nan]])
+    clamped = kldiv.KLEstimator(estimator, reduction="sum", value_clamp=10.0)
+    value, grad = _weight_grad(diff_backend, lp3, np.array([[1.0, 0.0, 0.0, 0.0]]), clamped)
+    assert value == pytest.approx(k0, rel=1e-14)
+    lim = -10.0 if estimator == "k1" else 10.0
+    want = [k0, min(_exact(-1000.0, estimator), 10.0) if estimator != "k1" else -10.0, lim, 0.0]
+    np.testing.assert_allclose(grad, [want], rtol=1e-14)
 
 
 def test_equal_infinite_inputs_give_zero_without_a_warning(backend: ArrayBackend) -> None:

@@ -315,10 +315,16 @@ def _straight_through(ops: Ops, value: Any, d: Any) -> Any:
 def finite_terms(xp: ModuleType, ops: Ops, d: Any, options: EstimatorOptions) -> Any:
     """Where the estimate at log-ratios ``d`` and its derivative are finite: ``d`` is finite
     (or clamped to a finite bound) and, for k3 and k2, inside the range of ``d``'s dtype
-    (see :func:`_terms`). A token of weight 0 keeps its log-ratio there, so that the
-    derivative with respect to its weight is its estimate; elsewhere it is left out."""
+    (see :func:`_terms`), or, under a ``value_clamp``, wherever ``d`` is not NaN (the
+    estimate is then clamped to a finite value, with derivative 0 out of range). A token of
+    weight 0 keeps its log-ratio there, so that the derivative with respect to its weight is
+    its estimate; elsewhere it is left out."""
     c = _bound_in(xp, d.dtype, options.log_ratio_clamp)
-    return _in_range(ops, xp, d if c is None else _clamp(ops, d, c), options.estimator)
+    x = d if c is None else _clamp(ops, d, c)
+    ok = _in_range(ops, xp, x, options.estimator)
+    if _bound_in(xp, d.dtype, options.value_clamp) is not None:
+        ok = ok | ~ops.isnan(x)
+    return ok
 
 
 def estimate_terms(xp: ModuleType, ops: Ops, d: Any, options: EstimatorOptions) -> Any:
