@@ -13,7 +13,7 @@ its own weight, reduced to the mean over tokens):
 - ``kldiv-recompute``: the same with the backward recomputing every chunk instead
   (``torch_fused.GRAD_MODE = "recompute"``): the measurement behind the default;
 - ``kldiv-chunks`` / ``kldiv-slabs``: ``kldiv`` with the weight gradient accumulated over
-  token chunks or formed by vocabulary slabs (``torch_fused_chunks.WEIGHT_GRAD``; ``kldiv``
+  token chunks or formed by vocabulary slabs (``torch_fused_slabs.WEIGHT_GRAD``; ``kldiv``
   itself uses ``auto``: slabs for bfloat16 weights on CUDA, chunks elsewhere);
 - ``liger`` / ``liger-eager``: Liger-Kernel's chunked ``LigerFusedLinearJSDLoss`` (its
   ``chunked_loss``, which runs on CPU) with ``weight_hard_loss=0, weight_soft_loss=1``, its
@@ -110,12 +110,12 @@ def _make_step(impl: str, div: str, n: int, h: int, v: int, device: str = "cpu",
     elif impl.startswith("kldiv"):
         sys.path.insert(0, str(ROOT / "src"))
         from kldiv._fused_linear import fused_linear_divergence
-        from kldiv.backends import torch_fused, torch_fused_chunks
+        from kldiv.backends import torch_fused, torch_fused_slabs
 
         torch_fused.GRAD_MODE = "recompute" if impl == "kldiv-recompute" else "forward"
         # the weight gradient: by chunks or by vocabulary slabs (default: auto)
-        torch_fused_chunks.WEIGHT_GRAD = {"kldiv-chunks": "chunks",
-                                          "kldiv-slabs": "slabs"}.get(impl, "auto")
+        torch_fused_slabs.WEIGHT_GRAD = {"kldiv-chunks": "chunks",
+                                         "kldiv-slabs": "slabs"}.get(impl, "auto")
 
         def step() -> Any:
             return fused_linear_divergence(sh, sw, teacher_hidden=th, teacher_weight=tw,
