@@ -27,12 +27,11 @@ from ._npyio import (
     Source,
     backing_file,
     check_output,
-    data_less,
     open_source,
 )
 from ._reduction import Reduction
 from ._stream import STREAMING_NOTES, run_batches
-from ._stream_checks import check_options, check_shapes, layout
+from ._stream_checks import check_options, check_shapes, data_less, layout
 from .losses import KLDivergence as _Loss
 
 __all__ = ["BACKENDS", "DataFileError", "evaluate_files"]
@@ -56,7 +55,7 @@ def _store_blocks(loss: Any, out: PathLike, inputs: list[tuple[str, str]]) -> np
 
 
 def _computable_in_place(x: Any, name: str, device: str | None) -> bool:
-    """Whether an array without values (:func:`kldiv._npyio.data_less`) is computed where it
+    """Whether an array without values (:func:`kldiv._stream_checks.data_less`) is computed where it
     is: ``backend`` is its own library, and for a ``meta`` tensor, ``device`` is ``"meta"``."""
     if namespace_name(array_namespace(x)) != name:
         return False

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from ._accumulate import traced
 from ._convert import as_pred_array, host_numpy
 from ._namespace import dtype_kind, is_array
 
@@ -39,7 +38,6 @@ __all__ = [
     "as_path",
     "backing_file",
     "check_output",
-    "data_less",
     "host_ready",
     "open_source",
     "refuse_input",
@@ -469,24 +467,6 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def data_less(x: Any) -> str | None:
-    """What ``x`` is when it has a shape but no values (a torch tensor on the ``meta`` device,
-    a JAX tracer under ``jax.jit``, a ``torch.func`` wrapper): nothing can be copied out of it, to the host or to
-    another library or device. ``None`` for an array with values."""
-    if getattr(x, "is_meta", False) is True:
-        return "a tensor on torch's 'meta' device (shapes only, no values)"
-    if traced(x):
-        return "a traced array (under jax.jit, jax.grad, jax.vmap or torch.func: no values yet)"
-    return None
-
-
 def to_host(x: Any) -> np.ndarray:
-    """Any array (of any library) as a NumPy array on the host (a :class:`DataTypeError`, a
-    ``ValueError`` and a ``TypeError``, for one with no values to copy: see :func:`data_less`)."""
-    if isinstance(x, np.ndarray):
-        return x
-    what = data_less(x)
-    if what is not None:
-        raise DataTypeError(f"the per-sample losses are {what}: there is nothing to write to out=. "
-                            "Compute eagerly, on a device that holds data.")
-    return host_numpy(x)
+    """Any array (of any library) as a NumPy array on the host."""
+    return x if isinstance(x, np.ndarray) else host_numpy(x)

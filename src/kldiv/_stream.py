@@ -29,10 +29,18 @@ from ._accumulate import (
 )
 from ._metric_base import DivergenceMetric
 from ._namespace import array_namespace, device_scope, dtype_name, get_device, numpy_result
-from ._npyio import NpyWriter, PathLike, backing_file, check_output, refuse_input, to_host
+from ._npyio import (
+    DataTypeError,
+    NpyWriter,
+    PathLike,
+    backing_file,
+    check_output,
+    refuse_input,
+    to_host,
+)
 from ._progress import progress_bar
 from ._reduction import Reduction
-from ._stream_checks import check_options, class_ranks
+from ._stream_checks import check_options, class_ranks, data_less
 from .losses import KLDivergence as _Loss
 
 __all__ = ["STREAMING_NOTES", "evaluate_batches", "run_batches"]
@@ -213,6 +221,11 @@ def run_batches(
                         check_same_place(parts[0], loss, what="a batch", owner="evaluate_batches", metric=False)
                         _check_stacks(parts[0], loss)
                     if writer is not None:
+                        no_values = data_less(loss)
+                        if no_values is not None:
+                            raise DataTypeError(f"the per-sample losses are {no_values}: there is nothing "
+                                                "to write to out=. Compute eagerly, on a device "
+                                                "that holds data.")
                         writer.write(to_host(loss))
                         parts[:1] = [loss]
                     else:

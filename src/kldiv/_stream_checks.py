@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ._accumulate import traced
 from ._convert import as_pred_array
 from ._metric_base import DivergenceMetric
 from ._metric_restore import public_name
@@ -30,7 +31,7 @@ from ._spaces import shape_str
 from .losses import KLDivergence as _Loss
 from .metrics import KLDivergence
 
-__all__ = ["Layout", "check_count", "check_options", "check_shapes", "class_ranks", "layout"]
+__all__ = ["Layout", "check_count", "check_options", "check_shapes", "class_ranks", "data_less", "layout"]
 
 
 # --------------------------------------------------------------------------------------
@@ -101,6 +102,18 @@ def check_options(
     name, value, minimum = rows
     count = None if value is None else check_count(value, name, minimum=minimum)
     return the_metric, red, count, check_progress(progress)
+
+
+def data_less(x: Any) -> str | None:
+    """What ``x`` is when it has a shape but no values (a torch tensor on the ``meta`` device,
+    a JAX tracer under ``jax.jit``, a ``torch.func`` wrapper): nothing can be copied out of
+    it, to the host (``out=``) or to another library or device. ``None`` for an array with
+    values."""
+    if getattr(x, "is_meta", False) is True:
+        return "a tensor on torch's 'meta' device (shapes only, no values)"
+    if traced(x):
+        return "a traced array (under jax.jit, jax.grad, jax.vmap or torch.func: no values yet)"
+    return None
 
 
 # --------------------------------------------------------------------------------------
