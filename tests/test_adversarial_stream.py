@@ -470,18 +470,6 @@ def test_streamed_sum_with_an_infinite_weight_on_a_device_without_float64() -> N
     assert float(got) == float(whole) == np.inf
 
 
-def test_reduction_none_batches_of_two_half_dtypes_on_tensorflow() -> None:
-    """TensorFlow's concat does not promote: bfloat16 then float16 per-sample losses raised
-    TensorFlow's InvalidArgumentError in memory (out= wrote float32, as NumPy and torch
-    concatenate them)."""
-    tf = pytest.importorskip("tensorflow")
-    t = tf.constant(YT)
-    got = kldiv.evaluate_batches([t, t], [tf.constant(YP, tf.bfloat16), tf.constant(YP, tf.float16)],
-                                 reduction="none")
-    assert got.dtype == tf.float32 and tuple(got.shape) == (4,)
-    np.testing.assert_allclose(got.numpy(), np.tile(oracle(YT, YP), 2), rtol=1e-2, atol=1e-6)
-
-
 def test_reduction_none_batches_of_several_dtypes_concatenate_promoted(backend: ArrayBackend) -> None:
     """The in-memory result has the dtype of the batches' concatenation on every backend."""
     if "float64" not in backend.float_dtypes:
@@ -569,3 +557,16 @@ def test_metric_refuses_torch_func_transforms(transform: str) -> None:
     assert float(m.result()) == pytest.approx(oracle(YT, YP)[0], rel=1e-6)
     assert all(type(v) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(v)
                for v in m.variables)
+
+
+# Last: importing TensorFlow loads Keras, which makes later metrics keras Metrics
+def test_reduction_none_batches_of_two_half_dtypes_on_tensorflow() -> None:
+    """TensorFlow's concat does not promote: bfloat16 then float16 per-sample losses raised
+    TensorFlow's InvalidArgumentError in memory (out= wrote float32, as NumPy and torch
+    concatenate them)."""
+    tf = pytest.importorskip("tensorflow")
+    t = tf.constant(YT)
+    got = kldiv.evaluate_batches([t, t], [tf.constant(YP, tf.bfloat16), tf.constant(YP, tf.float16)],
+                                 reduction="none")
+    assert got.dtype == tf.float32 and tuple(got.shape) == (4,)
+    np.testing.assert_allclose(got.numpy(), np.tile(oracle(YT, YP), 2), rtol=1e-2, atol=1e-6)
