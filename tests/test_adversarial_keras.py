@@ -212,6 +212,15 @@ if backend == "torch":
         masked_model.compile(optimizer="sgd", loss=loss, jit_compile=True)
         jit.append(capture(lambda: masked_model.evaluate(xm, ym, batch_size=B, verbose=0)))
     res["torch_jit_mask"] = jit
+    # a mask set by hand (torch tensors take attributes): of another library, or not an array
+    yt4, pt4 = y[:4], torch.from_numpy(y[4:8].copy())
+    pt4._keras_mask = np.array([True, False, True, True])
+    valid4 = np.array([1.0, 0.0, 1.0, 1.0])
+    res["mask_numpy_on_torch"] = [capture(lambda: float(kldiv.KLDivergence()(yt4, pt4))),
+                                  float((kl64(yt4, y[4:8]) * valid4).sum() / valid4.sum())]
+    pt5 = torch.from_numpy(y[4:8].copy())
+    pt5._keras_mask = "yes"
+    res["mask_not_an_array"] = capture(lambda: kldiv.KLDivergence()(yt4, pt5))
 # the estimator loss, by its argument names, with Keras loaded
 lp = np.log(rng.random(16)).astype("float32")
 rp = np.log(rng.random(16)).astype("float32")
@@ -619,3 +628,15 @@ def test_registry_lists_every_keras_aware_class_kldiv_exports() -> None:
                and issubclass(v, DivergenceMetric) and v is not DivergenceMetric}
     assert losses == set(PUBLIC_CLASSES[LOSS_PACKAGE][1])
     assert metrics == set(PUBLIC_CLASSES[METRIC_PACKAGE][1])
+
+
+def test_hand_set_mask_of_another_library_or_not_an_array(run: dict[str, Any]) -> None:
+    """A ``_keras_mask`` set by hand on a torch output: a NumPy mask weighs as Keras' would
+    (was an AttributeError: the mask was cast with torch's functions), a string is a TypeError
+    naming the mask (was an AttributeError from the backend)."""
+    if run["backend"] != "torch":
+        pytest.skip("torch tensors take attributes: checked on Keras' torch backend")
+    ours, oracle = run["mask_numpy_on_torch"]
+    np.testing.assert_allclose(_number(ours, "NumPy mask"), oracle, rtol=1e-5)
+    message = run["mask_not_an_array"]
+    assert message.startswith("ERROR TypeError: the Keras mask (_keras_mask) of y_pred"), message

@@ -13,7 +13,15 @@ import inspect
 import sys
 from typing import Any, TypeVar
 
-from .._namespace import array_namespace, dtype_name, is_array, is_low_precision, torch_compiling
+from .._convert import to_namespace
+from .._namespace import (
+    array_namespace,
+    dtype_name,
+    get_device,
+    is_array,
+    is_low_precision,
+    torch_compiling,
+)
 from .._reduction import Reduction, apply_sample_weight, num_elements, validate_reduction
 from .detect import called_by_keras3_compile, graph_safe, keras3_floatx, keras_mask
 from .registry import LOSS_PACKAGE, register_class
@@ -51,7 +59,10 @@ def keras_masked_weight(mask: Any, sample_weight: Any, reduction: str, like: Any
     Keras 2's rank rules against the mask. Computed in ``like``'s (``y_pred``'s) library.
     """
     xp = array_namespace(like)
-    m = xp.astype(mask, xp.float64 if dtype_name(like.dtype) == "float64" else xp.float32)
+    # the mask in y_pred's library and device (a mask set by hand may be of another library, a
+    # list, or not an array: a TypeError naming it, not a backend error)
+    m = to_namespace(mask, xp, get_device(like), xp.float64 if dtype_name(like.dtype) == "float64" else xp.float32,
+                     what="the Keras mask (_keras_mask) of y_pred")
     if reduction in _MEAN_REDUCTIONS:
         n = num_elements(tuple(m.shape))
         total = xp.sum(xp.ones_like(m)) if n is None else n
