@@ -16,7 +16,7 @@ import pytest
 
 import kldiv
 from conftest import ArrayBackend, Backend
-from kldiv import DataFileError, KLDivergence, _npyio
+from kldiv import DataFileError, KLDivergence, _npy_writer
 from kldiv.metrics import KLDivergence as Metric
 
 REDUCTIONS = ["auto", "sum_over_batch_size", "mean", "sum", "mean_with_sample_weight"]
@@ -390,7 +390,7 @@ def test_evaluate_files_runs_in_bounded_memory(tmp_path: Path) -> None:
 
 
 def test_npy_writer_round_trip(tmp_path: Path) -> None:
-    w = _npyio.NpyWriter(tmp_path / "x.npy")
+    w = _npy_writer.NpyWriter(tmp_path / "x.npy")
     a = np.arange(12, dtype=np.float64).reshape(4, 3)
     w.write(a[:3])
     assert not (tmp_path / "x.npy").exists()  # only the temporary file, until commit
@@ -398,14 +398,14 @@ def test_npy_writer_round_trip(tmp_path: Path) -> None:
     assert w.commit() == str(tmp_path / "x.npy")
     assert np.array_equal(np.load(tmp_path / "x.npy"), a)
     assert [p.name for p in tmp_path.iterdir()] == ["x.npy"]
-    w = _npyio.NpyWriter(tmp_path / "y.npy")
+    w = _npy_writer.NpyWriter(tmp_path / "y.npy")
     w.write(np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match="do not stack"):
         w.write(np.ones((2, 4), np.float32))
     w.abort()
     w.abort()  # idempotent
     assert not (tmp_path / "y.npy").exists()
-    with _npyio.NpyWriter(tmp_path / "z.npy") as w:  # leaving the block without commit: nothing written
+    with _npy_writer.NpyWriter(tmp_path / "z.npy") as w:  # leaving the block without commit: nothing written
         w.write(np.ones((2, 3), np.float32))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import kldiv
-from kldiv import KLDivergence, _cli, _npyio
+from kldiv import KLDivergence, _cli, _npy_writer, _npyio
 
 PRECIOUS = b"an earlier result, which must survive a failed run"
 
@@ -380,7 +380,7 @@ def test_header_without_room_for_growth(files: dict[str, Any], monkeypatch: pyte
     if impl is None:
         pytest.skip("this NumPy's headers have no growth padding")
     monkeypatch.setattr(impl, "GROWTH_AXIS_MAX_DIGITS", 0)
-    _header = _npyio._header
+    _header = _npy_writer._header
 
     rows = 1000  # '(0, 1, ...)' grows by 3 characters to '(1000, 1, ...)'
     k = next(k for k in range(1, 60)

@@ -19,16 +19,8 @@ import numpy as np
 from ._libraries import BACKENDS, backend_name, library, target
 from ._metric_base import DivergenceMetric
 from ._namespace import array_namespace, namespace_name
-from ._npyio import (
-    DataFileError,
-    DataTypeError,
-    NpyWriter,
-    PathLike,
-    Source,
-    backing_file,
-    check_output,
-    open_source,
-)
+from ._npy_writer import NpyWriter, backing_file, check_output
+from ._npyio import DataFileError, DataTypeError, PathLike, Source, open_source
 from ._reduction import Reduction
 from ._stream import STREAMING_NOTES, run_batches
 from ._stream_checks import check_options, check_shapes, data_less, layout

@@ -29,15 +29,8 @@ from ._accumulate import (
 )
 from ._metric_base import DivergenceMetric
 from ._namespace import array_namespace, device_scope, dtype_name, get_device, numpy_result
-from ._npyio import (
-    DataTypeError,
-    NpyWriter,
-    PathLike,
-    backing_file,
-    check_output,
-    refuse_input,
-    to_host,
-)
+from ._npy_writer import NpyWriter, backing_file, check_output, refuse_input
+from ._npyio import DataTypeError, PathLike, to_host
 from ._progress import progress_bar
 from ._reduction import Reduction
 from ._stream_checks import check_options, class_ranks, data_less
