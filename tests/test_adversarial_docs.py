@@ -505,9 +505,6 @@ def test_paths_named_in_the_docs_exist(doc: Path) -> None:
 # ---------------------------------------------------------------- README: dense arrays only
 
 
-@pytest.mark.xfail(strict=True, reason="src defect reported to the lead: a torch nested "
-                   "(jagged) tensor leaks torch's RuntimeError 'NestedTensorImpl doesn't support "
-                   "sizes' instead of the TypeError the README promises for non-dense arrays")
 @pytest.mark.parametrize("side", ["y_true", "y_pred"])
 def test_torch_nested_tensor_is_a_clear_type_error(side: str) -> None:
     """README: 'Sparse arrays (a SciPy sparse matrix, a sparse torch tensor, ...) raise a
@@ -521,9 +518,6 @@ def test_torch_nested_tensor_is_a_clear_type_error(side: str) -> None:
         kldiv.kl_divergence(*args)
 
 
-@pytest.mark.xfail(strict=True, reason="src defect reported to the lead: a tf.RaggedTensor is "
-                   "'y_pred has dtype object, which is not a numeric dtype' (a TypeError, but it "
-                   "neither names the ragged layout nor says how to densify it)")
 @pytest.mark.parametrize("side", ["y_true", "y_pred"])
 def test_tf_ragged_tensor_is_a_clear_type_error(side: str) -> None:
     """The README's sparse rule for TensorFlow's ragged tensors: a TypeError naming the input
@@ -534,3 +528,19 @@ def test_tf_ragged_tensor_is_a_clear_type_error(side: str) -> None:
     args = (ragged, dense) if side == "y_true" else (dense, ragged)
     with pytest.raises(TypeError, match=rf"{side}.*[Rr]agged"):
         kldiv.kl_divergence(*args)
+
+
+@pytest.mark.parametrize("where", ["sample_weight", "logprob", "ref_logprob"])
+def test_tf_ragged_tensor_elsewhere_is_a_clear_type_error(where: str) -> None:
+    """The same rule for a ragged sample weight and the estimators' inputs (every input's
+    density is checked in one place)."""
+    tf = pytest.importorskip("tensorflow")
+    ragged = tf.ragged.constant([[0.6, 0.4], [0.5]])
+    dense = tf.constant([[0.5, 0.5], [0.5, 0.5]])
+    with pytest.raises(TypeError, match=rf"{where} is a nested \(ragged\) RaggedTensor.*to_tensor"):
+        if where == "sample_weight":
+            kldiv.KLDivergence()(dense, dense, sample_weight=ragged)
+        elif where == "logprob":
+            kldiv.kl_estimate(ragged, dense)
+        else:
+            kldiv.kl_estimate(dense, ragged)

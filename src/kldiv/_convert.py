@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 
 from . import _compat
-from ._libraries import GRAPHED, HOSTED, compiler_library, library, shim_namespace, sparse_hint
+from ._libraries import (
+    GRAPHED,
+    HOSTED,
+    compiler_library,
+    library,
+    ragged_hint,
+    shim_namespace,
+    sparse_hint,
+)
 from ._namespace import (
     _dtype_name,
     array_namespace,
@@ -108,13 +116,16 @@ def check_dense(x: object, what: str) -> None:
     silently (memory, and the padding value is the caller's choice)."""
     if type(x) is np.ndarray:  # the common case, in microseconds-per-call loops
         return
-    if getattr(x, "is_nested", False) is True:  # torch (its jagged layout is no sparse one)
-        raise TypeError(f"{what} is a nested (ragged) {type(x).__name__}; pad it first, e.g. "
-                        ".to_padded_tensor(0.0) with a 0 sample weight on the padding. kldiv "
-                        "works on dense arrays.")
-    hint = _sparse_hint(x)
+    pad = ".to_padded_tensor(0.0)" if getattr(x, "is_nested", False) is True else None  # torch
+    hint = None if pad is not None else _sparse_hint(x)
     if hint is not None:
         raise TypeError(f"{what} is a sparse {hint}. kldiv works on dense arrays.")
+    if pad is None:
+        pad = ragged_hint(x)  # TensorFlow's RaggedTensor: no array (NumPy makes objects of it)
+    if pad is not None:
+        raise TypeError(f"{what} is a nested (ragged) {type(x).__name__}; pad it first, e.g. "
+                        f"{pad} with a 0 sample weight on the padding. kldiv works on dense "
+                        "arrays.")
 
 
 def as_pred_array(y_pred: Any, what: str = "y_pred") -> Any:

@@ -47,6 +47,7 @@ __all__ = [
     "library",
     "load",
     "names",
+    "ragged_hint",
     "shim_namespace",
     "sparse_hint",
     "target",
@@ -100,6 +101,7 @@ LIBRARIES: tuple[Library, ...] = (
             kernel_namespace=_B + "tensorflow_family", immutable=True, scoped=True,
             sparse_types=("tensorflow:SparseTensor",), eager_check="executing_eagerly",
             densify="TensorFlow {type}; call tf.sparse.to_dense() first",
+            ragged_types=("tensorflow:RaggedTensor",), pad=".to_tensor(default_value=0.0)",
             quiet=(("TF_CPP_MIN_LOG_LEVEL", "2"),),
             install="pip install tensorflow"),
 )
@@ -114,8 +116,18 @@ HOSTED: tuple[Library, ...] = tuple(lib for lib in LIBRARIES if lib.to_host)
 _BY_ID: dict[int, Library] = {}
 _LAYOUTS = tuple(lib for lib in LIBRARIES if lib.dense_layout)
 _SPARSE = tuple(lib for lib in LIBRARIES if lib.sparse_types)
+_RAGGED = tuple(lib for lib in LIBRARIES if lib.ragged_types)
 GRAPHED: tuple[Library, ...] = tuple(lib for lib in LIBRARIES if lib.detach)
 """Libraries whose arrays may carry an autograd graph (:attr:`Library.detach`)."""
+
+
+def ragged_hint(x: object) -> str | None:
+    """How to pad ``x`` if it is a ragged array of a library in the table, else ``None``."""
+    for lib in _RAGGED:
+        hint = lib.ragged_hint(x)
+        if hint is not None:
+            return hint
+    return None
 
 
 def sparse_hint(x: object) -> str | None:

@@ -97,6 +97,10 @@ class Library:
     """``"module prefix"`` or ``"module prefix:Type"`` of its sparse array types."""
     densify: str = ""
     """How to densify one of its sparse arrays (``{type}`` and ``{layout}`` filled in)."""
+    ragged_types: tuple[str, ...] = ()
+    """``"module prefix:Type"`` of its ragged (nested) array types, which are not arrays."""
+    pad: str = ""
+    """How to pad one of its ragged arrays into a dense one (``{type}`` filled in)."""
     eager_check: str = ""
     """Its module's function answering whether ops run eagerly (false while a graph is built,
     ``tf.function``: kldiv's state cannot live there)."""
@@ -152,6 +156,16 @@ class Library:
             prefix, _, name = spec.partition(":")
             if tp.__module__.startswith(prefix) and (not name or tp.__name__ == name):
                 return self.densify.format(type=tp.__name__, layout="")
+        return None
+
+    def ragged_hint(self, x: object) -> str | None:
+        """How to pad ``x`` if it is one of this library's ragged arrays, else ``None`` (by
+        the type's module and name: never imports the library)."""
+        tp = type(x)
+        for spec in self.ragged_types:
+            prefix, _, name = spec.partition(":")
+            if tp.__module__.startswith(prefix) and tp.__name__ == name:
+                return self.pad.format(type=tp.__name__)
         return None
 
     def load_adapter(self) -> ModuleType:
