@@ -333,3 +333,92 @@ def test_rows_left_out_of_the_loss_get_zero_gradients(member: str) -> None:
     ga, gb = torch.autograd.grad(out[:1].sum(), (a, b))
     assert bool(torch.isfinite(ga).all()) and bool(torch.isfinite(gb).all())
     assert bool((ga[1] == 0).all()) and bool((gb[1] == 0).all())
+
+
+# ------------------------------------------------- temperatures below the smallest normal
+# 1e-40 is subnormal in float32 (XLA and TensorFlow flush it to 0 on CPU), 1e-46 and 1e-320
+# round to 0 in float32, 1e-320 is subnormal in float64: in every case the T -> 0 limit
+# (one-hot at the row maximum, shared between ties), never (x - m) / 0 = 0 / 0 = NaN.
+UNDERFLOWING = {"float32": (1e-40, 1e-46, 1e-320), "float64": (1e-320,)}
+T_LIMIT = np.array([[0.25, 0.75, -1.0], [0.1, 0.1, 0.0], [-INF, 2.0, 1.0], [-INF, -INF, -INF]])
+P_LIMIT = np.array([[0.5, 0.5, 0.5], [3.0, 1.0, 3.0], [-INF, 1.0, 1.0], [0.0, 1.0, -INF]])
+
+
+def _limit_oracle(member: str) -> np.ndarray:
+    return _oracle(member, T_LIMIT, P_LIMIT, "logits", 1e-320)  # float64: 0 / T = 0 exactly
+
+
+@pytest.mark.parametrize("member", list(FUNCTIONS))
+def test_underflowing_temperature_is_the_limit(backend: ArrayBackend, member: str) -> None:
+    want = _limit_oracle(member)
+    for dtype, temps in UNDERFLOWING.items():
+        if dtype not in backend.float_dtypes:
+            continue
+        for temperature in temps:
+            got = backend.to_numpy(_call(member, backend.asarray(T_LIMIT, dtype),
+                                         backend.asarray(P_LIMIT, dtype), inputs="logits",
+                                         temperature=temperature))
+            _close(got, want)
+            with kldiv.use_generic():
+                got = backend.to_numpy(_call(member, backend.asarray(T_LIMIT, dtype),
+                                             backend.asarray(P_LIMIT, dtype), inputs="logits",
+                                             temperature=temperature))
+            _close(got, want)
+
+
+@pytest.mark.parametrize("cls", LOSSES)
+def test_underflowing_temperature_in_loss_classes(backend: ArrayBackend, cls: Any) -> None:
+    rows = [0, 1, 2]  # finite losses: a mean of them
+    member = {kldiv.KLDivergence: "kl", kldiv.ReverseKLDivergence: "reverse_kl"}.get(cls, "js")
+    kw = {"beta": 0.3} if member == "js" else {}
+    want = _oracle(member, T_LIMIT[rows], P_LIMIT[[2, 2, 2]], "logits", 1e-320)
+    for temperature in UNDERFLOWING["float32"]:
+        loss = cls(inputs="logits", temperature=temperature, **kw)
+        got = loss(backend.asarray(T_LIMIT[rows], "float32"),
+                   backend.asarray(P_LIMIT[[2, 2, 2]], "float32"))
+        _close(np.asarray(backend.to_numpy(got)), np.asarray(want.mean()))
+
+
+def test_underflowing_temperature_torch_gradient_is_zero() -> None:
+    torch = pytest.importorskip("torch")
+    for dtype, temps in UNDERFLOWING.items():
+        for temperature in temps:
+            for generic in (False, True):
+                a = torch.tensor(T_LIMIT[:2], dtype=getattr(torch, dtype), requires_grad=True)
+                b = torch.tensor(P_LIMIT[:2], dtype=getattr(torch, dtype), requires_grad=True)
+                for member in FUNCTIONS:
+                    with kldiv.use_generic(generic):
+                        out = _call(member, a, b, inputs="logits", temperature=temperature)
+                    _close(out.detach().numpy(), _oracle(member, T_LIMIT[:2], P_LIMIT[:2], "logits", 1e-320))
+                    ga, gb = torch.autograd.grad(out[:1].sum(), (a, b))
+                    assert torch.equal(ga, torch.zeros_like(ga)) and torch.equal(gb, torch.zeros_like(gb))
+
+
+def test_underflowing_temperature_jax_gradient_is_zero() -> None:
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    for temperature in UNDERFLOWING["float32"]:
+        for member in FUNCTIONS:
+            def f(a: Any, b: Any, member: str = member, temperature: float = temperature) -> Any:
+                return _call(member, a, b, inputs="logits", temperature=temperature)[0]
+            a, b = jnp.asarray(T_LIMIT[:2], jnp.float32), jnp.asarray(P_LIMIT[:2], jnp.float32)
+            for generic in (False, True):
+                with kldiv.use_generic(generic):
+                    ga, gb = jax.grad(f, argnums=(0, 1))(a, b)
+                    assert float(f(a, b)) == pytest.approx(float(_limit_oracle(member)[0]), rel=1e-6)
+                assert not np.asarray(ga).any() and not np.asarray(gb).any()
+
+
+def test_underflowing_temperature_tensorflow() -> None:
+    tf = pytest.importorskip("tensorflow")
+    for dtype, temps in UNDERFLOWING.items():
+        for temperature in temps:
+            for member in FUNCTIONS:
+                a = tf.Variable(T_LIMIT, dtype=dtype)
+                b = tf.Variable(P_LIMIT, dtype=dtype)
+                with tf.GradientTape() as tape:
+                    out = _call(member, a, b, inputs="logits", temperature=temperature)
+                    first = out[0]
+                _close(out.numpy(), _limit_oracle(member))
+                for g in tape.gradient(first, [a, b]):
+                    assert not np.asarray(g).any()

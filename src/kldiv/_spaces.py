@@ -31,9 +31,9 @@ from ._kernel import clip_unit
 from ._libraries import lazy_library
 from ._namespace import array_namespace, dtype_kind, get_device, is_dask, is_low_precision
 
-__all__ = ["SPACES", "Prepared", "broadcast_shapes", "log_softmax", "parse_inputs", "pred_namespace",
-           "prepare", "row_max", "shape_str", "single_block_if_empty", "to_log_space",
-           "validate_temperature"]
+__all__ = ["SPACES", "Prepared", "broadcast_shapes", "limit_logits", "log_softmax", "parse_inputs",
+           "pred_namespace", "prepare", "row_max", "shape_str", "single_block_if_empty",
+           "temperature_limit", "to_log_space", "validate_temperature"]
 
 
 # ------------------------------------------------------------------------------ the inputs
@@ -303,13 +303,48 @@ def single_block_if_empty(x: Any) -> Any:
     return x
 
 
+_SMALLEST_NORMAL = {"float32": 1.1754943508222875e-38, "float64": 2.2250738585072014e-308}
+
+
+def temperature_limit(temperature: float, dtype: Any) -> bool:
+    """True where ``temperature`` is below ``dtype``'s smallest normal number.
+
+    Such a temperature is 0 in the dtype (it rounds to 0, or it is subnormal and XLA and
+    TensorFlow flush it to 0 on CPU), and ``(x - max(x)) / T`` would be ``0 / 0 = NaN`` at the
+    row maximum. It stands for the ``T -> 0`` limit, which every kernel then computes
+    directly (:func:`limit_logits`): all the mass on the row maximum, shared between ties.
+    The compute dtypes are float32 and float64 (half precision is computed in float32).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> temperature_limit(1e-40, np.float32), temperature_limit(1e-40, np.float64)
+    (True, False)
+    """
+    if temperature >= _SMALLEST_NORMAL["float32"]:  # every usual temperature: one comparison
+        return False
+    key = "float64" if "64" in str(dtype) else "float32"
+    return temperature < _SMALLEST_NORMAL[key]
+
+
+def limit_logits(xp: ModuleType, z: Any) -> Any:
+    """``lim_{T -> 0} z / T`` for max-shifted logits ``z = x - max(x) <= 0``: 0 at the row
+    maximum, ``-inf`` below it, NaN kept (a NaN logit, or ``+inf - +inf``).
+
+    Constants where the limit is taken: its gradient is 0 (the limit is flat), never the
+    ``0 * inf`` of a division by a temperature that is 0 in the dtype."""
+    return xp.where(z == 0.0, 0.0, xp.where(z < 0.0, -math.inf, z))
+
+
 def log_softmax(xp: ModuleType, x: Any, temperature: float = 1.0) -> Any:
     """``log_softmax(x / temperature)`` over the last axis, stable, in ``x``'s dtype.
 
     Max-shifted, then scaled: ``z = (x - max(x)) / temperature``, ``z - log(sum(exp(z)))``
     (``max(x / T) = max(x) / T`` for ``T > 0``; shifting first keeps ``z <= 0``, so that a tiny
     temperature gives the one-hot limit, ``-inf`` off the row maximum, rather than an
-    overflowing ``x / T`` and NaN). A row of all ``-inf`` gives all ``-inf`` (not NaN), with
+    overflowing ``x / T`` and NaN); a temperature below the dtype's smallest normal number
+    (0 in the dtype: :func:`temperature_limit`) gives that limit exactly, with a zero
+    gradient. A row of all ``-inf`` gives all ``-inf`` (not NaN), with
     zero gradients: the ``where`` calls replace the undefined ``-inf - (-inf)`` and ``log(0)``
     by safe values on both branches, so that no NaN reaches the backward pass either.
     """
@@ -318,7 +353,9 @@ def log_softmax(xp: ModuleType, x: Any, temperature: float = 1.0) -> Any:
     m = row_max(xp, x)
     m = xp.where(m == -math.inf, 0.0, m)
     z = x - m
-    if temperature != 1.0:
+    if temperature_limit(temperature, x.dtype):
+        z = limit_logits(xp, z)
+    elif temperature != 1.0:
         z = z / temperature
     s = xp.sum(xp.exp(z), axis=-1, keepdims=True)
     lse = xp.log(xp.where(s == 0.0, 1.0, s))

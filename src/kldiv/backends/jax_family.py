@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from .._divergence import MEMBERS
-from .._spaces import to_log_space
+from .._spaces import temperature_limit, to_log_space
 
 __all__ = ["js", "kl", "reverse_kl"]
 
@@ -236,7 +236,10 @@ def _generic(op: str, lp: jax.Array, lq: jax.Array, beta: float) -> jax.Array:
 def _divergence(y_true: jax.Array, y_pred: jax.Array, *, op: str, spaces: tuple[str, str],
                 temperature: float, beta: float) -> jax.Array:
     if (spaces[0] in _RULE_SPACES and spaces[1] in _RULE_SPACES and y_true.ndim > 0
-            and y_pred.ndim > 0 and jnp.broadcast_shapes(y_true.shape, y_pred.shape)[-1] > 0):
+            and y_pred.ndim > 0 and jnp.broadcast_shapes(y_true.shape, y_pred.shape)[-1] > 0
+            and not temperature_limit(temperature, y_pred.dtype)):
+        # (a temperature that is 0 in the dtype: the generic kernel's T -> 0 limit, below,
+        # whose derivative is 0; the rule's would divide by it)
         # no broadcast here: the rule's formulas broadcast (and reverse mode sums the
         # derivative over the broadcast axes); a logits input holds its whole class axis
         return _closed(y_true, y_pred, op, spaces, temperature, beta)

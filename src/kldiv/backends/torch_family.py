@@ -75,6 +75,7 @@ import torch
 
 from .._kernel import EPSILON
 from .._libraries.torch_traced import array_api
+from .._spaces import temperature_limit
 from .._switch import generic_forced
 from . import torch_family_blocks as _blocks
 from .torch_ import _batched, _has_tangent, _private, _tracing, float_tensors, optional_module
@@ -288,6 +289,10 @@ def _run(op: str, y_true: Any, y_pred: Any, spaces: tuple[str, str], temperature
     if _has_tangent(y_true, y_pred) or _batched(y_true, y_pred):
         # forward-mode AD and the legacy vmap: the blocked forward's ``out=`` ops have no
         # forward derivative nor batching rule; the generic formula has both
+        return NotImplemented
+    if "logits" in spaces and temperature_limit(temperature, y_pred.dtype):
+        # a temperature that is 0 in the dtype: the generic kernel's T -> 0 limit (a zero
+        # derivative), where the blocks, the compiled code and Triton would divide by it
         return NotImplemented
     shape = torch.broadcast_shapes(y_true.shape, y_pred.shape)
     if 0 in shape:
