@@ -559,6 +559,58 @@ def test_metric_refuses_torch_func_transforms(transform: str) -> None:
                for v in m.variables)
 
 
+@pytest.mark.parametrize("metric", [False, True])
+def test_streamed_float16_result_beyond_its_range_is_inf_without_a_warning(
+        backend: ArrayBackend, metric: bool) -> None:
+    """evaluate_batches' float16 result (y_pred's dtype, or a float16 metric's) cast a float64
+    value above 65504 with NumPy's "overflow encountered in cast" RuntimeWarning (Dask's at
+    compute time); the loss class gives inf silently, as Keras' cast."""
+    strict = backend.member is Backend.ARRAY_API_STRICT  # no float16 there: float32 results
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if metric:  # log-probabilities: KL = 0 - (-1e5) per sample
+            the_metric = KLDivergence(dtype="float16", inputs="log_probs", name="m")
+            t = backend.asarray([[0.0, -np.inf]], dtype="float32")
+            p = backend.asarray([[-1e5, 0.0]], dtype="float32")
+            got = kldiv.evaluate_batches([t, t], [p, p], metric=the_metric)
+            expected = 1e5
+        else:  # 5000 * 16.1 = 80590
+            dtype = "float32" if strict else "float16"
+            t = backend.asarray([[1.0, 0.0]], dtype=dtype)
+            p = backend.asarray([[0.0, 1.0]], dtype=dtype)
+            w = backend.asarray([5000.0], dtype="float32")
+            got = kldiv.evaluate_batches([t], [p], [w], reduction="sum")
+            expected = float(oracle([[1.0, 0.0]], [[0.0, 1.0]])[0]) * 5000
+        value = backend.to_numpy(got)
+    if strict:
+        assert value.dtype == np.float32 and float(value) == pytest.approx(expected, rel=1e-6)
+    else:
+        assert value.dtype == np.float16 and float(value) == np.inf
+
+
+def test_traced_looks_up_the_tracer_types_once_per_array_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    """traced() runs on every metric update: it read jax.core.Tracer from sys.modules (and
+    torch's functorch check) on every call, about 0.5 us each; the answer depends only on the
+    array's type, so it is looked up once per type."""
+    from kldiv import _accumulate
+
+    class JaxCore:
+        reads = 0
+
+        @property
+        def Tracer(self) -> type:  # jax.core's name
+            type(self).reads += 1
+            return type("Tracer", (), {})
+
+    monkeypatch.setitem(sys.modules, "jax.core", JaxCore())
+    monkeypatch.setattr(_accumulate, "_TRACED_BY_TYPE", {}, raising=False)
+    m = KLDivergence()
+    for _ in range(5):
+        m.update_state(YT, YP)
+    assert JaxCore.reads <= 1
+    assert _float(m.result()) == pytest.approx(oracle(YT, YP).mean(), rel=1e-6)
+
+
 # Last: importing TensorFlow loads Keras, which makes later metrics keras Metrics
 def test_reduction_none_batches_of_two_half_dtypes_on_tensorflow() -> None:
     """TensorFlow's concat does not promote: bfloat16 then float16 per-sample losses raised

@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,26 @@ def test_dtype_argument(backend: ArrayBackend) -> None:
     r = m.result()
     assert r.dtype == backend.dtype("float64")
     np.testing.assert_allclose(backend.to_numpy(r), oracle(SEED_T, np.float32(SEED_P)).mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("mean", "expected"), [(65510.0, 65504.0), (65530.0, np.inf), (1e5, np.inf)])
+def test_float16_result_beyond_its_range_is_inf_without_a_warning(
+        backend: ArrayBackend, mean: float, expected: float) -> None:
+    """A float16 metric whose mean exceeded 65504 raised NumPy's "overflow encountered in
+    cast" RuntimeWarning from result() (Dask's at compute time); the loss classes give the
+    overflow as inf, as Keras' cast does, silently. Values below 65520 round to 65504."""
+    m = KLDivergence(dtype="float16", inputs="log_probs")
+    # log-probabilities: KL = sum(exp(t) * (t - p)) = 0 - (-mean) for t = [0, -inf], p = [-mean, 0]
+    t = backend.asarray([[0.0, -np.inf], [0.0, -np.inf]], dtype="float32")
+    p = backend.asarray([[-mean, 0.0], [-mean, 0.0]], dtype="float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.update_state(t, p)
+        got = backend.to_numpy(m.result())
+    if _lib(backend) == "array_api_strict":  # no float16 there: the result is float32
+        assert got.dtype == np.float32 and float(got) == mean
+    else:
+        assert got.dtype == np.float16 and float(got) == expected
 
 
 def test_low_precision_result_dtype() -> None:

@@ -8,6 +8,7 @@ faces above it. :func:`accumulator_dtype` is the one place that chooses the accu
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -27,6 +28,7 @@ __all__ = [
     "RunningSum",
     "accumulator_dtype",
     "batch_sums",
+    "cast_result",
     "check_same_place",
     "detached",
     "has_float64",
@@ -235,19 +237,72 @@ def traced(x: Any) -> bool:
     ``jax.grad``, ``jax.vmap``) or a tensor wrapped by a ``torch.func`` transform (``vmap``,
     ``grad``). It exists only while the transformed function runs, so a running state must
     never hold one (a compiled function would not update it again, and the next eager use
-    would meet an escaped tracer or wrapper)."""
-    if compiling():  # torch.compile traces Python state faithfully; no JAX lookup there
+    would meet an escaped tracer or wrapper).
+
+    Runs on every metric update: the answer for ``type(x)`` is looked up once per type
+    (:data:`_TRACED_BY_TYPE`), so a call costs a dict lookup (and, for a torch tensor,
+    torch's own C check for a ``torch.func`` wrapper)."""
+    if compiling():  # torch.compile traces Python state faithfully; no cache read there
         return False
-    tracer = getattr(sys.modules.get("jax.core"), "Tracer", None)
-    if isinstance(tracer, type) and isinstance(x, tracer):
+    tp = type(x)
+    rule = _TRACED_BY_TYPE.get(tp)
+    if rule is None:
+        rule = _TRACED_BY_TYPE.setdefault(tp, _traced_rule(tp))
+    return rule if rule.__class__ is bool else bool(rule(x))
+
+
+_TRACED_BY_TYPE: dict[type, bool | Callable[[Any], Any]] = {}
+"""Per array type: ``True`` (every instance is a tracer), ``False`` (none is) or the check
+that answers per instance (torch's: a ``torch.func`` wrapper is a plain ``torch.Tensor``).
+A type is classified once, when first seen: a tracer type or a tensor type exists only once
+its library is imported, so nothing imported later changes an entry."""
+
+# Where the tracing libraries keep their abstract values: JAX's tracer type, and torch's
+# check for a tensor wrapped by a torch.func transform (whose type is torch.Tensor itself).
+# TODO(libraries table): a Library field naming these would keep the names in the table.
+_TRACER_TYPE = ("jax.core", "Tracer")
+_WRAPPED_TENSOR = ("torch", "Tensor", "_C._functorch.is_functorch_wrapped_tensor")
+
+
+def _traced_rule(tp: type) -> bool | Callable[[Any], Any]:
+    """:func:`traced`'s answer for instances of ``tp`` (see :data:`_TRACED_BY_TYPE`)."""
+    module, name = _TRACER_TYPE
+    tracer = getattr(sys.modules.get(module), name, None)
+    if isinstance(tracer, type) and issubclass(tp, tracer):
         return True
-    torch = sys.modules.get("torch")
-    tensor = getattr(torch, "Tensor", None)
-    if isinstance(tensor, type) and isinstance(x, tensor):
-        functorch = getattr(getattr(torch, "_C", None), "_functorch", None)
-        wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
-        return wrapped is not None and bool(wrapped(x))
+    module, name, check_path = _WRAPPED_TENSOR
+    lib = sys.modules.get(module)
+    tensor = getattr(lib, name, None)
+    if isinstance(tensor, type) and issubclass(tp, tensor):
+        check: Any = lib
+        for part in check_path.split("."):
+            check = getattr(check, part, None)
+        if callable(check):
+            return check
     return False
+
+
+def cast_result(xp: ModuleType, x: Any, dtype: Any) -> Any:
+    """``x`` cast to ``dtype`` (a result's dtype), a value beyond ``dtype``'s range becoming
+    ``inf`` as Keras' cast gives it, with no warning from any library (lazily for Dask).
+
+    NumPy warns "overflow encountered in cast" when a float64 mean above 65504 is cast to
+    float16, and Dask warns at compute time: such values are set to ``inf`` first (of their
+    sign), which every library casts silently; NaN stays NaN."""
+    if x.dtype == dtype:
+        return x
+    try:
+        source, target = xp.finfo(x.dtype), xp.finfo(dtype)
+    except (TypeError, ValueError, AttributeError):  # not floating (or no finfo): a plain cast
+        return xp.astype(x, dtype)
+    top, eps = float(target.max), float(target.eps)
+    if float(source.max) > top:  # a narrowing cast: find what rounds beyond the top
+        # the largest finite value is (2 - eps) * 2**emax and the spacing there eps * 2**emax:
+        # from halfway to the next power of two on, round-to-nearest gives inf
+        limit = top + eps * top / (2 * (2 - eps))
+        big = xp.full_like(x, math.inf)
+        x = xp.where(xp.abs(x) >= limit, xp.where(x > 0, big, -big), x)
+    return xp.astype(x, dtype)
 
 
 def safe_divide(xp: ModuleType, num: Any, den: Any) -> Any:

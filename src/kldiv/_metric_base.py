@@ -28,6 +28,7 @@ import numpy as np
 from ._accumulate import (
     RunningSum,
     batch_sums,
+    cast_result,
     check_same_place,
     metric_dtype,
     named_dtype,
@@ -174,7 +175,7 @@ class RunningMean:
             dtype = xp.float32
         elif name == "float64" and out.dtype != xp.float64:  # no float64 here
             dtype = out.dtype
-        return numpy_result(out if out.dtype == dtype else xp.astype(out, dtype))
+        return numpy_result(cast_result(xp, out, dtype))
 
     def reset_state(self) -> None:
         """Forget every update: the metric is as new (and has no library or device)."""

@@ -23,6 +23,7 @@ from ._accumulate import (
     BatchSums,
     RunningSum,
     batch_sums,
+    cast_result,
     check_same_place,
     running_sums,
     safe_divide,
@@ -139,7 +140,7 @@ class _Accumulator:
             out = safe_divide(xp, total, self.wsum.total())
         else:  # auto, sum_over_batch_size, mean: divide by the number of per-sample losses
             out = safe_divide(xp, total, self.n.total())
-        return out if out.dtype == self.out_dtype else xp.astype(out, self.out_dtype)
+        return cast_result(xp, out, self.out_dtype)
 
 
 def _iterable(value: Any, name: str) -> Iterator[Any]:
