@@ -345,3 +345,97 @@ def test_torch_inputs_that_cannot_move_or_are_nested_are_clear_type_errors() -> 
             kldiv.KLDivergence()(*args)
     meta = torch.ones(2, 2, device="meta")  # all on meta: shapes only, as torch does
     assert kldiv.KLDivergence(reduction="none")(meta, meta).shape == (2,)
+
+
+# ---- follow-up round: dtype=float, overflowing casts, names ---------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: kldiv.KLDivergence(**kw),
+    lambda **kw: kldiv.ReverseKLDivergence(**kw),
+    lambda **kw: kldiv.JensenShannonDivergence(**kw),
+])
+def test_python_float_dtype_is_float32_as_in_keras(backend: ArrayBackend, make: Any) -> None:
+    """Keras reads Python's ``float`` as float32 (``keras.losses.KLDivergence(dtype=float)``
+    computes in float32), as kldiv's metrics do; the losses gave float64 (NumPy's reading)."""
+    loss = make(dtype=float)
+    assert loss.dtype == "float32"
+    assert loss.get_config()["dtype"] == "float32"
+    out = loss(backend.asarray(YT, "float32"), backend.asarray(YP, "float32"))
+    assert out.dtype == backend.dtype("float32")
+    assert make(dtype=float) == make(dtype="float32")
+
+
+def test_python_float_dtype_of_the_estimator_loss_is_float32() -> None:
+    loss = kldiv.KLEstimator(dtype=float)
+    assert loss.dtype == "float32"
+    lp = np.full((2, 3), -1.0, np.float32)
+    assert loss(lp, lp).dtype == np.float32
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("case", ["weight", "y_true_f16", "y_true_f16_fn", "ref_logprob",
+                                  "ref_logprob_fn", "python_list"])
+def test_overflowing_float64_casts_are_inf_without_a_warning(backend: ArrayBackend, case: str) -> None:
+    """A float64 value beyond the target dtype's range is inf after the cast (Keras' cast
+    does the same), without NumPy's "overflow encountered in cast" RuntimeWarning."""
+    x = backend.asarray(np.full((2, 3), 1 / 3), "float32")
+    big = np.array([1e300, 1.0])
+    if case == "weight":
+        loss = kldiv.KLDivergence(reduction="none")
+        out = backend.to_numpy(loss(backend.asarray(YT, "float32"), backend.asarray(YP, "float32"),
+                                    sample_weight=big))
+        assert np.isposinf(out[0]) and np.isfinite(out[1])
+    elif case.startswith("y_true_f16"):
+        if backend.name == "array_api_strict":
+            pytest.skip("array-api-strict has no float16")
+        p = backend.asarray(np.full((1, 3), 1 / 3), "float16")
+        t = np.array([[1e300, 1.0, 0.0]])
+        fn = kldiv.kl_divergence if case.endswith("_fn") else kldiv.KLDivergence(reduction="none")
+        out = backend.to_numpy(fn(t, p))
+        assert out.shape == (1,)
+    elif case.startswith("ref_logprob"):
+        lp = backend.asarray(np.full((2, 3), -1.0), "float32")
+        ref = np.full((2, 3), -1e300)
+        if case.endswith("_fn"):
+            out = backend.to_numpy(kldiv.kl_estimate(lp, ref, estimator="k1"))
+        else:
+            out = backend.to_numpy(kldiv.KLEstimator(estimator="k1", reduction="none")(lp, ref))
+        assert np.all(np.isposinf(out))
+    else:
+        out = kldiv.kl_divergence([[1e300, 1.0]], [[0.5, 0.5]])  # inf, clipped to 1
+        np.testing.assert_allclose(out, [2 * np.log(2.0)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", [kldiv.KLDivergence, kldiv.ReverseKLDivergence,
+                                  kldiv.JensenShannonDivergence, kldiv.KLEstimator])
+def test_name_is_a_plain_str_and_none_is_the_default_name(make: Any) -> None:
+    """``name=np.str_("x")`` was kept as ``np.str_`` (in get_config and the repr:
+    ``name=np.str_('x')``); ``name=None`` was a TypeError where Keras gives the default name."""
+    loss = make(name=np.str_("x"))
+    assert type(loss.name) is str
+    assert type(loss.get_config()["name"]) is str
+    assert "np.str_" not in repr(loss)
+    assert make(name=None).name == make().name
+    with pytest.raises(TypeError, match="name must be a str"):
+        make(name=3)
+
+
+def test_dtype_helpers_read_scalar_type_dtypes() -> None:
+    """The NumPy, Dask and JAX namespaces name their dtypes by scalar types (``np.float16``);
+    their ``str()`` is ``"<class 'numpy.float16'>"``, which the helpers read as ``"float16'>"``:
+    ``is_low_precision(np.float16)`` was False, and the cast of a y_true or weight to such a
+    target dtype on the source's side (before crossing libraries) never happened."""
+    from kldiv._namespace import _dtype_name, is_low_precision
+
+    assert _dtype_name(np.float32) == "float32"
+    assert _dtype_name(np.dtype("float64")) == "float64"
+    assert is_low_precision(np.float16)
+    assert not is_low_precision(np.float32)
+
+
+@pytest.mark.parametrize("make", [kldiv.KLDivergence, kldiv.KLEstimator])
+def test_name_set_after_construction_is_saved_as_a_plain_str(make: Any) -> None:
+    loss = make()
+    loss.name = np.str_("x")
+    assert type(loss.get_config()["name"]) is str
+    assert "np.str_" not in repr(loss)

@@ -141,7 +141,8 @@ def as_pred_array(y_pred: Any, what: str = "y_pred") -> Any:
         # that carry a dtype of their own keep it: NumPy scalars and np.matrix (which
         # array-api-compat does not take as arrays), and whatever NumPy converts through the
         # buffer protocol or ``__array__`` (array.array, memoryview, pandas, xarray...).
-        arr = arr.astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, as Keras' cast
+            arr = arr.astype(np.float32)
     return arr
 
 
@@ -190,7 +191,15 @@ def to_namespace(x: Any, xp: ModuleType, device: Any, dtype: Any, *, what: str,
         # dynamo traces NumPy (and Python lists through np.asarray) as torch, but cannot read
         # an ndarray's dtype: go straight to a tensor
         return _COMPILER.loaded().as_tensor(x, dtype=dtype, device=device)  # type: ignore[union-attr]
-    out = _to_namespace(x, xp, device, dtype, what, like, tracing)
+    if tracing or (is_array(x) and not isinstance(x, (np.ndarray, np.generic))):
+        out = _to_namespace(x, xp, device, dtype, what, like, tracing)
+    else:
+        # NumPy data (an array or Python values) is cast by NumPy, here or inside the target
+        # library (JAX, Dask, torch.as_tensor): a value beyond the target dtype's range is
+        # inf, as Keras' cast gives, without NumPy's "overflow encountered in cast"
+        # RuntimeWarning (np.errstate: not while dynamo traces, where it breaks the graph)
+        with np.errstate(over="ignore"):
+            out = _to_namespace(x, xp, device, dtype, what, like, tracing)
     return out if peer is None else _call_time_values(out, peer, tracing)
 
 

@@ -11,6 +11,8 @@ is a :class:`LossBase` too.
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -38,6 +40,8 @@ def validate_dtype(dtype: Any, *, owner: str = "KLDivergence") -> str | None:
     read back. ``owner`` is the class the messages name."""
     if dtype is None:
         return None
+    if dtype is float:  # Python's float: float32, as in Keras (and kldiv's metrics), not NumPy's float64
+        return "float32"
     given = dtype
     if not isinstance(dtype, str):
         policy_dtype = getattr(dtype, "compute_dtype", None)  # a Keras DTypePolicy
@@ -105,11 +109,15 @@ class LossBase(KerasAwareLoss):
     dtype: str | None
 
     def _set_common(self, reduction: str | None, name: Any) -> None:
-        """Validate and set ``reduction`` and ``name``."""
+        """Validate and set ``reduction`` and ``name``: a plain ``str`` (a ``np.str_`` is
+        stored as one, for configs and the repr); ``None`` is the class' default name, as in
+        Keras (``keras.losses.KLDivergence(name=None).name == "kl_divergence"``)."""
         self.reduction = validate_reduction(reduction, batchmean=True)
+        if name is None:
+            name = _default_name(kldiv_class(self))
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}.")
-        self.name = name
+        self.name = str(name)
 
     def _set_dtype(self, dtype: Any) -> None:
         """Validate and set ``dtype`` (messages name this class)."""
@@ -167,6 +175,9 @@ class LossBase(KerasAwareLoss):
         """The constructor arguments, as Keras would save them (JSON-ready: a pair of input
         spaces is a list)."""
         config = self._config()
+        name = config.get("name")
+        if isinstance(name, str) and type(name) is not str:  # a np.str_ set after construction
+            config["name"] = str(name)
         # by name, also when the attribute was set after construction (a dtype object)
         name = validate_dtype(self.dtype, owner=type(self).__name__)
         if name is not None:
@@ -232,6 +243,14 @@ class LossBase(KerasAwareLoss):
         except (TypeError, ValueError):  # an invalid attribute set since: no == either
             return hash(kldiv_class(self))
         return hash((kldiv_class(self), _frozen(config)))
+
+
+def _default_name(cls: type) -> str:
+    """The default of ``name`` in ``cls``' constructor (its snake-case name where it has none)."""
+    default = inspect.signature(cls.__init__).parameters.get("name")
+    if default is not None and isinstance(default.default, str):
+        return default.default
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls.__name__).lower()
 
 
 def _frozen(value: Any) -> Any:
@@ -357,4 +376,5 @@ class DivergenceLoss(LossBase):
 
     def _repr_items(self) -> str:
         options = "".join(f", {key}={getattr(self, key)!r}" for key in self._options())
-        return f"reduction={self.reduction!r}, name={self.name!r}{options}"
+        name = str(self.name) if isinstance(self.name, str) else self.name
+        return f"reduction={self.reduction!r}, name={name!r}{options}"

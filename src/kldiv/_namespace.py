@@ -208,7 +208,16 @@ def dtype_kind(dtype: Any, *, tracing: bool | None = None) -> str:
 
 
 def _dtype_name(dtype: Any) -> str:
-    """'float32', 'bool', ... for a dtype of any library (TensorFlow's str() is "<dtype: ...>")."""
+    """'float32', 'bool', ... for a dtype of any library (TensorFlow's str() is "<dtype: ...>").
+
+    Scalar types (``np.float32``, ``jnp.float16``: what the NumPy, Dask and JAX namespaces
+    name their dtypes by) by their NumPy name: their ``name`` is a descriptor and their
+    ``str()`` is ``"<class 'numpy.float32'>"``, which read as ``"float32'>"``."""
+    if isinstance(dtype, type):  # NumPy / JAX / ml_dtypes scalar types
+        try:
+            return np.dtype(dtype).name
+        except TypeError:
+            return dtype.__name__.lower()
     name = getattr(dtype, "name", None)  # NumPy, CuPy, JAX and TensorFlow dtypes; not torch
     if not isinstance(name, str):
         name = str(dtype)
@@ -218,11 +227,6 @@ def _dtype_name(dtype: Any) -> str:
 def dtype_name(dtype: Any) -> str:
     """The name of a dtype of any library (``np.float64``, ``torch.float64``, ``jnp.float64``,
     ``tf.float64``, ``np.dtype("float64")``, ``ml_dtypes.bfloat16``...): ``"float64"``."""
-    if isinstance(dtype, type):  # NumPy / JAX / ml_dtypes scalar types
-        try:
-            return np.dtype(dtype).name
-        except TypeError:
-            return dtype.__name__.lower()
     return _dtype_name(dtype)
 
 
