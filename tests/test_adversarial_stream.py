@@ -588,6 +588,24 @@ def test_streamed_float16_result_beyond_its_range_is_inf_without_a_warning(
         assert value.dtype == np.float16 and float(value) == np.inf
 
 
+def test_files_with_values_are_refused_on_a_device_without_values(tmp_path: Path) -> None:
+    """evaluate_files(paths, backend="torch", device="meta") moved the files' values to a
+    device that keeps shapes only: a meta result (a silently empty answer) or, for out= and
+    on the host, torch's "Cannot copy out of meta tensor". A ValueError naming the device;
+    meta tensors computed on 'meta' itself stay allowed."""
+    torch = pytest.importorskip("torch")
+    np.save(tmp_path / "t.npy", YT)
+    np.save(tmp_path / "p.npy", YP)
+    t, p = str(tmp_path / "t.npy"), str(tmp_path / "p.npy")
+    for kwargs in ({}, {"metric": True}, {"reduction": "none"}):
+        with pytest.raises(ValueError, match=r"device 'meta' .*no values.*y_true file"):
+            kldiv.evaluate_files(t, p, backend="torch", device="meta", **kwargs)
+    with pytest.raises(ValueError, match=r"device 'meta' .*no values"):  # one input with values
+        kldiv.evaluate_files(torch.tensor(YT, device="meta"), p, backend="torch", device="meta")
+    meta = torch.tensor(YT, device="meta"), torch.tensor(YP, device="meta")
+    assert kldiv.evaluate_files(*meta, backend="torch", device="meta").device.type == "meta"
+
+
 def test_traced_looks_up_the_tracer_types_once_per_array_type(monkeypatch: pytest.MonkeyPatch) -> None:
     """traced() runs on every metric update: it read jax.core.Tracer from sys.modules (and
     torch's functorch check) on every call, about 0.5 us each; the answer depends only on the

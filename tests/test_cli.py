@@ -256,6 +256,22 @@ def test_unavailable_device_exits_1(files: dict[str, Any], backend: str, device:
     assert out == "" and len(err.strip().splitlines()) == 1 and "no device" in err and device in err
 
 
+@pytest.mark.parametrize("mode", [[], ["--metric"], ["--reduction", "none", "--output", "OUT"]])
+def test_meta_device_is_a_usage_error(files: dict[str, Any], mode: list[str],
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``--backend torch --device meta`` exited 1 with torch's own "Cannot copy out of meta
+    tensor; no data!": the device exists but holds shapes only, so the files' values cannot
+    be computed there. A usage error (exit 2), one line naming the device; nothing written."""
+    pytest.importorskip("torch")
+    out_path = files["dir"] / "o.npy"
+    mode = [str(out_path) if m == "OUT" else m for m in mode]
+    rc, out, err = _run([files["tp"], files["pp"], "--backend", "torch", "--device", "meta", *mode], capsys)
+    assert rc == 2, err
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert "'meta'" in err and "no values" in err and "Cannot copy" not in err
+    assert not out_path.exists() and sorted(p.name for p in files["dir"].iterdir() if p.name.startswith("o"))== []
+
+
 def test_big_endian_and_float16_files(files: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     d = files["dir"]
     np.save(d / "tb.npy", files["t"].astype(">f4"))

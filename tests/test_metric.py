@@ -109,6 +109,26 @@ def test_float16_result_beyond_its_range_is_inf_without_a_warning(
         assert got.dtype == np.float16 and float(got) == expected
 
 
+@pytest.mark.parametrize("make", [metrics.KLDivergence, metrics.ReverseKLDivergence,
+                                  metrics.JensenShannonDivergence, metrics.KLEstimator])
+def test_metric_name_is_a_plain_str_and_none_is_the_default_name(make: Any) -> None:
+    """``name=np.str_("x")`` was kept as ``np.str_`` (in get_config, the repr and a saved
+    config); ``name=None`` was a TypeError where Keras gives the default name
+    (``keras.metrics.KLDivergence(name=None).name == "kl_divergence"``)."""
+    m = make(name=np.str_("x"))
+    assert type(m.name) is str and m.name == "x"
+    assert type(m.get_config()["name"]) is str
+    assert "np.str_" not in repr(m)
+    assert type(pickle.loads(pickle.dumps(m)).name) is str
+    assert make(name=None).name == make().name
+    if make is not metrics.KLEstimator:  # (its get_config is its own: kldiv._estimator_metric)
+        late = make()
+        late.name = np.str_("y")  # set after construction: the config still holds a plain str
+        assert type(late.get_config()["name"]) is str and "np.str_" not in repr(late)
+    with pytest.raises(TypeError, match="name must be a str, got int"):
+        make(name=3)
+
+
 def test_low_precision_result_dtype() -> None:
     m = KLDivergence(dtype="bfloat16")  # NumPy has no bfloat16: float32
     m.update_state(SEED_T, SEED_P)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ._libraries import BACKENDS, backend_name, library, target
+from ._libraries import BACKENDS, WrongDevice, backend_name, library, target
 from ._metric_base import DivergenceMetric
 from ._namespace import array_namespace, namespace_name
 from ._npy_writer import NpyWriter, backing_file, check_output
@@ -52,6 +52,24 @@ def _computable_in_place(x: Any, name: str, device: str | None) -> bool:
     if namespace_name(array_namespace(x)) != name:
         return False
     return not getattr(x, "is_meta", False) or device == "meta"
+
+
+def _check_holds_values(move: Any, name: str, device: str | None, sources: list[Source | None]) -> None:
+    """Raise if ``device`` keeps no values (torch's ``meta``: shapes only) while an input has
+    values: they would be dropped on the way, and the result be a shape without a value
+    (or, on the host, torch's "Cannot copy out of meta tensor"). Bad input, not a missing
+    device: a ``WrongDevice`` (a ``ValueError``)."""
+    what = data_less(move(np.zeros((1,), dtype=np.float32)))
+    if what is None:
+        return
+    with_values = [s.label + (" file" if s.path is not None else "") for s in sources
+                   if s is not None and data_less(s.array) is None]
+    if with_values:
+        raise WrongDevice(
+            f"backend={name!r}, device={device!r} holds no values: an array there is {what}. "
+            f"The values of {', '.join(with_values)} cannot be computed on it; choose a device "
+            "that holds data (such as 'cpu' or 'cuda')."
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -141,7 +159,8 @@ def evaluate_files(
         that is also a ``TypeError``, as the loss class raises for such arrays.
     ValueError
         If an option is invalid, or ``out`` is an input (or a link to one), a directory,
-        not a regular file, or in a missing or unwritable directory.
+        not a regular file, or in a missing or unwritable directory, or ``device`` holds no
+        values (torch's ``"meta"``) while an input has values.
     TypeError
         If ``batch_rows`` is not an integer (a bool, a float), an input is ``None`` or not
         an array (or a masked array, whose mask would be lost), or ``out`` is not a path.
@@ -195,6 +214,7 @@ def evaluate_files(
     plan = layout(sources, weight)
     check_shapes(sources, weight, scalar_weight, plan)
     move = target(name, device)
+    _check_holds_values(move, name, device, all_sources)
     n = plan.n_rows
     if batch_rows is None:
         widest = max(int(np.prod(s.shape[1:], dtype=np.int64)) * s.itemsize for s in sources)

@@ -19,6 +19,7 @@ of the member's public function with those options. The public classes are in
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -79,8 +80,7 @@ class RunningMean:
         """Validate and set the name and dtype; no state (the Keras-aware class overrides this
         to initialise Keras' metric instead)."""
         cls = type(self)
-        cls._check_name(name)
-        self.name = name
+        self.name = cls._named(name)
         self.dtype = cls._normalize_dtype(dtype)
         self._total = None
         self._count = None
@@ -93,6 +93,24 @@ class RunningMean:
     def _check_name(cls, name: Any) -> None:
         if not isinstance(name, str):
             raise TypeError(f"{cls._owner()} name must be a str, got {public_name(type(name))}.")
+
+    @classmethod
+    def _named(cls, name: Any) -> str:
+        """``name`` as a plain ``str`` (a ``np.str_`` is stored as one, for configs and the
+        repr); ``None`` is the class' default name, as in Keras
+        (``keras.metrics.KLDivergence(name=None).name == "kl_divergence"``)."""
+        if name is None:
+            plain = getattr(cls, "_kldiv_class", cls)
+            default = inspect.signature(plain.__init__).parameters.get("name")
+            name = default.default if default is not None else None
+        cls._check_name(name)
+        return str(name)
+
+    def _config_name(self) -> Any:
+        """The ``name`` attribute for a config: a plain ``str`` also when a ``np.str_`` was
+        set after construction."""
+        name = self.name
+        return str(name) if isinstance(name, str) else name
 
     @classmethod
     def _normalize_dtype(cls, dtype: Any) -> str:
@@ -260,7 +278,7 @@ class RunningMean:
 
     def get_config(self) -> dict[str, Any]:
         """``{"name": ..., "dtype": ...}``, as Keras saves a metric."""
-        return {"name": self.name, "dtype": self._dtype_name()}
+        return {"name": self._config_name(), "dtype": self._dtype_name()}
 
     @classmethod
     def _config_arguments(cls, config: dict[str, Any]) -> dict[str, Any]:
@@ -288,7 +306,7 @@ class RunningMean:
         try:
             config = self.get_config()
         except (TypeError, ValueError):  # a dtype attribute set to a bad value: repr never raises
-            config = {"name": self.name, "dtype": self.dtype}
+            config = {"name": self._config_name(), "dtype": self.dtype}
         return ", ".join(f"{key}={value!r}" for key, value in config.items())
 
     def __repr__(self) -> str:
@@ -346,10 +364,10 @@ class DivergenceMetric(RunningMean):
             return made.__new__(made, *args, **kwargs)
         return super().__new__(cls)
 
-    def __init__(self, name: str, dtype: Any = None, *, inputs: Any = "probs",
+    def __init__(self, name: str | None, dtype: Any = None, *, inputs: Any = "probs",
                  temperature: Any = 1.0, **params: Any) -> None:
         self._kldiv_call = resolve(self.divergence, inputs=inputs, temperature=temperature, **params)
-        self._kldiv_init(name, dtype)
+        self._kldiv_init(type(self)._named(name), dtype)
 
     @classmethod
     def _config_keys(cls) -> tuple[str, ...]:
@@ -438,7 +456,7 @@ class DivergenceMetric(RunningMean):
     def get_config(self) -> dict[str, Any]:
         """``{"name": ..., "dtype": ...}`` and the options (``inputs``/``temperature`` where not
         the defaults, the member's parameters always), as Keras saves a metric."""
-        return {"name": self.name, "dtype": self._dtype_name(), **self._option_config()}
+        return {"name": self._config_name(), "dtype": self._dtype_name(), **self._option_config()}
 
     @classmethod
     def _config_arguments(cls, config: dict[str, Any]) -> dict[str, Any]:
