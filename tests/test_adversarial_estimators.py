@@ -521,3 +521,33 @@ def test_option_names_are_stored_as_plain_strings() -> None:
     assert type(loss.get_config()["gradient"]) is str
     assert "np.str_" not in repr(loss) + repr(metric)
     assert pickle.loads(pickle.dumps(loss)) == loss
+
+
+def test_ref_logprob_conversion_failure_names_logprob() -> None:
+    """A ``ref_logprob`` that cannot reach ``logprob``'s library: the message names
+    ``logprob`` (the argument whose library the call runs in), not ``y_pred``."""
+    torch = pytest.importorskip("torch")
+    ref = torch.empty(3, device="meta")  # no data: it cannot become a NumPy array
+    with pytest.raises(TypeError, match="ref_logprob") as info:
+        kldiv.kl_estimate(np.zeros(3, np.float32), ref)
+    assert "logprob's library" in str(info.value) and "y_pred" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["log_ratio_clamp", "value_clamp"])
+@pytest.mark.parametrize("value", [10**400, -(10**300)], ids=["1e400", "-1e300"])
+def test_huge_clamp_is_shortened_in_the_message(name: str, value: int) -> None:
+    """An integer of hundreds of digits is echoed shortened, as temperature and beta are."""
+    lp, ref = np.array([-1.0], np.float32), np.array([0.0], np.float32)
+    digits = len(repr(value))
+    for make in (lambda: kldiv.kl_estimate(lp, ref, **{name: value}),
+                 lambda: kldiv.KLEstimator(**{name: value}),
+                 lambda: MetricKLEstimator(**{name: value})):
+        with pytest.raises(ValueError, match=name) as info:
+            make()
+        assert f"({digits} characters)" in str(info.value) and len(str(info.value)) < 200
+
+
+def test_long_estimator_name_is_shortened_in_the_message() -> None:
+    with pytest.raises(ValueError, match="estimator") as info:
+        kldiv.kl_estimate([0.0], [0.0], estimator="k" * 5000)
+    assert "(5002 characters)" in str(info.value) and len(str(info.value)) < 300

@@ -422,3 +422,19 @@ def test_underflowing_temperature_tensorflow() -> None:
                 _close(out.numpy(), _limit_oracle(member))
                 for g in tape.gradient(first, [a, b]):
                     assert not np.asarray(g).any()
+
+
+@pytest.mark.parametrize("kw", [{"temperature": -(10**300)}, {"beta": 10**300},
+                                {"inputs": "x" * 5000}, {"temperature": [1.0] * 2000},
+                                {"inputs": ("probs", "x" * 5000)}])
+def test_huge_option_values_are_shortened_in_messages(kw: dict[str, Any]) -> None:
+    """An option echoed in a message is shortened (``...(N characters)``), never printed
+    whole (a 301-digit integer, a 5000-character string)."""
+    kw = {"inputs": "logits", **kw}
+    with pytest.raises((TypeError, ValueError)) as info:
+        kldiv.js_divergence(np.zeros((1, 2)), np.zeros((1, 2)), **kw)
+    assert "characters)" in str(info.value) and len(str(info.value)) < 400
+    if "beta" not in kw:
+        with pytest.raises((TypeError, ValueError)) as info:
+            kldiv.KLDivergence(**kw)
+        assert "characters)" in str(info.value) and len(str(info.value)) < 400

@@ -39,7 +39,7 @@ from typing import Any
 
 from ._kernel import kl_divergence_generic
 from ._namespace import native_namespace
-from ._spaces import _real
+from ._spaces import _real, short_repr
 
 __all__ = ["JS", "KERAS_KL", "KL", "MEMBERS", "REVERSE_KL", "Divergence", "get", "js_parts",
            "js_terms", "kl_terms"]
@@ -124,7 +124,7 @@ def _validate_beta(beta: Any) -> float:
         )
     if not 0.0 < b < 1.0:  # also NaN
         raise ValueError(
-            f"beta must lie in the open interval (0, 1), got {beta!r}. For the limits use "
+            f"beta must lie in the open interval (0, 1), got {short_repr(beta)}. For the limits use "
             "kldiv.kl_divergence (TRL's beta=0) or kldiv.reverse_kl_divergence (beta=1)."
         )
     return b

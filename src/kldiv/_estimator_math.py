@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._libraries import compiling, library
+from ._spaces import short_repr
 
 __all__ = ["ESTIMATORS", "GRADIENTS", "EstimatorOptions", "Ops", "estimate_terms",
            "estimator_options", "finite_terms", "log_ratio", "ops_for"]
@@ -51,20 +52,21 @@ class EstimatorOptions(NamedTuple):
 def _validate_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
     if isinstance(value, str) and value in choices:
         return choices[choices.index(value)]  # the plain str, not a subclass (np.str_)
-    raise ValueError(f"Invalid {what} {value!r}. Expected one of: " + ", ".join(repr(c) for c in choices) + ".")
+    raise ValueError(f"Invalid {what} {short_repr(value)}. Expected one of: " + ", ".join(repr(c) for c in choices) + ".")
 
 
 def _validate_clamp(value: Any, what: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a positive number or None, got {type(value).__name__} {value!r}.")
+        raise TypeError(f"{what} must be a positive number or None, got {type(value).__name__} "
+                        f"{short_repr(value)}.")
     try:
         bound = float(value)
     except OverflowError:  # an int beyond every float (10**400): not finite
         bound = math.inf
     if not (math.isfinite(bound) and bound > 0):
-        raise ValueError(f"{what} must be a positive, finite number or None, got {value!r}.")
+        raise ValueError(f"{what} must be a positive, finite number or None, got {short_repr(value)}.")
     return bound
 
 

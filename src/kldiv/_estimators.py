@@ -132,7 +132,7 @@ def prepare_estimate(logprob: Any, ref_logprob: Any) -> Inputs:
     device = get_device(lp)
     if lp.dtype != compute_dtype:
         lp = xp.astype(lp, compute_dtype)
-    ref = to_namespace(ref, xp, device, compute_dtype, what="ref_logprob")
+    ref = to_namespace(ref, xp, device, compute_dtype, what="ref_logprob", like="logprob")
     broadcast_shapes(tuple(lp.shape), tuple(ref.shape), what="logprob and ref_logprob")
     return Inputs(xp, lp, ref, out_dtype, device)
 

@@ -32,7 +32,7 @@ from ._libraries import lazy_library
 from ._namespace import array_namespace, dtype_kind, get_device, is_dask, is_low_precision
 
 __all__ = ["SPACES", "Prepared", "broadcast_shapes", "limit_logits", "log_softmax", "parse_inputs",
-           "pred_namespace", "prepare", "row_max", "shape_str", "single_block_if_empty",
+           "pred_namespace", "prepare", "row_max", "shape_str", "short_repr", "single_block_if_empty",
            "temperature_limit", "to_log_space", "validate_temperature"]
 
 
@@ -218,27 +218,39 @@ def parse_inputs(inputs: Any) -> tuple[str, str]:
     else:
         raise TypeError(
             f"inputs must be one of {', '.join(map(repr, SPACES))} or a pair of them (y_true's "
-            f"space, y_pred's space), e.g. ('probs', 'logits'); got {inputs!r}."
+            f"space, y_pred's space), e.g. ('probs', 'logits'); got {short_repr(inputs)}."
         )
     for name in pair:
         if not isinstance(name, str) or name not in SPACES:
             raise ValueError(
-                f"inputs: unknown input space {name!r}; expected one of "
+                f"inputs: unknown input space {short_repr(name)}; expected one of "
                 f"{', '.join(map(repr, SPACES))} (or a pair of them)."
             )
     return pair[0], pair[1]
 
 
+def short_repr(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` for a message, shortened past ``limit`` characters: an option echoed
+    back (a 401-digit integer, a 5000-character string) is named, not printed whole.
+
+    Examples
+    --------
+    >>> short_repr(0.5), short_repr(10**400)
+    ('0.5', '10000000000000000000...(401 characters)')
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:20]}...({len(text)} characters)"
+
+
 def _real(value: Any, what: str) -> float:
     """``value`` as a Python float: a real number (Python or NumPy scalar), not a bool."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a real number, got {type(value).__name__} {value!r}.")
+        raise TypeError(f"{what} must be a real number, got {type(value).__name__} "
+                        f"{short_repr(value)}.")
     try:
         return float(value)
     except OverflowError:  # an int (or Fraction) beyond the float range: out of range
-        text = repr(value)
-        text = text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
-        raise ValueError(f"{what}={text} is out of the range of a float.") from None
+        raise ValueError(f"{what}={short_repr(value)} is out of the range of a float.") from None
 
 
 def validate_temperature(temperature: Any, spaces: tuple[str, str]) -> float:
@@ -255,10 +267,10 @@ def validate_temperature(temperature: Any, spaces: tuple[str, str]) -> float:
     # comparisons, not math.isfinite: a symbolic float (torch.compile(dynamic=True)) traces
     # them; the same test, NaN included
     if not (-math.inf < t < math.inf and t > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+        raise ValueError(f"temperature must be a finite number > 0, got {short_repr(temperature)}.")
     if t != 1.0 and "logits" not in spaces:
         raise ValueError(
-            f"temperature={temperature!r} only applies to logits (inputs='logits' or a pair "
+            f"temperature={short_repr(temperature)} only applies to logits (inputs='logits' or a pair "
             f"with 'logits'); got inputs {spaces!r}. Divide logits by the temperature, or "
             "pass inputs='logits'."
         )
