@@ -248,7 +248,7 @@ def traced(x: Any) -> bool:
     rule = _TRACED_BY_TYPE.get(tp)
     if rule is None:
         rule = _TRACED_BY_TYPE.setdefault(tp, _traced_rule(tp))
-    return rule if rule.__class__ is bool else bool(rule(x))
+    return rule if isinstance(rule, bool) else bool(rule(x))
 
 
 _TRACED_BY_TYPE: dict[type, bool | Callable[[Any], Any]] = {}

@@ -4,8 +4,9 @@ flavour.
 :class:`RunningMean` is the engine every kldiv metric shares: the state (a total and a count,
 :class:`kldiv._accumulate.RunningSum`, in the first batch's library and on its device, float64
 where the library has it there), ``result``, ``reset_state``, ``merge_state`` (metrics of the
-same class and the same options only), ``get_config``/``from_config``, ``repr`` and pickling
-(through :func:`kldiv._metric_restore.restore_metric`).
+same class and the same options only), ``repr`` and pickling (through
+:func:`kldiv._metric_restore.restore_metric`); its name, dtype and ``get_config``/``from_config``
+are :class:`kldiv._metric_config.MetricConfig`'s.
 A subclass says what one batch adds (``update_state``, through :meth:`RunningMean._add`) and
 which options it has (:meth:`RunningMean._options`, :meth:`RunningMean.get_config`).
 
@@ -19,7 +20,6 @@ of the member's public function with those options. The public classes are in
 
 from __future__ import annotations
 
-import inspect
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -31,7 +31,6 @@ from ._accumulate import (
     batch_sums,
     cast_result,
     check_same_place,
-    metric_dtype,
     named_dtype,
     running_sums,
     safe_divide,
@@ -47,6 +46,7 @@ from ._keras import (
     keras_masked_weight,
     metric_class,
 )
+from ._metric_config import MetricConfig
 from ._metric_restore import public_name, restore_metric
 from ._namespace import array_namespace, get_device, namespace_name, numpy_result
 
@@ -55,18 +55,15 @@ __all__ = ["DivergenceMetric", "RunningMean"]
 _M = TypeVar("_M", bound="RunningMean")
 
 
-class RunningMean:
+class RunningMean(MetricConfig):
     """A running, weighted mean of per-sample values: ``total / count`` over every update.
 
-    Subclasses set :attr:`_CONFIG_KEYS` (what :meth:`from_config` accepts), implement
+    Subclasses set :attr:`_CONFIG_KEYS` (what :meth:`from_config` accepts, see
+    :class:`kldiv._metric_config.MetricConfig`), implement
     ``update_state`` (adding one batch with :meth:`_add`), :meth:`_options` (what must agree
     for :meth:`merge_state`) and :meth:`get_config` when they have options.
     """
 
-    _CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("name", "dtype")
-    # How messages name the class, where its released wording differs from its public name.
-    _DTYPE_OWNER: ClassVar[str | None] = None
-    _CONFIG_OWNER: ClassVar[str | None] = None
     # True for a metric that lives for one call only (evaluate_batches(metric=True)): its state
     # cannot outlive a jax.jit trace, so traced batches are no error there.
     _kldiv_transient: bool = False
@@ -84,46 +81,6 @@ class RunningMean:
         self.dtype = cls._normalize_dtype(dtype)
         self._total = None
         self._count = None
-
-    @classmethod
-    def _owner(cls) -> str:
-        return public_name(cls)
-
-    @classmethod
-    def _check_name(cls, name: Any) -> None:
-        if not isinstance(name, str):
-            raise TypeError(f"{cls._owner()} name must be a str, got {public_name(type(name))}.")
-
-    @classmethod
-    def _named(cls, name: Any) -> str:
-        """``name`` as a plain ``str`` (a ``np.str_`` is stored as one, for configs and the
-        repr); ``None`` is the class' default name, as in Keras
-        (``keras.metrics.KLDivergence(name=None).name == "kl_divergence"``)."""
-        if name is None:
-            plain = getattr(cls, "_kldiv_class", cls)
-            default = inspect.signature(plain.__init__).parameters.get("name")
-            name = default.default if default is not None else None
-        cls._check_name(name)
-        return str(name)
-
-    def _config_name(self) -> Any:
-        """The ``name`` attribute for a config: a plain ``str`` also when a ``np.str_`` was
-        set after construction."""
-        name = self.name
-        return str(name) if isinstance(name, str) else name
-
-    @classmethod
-    def _normalize_dtype(cls, dtype: Any) -> str:
-        return metric_dtype(dtype, owner=cls._DTYPE_OWNER or cls._owner())
-
-    def _dtype_name(self) -> str:
-        """The ``dtype`` attribute as a name, checked again (it may be set after construction)."""
-        return type(self)._normalize_dtype(self.dtype)
-
-    def _describe(self) -> str:
-        """``kldiv.metrics.KLDivergence(name=...)``: unambiguous in messages (the loss class is
-        also called ``KLDivergence``)."""
-        return f"{self._owner()}{repr(self)[len(type(self).__name__):]}"
 
     # -- state ---------------------------------------------------------------------------
 
@@ -274,40 +231,7 @@ class RunningMean:
         self.update_state(*args, **kwargs)  # type: ignore[attr-defined]
         return self.result()
 
-    # -- config, repr, pickling --------------------------------------------------------------
-
-    def get_config(self) -> dict[str, Any]:
-        """``{"name": ..., "dtype": ...}``, as Keras saves a metric."""
-        return {"name": self._config_name(), "dtype": self._dtype_name()}
-
-    @classmethod
-    def _config_arguments(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """The constructor's arguments from a config (a copy): subclasses drop what Keras adds."""
-        return dict(config)
-
-    @classmethod
-    def _config_keys(cls) -> tuple[str, ...]:
-        return cls._CONFIG_KEYS
-
-    @classmethod
-    def from_config(cls: type[_M], config: dict[str, Any]) -> _M:
-        """Rebuild a metric from :meth:`get_config` output; unknown keys raise ``TypeError``."""
-        if not isinstance(config, Mapping):
-            raise TypeError(f"{cls._CONFIG_OWNER or cls._owner()}.from_config takes a dict (what "
-                            f"get_config() returns), got {public_name(type(config))}.")
-        config = cls._config_arguments(config)
-        unknown = set(config) - set(cls._config_keys())
-        if unknown:
-            owner = cls._CONFIG_OWNER or cls._owner()
-            raise TypeError(f"Unknown {owner} config keys: {sorted(unknown, key=repr)}.")
-        return cls(**config)
-
-    def _repr_items(self) -> str:
-        try:
-            config = self.get_config()
-        except (TypeError, ValueError):  # a dtype attribute set to a bad value: repr never raises
-            config = {"name": self._config_name(), "dtype": self.dtype}
-        return ", ".join(f"{key}={value!r}" for key, value in config.items())
+    # -- repr, pickling (the config: kldiv._metric_config) ------------------------------------
 
     def __repr__(self) -> str:
         where = "" if self._total is None else f", state on {self.library}:{self.device}"
