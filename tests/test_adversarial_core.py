@@ -378,7 +378,6 @@ def test_python_float_dtype_of_the_estimator_loss_is_float32() -> None:
 def test_overflowing_float64_casts_are_inf_without_a_warning(backend: ArrayBackend, case: str) -> None:
     """A float64 value beyond the target dtype's range is inf after the cast (Keras' cast
     does the same), without NumPy's "overflow encountered in cast" RuntimeWarning."""
-    x = backend.asarray(np.full((2, 3), 1 / 3), "float32")
     big = np.array([1e300, 1.0])
     if case == "weight":
         loss = kldiv.KLDivergence(reduction="none")

@@ -221,6 +221,14 @@ if backend == "torch":
     pt5 = torch.from_numpy(y[4:8].copy())
     pt5._keras_mask = "yes"
     res["mask_not_an_array"] = capture(lambda: kldiv.KLDivergence()(yt4, pt5))
+    # a mask of a shape that does not fit the per-sample loss: the error names the mask
+    pt6 = torch.from_numpy(y[4:8].copy())
+    pt6._keras_mask = np.array([True, False, True])
+    res["mask_bad_shape"] = [capture(lambda: kldiv.KLDivergence()(yt4, pt6)),
+                             capture(lambda: kldiv.KLDivergence()(yt4, pt6, sample_weight=w[:4]))]
+    rp6 = torch.from_numpy(np.log(y[4:8, :3]).copy())
+    rp6._keras_mask = np.ones((4, 2), dtype=bool)
+    res["mask_bad_shape_estimator"] = capture(lambda: kldiv.KLEstimator()(np.log(y[:4, :3]), rp6))
 # the estimator loss, by its argument names, with Keras loaded
 lp = np.log(rng.random(16)).astype("float32")
 rp = np.log(rng.random(16)).astype("float32")
@@ -640,3 +648,14 @@ def test_hand_set_mask_of_another_library_or_not_an_array(run: dict[str, Any]) -
     np.testing.assert_allclose(_number(ours, "NumPy mask"), oracle, rtol=1e-5)
     message = run["mask_not_an_array"]
     assert message.startswith("ERROR TypeError: the Keras mask (_keras_mask) of y_pred"), message
+
+
+def test_mask_of_a_shape_that_does_not_fit_names_the_mask(run: dict[str, Any]) -> None:
+    """A ``_keras_mask`` whose shape does not fit the per-sample loss: the ValueError names
+    the mask (was "sample_weight of shape (3,) does not broadcast ...", naming an argument
+    the caller never gave)."""
+    if run["backend"] != "torch":
+        pytest.skip("torch tensors take attributes: checked on Keras' torch backend")
+    for message in (*run["mask_bad_shape"], run["mask_bad_shape_estimator"]):
+        assert message.startswith("ERROR ValueError: the Keras mask (_keras_mask) of "), message
+        assert "does not broadcast" in message, message

@@ -247,7 +247,7 @@ class LossBase(KerasAwareLoss):
 
 def _default_name(cls: type) -> str:
     """The default of ``name`` in ``cls``' constructor (its snake-case name where it has none)."""
-    default = inspect.signature(cls.__init__).parameters.get("name")
+    default = inspect.signature(cls).parameters.get("name")
     if default is not None and isinstance(default.default, str):
         return default.default
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls.__name__).lower()

@@ -9,7 +9,20 @@ from ._convert import to_namespace
 from ._namespace import get_device, numpy_result
 from ._spaces import broadcast_shapes, shape_str
 
-__all__ = ["Reduction", "apply_sample_weight", "num_elements", "reduce_loss", "validate_reduction"]
+__all__ = ["NamedWeight", "Reduction", "apply_sample_weight", "num_elements", "reduce_loss",
+           "validate_reduction"]
+
+
+class NamedWeight:
+    """A weight (``value``) that is not the caller's ``sample_weight`` (a Keras mask), with the
+    name messages give it (``what``) and the caller's ``sample_weight`` (or ``None``) to apply
+    after it: :func:`apply_sample_weight` checks each against the per-sample loss, whose shape
+    is known only there, and an error must name the one that does not fit."""
+
+    __slots__ = ("sample_weight", "value", "what")
+
+    def __init__(self, value: Any, what: str, sample_weight: Any = None) -> None:
+        self.value, self.what, self.sample_weight = value, what, sample_weight
 
 
 class Reduction:
@@ -82,8 +95,11 @@ def validate_reduction(reduction: str | None, *, batchmean: bool = False) -> str
     )
 
 
-def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[Any, Any]:
+def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any, *,
+                        what: str = "sample_weight") -> tuple[Any, Any]:
     """``(loss * w, w)`` with ``w`` brought to the loss' library, device, dtype and shape.
+
+    ``what`` names the weight in messages (a :class:`NamedWeight` brings its own name).
 
     Keras 2 rank rules, for a loss of rank r: a scalar multiplies everything; rank r + 1 with
     a last axis of 1 is squeezed; rank r - 1 gets a trailing axis (so a (B,) weight scales each
@@ -94,7 +110,14 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[
     so that refilling its buffer before ``backward()`` cannot change the gradient
     (:func:`kldiv._convert.call_time_values`).
     """
-    w = to_namespace(sample_weight, xp, get_device(loss), loss.dtype, what="sample_weight",
+    if isinstance(sample_weight, NamedWeight):
+        named = sample_weight
+        loss, w = apply_sample_weight(xp, loss, named.value, what=named.what)
+        if named.sample_weight is None:
+            return loss, w
+        loss, w2 = apply_sample_weight(xp, loss, named.sample_weight, what=what)
+        return loss, w * w2
+    w = to_namespace(sample_weight, xp, get_device(loss), loss.dtype, what=what,
                      like="the loss", peer=loss)
     given = tuple(w.shape)  # for messages: the shape the caller passed, before the rank rules
     r = loss.ndim
@@ -106,7 +129,7 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[
         w = w[..., None]
     loss_shape = tuple(loss.shape)
     try:
-        shape = broadcast_shapes(tuple(w.shape), loss_shape, what="sample_weight and the loss")
+        shape = broadcast_shapes(tuple(w.shape), loss_shape, what=f"{what} and the loss")
         if len(shape) != len(loss_shape) or any(
             s is not None and d is not None and s != d for s, d in zip(shape, loss_shape, strict=True)
         ):
@@ -118,10 +141,10 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any) -> tuple[
         if any(d != d for d in loss_shape):  # NaN: a Dask array's unknown chunk sizes
             ruled += (". The loss' size is unknown (Dask chunks of unknown size), and Dask "
                       "combines it only with a size of 1 or another unknown size: call "
-                      "compute_chunk_sizes() on the inputs, or give sample_weight as a Dask "
+                      f"compute_chunk_sizes() on the inputs, or give {what} as a Dask "
                       "array chunked like them")
         raise ValueError(
-            f"sample_weight of shape {shape_str(tuple(w.shape))} does not broadcast to the "
+            f"{what} of shape {shape_str(tuple(w.shape))} does not broadcast to the "
             f"per-sample loss of shape {shape_str(loss_shape)}{ruled}."
         ) from None
     return loss * w, w

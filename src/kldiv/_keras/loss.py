@@ -22,7 +22,12 @@ from .._namespace import (
     is_low_precision,
     torch_compiling,
 )
-from .._reduction import Reduction, apply_sample_weight, num_elements, validate_reduction
+from .._reduction import (
+    NamedWeight,
+    Reduction,
+    num_elements,
+    validate_reduction,
+)
 from .detect import called_by_keras3_compile, graph_safe, keras3_floatx, keras_mask
 from .registry import LOSS_PACKAGE, register_class
 
@@ -50,29 +55,31 @@ _KERAS_CLASSES: dict[tuple[type, tuple[type, ...]], type] = {}
 _MEAN_REDUCTIONS = frozenset({Reduction.AUTO, Reduction.SUM_OVER_BATCH_SIZE, Reduction.MEAN})
 
 
-def keras_masked_weight(mask: Any, sample_weight: Any, reduction: str, like: Any) -> Any:
+def keras_masked_weight(mask: Any, sample_weight: Any, reduction: str, like: Any,
+                        of: str = "y_pred") -> NamedWeight:
     """``sample_weight`` with a Keras ``mask`` (of the per-sample loss' shape) folded in, as
     Keras' ``Loss.__call__`` folds it (``apply_mask`` of Keras 3, ``apply_valid_mask`` of
     tf.keras): for a mean (``"auto"``, ``"sum_over_batch_size"``, ``"mean"``) the unmasked entries
     weigh ``size / valid``, so that the mean is over them (0 when every entry is masked, as in
-    Keras 3); for the other reductions the mask is a 0/1 weight. ``sample_weight`` follows
-    Keras 2's rank rules against the mask. Computed in ``like``'s (``y_pred``'s) library.
+    Keras 3); for the other reductions the mask is a 0/1 weight. Computed in ``like``'s
+    (``y_pred``'s) library; ``of`` is ``like``'s argument name. Returned as a
+    :class:`~kldiv._reduction.NamedWeight` holding ``sample_weight`` too: the per-sample
+    loss' shape is known only when the weights are applied (each by Keras 2's rank rules
+    against it), and an error there names the one that does not fit.
     """
+    what = f"the Keras mask (_keras_mask) of {of}"
     xp = array_namespace(like)
     # the mask in y_pred's library and device (a mask set by hand may be of another library, a
     # list, or not an array: a TypeError naming it, not a backend error)
     m = to_namespace(mask, xp, get_device(like), xp.float64 if dtype_name(like.dtype) == "float64" else xp.float32,
-                     what="the Keras mask (_keras_mask) of y_pred")
+                     what=what)
     if reduction in _MEAN_REDUCTIONS:
         n = num_elements(tuple(m.shape))
         total = xp.sum(xp.ones_like(m)) if n is None else n
         valid = xp.sum(m)
         none = valid == 0
         m = m * xp.where(none, xp.zeros_like(valid), total / xp.where(none, xp.ones_like(valid), valid))
-    if sample_weight is None:
-        return m
-    weighted, _ = apply_sample_weight(xp, m, sample_weight)
-    return weighted
+    return NamedWeight(m, what, sample_weight)
 
 
 def _in_floatx(x: Any, floatx: str) -> Any:
@@ -124,7 +131,7 @@ def _keras_call(self: Any, *args: Any, **kwargs: Any) -> Any:
             reduction = None  # kldiv's own call raises the clear error
         if reduction is not None:
             arguments["sample_weight"] = keras_masked_weight(
-                mask, arguments.get("sample_weight"), reduction, arguments[second])
+                mask, arguments.get("sample_weight"), reduction, arguments[second], second)
     return plain.__call__(*bound.args, **bound.kwargs)
 
 
