@@ -66,8 +66,8 @@ def _check_holds_values(move: Any, name: str, device: str | None, sources: list[
                    if s is not None and data_less(s.array) is None]
     if with_values:
         raise WrongDevice(
-            f"backend={name!r}, device={device!r} holds no values: an array there is {what}. "
-            f"The values of {', '.join(with_values)} cannot be computed on it; choose a device "
+            f"device {device!r} of backend {name!r} holds no values: an array there is {what}. "
+            f"The values of {' and '.join(with_values)} cannot be computed there; choose a device "
             "that holds data (such as 'cpu' or 'cuda')."
         )
 

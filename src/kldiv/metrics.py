@@ -80,8 +80,8 @@ class KLDivergence(DivergenceMetric, member=KL, function=kl_divergence,
 
     Parameters
     ----------
-    name : str, default "kullback_leibler_divergence"
-        The metric's name (Keras 2's default).
+    name : str or None, default "kullback_leibler_divergence"
+        The metric's name (Keras 2's default; ``None`` gives it too, as in Keras).
     dtype : str or dtype, default "float32"
         The dtype of :meth:`result` (Keras' metric dtype): ``"float32"``, ``"float64"``,
         ``"float16"`` or ``"bfloat16"``. Accumulation is in float64 regardless, where the
@@ -174,7 +174,7 @@ class KLDivergence(DivergenceMetric, member=KL, function=kl_divergence,
     0.45814306
     """
 
-    def __init__(self, name: str = "kullback_leibler_divergence", dtype: Any = None, *,
+    def __init__(self, name: str | None = "kullback_leibler_divergence", dtype: Any = None, *,
                  inputs: Any = "probs", temperature: Any = 1.0) -> None:
         super().__init__(name, dtype, inputs=inputs, temperature=temperature)
 
@@ -191,7 +191,8 @@ class ReverseKLDivergence(DivergenceMetric, member=REVERSE_KL, function=reverse_
 
     Parameters
     ----------
-    name : str, default "reverse_kl_divergence"
+    name : str or None, default "reverse_kl_divergence"
+        The metric's name (``None``: the default).
 """ + _DTYPE + _OPTIONS + """
 
     See Also
@@ -213,7 +214,7 @@ class ReverseKLDivergence(DivergenceMetric, member=REVERSE_KL, function=reverse_
     {'name': 'reverse_kl_divergence', 'dtype': 'float32', 'inputs': 'logits', 'temperature': 2.0}
     """
 
-    def __init__(self, name: str = "reverse_kl_divergence", dtype: Any = None, *,
+    def __init__(self, name: str | None = "reverse_kl_divergence", dtype: Any = None, *,
                  inputs: Any = "probs", temperature: Any = 1.0) -> None:
         super().__init__(name, dtype, inputs=inputs, temperature=temperature)
 
@@ -229,7 +230,8 @@ class JensenShannonDivergence(DivergenceMetric, member=JS, function=js_divergenc
 
     Parameters
     ----------
-    name : str, default "js_divergence"
+    name : str or None, default "js_divergence"
+        The metric's name (``None``: the default).
 """ + _DTYPE + """
     beta : float, default 0.5
         The weight of P in the mixture, in the open interval (0, 1) (0 and 1 are a
@@ -257,7 +259,7 @@ class JensenShannonDivergence(DivergenceMetric, member=JS, function=js_divergenc
     {'name': 'js_divergence', 'dtype': 'float32', 'beta': 0.3}
     """
 
-    def __init__(self, name: str = "js_divergence", dtype: Any = None, *, beta: Any = 0.5,
+    def __init__(self, name: str | None = "js_divergence", dtype: Any = None, *, beta: Any = 0.5,
                  inputs: Any = "probs", temperature: Any = 1.0) -> None:
         super().__init__(name, dtype, inputs=inputs, temperature=temperature, beta=beta)
 
