@@ -9,6 +9,7 @@ references are the float64 oracle of SPEC §1 and SPEC's numbers.
 from __future__ import annotations
 
 import array
+import json
 import os
 import subprocess
 import sys
@@ -438,3 +439,86 @@ def test_name_set_after_construction_is_saved_as_a_plain_str(make: Any) -> None:
     loss.name = np.str_("x")
     assert type(loss.get_config()["name"]) is str
     assert "np.str_" not in repr(loss)
+
+
+# ---- logits whose class axis is unknown until run time ---------------------------------------
+
+_RUN_TIME_CLASSES = r"""
+import json
+import triton  # noqa: F401  (before TensorFlow, see conftest.py)
+import numpy as np
+import kldiv
+import tensorflow as tf
+
+rng = np.random.default_rng(0)
+one = tf.constant(rng.random((3, 1)).astype(np.float32))
+full = tf.constant(rng.random((3, 4)).astype(np.float32))
+spec = tf.TensorSpec([None, None], tf.float32)
+cases = {
+    "fn": lambda t, p: kldiv.kl_divergence(t, p, inputs="logits"),
+    "loss": lambda t, p: kldiv.KLDivergence(inputs="logits", reduction="none")(t, p),
+    "js": lambda t, p: kldiv.JensenShannonDivergence(inputs="logits", reduction="none")(t, p),
+}
+for name, f in cases.items():
+    for jit in (False, True):
+        g = tf.function(f, input_signature=[spec, spec], jit_compile=jit)
+        print(name, jit, "same", json.dumps(np.asarray(g(full, full)).tolist()).replace(" ", ""))
+        for label, (t, p) in (("true1", (one, full)), ("pred1", (full, one))):
+            try:
+                print(name, jit, label, json.dumps(np.asarray(g(t, p)).tolist()).replace(" ", ""))
+            except Exception as exc:
+                print(name, jit, label, "ERROR", type(exc).__name__, " ".join(str(exc).split())[:400])
+"""
+
+
+def test_tf_function_logits_broadcast_at_run_time_is_refused(tmp_path: Any) -> None:
+    """A ``tf.function`` traced with ``(None, None)`` shapes: a logits input whose class axis
+    is 1 at run time, against 4 classes, gave a wrong value silently (eager mode raises
+    ValueError). Now the graph raises, naming the input; where XLA drops the assertion
+    (``jit_compile=True``) the result is NaN, never a value."""
+    pytest.importorskip("tensorflow")
+    script = tmp_path / "run_time_classes.py"
+    script.write_text(_RUN_TIME_CLASSES)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split(" ", 3) for line in proc.stdout.splitlines()]
+    assert len(lines) == 18, proc.stdout
+    for name, jit, label, rest in lines:
+        if label == "same":
+            np.testing.assert_allclose(json.loads(rest), [0.0] * 3, atol=1e-6)
+        elif jit == "False":
+            what = "y_true" if label == "true1" else "y_pred"
+            assert rest.startswith("ERROR InvalidArgumentError"), (name, label, rest)
+            assert f"{what} holds logits" in rest and "class (last) axis has size 1" in rest, rest
+        else:
+            assert np.all(np.isnan(json.loads(rest))), (name, label, rest)
+
+
+def test_torch_compile_dynamic_logits_broadcast_is_refused() -> None:
+    """``torch.compile(dynamic=True)``: dynamo specializes sizes of 1, so the eager check runs
+    in the trace (a graph compiled for full shapes recompiles for a class axis of 1)."""
+    torch = pytest.importorskip("torch")
+    f = torch.compile(lambda t, p: kldiv.kl_divergence(t, p, inputs="logits"), dynamic=True)
+    full = torch.randn(3, 4)
+    np.testing.assert_allclose(f(full, full).numpy(), 0.0, atol=1e-6)
+    f(torch.randn(3, 5), torch.randn(3, 5))  # a dynamic class axis from here on
+    for t, p, what in ((torch.randn(3, 1), full, "y_true"), (full, torch.randn(3, 1), "y_pred")):
+        with pytest.raises(ValueError, match=f"{what} holds logits of shape"):
+            f(t, p)
+
+
+def test_dask_logits_of_unknown_class_axis_is_refused() -> None:
+    """A Dask class axis of unknown size (NaN) cannot be checked when the graph runs: refused
+    with a clear error (was computed as if broadcast, a wrong value)."""
+    da = pytest.importorskip("dask.array")
+    x = np.random.default_rng(0).random((3, 4))
+    full = da.from_array(x, chunks=(3, 2))
+    unknown = full[:, full[0] >= 0]  # the class axis' size: NaN until computed
+    assert unknown.shape[-1] != unknown.shape[-1]
+    one = da.from_array(x[:, :1])
+    with pytest.raises(ValueError, match="unknown size"):
+        kldiv.kl_divergence(one, unknown, inputs="logits")
+    out = kldiv.kl_divergence(full, unknown.compute_chunk_sizes(), inputs="logits").compute()
+    np.testing.assert_allclose(out, 0.0, atol=1e-12)

@@ -117,22 +117,58 @@ def resolve_traced(div: Divergence, inputs: Any, temperature: Any, params: dict[
 
 
 # ------------------------------------------------------------------------------ compute
-def _check_class_axes(call: Call, prep: Prepared) -> None:
+def _check_class_axes(call: Call, prep: Prepared, lib: Library) -> Any:
     """A logits input must hold the whole class axis: softmax over a broadcast axis of 1 is
-    not the softmax of the broadcast logits."""
+    not the softmax of the broadcast logits.
+
+    Where a class axis is unknown until run time (a ``tf.function`` traced with a
+    ``(None, None)`` input signature, a Dask array of unknown chunk sizes), the check is added
+    to the graph where the library allows it (:meth:`Library.assert_at_run_time`: it raises
+    when the graph runs), else a logits input that may be broadcast is refused now. Returns
+    that run-time condition (a 0-d boolean array; ``None`` without one): the result is NaN
+    where it holds, never a wrong value, also where a compiler drops the assertion (XLA,
+    ``tf.function(jit_compile=True)``)."""
+    bad: Any = None
     shapes = (tuple(prep.y_true.shape), tuple(prep.y_pred.shape))
     classes = [s[-1] if s else 1 for s in shapes]
+    known = [c is not None and c == c for c in classes]  # not None, not NaN (Dask)
     full = None
-    for c in classes:
-        if c is not None and c == c and c != 1:  # known (not None, not NaN), not broadcast
+    for c, k in zip(classes, known, strict=True):
+        if k and c != 1:  # not broadcast
             full = c
-    for what, space, shape, c in zip(("y_true", "y_pred"), call.spaces, shapes, classes, strict=True):
-        if space == "logits" and full is not None and c != full and c == 1:
+    names = ("y_true", "y_pred")
+    for i, (what, space, shape, c) in enumerate(zip(names, call.spaces, shapes, classes, strict=True)):
+        if space != "logits":
+            continue
+        if full is not None and known[i] and c == 1:
             raise ValueError(
                 f"{what} holds logits of shape {shape_str(shape)}: its class (last) axis must "
                 f"have the full size {full}, not broadcast against the other input "
                 f"(y_true of shape {shape_str(shapes[0])}, y_pred of shape {shape_str(shapes[1])})."
             )
+        other = 1 - i
+        if (known[i] and c != 1) or (known[other] and classes[other] == 1):
+            continue  # whole, or the other input's axis is 1: nothing is broadcast
+        # one of the two class axes is unknown: decided only when the graph runs
+        message = (f"{what} holds logits of shape {shape_str(shape)} whose class (last) axis "
+                   f"has size 1 at run time, broadcast against {names[other]}'s (of shape "
+                   f"{shape_str(shapes[other])}); give the logits with the full class axis.")
+        mine, theirs = (lib.run_time_size(x, -1) if not k else cls
+                        for x, k, cls in ((prep.y_true if i == 0 else prep.y_pred, known[i], c),
+                                          (prep.y_pred if i == 0 else prep.y_true, known[other],
+                                           classes[other])))
+        if mine is not None and theirs is not None:
+            broadcast = (mine == 1) & (theirs != 1)
+            if lib.assert_at_run_time(broadcast, message):
+                bad = broadcast if bad is None else bad | broadcast
+                continue
+        raise ValueError(
+            f"{what} holds logits of shape {shape_str(shape)} against {names[other]} of shape "
+            f"{shape_str(shapes[other])}: a class (last) axis of unknown size, which "
+            f"{lib.name} cannot check at run time, may broadcast a class axis of 1; give "
+            "inputs whose class axis size is known (Dask: compute_chunk_sizes())."
+        )
+    return bad
 
 
 def compute(call: Call, prep: Prepared, *, cast: bool = True, compiling: bool | None = None) -> Any:
@@ -144,16 +180,17 @@ def compute(call: Call, prep: Prepared, *, cast: bool = True, compiling: bool | 
     """
     if call.swap:
         prep = prep._replace(y_true=prep.y_pred, y_pred=prep.y_true)
-    elif "logits" in call.spaces:
-        _check_class_axes(call, prep)
     if compiling is None:  # asked once per call (~0.1 us each time)
         compiling = torch_compiling()
     lib = library(prep.xp, tracing=compiling)
+    broadcast = None
+    if not call.swap and "logits" in call.spaces:
+        broadcast = _check_class_axes(call, prep, lib)
     scope = lib.device_scope(prep.device)
     if scope is None:
-        return _compute(call, prep, cast, lib, compiling)
+        return _compute(call, prep, cast, lib, compiling, broadcast)
     with scope:
-        return _compute(call, prep, cast, lib, compiling)
+        return _compute(call, prep, cast, lib, compiling, broadcast)
 
 
 # NumPy would warn about the 0 * inf and -inf - (-inf) that the log-space kernels compute on
@@ -172,7 +209,8 @@ def _kernel_namespace(lib: Library, xp: ModuleType, compiling: bool) -> ModuleTy
     return xp
 
 
-def _compute(call: Call, prep: Prepared, cast: bool, lib: Library, compiling: bool) -> Any:
+def _compute(call: Call, prep: Prepared, cast: bool, lib: Library, compiling: bool,
+             broadcast: Any = None) -> Any:
     xp = prep.xp
     div = call.divergence
     fast = None if compiling else fast_path(lib.name, div.op)
@@ -192,6 +230,8 @@ def _compute(call: Call, prep: Prepared, cast: bool, lib: Library, compiling: bo
                 lp = to_log_space(kxp, prep.y_true, call.spaces[0], call.temperature)
                 lq = to_log_space(kxp, prep.y_pred, call.spaces[1], call.temperature)
                 loss = div.generic(kxp, lp, lq, **call.params)
+    if broadcast is not None:  # a logits class axis broadcast at run time: NaN, not a value
+        loss = _kernel_namespace(lib, xp, compiling).where(broadcast, float("nan"), loss)
     if cast and loss.dtype != prep.out_dtype:
         loss = xp.astype(loss, prep.out_dtype)
     return loss

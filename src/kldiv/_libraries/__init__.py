@@ -100,6 +100,7 @@ LIBRARIES: tuple[Library, ...] = (
             array_types=("tensorflow:Tensor", "tensorflow:Variable"), adapter=_B + "tensorflow_",
             kernel_namespace=_B + "tensorflow_family", immutable=True, scoped=True,
             sparse_types=("tensorflow:SparseTensor",), eager_check="executing_eagerly",
+            run_time_shape="shape", run_time_assert="debugging.assert_equal",
             densify="TensorFlow {type}; call tf.sparse.to_dense() first",
             ragged_types=("tensorflow:RaggedTensor",), pad=".to_tensor(default_value=0.0)",
             quiet=(("TF_CPP_MIN_LOG_LEVEL", "2"),),

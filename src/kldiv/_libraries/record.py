@@ -104,6 +104,13 @@ class Library:
     eager_check: str = ""
     """Its module's function answering whether ops run eagerly (false while a graph is built,
     ``tf.function``: kldiv's state cannot live there)."""
+    run_time_shape: str = ""
+    """Its module's function giving an array's shape as an array of the library, known when a
+    graph runs (``tf.shape``), where shapes may be unknown (``None``) while it is built."""
+    run_time_assert: str = ""
+    """Its module's function (dotted), ``assert_equal(x, y, message=...)``, that adds to the
+    graph being built a check raising ``message`` when it runs with ``x != y``
+    (``tf.debugging.assert_equal``)."""
     quiet: tuple[tuple[str, str], ...] = ()
     """Environment defaults set before importing it (start-up chatter off)."""
     install: str = ""
@@ -191,6 +198,24 @@ class Library:
         ns: ModuleType = self.load_adapter().namespace
         return ns
 
+    def run_time_size(self, x: Any, axis: int) -> Any:
+        """The size of ``x``'s ``axis`` as the library's 0-d array, known when its graph runs
+        (:attr:`run_time_shape`); ``None`` where the library has no such function."""
+        mod = self.loaded() if self.run_time_shape else None
+        if mod is None:
+            return None
+        return _dotted(mod, self.run_time_shape)(x)[axis]
+
+    def assert_at_run_time(self, bad: Any, message: str) -> bool:
+        """Add to the graph being built a check that raises ``message`` when it runs with the
+        boolean 0-d array ``bad`` true (:attr:`run_time_assert`); ``False`` where the library
+        cannot (nothing added)."""
+        mod = self.loaded() if self.run_time_assert else None
+        if mod is None:
+            return False
+        _dotted(mod, self.run_time_assert)(bad, False, message=message)
+        return True
+
     def hush(self) -> None:
         """Set :attr:`quiet`'s environment defaults (before the library is imported)."""
         for key, value in self.quiet:
@@ -249,6 +274,12 @@ class Library:
         importlib.import_module(self.modules[0])
         rows: Iterator[tuple[str, Callable[[Any], Any] | None, str]] = self.load_adapter().show_devices()
         return rows
+
+
+def _dotted(mod: Any, path: str) -> Any:
+    for part in path.split("."):
+        mod = getattr(mod, part)
+    return mod
 
 
 def _info_has_float64(xp: ModuleType, device: Any) -> bool:
