@@ -551,3 +551,23 @@ def test_long_estimator_name_is_shortened_in_the_message() -> None:
     with pytest.raises(ValueError, match="estimator") as info:
         kldiv.kl_estimate([0.0], [0.0], estimator="k" * 5000)
     assert "(5002 characters)" in str(info.value) and len(str(info.value)) < 300
+
+
+def test_tracing_is_asked_once_per_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare_estimate asks "is dynamo tracing?" once and hands the answer down (the
+    conversion helpers, the libraries table, the series' coefficients)."""
+    torch = pytest.importorskip("torch")
+    original, calls = torch.compiler.is_compiling, []
+
+    def counting() -> bool:
+        calls.append(1)
+        return bool(original())
+
+    lp = np.random.default_rng(0).standard_normal(5).astype(np.float32)
+    for estimator in ("k1", "k2", "k3"):
+        kldiv.kl_estimate(lp, lp[::-1].copy(), estimator=estimator)
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", counting)
+            calls.clear()
+            kldiv.kl_estimate(lp, lp[::-1].copy(), estimator=estimator)
+        assert len(calls) == 1, estimator

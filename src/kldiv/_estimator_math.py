@@ -107,6 +107,8 @@ class Ops(NamedTuple):
     stop_gradient: Callable[[Any], Any] | None
     # the context the computation runs in (NumPy: no warning for an expected -inf - -inf)
     quiet: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    # compiling()'s answer for the call (asked once per call, by its caller)
+    tracing: bool = False
 
 
 def _torch_ops(xp: ModuleType) -> tuple[Any, ...]:
@@ -117,16 +119,21 @@ def _torch_ops(xp: ModuleType) -> tuple[Any, ...]:
     return tuple(torch_adapter.estimator_ops(xp))
 
 
-def ops_for(xp: ModuleType) -> Ops:
+def ops_for(xp: ModuleType, *, tracing: bool | None = None) -> Ops:
     """:class:`Ops` for namespace ``xp``: its adapter's ``estimator_ops`` (the libraries
-    table), else the array API's functions with nothing to stop and no context."""
-    lib = library(xp)
+    table), else the array API's functions with nothing to stop and no context.
+
+    ``tracing``: :func:`~kldiv._libraries.compiling`'s answer where the caller has it (asked
+    here when ``None``), kept in :attr:`Ops.tracing` for the terms' computation."""
+    if tracing is None:
+        tracing = compiling()
+    lib = library(xp, tracing=tracing)
     # one expression, no annotated assignment in branches: autograph, should it convert this
     # function, cannot make an annotated name nonlocal and gives up with a warning
     found = _torch_ops(xp) if lib.name == "torch" else lib.estimator_ops(xp)
     if found is not None:
-        return Ops(*found)
-    return Ops(xp.where, xp.expm1, xp.isfinite, xp.isnan, None)
+        return Ops(*found)._replace(tracing=tracing)  # the adapter's fields, then this call's
+    return Ops(xp.where, xp.expm1, xp.isfinite, xp.isnan, None, tracing=tracing)
 
 
 class _Limits(NamedTuple):
@@ -201,13 +208,12 @@ def _bound_in(xp: ModuleType, dtype: Any, bound: float | None) -> float | None:
 _COEFFICIENTS: dict[str, tuple[float, ...]] = {}
 
 
-def _series_coefficients(xp: ModuleType, dtype: Any) -> tuple[float, ...]:
+def _series_coefficients(xp: ModuleType, dtype: Any, tracing: bool) -> tuple[float, ...]:
     """``1 / (m + 2)!`` for m = 0..M, M the smallest that keeps the truncation of
     ``(exp(u) - 1 - u) / u**2`` on ``|u| < 0.5`` below an eighth of dtype's epsilon."""
     key = str(dtype)
     # not read while torch.compile traces: dynamo would guard the graph on this dict (its
     # length too), and a later eager call with a new dtype would recompile it
-    tracing = compiling()
     coeffs = None if tracing else _COEFFICIENTS.get(key)
     if coeffs is None:
         try:
@@ -253,7 +259,7 @@ def _k3_finite(ops: Ops, xp: ModuleType, x: Any) -> Any:
     """``exp(-x) + x - 1`` for finite ``x > -log_max``, to a few ulp, never negative."""
     small = (x > -_SERIES_RADIUS) & (x < _SERIES_RADIUS)
     u = ops.where(small, -x, 0.0)  # bounded, so the unused series terms cannot overflow
-    coeffs = _series_coefficients(xp, x.dtype)
+    coeffs = _series_coefficients(xp, x.dtype, ops.tracing)
     poly = coeffs[-1] * u + coeffs[-2]
     for c in reversed(coeffs[:-2]):
         poly = poly * u + c

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 from ._accumulate import accumulator_dtype, detached, num_elements
 from ._estimators import compute_estimate, estimator_options, prepare_estimate
+from ._libraries import library
 from ._metric_base import RunningMean
-from ._namespace import device_scope
 
 __all__ = ["KLEstimator"]
 
@@ -95,7 +95,7 @@ class KLEstimator(RunningMean):
         xp = inputs.xp
         logprob, ref_logprob = detached(xp, inputs.logprob, inputs.ref_logprob)
         inputs = inputs._replace(logprob=logprob, ref_logprob=ref_logprob)
-        scope = device_scope(xp, inputs.device)
+        scope = library(xp, tracing=inputs.tracing).device_scope(inputs.device)
         if scope is None:
             total, count = self._batch(inputs, sample_weight)
         else:

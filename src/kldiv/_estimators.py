@@ -36,13 +36,14 @@ from ._estimator_math import (
     ops_for,
 )
 from ._keras.detect import graph_safe
+from ._libraries import library
 from ._namespace import (
-    device_scope,
     dtype_kind,
     get_device,
     is_array,
     is_low_precision,
     numpy_result,
+    torch_compiling,
 )
 from ._reduction import apply_sample_weight
 from ._spaces import broadcast_shapes, pred_namespace
@@ -64,6 +65,7 @@ class Inputs(NamedTuple):
     ref_logprob: Any
     out_dtype: Any  # logprob's floating dtype: what the caller gets back
     device: Any
+    tracing: bool = False  # torch_compiling()'s answer, asked once by prepare_estimate
 
 
 def _python_to_numpy(x: Any, what: str, *, floatx: bool) -> np.ndarray:
@@ -84,15 +86,19 @@ def _python_to_numpy(x: Any, what: str, *, floatx: bool) -> np.ndarray:
     return arr
 
 
-def prepare_estimate(logprob: Any, ref_logprob: Any) -> Inputs:
+def prepare_estimate(logprob: Any, ref_logprob: Any, *, tracing: bool | None = None) -> Inputs:
     """Validate both inputs and bring ``ref_logprob`` to ``logprob``'s library, device, dtype.
 
     Follows :func:`kldiv.kl_divergence`'s rules, with ``logprob`` in ``y_pred``'s place:
     integer and bool ``logprob`` give float32, half precision is computed in float32, a Dask
     ``ref_logprob`` against a NumPy ``logprob`` keeps the call lazy. Unlike the KL function,
     there is no class axis: 0-d inputs are fine and no axis is squeezed; the shapes must
-    broadcast.
+    broadcast. ``tracing``: :func:`~kldiv._namespace.torch_compiling`'s answer where the
+    caller has it; asked once per call (here when ``None``), handed to every conversion
+    helper and kept in :attr:`Inputs.tracing` for the computation.
     """
+    if tracing is None:
+        tracing = torch_compiling()
     if logprob is None or ref_logprob is None:
         raise TypeError("logprob and ref_logprob must be arrays, lists or numbers, not None.")
     check_dense(logprob, "logprob")
@@ -112,29 +118,30 @@ def prepare_estimate(logprob: Any, ref_logprob: Any) -> Inputs:
         ref = ref_logprob
     else:
         ref = _python_to_numpy(ref_logprob, "ref_logprob", floatx=False)
-    lp, xp = pred_namespace(lp, ref, what="logprob")
+    lp, xp = pred_namespace(lp, ref, what="logprob", tracing=tracing)
 
-    kind = dtype_kind(lp.dtype)
+    kind = dtype_kind(lp.dtype, tracing=tracing)
     if kind in {"int", "bool"}:
         out_dtype = xp.float32
     elif kind == "float":
         out_dtype = lp.dtype
     else:
         raise TypeError(f"logprob has dtype {lp.dtype}; log-probabilities must be real numbers.")
-    ref_kind = dtype_kind(ref.dtype)
+    ref_kind = dtype_kind(ref.dtype, tracing=tracing)
     if ref_kind not in {"float", "int", "bool"}:
         raise TypeError(
             f"ref_logprob has dtype {ref.dtype}, which cannot be cast to logprob's dtype {out_dtype}; "
             "log-probabilities must be real numbers."
         )
-    compute_dtype = xp.float32 if is_low_precision(out_dtype) else out_dtype
+    compute_dtype = xp.float32 if is_low_precision(out_dtype, tracing=tracing) else out_dtype
 
     device = get_device(lp)
     if lp.dtype != compute_dtype:
         lp = xp.astype(lp, compute_dtype)
-    ref = to_namespace(ref, xp, device, compute_dtype, what="ref_logprob", like="logprob")
+    ref = to_namespace(ref, xp, device, compute_dtype, what="ref_logprob", like="logprob",
+                       tracing=tracing)
     broadcast_shapes(tuple(lp.shape), tuple(ref.shape), what="logprob and ref_logprob")
-    return Inputs(xp, lp, ref, out_dtype, device)
+    return Inputs(xp, lp, ref, out_dtype, device, tracing)
 
 
 def compute_estimate(inputs: Inputs, options: EstimatorOptions, sample_weight: Any = None) -> tuple[Any, Any]:
@@ -148,7 +155,7 @@ def compute_estimate(inputs: Inputs, options: EstimatorOptions, sample_weight: A
     then the estimate, as for any other weight (replacing it lost that term).
     """
     xp = inputs.xp
-    ops = ops_for(xp)
+    ops = ops_for(xp, tracing=inputs.tracing)
     # NumPy: -inf - -inf in log_ratio's unused branch is expected, not worth a warning
     with ops.quiet():
         d = log_ratio(ops, inputs.logprob, inputs.ref_logprob)
@@ -254,7 +261,7 @@ def kl_estimate(
     options = estimator_options(estimator, log_ratio_clamp, value_clamp, gradient)
     inputs = prepare_estimate(logprob, ref_logprob)
     xp = inputs.xp
-    scope = device_scope(xp, inputs.device)
+    scope = library(xp, tracing=inputs.tracing).device_scope(inputs.device)  # device_scope
     if scope is None:
         out, _ = compute_estimate(inputs, options)
     else:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._dispatch import Call, compute, resolve
+from ._dispatch import Call, compute, resolve_traced
 from ._divergence import JS, KERAS_KL, KL, REVERSE_KL
-from ._namespace import numpy_result
+from ._namespace import numpy_result, torch_compiling
 from ._spaces import prepare
 
 __all__ = [
@@ -30,13 +30,16 @@ __all__ = [
     "reverse_kl_divergence",
 ]
 
-def evaluate(call: Call, y_true: Any, y_pred: Any) -> Any:
+def evaluate(call: Call, y_true: Any, y_pred: Any, *, tracing: bool | None = None) -> Any:
     """Prepare and compute one resolved call: the functions' common body.
 
     The inputs broadcast as given (no rank squeeze); a 0-d NumPy result is a NumPy scalar
-    (:func:`kldiv._namespace.numpy_result`), as NumPy's own reductions give.
+    (:func:`kldiv._namespace.numpy_result`), as NumPy's own reductions give. ``tracing``:
+    :func:`~kldiv._namespace.torch_compiling`'s answer where the caller has it; asked once
+    per call (here when ``None``) and handed to every step.
     """
-    return numpy_result(compute(call, prepare(y_true, y_pred, squeeze=False)))
+    prep = prepare(y_true, y_pred, squeeze=False, tracing=tracing)
+    return numpy_result(compute(call, prep, compiling=prep.tracing))
 
 
 _KERAS_KL = Call(KERAS_KL, ("probs", "probs"))  # resolve(KL): the defaults
@@ -133,12 +136,13 @@ def kl_divergence(y_true: Any, y_pred: Any, /, *, inputs: Any = "probs",
     >>> kldiv.kl_divergence(teacher, student, inputs="logits", temperature=2.0).round(6)
     array([0.295173])
     """
+    tracing = torch_compiling()  # once per call
     if (type(inputs) is str and inputs == "probs"
             and type(temperature) is float and temperature == 1.0):
         call = _KERAS_KL  # the defaults: no options to check
     else:
-        call = resolve(KL, inputs=inputs, temperature=temperature)
-    return evaluate(call, y_true, y_pred)
+        call = resolve_traced(KL, inputs, temperature, {}, tracing)
+    return evaluate(call, y_true, y_pred, tracing=tracing)
 
 
 kl_divergence_family = kl_divergence
@@ -205,7 +209,9 @@ def reverse_kl_divergence(y_true: Any, y_pred: Any, /, *, inputs: Any = "probs",
     >>> round(float(kldiv.reverse_kl_divergence(lp, lq, inputs="log_probs")), 6)
     0.116622
     """
-    return evaluate(resolve(REVERSE_KL, inputs=inputs, temperature=temperature), y_true, y_pred)
+    tracing = torch_compiling()  # once per call
+    call = resolve_traced(REVERSE_KL, inputs, temperature, {}, tracing)
+    return evaluate(call, y_true, y_pred, tracing=tracing)
 
 
 def js_divergence(y_true: Any, y_pred: Any, /, *, beta: Any = 0.5, inputs: Any = "probs",
@@ -248,8 +254,9 @@ def js_divergence(y_true: Any, y_pred: Any, /, *, beta: Any = 0.5, inputs: Any =
     >>> kldiv.js_divergence(logits, logits, inputs="logits", beta=0.3)
     array([0.])
     """
-    call = resolve(JS, inputs=inputs, temperature=temperature, beta=beta)
-    return evaluate(call, y_true, y_pred)
+    tracing = torch_compiling()  # once per call
+    call = resolve_traced(JS, inputs, temperature, {"beta": beta}, tracing)
+    return evaluate(call, y_true, y_pred, tracing=tracing)
 
 
 jensen_shannon_divergence = js_divergence
