@@ -233,3 +233,42 @@ def test_jax_jit_of_a_loss_is_not_served_a_trace_of_other_options() -> None:
     broken = kldiv.KLDivergence()
     broken.dtype = "int32"  # invalid: refused at the call; hashing it is still fine
     assert isinstance(hash(broken), int)
+
+
+_JIT_WITH_KERAS = r"""
+import os
+os.environ["KERAS_BACKEND"] = "jax"
+import keras  # noqa: F401  (loaded first: kldiv's losses are keras.losses.Loss subclasses)
+import jax
+import jax.numpy as jnp
+import numpy as np
+import kldiv
+
+assert isinstance(kldiv.KLDivergence(), keras.losses.Loss)
+rng = np.random.default_rng(6)
+t, p = jnp.asarray(rng.normal(size=(4, 5))), jnp.asarray(rng.normal(size=(4, 5)))
+first = kldiv.KLDivergence(inputs="logits")
+jax.jit(first)(t, p)
+first.temperature = 3.0
+second = kldiv.KLDivergence(inputs="logits", temperature=3.0)
+print(float(jax.jit(second)(t, p)), float(second(t, p)),
+      hash(second) != hash(kldiv.KLDivergence(inputs="logits")), hash(second) == hash(first))
+"""
+
+
+def test_jax_jit_of_a_keras_aware_loss_is_not_served_a_trace_of_other_options() -> None:
+    """With Keras loaded (importing TensorFlow loads it too), the loss classes are Keras
+    ``Loss`` subclasses, whose ``__hash__`` was the class' alone: ``jax.jit`` served
+    ``KLDivergence(temperature=3)`` a trace made for temperature 1 (the defect
+    :func:`test_jax_jit_of_a_loss_is_not_served_a_trace_of_other_options` covers without
+    Keras came back)."""
+    pytest.importorskip("keras")
+    pytest.importorskip("jax")
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _JIT_WITH_KERAS], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jitted, eager, differ, same = proc.stdout.split()
+    np.testing.assert_allclose(float(jitted), float(eager), rtol=1e-6)
+    assert differ == "True" and same == "True"

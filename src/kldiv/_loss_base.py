@@ -332,19 +332,22 @@ class DivergenceLoss(LossBase):
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """The unreduced, unweighted per-sample loss (Keras' ``Loss.call``), after Keras 2's
         rank squeeze (see :meth:`__call__`)."""
-        call = self._resolved()
-        return numpy_result(compute(call, prepare(y_true, y_pred, squeeze=True)))
+        compiling = torch_compiling()  # asked once here
+        call = self._resolved(compiling)
+        prep = prepare(y_true, y_pred, squeeze=True, tracing=compiling)
+        return numpy_result(compute(call, prep, compiling=compiling))
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         """Weighted, reduced loss. ``sample_weight`` follows Keras 2's rank rules; a mask
         (``labels != -100``, bool or 0/1) is a sample weight."""
         compiling = torch_compiling()  # asked once here (each check costs about 0.1 us)
         call = self._resolved(compiling)
-        prep = prepare(y_true, y_pred, squeeze=True)
+        prep = prepare(y_true, y_pred, squeeze=True, tracing=compiling)
 
         def reduce() -> Any:
             per_sample = compute(call, prep, cast=False, compiling=compiling)
-            return reduce_loss(prep.xp, per_sample, sample_weight, reduction=self.reduction)
+            return reduce_loss(prep.xp, per_sample, sample_weight, reduction=self.reduction,
+                               tracing=compiling)
 
         return self._reduced(prep.xp, prep.device, prep.out_dtype, reduce, compiling)
 

@@ -96,10 +96,11 @@ def validate_reduction(reduction: str | None, *, batchmean: bool = False) -> str
 
 
 def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any, *,
-                        what: str = "sample_weight") -> tuple[Any, Any]:
+                        what: str = "sample_weight", tracing: bool | None = None) -> tuple[Any, Any]:
     """``(loss * w, w)`` with ``w`` brought to the loss' library, device, dtype and shape.
 
     ``what`` names the weight in messages (a :class:`NamedWeight` brings its own name).
+    ``tracing``: :func:`~kldiv._namespace.torch_compiling`'s answer where the caller has it.
 
     Keras 2 rank rules, for a loss of rank r: a scalar multiplies everything; rank r + 1 with
     a last axis of 1 is squeezed; rank r - 1 gets a trailing axis (so a (B,) weight scales each
@@ -112,13 +113,13 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any, *,
     """
     if isinstance(sample_weight, NamedWeight):
         named = sample_weight
-        loss, w = apply_sample_weight(xp, loss, named.value, what=named.what)
+        loss, w = apply_sample_weight(xp, loss, named.value, what=named.what, tracing=tracing)
         if named.sample_weight is None:
             return loss, w
-        loss, w2 = apply_sample_weight(xp, loss, named.sample_weight, what=what)
+        loss, w2 = apply_sample_weight(xp, loss, named.sample_weight, what=what, tracing=tracing)
         return loss, w * w2
     w = to_namespace(sample_weight, xp, get_device(loss), loss.dtype, what=what,
-                     like="the loss", peer=loss)
+                     like="the loss", peer=loss, tracing=tracing)
     given = tuple(w.shape)  # for messages: the shape the caller passed, before the rank rules
     r = loss.ndim
     # indexing, not reshape/expand_dims: those need every size, which a lazy Dask array with
@@ -162,7 +163,8 @@ def num_elements(shape: tuple[Any, ...]) -> int | None:
 
 
 def reduce_loss(
-    xp: ModuleType, loss: Any, sample_weight: Any = None, *, reduction: str | None = "auto"
+    xp: ModuleType, loss: Any, sample_weight: Any = None, *, reduction: str | None = "auto",
+    tracing: bool | None = None,
 ) -> Any:
     """Weight and reduce a per-sample loss (SPEC §3).
 
@@ -172,15 +174,17 @@ def reduce_loss(
 
     A 0-d NumPy result is a NumPy scalar (:func:`kldiv._namespace.numpy_result`), whatever
     the reduction and however it was reached (an empty batch, a zero weight sum).
+    ``tracing``: :func:`~kldiv._namespace.torch_compiling`'s answer where the caller has it.
     """
     reduction = validate_reduction(reduction, batchmean=True)
-    return numpy_result(_reduce(xp, loss, sample_weight, reduction))
+    return numpy_result(_reduce(xp, loss, sample_weight, reduction, tracing))
 
 
-def _reduce(xp: ModuleType, loss: Any, sample_weight: Any, reduction: str) -> Any:
+def _reduce(xp: ModuleType, loss: Any, sample_weight: Any, reduction: str,
+            tracing: bool | None) -> Any:
     weights = None
     if sample_weight is not None:
-        loss, weights = apply_sample_weight(xp, loss, sample_weight)
+        loss, weights = apply_sample_weight(xp, loss, sample_weight, tracing=tracing)
     if reduction == Reduction.NONE:
         return loss
     total = xp.sum(loss)

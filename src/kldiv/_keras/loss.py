@@ -158,13 +158,6 @@ def _signature(plain: type) -> inspect.Signature:
     return sig
 
 
-def _keras_hash(self: Any) -> int:
-    """Keras hashes the losses it is given as metrics (``fn in ALL_OBJECTS``). Equal kldiv
-    losses are of one class (``__eq__`` compares class and config), so the class' hash is a
-    hash that agrees with ``==`` whatever attribute is set later."""
-    return hash(kldiv_class(self))
-
-
 def with_keras_bases(cls: type, bases: tuple[type, ...]) -> type:
     """``cls`` that also subclasses Keras' ``Loss`` class(es), under the same name and module.
 
@@ -184,7 +177,10 @@ def with_keras_bases(cls: type, bases: tuple[type, ...]) -> type:
         # Keras 3's Loss.dtype is a read-only property: kldiv keeps its own attribute.
         "dtype": None,
         "__call__": _keras_call,
-        "__hash__": _keras_hash,
+        # kldiv's hash (class and config, as == compares them), not Keras' (the object's id)
+        # nor the class' alone: jax.jit keys its traces on it (an equal hash for other
+        # options served a loss a trace of those)
+        "__hash__": cls.__hash__,
     }
     made = _KERAS_CLASSES[(cls, bases)] = type(cls.__name__, (cls, *bases), namespace)
     register_class(made, LOSS_PACKAGE)  # saved as "kldiv>ClassName" (kldiv._keras.registry)
