@@ -290,7 +290,7 @@ class DivergenceLoss(LossBase):
         if member is not None:
             cls.divergence, cls._title = member, title
 
-    def __init__(self, reduction: str | None, name: str, *, inputs: Any = "probs",
+    def __init__(self, reduction: str | None, name: str | None, *, inputs: Any = "probs",
                  temperature: Any = 1.0, dtype: Any = None, **params: Any) -> None:
         self._set_common(reduction, name)
         call = resolve(self.divergence, inputs=inputs, temperature=temperature, **params)

@@ -57,8 +57,9 @@ _PARAMETERS = """
 
 def _name(default: str) -> str:
     return f"""
-    name : str, default "{default}"
-        The loss' name (Keras uses it to label logs)."""
+    name : str or None, default "{default}"
+        The loss' name (Keras uses it to label logs), stored as a plain ``str``; ``None`` is
+        the default, as in Keras."""
 
 
 _OPTIONS = """
@@ -72,8 +73,9 @@ _OPTIONS = """
         If given, the result is cast to the dtype of this name in the result's library (Keras
         3's ``dtype`` argument): ``"float16"``, ``"bfloat16"``, ``"float32"``, ``"float64"``,
         a Keras ``"mixed_float16"``/``"mixed_bfloat16"`` policy, or any library's floating
-        dtype object (``np.float64``, ``torch.float64``, ...), stored as its name. NumPy's
-        bfloat16 is ``ml_dtypes``'. By default the result has ``y_pred``'s floating dtype."""
+        dtype object (``np.float64``, ``torch.float64``, ...), stored as its name; Python's
+        ``float`` is float32, as in Keras. NumPy's bfloat16 is ``ml_dtypes``'. By default the
+        result has ``y_pred``'s floating dtype."""
 
 _NOTES = """
 
@@ -129,7 +131,7 @@ class KLDivergence(DivergenceLoss, member=KL, title="KL divergence"):
     0.06192
     """
 
-    def __init__(self, reduction: str | None = "auto", name: str = "kl_divergence", *,
+    def __init__(self, reduction: str | None = "auto", name: str | None = "kl_divergence", *,
                  inputs: Any = "probs", temperature: Any = 1.0, dtype: Any = None) -> None:
         super().__init__(reduction, name, inputs=inputs, temperature=temperature, dtype=dtype)
 
@@ -155,7 +157,7 @@ class ReverseKLDivergence(DivergenceLoss, member=REVERSE_KL, title="reverse KL d
     ReverseKLDivergence(reduction='auto', name='reverse_kl_divergence', inputs='log_probs')
     """
 
-    def __init__(self, reduction: str | None = "auto", name: str = "reverse_kl_divergence", *,
+    def __init__(self, reduction: str | None = "auto", name: str | None = "reverse_kl_divergence", *,
                  inputs: Any = "probs", temperature: Any = 1.0, dtype: Any = None) -> None:
         super().__init__(reduction, name, inputs=inputs, temperature=temperature, dtype=dtype)
 
@@ -185,7 +187,7 @@ class JensenShannonDivergence(DivergenceLoss, member=JS, title="Jensen-Shannon d
     {'reduction': 'mean_with_sample_weight', 'name': 'js_divergence', 'beta': 0.5, 'inputs': 'logits'}
     """
 
-    def __init__(self, reduction: str | None = "auto", name: str = "js_divergence", *,
+    def __init__(self, reduction: str | None = "auto", name: str | None = "js_divergence", *,
                  beta: Any = 0.5, inputs: Any = "probs", temperature: Any = 1.0,
                  dtype: Any = None) -> None:
         super().__init__(reduction, name, inputs=inputs, temperature=temperature, dtype=dtype,
