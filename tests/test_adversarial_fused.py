@@ -530,3 +530,54 @@ def test_jax_all_minus_inf_teacher_row_gradients(div: str) -> None:
     assert float(jnp.abs(got[0][1]).max()) < 1e-6
     np.testing.assert_allclose(np.asarray(got[0])[keep], want[0], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1e-320, 1e-40])
+@pytest.mark.parametrize("div", ["kl", "reverse_kl", "js"])
+def test_temperature_zero_in_the_compute_dtype_is_the_limit(backend: ArrayBackend, div: str,
+                                                           temperature: float) -> None:
+    """A temperature below the compute dtype's smallest normal number (0 there: it rounds to 0
+    or is subnormal, which XLA flushes) is the ``T -> 0`` limit, as in the family functions
+    (their value on the same logits); was NaN (``0 / 0`` at each row's maximum)."""
+    h, w, tl = _empty_row_case()
+    tl[1] = tl[0]  # rows with mass only (the all -inf row is tested above)
+    tl[2, :3] = tl[2].max()  # a tie at the maximum: the limit shares the mass
+    fn = {"kl": kldiv.kl_divergence, "reverse_kl": kldiv.reverse_kl_divergence,
+          "js": kldiv.js_divergence}[div]
+    kw = {"beta": BETA} if div == "js" else {}
+    for dtype in ("float32", "float64"):
+        if dtype not in backend.float_dtypes or (dtype == "float64" and temperature > 1e-300):
+            continue
+        s32 = (np.asarray(h, dtype) @ np.asarray(w, dtype).T).astype(np.float64)
+        want = np.asarray(fn(np.asarray(tl, dtype), np.asarray(s32, dtype), inputs="logits",
+                             temperature=temperature, **kw), np.float64)
+        assert np.isfinite(want).any() or div != "js"
+        x = [backend.asarray(a, dtype) for a in (h, w, tl)]
+        got = np.asarray(backend.to_numpy(F(*x, divergence=div, beta=BETA, reduction="none",
+                                              temperature=temperature)), np.float64)
+        assert not np.isnan(got).any()
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_temperature_zero_in_the_compute_dtype_has_zero_gradients() -> None:
+    """The limit is flat: zero (finite) gradients for every student input, torch and JAX,
+    also where the hidden states hold inf."""
+    torch = pytest.importorskip("torch")
+    h, w, tl = _empty_row_case()
+    tl[1] = tl[0]
+    h = h.astype(np.float32)
+    h[4, 0] = INF
+    th, tw, tb = (torch.tensor(a, requires_grad=True)
+                  for a in (h, w.astype(np.float32), np.zeros(V, np.float32)))
+    out = F(th, tw, torch.tensor(tl, dtype=torch.float32), student_bias=tb, divergence="js",
+            temperature=1e-320)
+    out.backward()
+    for g in (th.grad, tw.grad, tb.grad):
+        assert g is not None and bool((g == 0).all())
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    grads = jax.grad(lambda a, b: F(a, b, jnp.asarray(tl, jnp.float32), divergence="kl",
+                                    temperature=1e-40), argnums=(0, 1))(
+        jnp.asarray(h), jnp.asarray(w, jnp.float32))
+    for g in grads:
+        assert bool((g == 0).all())

@@ -32,6 +32,7 @@ from ._fused_linear_math import (
 )
 from ._namespace import get_device, is_dask
 from ._reduction import Reduction, apply_sample_weight
+from ._spaces import temperature_limit
 
 __all__ = ["FusedLinearDivergence", "fused_linear_divergence"]
 
@@ -121,6 +122,18 @@ def _constant(lib: str, x: Any) -> Any:
     route's ``stop_gradient`` (none where there is no route: no gradients either)."""
     stop = library_op(lib, "stop_gradient")
     return x if stop is None else stop(x)
+
+
+def _zero_link(xp: ModuleType, *arrays: Any) -> Any:
+    """0, depending on ``arrays`` (``None`` skipped) with a zero gradient (finite even where
+    an array holds ``inf`` or NaN): what ties a value computed on constants to the inputs
+    that autograd asks gradients of."""
+    link = None
+    for x in arrays:
+        if x is not None:
+            z = xp.sum(xp.where(xp.isfinite(x), x, xp.zeros_like(x))) * 0.0
+            link = z if link is None else link + z
+    return link
 
 
 def _compute_dtype(xp: ModuleType, *arrays: Any) -> Any:
@@ -265,15 +278,22 @@ def fused_linear_divergence(
     else:
         teacher = {"hidden": xp.reshape(th, (n, int(th.shape[-1]))), "weight": tw, "bias": tb}
     route = library_op(lib, "fused_linear")  # the library's own, with gradients
-    if route is not None:
+    limit = temperature_limit(temperature, cd)  # T is 0 in the compute dtype: the T -> 0 limit
+    if route is not None and not limit:
         out = route(h2, w, b, teacher, plan, scale)
     else:
+        args = (h2, w, b, teacher)
+        if route is not None:  # the limit is flat: computed on constants, zero gradients
+            args = (_constant(lib, h2), _constant(lib, w), None if b is None else _constant(lib, b),
+                    {k: None if x is None else _constant(lib, x) for k, x in teacher.items()})
         # NumPy: the masked terms of -inf logits (0 * inf, -inf - -inf, documented input)
         # are replaced, not warned about; a half result beyond its range is inf
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            out = _generic_forward(xp, h2, w, b, teacher, plan, cd)
+            out = _generic_forward(xp, *args, plan, cd)
             if scale is not None:
                 out = xp.sum(out * scale)
+        if route is not None:
+            out = out + _zero_link(xp, h2, w, b)
     if reduction == Reduction.NONE:
         out = xp.reshape(out, tokens)
         if w_shaped is not None:

@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Any
 
 from ._libraries import device_library
+from ._spaces import limit_logits, temperature_limit
 
 __all__ = [
     "DIVERGENCES",
@@ -94,12 +95,16 @@ def divide_by_temperature(xp: ModuleType, x: Any, temperature: float) -> Any:
     that a tiny temperature cannot overflow ``x / T`` to ``inf`` (``inf - inf``: NaN) where
     the log-softmax of ``x / T`` is defined. The log-softmax is unchanged (it is
     shift-invariant), and so is every divergence and its gradient with respect to ``x``.
-    Dividing by ``T >= 1`` cannot overflow: no shift there."""
+    Dividing by ``T >= 1`` cannot overflow: no shift there. A temperature below ``x``'s
+    dtype's smallest normal number is 0 in the dtype: the ``T -> 0`` limit is taken instead
+    (:func:`kldiv._spaces.limit_logits`: 0 at the row maximum, ``-inf`` below it)."""
     if temperature == 1.0:
         return x
     if temperature < 1.0:
         m = xp.max(x, axis=-1, keepdims=True)
         x = x - xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+        if temperature_limit(temperature, x.dtype):
+            return limit_logits(xp, x)
     return x / temperature
 
 
