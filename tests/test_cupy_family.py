@@ -542,9 +542,9 @@ def _log_softmax64_shifted(x: np.ndarray, t: float) -> np.ndarray:
     return z - np.log(np.where(s == 0.0, 1.0, s))
 
 
-@pytest.mark.parametrize(("dtype", "t"), [(np.float32, 1e-38), (np.float32, 1e30),
+@pytest.mark.parametrize(("dtype", "t"), [(np.float32, 1.2e-38), (np.float32, 1e30),
                                           (np.float64, 1e-307), (np.float64, 1e300)],
-                         ids=["float32-T1e-38", "float32-T1e30", "float64-T1e-307",
+                         ids=["float32-T1.2e-38", "float32-T1e30", "float64-T1e-307",
                               "float64-T1e300"])
 @pytest.mark.parametrize(("op", "beta"), MEMBERS)
 def test_extreme_temperatures(op: str, beta: float | None, dtype: Any, t: float,
@@ -579,3 +579,24 @@ def test_extreme_temperatures(op: str, beta: float | None, dtype: Any, t: float,
     with kldiv.use_generic():
         gen = _public(public, yt, yp, ("logits", "logits"), t, params)
     assert_same(direct, gen, scale, TOL[dtype], what + " vs generic")
+
+
+@pytest.mark.parametrize(("dtype", "t"), [(np.float32, 1e-40), (np.float64, 1e-320)])
+@pytest.mark.parametrize(("op", "beta"), MEMBERS)
+def test_temperature_zero_in_the_dtype_declines_to_the_limit(op: str, beta: float | None,
+                                                             dtype: Any, t: float,
+                                                             launches: list[tuple[str, Any]]) -> None:
+    """A temperature below the dtype's smallest normal number is 0 there: the kernel (which
+    divides by it) declines and the generic kernel gives the ``T -> 0`` limit, never NaN."""
+    fast, public, params = _call(op, beta)
+    rng = np.random.default_rng(6)
+    a, b = rng.standard_normal((4, 9)), rng.standard_normal((4, 9))
+    yt, yp = cp.asarray(a, dtype=dtype), cp.asarray(b, dtype=dtype)
+    del launches[:]
+    assert fast(yt, yp, spaces=("logits", "logits"), temperature=t, **params) is NotImplemented
+    assert not launches
+    got = _host(_public(public, yt, yp, ("logits", "logits"), t, params))
+    with kldiv.use_generic():
+        want = _public(public, a.astype(dtype), b.astype(dtype), ("logits", "logits"), t, params)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, np.asarray(want, np.float64), rtol=1e-6)
