@@ -571,3 +571,10 @@ def test_tracing_is_asked_once_per_estimate(monkeypatch: pytest.MonkeyPatch) -> 
             calls.clear()
             kldiv.kl_estimate(lp, lp[::-1].copy(), estimator=estimator)
         assert len(calls) == 1, estimator
+
+
+def test_metric_name_set_after_construction_is_a_plain_string_in_its_config() -> None:
+    metric = MetricKLEstimator()
+    metric.name = np.str_("kl_probe")
+    name = metric.get_config()["name"]
+    assert type(name) is str and name == "kl_probe"

@@ -459,3 +459,15 @@ def test_tracing_is_asked_once_per_call(monkeypatch: pytest.MonkeyPatch) -> None
                 calls.clear()
                 _call(member, a, a, inputs=inputs)
             assert len(calls) == 1, (member, inputs)
+
+
+def test_input_space_names_are_stored_as_plain_strings() -> None:
+    """``inputs=np.str_("logits")`` (e.g. read from a NumPy config) is stored as the plain
+    name: configs and reprs showed ``np.str_('logits')``."""
+    for obj in (kldiv.KLDivergence(inputs=np.str_("logits")),
+                kldiv.metrics.KLDivergence(inputs=np.str_("logits")),
+                kldiv.JensenShannonDivergence(inputs=(np.str_("probs"), np.str_("logits")))):
+        spaces = obj.get_config()["inputs"]
+        for name in ([spaces] if isinstance(spaces, str) else spaces):
+            assert type(name) is str
+        assert "np.str_" not in repr(obj)

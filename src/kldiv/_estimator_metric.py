@@ -127,6 +127,6 @@ class KLEstimator(RunningMean):
             "estimator": self.estimator,
             "log_ratio_clamp": self.log_ratio_clamp,
             "value_clamp": self.value_clamp,
-            "name": self.name,
+            "name": self._config_name(),
             "dtype": self._dtype_name(),
         }

@@ -245,7 +245,7 @@ def parse_inputs(inputs: Any) -> tuple[str, str]:
                 f"inputs: unknown input space {short_repr(name)}; expected one of "
                 f"{', '.join(map(repr, SPACES))} (or a pair of them)."
             )
-    return pair[0], pair[1]
+    return str(pair[0]), str(pair[1])  # plain names (a np.str_ would show in configs)
 
 
 def short_repr(value: Any, limit: int = 40) -> str:
