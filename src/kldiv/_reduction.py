@@ -120,7 +120,7 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any, *,
         return loss, w * w2
     w = to_namespace(sample_weight, xp, get_device(loss), loss.dtype, what=what,
                      like="the loss", peer=loss, tracing=tracing)
-    given = tuple(w.shape)  # for messages: the shape the caller passed, before the rank rules
+    given = _weight_shape(w, what)  # for messages: the shape the caller passed, before the rank rules
     r = loss.ndim
     # indexing, not reshape/expand_dims: those need every size, which a lazy Dask array with
     # chunks of unknown size lacks (NaN)
@@ -149,6 +149,19 @@ def apply_sample_weight(xp: ModuleType, loss: Any, sample_weight: Any, *,
             f"per-sample loss of shape {shape_str(loss_shape)}{ruled}."
         ) from None
     return loss * w, w
+
+
+def _weight_shape(w: Any, what: str) -> tuple[Any, ...]:
+    """``w``'s shape as a tuple; a ``ValueError`` naming ``what`` for a shape of unknown rank
+    (a TensorFlow graph traced with ``TensorSpec(None)``): Keras 2's rank rules need it."""
+    try:
+        return tuple(w.shape)
+    except ValueError:
+        raise ValueError(
+            f"{what} has a shape of unknown rank (a graph traced without its rank, e.g. "
+            "tf.TensorSpec(None)); Keras 2's sample-weight rank rules need its rank: give the "
+            "input signature one, e.g. tf.TensorSpec((None,)) for one weight per sample."
+        ) from None
 
 
 def num_elements(shape: tuple[Any, ...]) -> int | None:

@@ -1,0 +1,58 @@
+"""A user migrating from tf.keras / Keras 3, SciPy, optax or array-api-strict / Dask: the
+Keras KL core, its conversion and dispatch, on the peers' own conventions.
+
+Each test here was written against a defect found by probing and failed before its fix.
+TensorFlow runs in a subprocess (importing it before Triton in one process aborts).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_UNKNOWN_RANK_WEIGHT = """
+import json
+import triton  # noqa: F401  (before TensorFlow)
+import numpy as np
+import tensorflow as tf
+import kldiv
+
+rng = np.random.default_rng(0)
+t = rng.random((2, 2, 3)).astype("f4")
+p = rng.random((2, 2, 3)).astype("f4")
+w = np.array([1.0, 0.0], "f4")
+S = tf.TensorSpec
+for reduction in ("auto", "none"):
+    fn = tf.function(lambda a, b, c: kldiv.KLDivergence(reduction=reduction)(a, b, sample_weight=c),
+                     input_signature=[S((None, None, None)), S((None, None, None)), S(None)])
+    try:
+        print(reduction, "VALUE", json.dumps(np.asarray(fn(t, p, w)).tolist()))
+    except Exception as exc:
+        print(reduction, "ERROR", type(exc).__name__, " ".join(str(exc).split())[-600:])
+"""
+
+
+def test_tf_function_sample_weight_of_unknown_rank_is_a_clear_error(tmp_path: Path) -> None:
+    """A ``tf.function`` whose weight is traced as ``tf.TensorSpec(None)`` (unknown rank):
+    Keras 2's rank rules cannot be applied, and kldiv failed inside TensorFlow ("Cannot
+    iterate over a shape with unknown rank"). Now a ValueError naming sample_weight and how
+    to give it a rank, as for y_true and y_pred."""
+    pytest.importorskip("tensorflow")
+    script = tmp_path / "unknown_rank_weight.py"
+    script.write_text(_UNKNOWN_RANK_WEIGHT)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == ["auto", "none"], proc.stdout
+    for line in lines:
+        _, kind, rest = line.split(" ", 2)
+        assert kind == "ERROR" and rest.startswith("ValueError"), line
+        assert "sample_weight has a shape of unknown rank" in rest, line
+        assert "Cannot iterate" not in rest, line
+        assert "tf.TensorSpec((None,))" in rest, line
