@@ -56,3 +56,19 @@ def test_tf_function_sample_weight_of_unknown_rank_is_a_clear_error(tmp_path: Pa
         assert "sample_weight has a shape of unknown rank" in rest, line
         assert "Cannot iterate" not in rest, line
         assert "tf.TensorSpec((None,))" in rest, line
+
+
+@pytest.mark.parametrize("y_pred", [[[1, 0]], [[True, False]], [[1.0, 0.0]]])
+@pytest.mark.parametrize("y_true", [[[2**70, 1]], [[object(), 1.0]]])
+def test_cast_message_names_the_float32_of_python_values_as_a_dtype(y_true: object,
+                                                                    y_pred: object) -> None:
+    """A y_true NumPy cannot make numeric, against a Python-list y_pred (Keras floatx,
+    float32): for an integer or bool list the message named the dtype
+    "<class 'numpy.float32'>"."""
+    import kldiv
+
+    with pytest.raises(TypeError) as info:
+        kldiv.kl_divergence(y_true, y_pred)
+    message = str(info.value)
+    assert "y_true has dtype object" in message, message
+    assert message.endswith("cannot be cast to y_pred's dtype float32."), message

@@ -158,6 +158,8 @@ def _check_castable(x_dtype: Any, target: Any, what: str, like: str, tracing: bo
     kind = dtype_kind(x_dtype, tracing=tracing)
     if kind in {"float", "int", "bool"}:
         return
+    if isinstance(target, type):  # a scalar type (np.float32 for Python values): its name
+        target = _dtype_name(target)
     if kind == "complex":
         raise TypeError(
             f"{what} has complex dtype {x_dtype}, which cannot be cast to {like}'s real dtype "
