@@ -109,8 +109,18 @@ def divide_by_temperature(xp: ModuleType, x: Any, temperature: float) -> Any:
 
 
 def _xlogy_terms(xp: ModuleType, prob: Any, diff: Any) -> Any:
-    """``prob * diff`` with ``0 * anything = 0`` (NaN in ``prob`` still propagates)."""
-    return xp.where(prob == 0, xp.zeros_like(prob), prob * diff)
+    """``prob * diff`` with ``0 * anything = 0`` (NaN in ``prob`` still propagates), except
+    ``diff = +inf``: ``prob`` is then 0 only by underflow (its log is finite; a true 0 has a
+    ``-inf`` log, so ``diff`` is ``-inf`` or NaN), and the term is ``+inf``, as in the
+    family functions (:func:`kldiv._divergence.kl_terms`)."""
+    return xp.where(prob == 0, _underflow_term(xp, diff), prob * diff)
+
+
+def _underflow_term(xp: ModuleType, diff: Any) -> Any:
+    """The term of a probability that is 0 in the dtype: ``+inf`` against ``diff = +inf`` (the
+    other side's probability is exactly 0), else 0; a constant (no derivative)."""
+    zero = xp.zeros_like(diff)
+    return xp.where(diff == math.inf, zero + math.inf, zero)
 
 
 def chunk_terms(
@@ -161,9 +171,11 @@ def chunk_terms(
 
 def _xlogy_smooth(xp: ModuleType, prob: Any, diff: Any) -> Any:
     """``prob * diff`` with ``0 * anything = 0``, whose derivatives (of any order) are 0, not
-    NaN, where ``prob`` is 0: ``diff`` (``-inf`` there) is masked before the product too."""
+    NaN, where ``prob`` is 0: ``diff`` (``-inf`` there) is masked before the product too
+    (``+inf`` against ``diff = +inf``, as :func:`_xlogy_terms`)."""
     zero = prob == 0
-    return xp.where(zero, xp.zeros_like(prob), prob * xp.where(zero, xp.zeros_like(diff), diff))
+    return xp.where(zero, _underflow_term(xp, diff),
+                    prob * xp.where(zero, xp.zeros_like(diff), diff))
 
 
 def divergence_rows(xp: ModuleType, s: Any, t: Any, divergence: str, beta: float) -> Any:

@@ -77,9 +77,11 @@ def chunk_terms_(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float,
     row_const: torch.Tensor | float = 0.0
     if divergence == "kl":
         p = torch.exp(lp, out=t)
-        d = torch.sub(lp, lq, out=lq).mul_(p)  # p (log p - log q), with 0 log 0 = 0:
+        d = torch.sub(lp, lq, out=lq)
+        infinite = _infinite_rows(d, mask)
+        d.mul_(p)  # p (log p - log q), with 0 log 0 = 0:
         d.masked_fill_(torch.eq(p, 0, out=mask), 0.0)
-        loss = d.sum(-1)
+        loss = _inf_where(d.sum(-1), infinite)
         if need_grad:  # q sum(p) - p: sum(p) is 0 for a teacher row of no mass
             grad = q.sub_(p)
             if empty_t is not None:
@@ -88,9 +90,10 @@ def chunk_terms_(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float,
         row_const = 1.0 if empty_t is None else (~empty_t).to(s.dtype)
     elif divergence == "reverse_kl":
         d = lq.sub_(lp)  # log q - log p
+        infinite = _infinite_rows(d, mask)
         torch.eq(q, 0, out=mask)
         terms = torch.mul(q, d, out=lp).masked_fill_(mask, 0.0)
-        loss = terms.sum(-1)
+        loss = _inf_where(terms.sum(-1), infinite)
         row_const = loss
         if need_grad:
             grad = d.sub_(loss.unsqueeze(-1)).mul_(q).masked_fill_(mask, 0.0)
@@ -113,6 +116,19 @@ def chunk_terms_(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float,
     if stats is not None:
         stats[:, 2] = row_const
     return loss, grad
+
+
+def _infinite_rows(d: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rows with a log-ratio ``d`` of ``+inf``: a finite log-probability against one of
+    ``-inf`` (a probability of exactly 0). Their KL is ``+inf`` also where the first
+    probability underflows to 0 in the dtype, and ``0 * inf`` must not count as 0 there
+    (:func:`kldiv._divergence.kl_terms`). ``mask`` is scratch."""
+    return torch.eq(d, math.inf, out=mask).any(-1)
+
+
+def _inf_where(loss: torch.Tensor, infinite: torch.Tensor) -> torch.Tensor:
+    """``loss`` with ``+inf`` in the ``infinite`` rows (a NaN row stays NaN)."""
+    return loss.masked_fill_(infinite & ~torch.isnan(loss), math.inf)
 
 
 def _log_softmax(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
