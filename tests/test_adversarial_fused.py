@@ -334,6 +334,15 @@ for div in ("kl", "js"):
         assert float(got[0][1].abs().max()) < 1e-6, (div, mode)
         np.testing.assert_allclose(got[0][keep].numpy(), want[0].numpy(), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-4, atol=1e-6)
+# a probability that underflows to 0 against a -inf logit on the other side: +inf (the
+# family functions' value), not 0 * inf = 0
+inf = float("inf")
+eye = torch.eye(4)
+kl = F(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), eye, torch.tensor([[0.0, -200.0, 0.0, 1.0]]),
+       student_bias=torch.tensor([0.0, -inf, 0.0, 0.0]), divergence="kl", reduction="none")
+rkl = F(torch.tensor([[0.0, -200.0, 0.0, 1.0]]), eye, torch.tensor([[0.0, -inf, 0.0, 1.0]]),
+        divergence="reverse_kl", reduction="none")
+assert float(kl[0]) == inf and float(rkl[0]) == inf, (kl, rkl)
 print("TRITON-TINY-OK")
 """
 

@@ -109,11 +109,14 @@ def _fl_chunk(s_ptr, t_ptr, sb_ptr, tb_ptr, loss_ptr, scale_ptr, stats_ptr, n_co
         q = tl.exp(lq)
         p = tl.exp(lp)
         if DIV == 0:
-            acc += tl.where(p == 0.0, 0.0, p * (lp - lq))
+            # p == 0: 0, or +inf where lq is -inf and lp is not (an underflowed p > 0)
+            acc += tl.where(p == 0.0, tl.where(lp - lq == float("inf"), float("inf"), 0.0),
+                            p * (lp - lq))
             if NEED_GRAD:  # q sum(p) - p: sum(p) is 0 for a teacher row of no mass
                 tl.store(s_row + cols, (q * mass_t - p) * gscale, mask=msk)
         elif DIV == 1:
-            acc += tl.where(q == 0.0, 0.0, q * (lq - lp))
+            acc += tl.where(q == 0.0, tl.where(lq - lp == float("inf"), float("inf"), 0.0),
+                            q * (lq - lp))
         else:
             lm = _log_m(lp, lq, log_beta, log_1mb)
             acc += beta * tl.where(p == 0.0, 0.0, p * (lp - lm))
