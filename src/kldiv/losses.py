@@ -1,6 +1,6 @@
 """Keras-style losses: the functional aliases and the divergence loss classes
 :class:`KLDivergence`, :class:`ReverseKLDivergence` and :class:`JensenShannonDivergence`;
-the sampled-token estimates :func:`kl_estimate` and their loss class :class:`KLEstimator`.
+the sampled-token estimates :func:`~kldiv.kl_estimate` and their loss class :class:`~kldiv.KLEstimator`.
 
 The machinery they share (reductions, config, pickling, Keras interop) is
 ``kldiv._loss_base.DivergenceLoss``; this module holds the members' classes and their
