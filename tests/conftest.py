@@ -28,6 +28,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -288,6 +291,19 @@ def oracle(y_true: Any, y_pred: Any) -> np.ndarray:
 # a CPU machine more than a hundred tests skip for a few reasons (no GPU, a peer library not
 # installed). The summary below gives one line per reason with its count; -rs (or -ra, e.g.
 # PYTEST_ADDOPTS=-rs) lists every skipped test instead, as pytest does.
+
+
+def run_tensorflow_script(tmp_path: Any, name: str, source: str, *args: str,
+                          **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``source`` as the file ``tmp_path / name`` in a fresh interpreter with TensorFlow's
+    logging quiet (plus ``env``): TensorFlow lives in subprocesses (imported before Triton in
+    one process it aborts), and from a file, since autograph skips the code of ``-c``
+    strings. Skips where TensorFlow is not installed."""
+    pytest.importorskip("tensorflow")
+    script = tmp_path / name
+    script.write_text(source)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env))
 
 
 def _skip_reason(report: pytest.TestReport) -> str:

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import array
 import json
-import os
 import subprocess
-import sys
 from typing import Any
 
 import numpy as np
 import pytest
 
 import kldiv
-from conftest import ArrayBackend, oracle
+from conftest import ArrayBackend, oracle, run_tensorflow_script
 
 YT = [[0.0, 1.0], [0.0, 0.0]]
 YP = [[0.6, 0.4], [0.4, 0.6]]
@@ -184,12 +182,8 @@ for f in (loss, call, fn, *((log_probs,) if "log_probs" in sys.argv else ())):
 
 
 def _autograph_probe(tmp_path: Any, *args: str) -> subprocess.CompletedProcess[str]:
-    pytest.importorskip("tensorflow")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", AUTOGRAPH_VERBOSITY="1")
-    script = tmp_path / "autograph_probe.py"  # a file: autograph skips code of "-c" strings
-    script.write_text(_AUTOGRAPH)
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return run_tensorflow_script(tmp_path, "autograph_probe.py", _AUTOGRAPH, *args,
+                                 AUTOGRAPH_VERBOSITY="1")
 
 
 def test_tf_function_does_not_convert_kldiv(tmp_path: Any) -> None:
@@ -476,12 +470,7 @@ def test_tf_function_logits_broadcast_at_run_time_is_refused(tmp_path: Any) -> N
     is 1 at run time, against 4 classes, gave a wrong value silently (eager mode raises
     ValueError). Now the graph raises, naming the input; where XLA drops the assertion
     (``jit_compile=True``) the result is NaN, never a value."""
-    pytest.importorskip("tensorflow")
-    script = tmp_path / "run_time_classes.py"
-    script.write_text(_RUN_TIME_CLASSES)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = run_tensorflow_script(tmp_path, "run_time_classes.py", _RUN_TIME_CLASSES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line.split(" ", 3) for line in proc.stdout.splitlines()]
     assert len(lines) == 18, proc.stdout

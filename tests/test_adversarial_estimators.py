@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import kldiv
-from conftest import ArrayBackend
+from conftest import ArrayBackend, run_tensorflow_script
 from kldiv.metrics import KLEstimator as MetricKLEstimator
 
 
@@ -358,16 +358,8 @@ def test_tf_function_does_not_convert_the_estimators(tmp_path: Any) -> None:
     # it calls inside a user's tf.function, and printed "AutoGraph could not transform
     # <function ops_for> ... Please report this to the TensorFlow team" (an annotated name in
     # a branch) and the same for importlib's _gcd_import
-    pytest.importorskip("tensorflow")
     pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "autograph_probe.py"  # a file: autograph skips code of "-c" strings
-    script.write_text(_AUTOGRAPH)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", AUTOGRAPH_VERBOSITY="1")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    proc = run_tensorflow_script(tmp_path, "autograph_probe.py", _AUTOGRAPH, AUTOGRAPH_VERBOSITY="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "could not transform" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     d = np.array([[0.2, -0.1, 0.0], [0.1, -0.5, -9.0]])

@@ -25,27 +25,14 @@ import kldiv
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_KERNEL_SCRIPT = r'''
-import math, types
-import numpy as np, torch, kldiv
-from kldiv.backends import torch_family
-from kldiv.backends import triton_family as tf  # decorated under TRITON_INTERPRET=1
-from kldiv._divergence import MEMBERS
-from kldiv._spaces import to_log_space
-from kldiv._libraries.torch_traced import array_api
-
-INF = math.inf
-BETA = 0.3
-R, C = 6, 37
-
-
-# ---- float64 oracle from the definitions (NumPy)
-def log_softmax64(x, T):
-    x = x / T
+_ORACLE64 = r"""
+def log_softmax64(x, T):  # the definition, shifted by the row maximum before the division
     m = np.max(x, axis=-1, keepdims=True)
     m = np.where(m == -INF, 0.0, m)
-    s = np.sum(np.exp(x - m), axis=-1, keepdims=True)
-    return x - m - np.log(np.where(s == 0.0, 1.0, s))
+    with np.errstate(invalid="ignore"):
+        z = (x - m) / T
+    s = np.sum(np.exp(z), axis=-1, keepdims=True)
+    return z - np.log(np.where(s == 0.0, 1.0, s))
 
 def kl64(lp, lq):  # sum over p > 0 of p (lp - lq): 0 log 0 = 0
     p = np.exp(lp)
@@ -61,7 +48,25 @@ def oracle(op, a, b, kind, T):
     with np.errstate(divide="ignore"):
         lm = np.log(BETA * np.exp(lp) + (1 - BETA) * np.exp(lq))
     return BETA * kl64(lp, lm) + (1 - BETA) * kl64(lq, lm)
+"""
+"""The float64 oracle of both interpreted-kernel scripts, from the definitions (NumPy)."""
 
+_KERNEL_SCRIPT = r'''
+import math, types
+import numpy as np, torch, kldiv
+from kldiv.backends import torch_family
+from kldiv.backends import triton_family as tf  # decorated under TRITON_INTERPRET=1
+from kldiv._divergence import MEMBERS
+from kldiv._spaces import to_log_space
+from kldiv._libraries.torch_traced import array_api
+
+INF = math.inf
+BETA = 0.3
+R, C = 6, 37
+
+
+# ---- float64 oracle from the definitions (NumPy)
+{oracle64}
 
 # ---- torch autograd of the generic formula (float64)
 def generic(op, a, b, kinds, T):
@@ -335,7 +340,7 @@ def test_triton_family_kernels_interpreted() -> None:
     skip_if_triton_interpreter_defective()
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", _KERNEL_SCRIPT], env=env,
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", _KERNEL_SCRIPT.replace("{oracle64}", _ORACLE64)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "TRITON-FAMILY-OK 30" in proc.stdout, (
         proc.stdout[-2000:] + proc.stderr[-4000:])
@@ -446,28 +451,7 @@ from kldiv._libraries.torch_traced import array_api
 INF = math.inf
 BETA = 0.3
 
-def log_softmax64(x, T):  # the definition, shifted by the row maximum before the division
-    m = np.max(x, axis=-1, keepdims=True)
-    m = np.where(m == -INF, 0.0, m)
-    with np.errstate(invalid="ignore"):
-        z = (x - m) / T
-    s = np.sum(np.exp(z), axis=-1, keepdims=True)
-    return z - np.log(np.where(s == 0.0, 1.0, s))
-
-def kl64(lp, lq):
-    p = np.exp(lp)
-    with np.errstate(invalid="ignore"):
-        return np.sum(np.where(p > 0, p * (lp - lq), 0.0), axis=-1)
-
-def oracle(op, a, b, T):
-    lp, lq = log_softmax64(a, T), log_softmax64(b, T)
-    if op == "kl":
-        return kl64(lp, lq)
-    if op == "reverse_kl":
-        return kl64(lq, lp)
-    with np.errstate(divide="ignore"):
-        lm = np.log(BETA * np.exp(lp) + (1 - BETA) * np.exp(lq))
-    return BETA * kl64(lp, lm) + (1 - BETA) * kl64(lq, lm)
+{oracle64}
 
 def generic_grads(op, a, b, T, w):
     x = a.detach().double().requires_grad_()
@@ -497,13 +481,13 @@ for dtype, temps in ((torch.float32, (1e-38, 1e-30, 1e-3, 1e30)),
         for op in ("kl", "reverse_kl", "js"):
             what = f"{op} T={T} {dtype}"
             val, state = tf.forward(op, at, bt, ("logits", "logits"), T, BETA, block=16)
-            ref = torch.tensor(oracle(op, a64, b64, T)).to(dtype)  # inf beyond dtype's range
+            ref = torch.tensor(oracle(op, a64, b64, "logits", T)).to(dtype)  # inf beyond dtype's range
             assert not bool(torch.isnan(val).any()), (what, val)
             torch.testing.assert_close(val, ref, rtol=2e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
             w = torch.linspace(0.5, 2.0, 5, dtype=torch.float64)
             gx, gy = generic_grads(op, at, bt, T, w)
             ga, gb = tf.backward(at, bt, state, w.to(dtype), True, True, block=16)
-            fin = torch.isfinite(torch.tensor(oracle(op, a64, b64, T)))
+            fin = torch.isfinite(torch.tensor(oracle(op, a64, b64, "logits", T)))
             fin &= torch.isfinite(gx.to(dtype)).all(-1) & torch.isfinite(gy.to(dtype)).all(-1)
             for g, ref_g, side in ((ga, gx, "a"), (gb, gy, "b")):
                 assert not bool(torch.isnan(g[fin]).any()), (what, side, g)
@@ -526,7 +510,7 @@ def test_triton_family_kernels_extreme_temperatures() -> None:
     skip_if_triton_interpreter_defective()
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", _TEMPERATURE_SCRIPT], env=env,
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", _TEMPERATURE_SCRIPT.replace("{oracle64}", _ORACLE64)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "TRITON-TEMPERATURE-OK 21" in proc.stdout, (
         proc.stdout[-2000:] + proc.stderr[-4000:])

@@ -7,12 +7,11 @@ TensorFlow runs in a subprocess (importing it before Triton in one process abort
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_tensorflow_script
 
 _UNKNOWN_RANK_WEIGHT = """
 import json
@@ -41,12 +40,7 @@ def test_tf_function_sample_weight_of_unknown_rank_is_a_clear_error(tmp_path: Pa
     Keras 2's rank rules cannot be applied, and kldiv failed inside TensorFlow ("Cannot
     iterate over a shape with unknown rank"). Now a ValueError naming sample_weight and how
     to give it a rank, as for y_true and y_pred."""
-    pytest.importorskip("tensorflow")
-    script = tmp_path / "unknown_rank_weight.py"
-    script.write_text(_UNKNOWN_RANK_WEIGHT)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = run_tensorflow_script(tmp_path, "unknown_rank_weight.py", _UNKNOWN_RANK_WEIGHT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert [line.split(" ", 1)[0] for line in lines] == ["auto", "none"], proc.stdout
