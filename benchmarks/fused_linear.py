@@ -15,6 +15,8 @@ its own weight, reduced to the mean over tokens):
 - ``kldiv-chunks`` / ``kldiv-slabs``: ``kldiv`` with the weight gradient accumulated over
   token chunks or formed by vocabulary slabs (``torch_fused_slabs.WEIGHT_GRAD``; ``kldiv``
   itself uses ``auto``: slabs for bfloat16 weights on CUDA, chunks elsewhere);
+- ``kldiv-lowp``: ``kldiv`` with the weight gradient accumulated over token chunks in the
+  weight's own dtype (``"lowp"``: Liger's accumulation, one rounding per chunk);
 - ``liger`` / ``liger-eager``: Liger-Kernel's chunked ``LigerFusedLinearJSDLoss`` (its
   ``chunked_loss``, which runs on CPU) with ``weight_hard_loss=0, weight_soft_loss=1``, its
   default ``chunk_size=1024``, with and without its default ``torch.compile`` of the chunk
@@ -115,7 +117,8 @@ def _make_step(impl: str, div: str, n: int, h: int, v: int, device: str = "cpu",
         torch_fused.GRAD_MODE = "recompute" if impl == "kldiv-recompute" else "forward"
         # the weight gradient: by chunks or by vocabulary slabs (default: auto)
         torch_fused_slabs.WEIGHT_GRAD = {"kldiv-chunks": "chunks",
-                                         "kldiv-slabs": "slabs"}.get(impl, "auto")
+                                         "kldiv-slabs": "slabs",
+                                         "kldiv-lowp": "lowp"}.get(impl, "auto")
 
         def step() -> Any:
             return fused_linear_divergence(sh, sw, teacher_hidden=th, teacher_weight=tw,

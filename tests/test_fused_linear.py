@@ -388,6 +388,98 @@ def test_torch_weight_grad_mode(torch: Any, monkeypatch: pytest.MonkeyPatch) -> 
                                atol=2e-2 * float(eh.abs().max()))
 
 
+def test_torch_weight_grad_lowp(torch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``KLDIV_FUSED_WEIGHT_GRAD=lowp`` (Liger's accumulation): with the products taking a
+    half weight (CUDA's route, emulated), the accumulator over token chunks is a ``V x H``
+    buffer of the weight's dtype, not float32, and the gradient is the float64 formula's
+    within that dtype's rounding per chunk; with float32 weights it is the ``chunks`` mode,
+    bit for bit."""
+    from kldiv.backends import torch_fused_chunks, torch_fused_slabs
+
+    f32, bf = torch.float32, torch.bfloat16
+    d = _data(23)
+    n = np.asarray(d["h"]).reshape(-1, H).shape[0]
+    plan = _fused_linear_math.Plan("js", BETA, 1.0, 3)
+    teacher = ("logits", torch.tensor(d["tl"]).reshape(n, V))
+
+    def grads(dtype: Any, mode: str) -> tuple[Any, Any]:
+        monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", mode)
+        h, w = (torch.tensor(d[k]).to(dtype) for k in ("h", "w"))
+        _, dh, dW, _ = torch_fused_slabs.chunks(h.reshape(n, H), w, None, teacher, plan,
+                                                torch.ones(n), (True, True, False))
+        return dh, dW
+
+    dh32, dW32 = grads(f32, "chunks")
+    dh_l, dW_l = grads(f32, "lowp")
+    assert torch.equal(dW32, dW_l) and torch.equal(dh32, dh_l)
+    monkeypatch.setattr(torch_fused_chunks, "_operand",
+                        lambda x, cd: x if x is None or x.dtype in (bf, cd) else x.to(cd))
+    zeros = torch.zeros
+    big: list[Any] = []
+
+    def spy_zeros(*shape: Any, **kw: Any) -> Any:
+        if shape == ((V, H),):
+            big.append(kw.get("dtype"))
+        return zeros(*shape, **kw)
+
+    monkeypatch.setattr(torch_fused_chunks.torch, "zeros", spy_zeros)
+    dh, dW = grads(bf, "lowp")
+    _, dW_c = grads(bf, "chunks")
+    monkeypatch.undo()
+    assert big == [bf, f32]  # lowp: a bfloat16 accumulator; chunks: float32
+    assert dW.dtype == bf and dh.dtype == f32
+    h64, w64 = (torch.tensor(d[k]).to(bf).double().requires_grad_() for k in ("h", "w"))
+    import array_api_compat
+
+    xp = array_api_compat.array_namespace(h64)
+    ref = plain(xp, h64.reshape(n, H), w64, None, {"logits": teacher[1]}, "js", BETA,
+                1.0).sum()
+    eh, ew = torch.autograd.grad(ref, (h64, w64))
+    for got in (dW, dW_c):
+        np.testing.assert_allclose(got.double().numpy(), ew.numpy(), rtol=2e-2,
+                                   atol=2e-2 * float(ew.abs().max()))
+    np.testing.assert_allclose(dh.double().numpy(), eh.reshape(n, H).numpy(), rtol=2e-2,
+                               atol=2e-2 * float(eh.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["chunks", "slabs", "lowp", "auto"])
+@pytest.mark.parametrize("div", DIVS)
+def test_torch_cuda_bfloat16_weight_grad_modes(torch: Any, monkeypatch: pytest.MonkeyPatch,
+                                               mode: str, div: str) -> None:
+    """On a real CUDA device (Triton route where Triton is installed), bfloat16 operands:
+    the value and the gradients of every weight-gradient mode against the float64 formula
+    on the same bfloat16 inputs, with slabs and chunks that divide neither V nor N."""
+    import array_api_compat
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from kldiv.backends import torch_fused_slabs
+
+    monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", mode)
+    g = torch.Generator().manual_seed(11)
+    n, hid, v = 300, 64, 5000
+    cpu = [torch.randn(s, generator=g).to(torch.bfloat16) for s in ((n, hid), (v, hid),
+                                                                      (n, hid), (v, hid))]
+    cpu[1] = cpu[1] * 0.3
+    h, w, th, tw = (x.cuda() for x in cpu)
+    h.requires_grad_()
+    w.requires_grad_()
+    out = fused_linear_divergence(h, w, teacher_hidden=th, teacher_weight=tw, divergence=div,
+                                  beta=BETA, temperature=1.5, chunk_size=128)
+    gh, gw = torch.autograd.grad(out, (h, w))
+    assert gw.dtype == torch.bfloat16 and gh.dtype == torch.bfloat16
+    h64, w64 = (cpu[i].double().requires_grad_() for i in (0, 1))
+    xp = array_api_compat.array_namespace(h64)
+    ref = plain(xp, h64, w64, None, {"hidden": cpu[2].double(), "weight": cpu[3].double()},
+                div, BETA, 1.5).mean()
+    eh, ew = torch.autograd.grad(ref, (h64, w64))
+    np.testing.assert_allclose(float(out.detach()), float(ref.detach()), rtol=1.6e-2, atol=1e-4)
+    for got, want in ((gh, eh), (gw, ew)):
+        np.testing.assert_allclose(got.double().cpu().numpy(), want.numpy(), rtol=3e-2,
+                                   atol=3e-2 * float(want.abs().max()))
+
+
 def test_torch_gradient_modes_agree(torch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Gradients computed in the forward pass and recomputed in the backward are the same."""
     from kldiv.backends import torch_fused
@@ -1361,16 +1453,18 @@ n = 10
 for div in DIVS:
     plan = _fused_linear_math.Plan(div, BETA, 1.3, 3)
     res = {}
-    for mode in ("chunks", "slabs"):
+    for mode in ("chunks", "slabs", "lowp"):
         torch_fused_slabs.WEIGHT_GRAD = mode
         _, dh, dW, _ = torch_fused_slabs.chunks(
             h.reshape(n, -1), w, None, ("hidden", th.reshape(n, -1), tw, None), plan,
             torch.rand(n, generator=torch.Generator().manual_seed(1)), (True, True, False))
         res[mode] = (dh.float(), dW)
     assert res["slabs"][1].dtype == bf and res["chunks"][1].dtype == torch.float32
-    for a, e in zip(res["slabs"], res["chunks"]):
-        np.testing.assert_allclose(a.float().numpy(), e.float().numpy(), rtol=2e-2,
-                                   atol=2e-2 * float(e.abs().max()))
+    assert res["lowp"][1].dtype == bf
+    for other in ("slabs", "lowp"):
+        for a, e in zip(res[other], res["chunks"]):
+            np.testing.assert_allclose(a.float().numpy(), e.float().numpy(), rtol=2e-2,
+                                       atol=2e-2 * float(e.abs().max()))
 torch_fused_chunks._operand = real_operand
 assert len(calls) > 50, len(calls)  # the host code ran the kernel, not the torch ops
 assert len(slab_calls) > 50, len(slab_calls)  # and the slab kernel for the weight gradient

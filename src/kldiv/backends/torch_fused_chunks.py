@@ -314,7 +314,7 @@ def chunk_pass(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
                ) -> tuple[Any, ...]:
     """``(loss, dh, dW, db, slabs)``: per-token losses and, where ``need``, the gradients
     of ``sum(loss * scale)`` (``scale`` per token) in the compute dtype. ``weight_grad``
-    (``"chunks"``, ``"slabs"`` or ``"auto"``) says how ``dW`` is formed: where by slabs,
+    (``"chunks"``, ``"slabs"``, ``"lowp"`` or ``"auto"``) says how ``dW`` is formed: where by slabs,
     ``dW`` is ``None`` and ``slabs`` is ``(setup, stats)``, what the slab pass
     (:mod:`kldiv.backends.torch_fused_slabs`) starts from; else ``slabs`` is ``None``."""
     need_grad = scale is not None and any(need)
@@ -329,7 +329,8 @@ def chunk_pass(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
     dev = h2.device
     loss = torch.empty(n, dtype=cd, device=dev)
     dh = torch.empty((n, hid), dtype=cd, device=dev) if need_grad and need[0] else None
-    dW = torch.zeros((v, hid), dtype=cd, device=dev) \
+    # "lowp": accumulated in the half weight's own dtype (one rounding per chunk)
+    dW = torch.zeros((v, hid), dtype=W_.dtype if weight_grad == "lowp" else cd, device=dev) \
         if need_grad and need[1] and not setup.slabs else None
     db = torch.zeros(v, dtype=cd, device=dev) if need_grad and need[2] else None
     stats = torch.empty((n, STATS), dtype=cd, device=dev) if setup.slabs else None

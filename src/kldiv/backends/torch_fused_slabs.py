@@ -36,8 +36,11 @@ half-precision weight that accumulator is a second, twice as large ``V x H`` gra
 ``"slabs"`` writes the gradient slab by slab of the vocabulary, each slab one product over
 all tokens (float32 accumulation inside the GEMM, rounded once to the weight's dtype): no
 accumulator, at the cost of forming the slab's logits again (:func:`_weight_grad_slabs`).
-``"auto"`` (the default): slabs where the products take half-precision weights (CUDA),
-chunks elsewhere. Set by the ``KLDIV_FUSED_WEIGHT_GRAD`` environment variable; read at
+``"lowp"`` accumulates over the token chunks like ``"chunks"``, but in the weight's own
+dtype where the products take a half-precision weight (CUDA): Liger-Kernel's accumulation,
+the fastest and a half-size accumulator, at the cost of one rounding to that dtype per
+chunk instead of one in all (elsewhere it is ``"chunks"``). ``"auto"`` (the default): slabs
+where the products take half-precision weights (CUDA), chunks elsewhere. Set by the ``KLDIV_FUSED_WEIGHT_GRAD`` environment variable; read at
 every call."""
 
 SLAB_COLUMNS = 4096
@@ -52,8 +55,9 @@ CPU, 1 GiB on a GPU: all 8192 tokens of a 4096-entry slab in one tile)."""
 def weight_grad_mode() -> str:
     """:data:`WEIGHT_GRAD`, checked."""
     mode = WEIGHT_GRAD
-    if mode not in ("auto", "chunks", "slabs"):
-        raise ValueError(f"KLDIV_FUSED_WEIGHT_GRAD must be 'auto', 'chunks' or 'slabs', "
+    if mode not in ("auto", "chunks", "slabs", "lowp"):
+        raise ValueError(f"KLDIV_FUSED_WEIGHT_GRAD must be 'auto', 'chunks', 'slabs' or "
+                         f"'lowp', "
                          f"got {mode!r}.")
     return mode
 
