@@ -14,7 +14,8 @@ its own weight, reduced to the mean over tokens):
   (``torch_fused.GRAD_MODE = "recompute"``): the measurement behind the default;
 - ``kldiv-chunks`` / ``kldiv-slabs``: ``kldiv`` with the weight gradient accumulated over
   token chunks or formed by vocabulary slabs (``torch_fused_slabs.WEIGHT_GRAD``; ``kldiv``
-  itself uses ``auto``: slabs for bfloat16 weights on CUDA, chunks elsewhere);
+  itself uses ``auto``: for bfloat16 weights on CUDA ``lowp`` over at most 16 token chunks,
+  else slabs; chunks elsewhere);
 - ``kldiv-lowp``: ``kldiv`` with the weight gradient accumulated over token chunks in the
   weight's own dtype (``"lowp"``: Liger's accumulation, one rounding per chunk);
 - ``liger`` / ``liger-eager``: Liger-Kernel's chunked ``LigerFusedLinearJSDLoss`` (its
@@ -308,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or HERE / f"{name}.json"
     impls = ["plain", "kldiv", "kldiv-recompute"]
     if args.gpu:
-        impls = ["plain", "plain-compile", "kldiv", "kldiv-chunks"]  # auto: slabs on bf16
+        # kldiv is auto: lowp at this shape (8 chunks); the other two weight-gradient modes
+        impls = ["plain", "plain-compile", "kldiv", "kldiv-chunks", "kldiv-slabs"]
     if _has_liger():
         impls += ["liger", "liger-triton"] if args.gpu else ["liger", "liger-eager"]
     else:

@@ -331,32 +331,42 @@ def test_torch_weight_grad_by_slabs(torch: Any, monkeypatch: pytest.MonkeyPatch,
 
 
 def test_torch_weight_grad_mode(torch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``auto`` forms the weight gradient by slabs exactly where the products take
-    half-precision weights (CUDA): the gradient is then returned in the weight's dtype,
-    with no float32 ``V x H`` accumulator; a bad ``KLDIV_FUSED_WEIGHT_GRAD`` is a clear
-    error."""
+    """``auto`` with half-precision weights in the products (CUDA): the weight gradient is
+    accumulated in the weight's dtype over at most ``LOWP_MAX_CHUNKS`` token chunks, formed
+    by slabs beyond (bounded rounding); float32 weights: chunks. Forced modes are obeyed
+    (``lowp`` is ``chunks`` for float32 weights); a bad ``KLDIV_FUSED_WEIGHT_GRAD`` is a
+    clear error."""
     from kldiv.backends import torch_fused_chunks, torch_fused_slabs
 
     f32, bf = torch.float32, torch.bfloat16
     # CUDA's half route on CPU: half operands kept half in the products
     monkeypatch.setattr(torch_fused_chunks, "_operand",
                         lambda x, cd: x if x is None or x.dtype in (bf, cd) else x.to(cd))
+    cap = torch_fused_chunks.LOWP_MAX_CHUNKS
 
-    def by_slabs(dtype: Any) -> bool:  # the decision as the chunk pass makes it
-        h, w = torch.zeros((1, 2), dtype=dtype), torch.zeros((3, 2), dtype=dtype)
-        return bool(torch_fused_chunks.Setup(
-            h, w, None, ("logits", torch.zeros(1, 3)), _fused_linear_math.Plan("kl", 0.5, 1.0, 1),
-            weight_grad=torch_fused_slabs.weight_grad_mode()).slabs)
+    def mode(dtype: Any, chunks: int = 1) -> str | None:  # as the chunk pass decides it
+        h, w = torch.zeros((chunks * 2, 2), dtype=dtype), torch.zeros((3, 2), dtype=dtype)
+        setup = torch_fused_chunks.Setup(
+            h, w, None, ("logits", torch.zeros(chunks * 2, 3)),
+            _fused_linear_math.Plan("kl", 0.5, 1.0, 2),
+            weight_grad=torch_fused_slabs.weight_grad_mode())
+        assert setup.slabs == (setup.weight_grad == "slabs")
+        return setup.weight_grad
 
-    assert by_slabs(bf) and not by_slabs(f32)
+    assert mode(bf) == "lowp" and mode(bf, cap) == "lowp" and mode(bf, cap + 1) == "slabs"
+    assert mode(f32) == "chunks" and mode(f32, cap + 1) == "chunks"
     monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "chunks")
-    assert not by_slabs(bf)
+    assert mode(bf) == "chunks"
+    monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "lowp")
+    assert mode(bf, cap + 1) == "lowp" and mode(f32) == "chunks"
     monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "slabs")
-    assert by_slabs(f32)
+    assert mode(f32) == "slabs" and mode(bf) == "slabs"
     monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "slab")
     with pytest.raises(ValueError, match="KLDIV_FUSED_WEIGHT_GRAD must be 'auto', 'chunks'"):
-        by_slabs(f32)
+        mode(f32)
+    # auto over more chunks than the cap: by slabs, no V x H accumulator at all
     monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "auto")
+    monkeypatch.setattr(torch_fused_chunks, "LOWP_MAX_CHUNKS", 1)
     zeros = torch.zeros
     big: list[tuple[Any, Any]] = []
 

@@ -39,8 +39,10 @@ accumulator, at the cost of forming the slab's logits again (:func:`_weight_grad
 ``"lowp"`` accumulates over the token chunks like ``"chunks"``, but in the weight's own
 dtype where the products take a half-precision weight (CUDA): Liger-Kernel's accumulation,
 the fastest and a half-size accumulator, at the cost of one rounding to that dtype per
-chunk instead of one in all (elsewhere it is ``"chunks"``). ``"auto"`` (the default): slabs
-where the products take half-precision weights (CUDA), chunks elsewhere. Set by the ``KLDIV_FUSED_WEIGHT_GRAD`` environment variable; read at
+chunk instead of one in all (elsewhere it is ``"chunks"``). ``"auto"`` (the default): where
+the products take half-precision weights (CUDA), lowp when the call makes at most
+:data:`~kldiv.backends.torch_fused_chunks.LOWP_MAX_CHUNKS` token chunks (Liger's shape:
+8), else slabs; chunks elsewhere. Set by the ``KLDIV_FUSED_WEIGHT_GRAD`` environment variable; read at
 every call."""
 
 SLAB_COLUMNS = 4096
