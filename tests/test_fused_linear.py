@@ -364,6 +364,25 @@ def test_torch_weight_grad_mode(torch: Any, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "slab")
     with pytest.raises(ValueError, match="KLDIV_FUSED_WEIGHT_GRAD must be 'auto', 'chunks'"):
         mode(f32)
+    # the Triton route's own chunk rule (auto chunk size): lowp's cap counts the chunks;
+    # beyond LOWP_MAX_CHUNKS the slab pass's smaller cap gives the rows
+    monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "auto")
+    monkeypatch.setattr(torch_fused_chunks, "FORCE_ROUTE", "triton")
+    per_row = torch_fused_chunks.TRITON_CHUNK_BUFFERS * 3 * 4  # V = 3, float32
+    monkeypatch.setattr(torch_fused_chunks, "TRITON_CHUNK_BYTES", 4 * per_row)
+    monkeypatch.setattr(torch_fused_chunks, "SLAB_CHUNK_BYTES", 2 * per_row)
+
+    def triton_setup(n: int) -> Any:
+        return torch_fused_chunks.Setup(
+            torch.zeros((n, 2), dtype=bf), torch.zeros((3, 2), dtype=bf), None,
+            ("logits", torch.zeros(n, 3)),
+            _fused_linear_math.Plan("kl", 0.5, 1.0, n, auto_chunk=True),
+            weight_grad=torch_fused_slabs.weight_grad_mode())
+
+    few, many = triton_setup(4 * cap), triton_setup(4 * cap + 1)
+    assert (few.weight_grad, few.plan.chunk_size) == ("lowp", 4)
+    assert (many.weight_grad, many.plan.chunk_size) == ("slabs", 2)
+    monkeypatch.setattr(torch_fused_chunks, "FORCE_ROUTE", None)
     # auto over more chunks than the cap: by slabs, no V x H accumulator at all
     monkeypatch.setattr(torch_fused_slabs, "WEIGHT_GRAD", "auto")
     monkeypatch.setattr(torch_fused_chunks, "LOWP_MAX_CHUNKS", 1)

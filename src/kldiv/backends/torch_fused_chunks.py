@@ -39,8 +39,8 @@ from .._fused_linear_math import (
 from .torch_ import optional_module
 from .torch_fused_terms import SPARE_BUFFERS, STATS, Workspace, chunk_terms_
 
-__all__ = ["FORCE_ROUTE", "LOWP_MAX_CHUNKS", "SPARE_BUFFERS", "Setup", "Workspace", "addmm_", "chunk_pass",
-           "chunk_terms_", "compute_dtype", "linear_backward", "mm_into"]
+__all__ = ["FORCE_ROUTE", "LOWP_MAX_CHUNKS", "SPARE_BUFFERS", "Setup", "Workspace", "addmm_",
+           "chunk_pass", "chunk_terms_", "compute_dtype", "linear_backward", "mm_into"]
 
 FORCE_ROUTE: str | None = None
 """Tests only: ``"triton"`` runs the Triton kernel on any device (CPU under
@@ -338,9 +338,9 @@ def chunk_pass(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
                need: tuple[bool, bool, bool], weight_grad: str = "chunks"
                ) -> tuple[Any, ...]:
     """``(loss, dh, dW, db, slabs)``: per-token losses and, where ``need``, the gradients
-    of ``sum(loss * scale)`` (``scale`` per token) in the compute dtype. ``weight_grad``
-    (``"chunks"``, ``"slabs"``, ``"lowp"`` or ``"auto"``) says how ``dW`` is formed: where by slabs,
-    ``dW`` is ``None`` and ``slabs`` is ``(setup, stats)``, what the slab pass
+    of ``sum(loss * scale)`` (``scale`` per token) in the compute dtype (``dW`` by
+    ``"lowp"``: the weight's). ``weight_grad`` (``"chunks"``, ``"slabs"``, ``"lowp"`` or
+    ``"auto"``) says how ``dW`` is formed: where by slabs, ``dW`` is ``None`` and ``slabs`` is ``(setup, stats)``, what the slab pass
     (:mod:`kldiv.backends.torch_fused_slabs`) starts from; else ``slabs`` is ``None``."""
     need_grad = scale is not None and any(need)
     if scale is not None:  # e.g. the stride-0 gradient of a sum: kernels read rows of it

@@ -42,8 +42,8 @@ the fastest and a half-size accumulator, at the cost of one rounding to that dty
 chunk instead of one in all (elsewhere it is ``"chunks"``). ``"auto"`` (the default): where
 the products take half-precision weights (CUDA), lowp when the call makes at most
 :data:`~kldiv.backends.torch_fused_chunks.LOWP_MAX_CHUNKS` token chunks (Liger's shape:
-8), else slabs; chunks elsewhere. Set by the ``KLDIV_FUSED_WEIGHT_GRAD`` environment variable; read at
-every call."""
+8), else slabs; chunks elsewhere. Set by the ``KLDIV_FUSED_WEIGHT_GRAD`` environment
+variable; read at every call."""
 
 SLAB_COLUMNS = 4096
 """Vocabulary entries per slab of the slab pass."""
@@ -59,8 +59,7 @@ def weight_grad_mode() -> str:
     mode = WEIGHT_GRAD
     if mode not in ("auto", "chunks", "slabs", "lowp"):
         raise ValueError(f"KLDIV_FUSED_WEIGHT_GRAD must be 'auto', 'chunks', 'slabs' or "
-                         f"'lowp', "
-                         f"got {mode!r}.")
+                         f"'lowp', got {mode!r}.")
     return mode
 
 
@@ -69,7 +68,7 @@ def chunks(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
            need: tuple[bool, bool, bool]) -> tuple[Any, ...]:
     """``(loss, dh, dW, db)``: per-token losses and, where ``need``, the gradients of
     ``sum(loss * scale)`` (``scale`` per token) in the compute dtype (``dW`` in the weight
-    operand's dtype when formed by slabs, :data:`WEIGHT_GRAD`)."""
+    operand's dtype when formed by slabs or by lowp, :data:`WEIGHT_GRAD`)."""
     wanted = scale is not None and need[1]
     loss, dh, dW, db, pending = chunk_pass(h2, W, b, teacher, plan, scale, need,
                                            weight_grad=weight_grad_mode() if wanted
