@@ -9,7 +9,6 @@ faces above it. :func:`accumulator_dtype` is the one place that chooses the accu
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -18,7 +17,7 @@ import numpy as np
 
 from ._dispatch import Call, compute, resolve
 from ._divergence import KL
-from ._libraries import compiling, library
+from ._libraries import compiling, library, traced_rule
 from ._namespace import array_namespace, get_device, is_dask, namespace_name
 from ._reduction import apply_sample_weight, num_elements
 from ._spaces import prepare
@@ -247,7 +246,7 @@ def traced(x: Any) -> bool:
     tp = type(x)
     rule = _TRACED_BY_TYPE.get(tp)
     if rule is None:
-        rule = _TRACED_BY_TYPE.setdefault(tp, _traced_rule(tp))
+        rule = _TRACED_BY_TYPE.setdefault(tp, traced_rule(tp))
     return rule if isinstance(rule, bool) else bool(rule(x))
 
 
@@ -256,31 +255,6 @@ _TRACED_BY_TYPE: dict[type, bool | Callable[[Any], Any]] = {}
 that answers per instance (torch's: a ``torch.func`` wrapper is a plain ``torch.Tensor``).
 A type is classified once, when first seen: a tracer type or a tensor type exists only once
 its library is imported, so nothing imported later changes an entry."""
-
-# Where the tracing libraries keep their abstract values: JAX's tracer type, and torch's
-# check for a tensor wrapped by a torch.func transform (whose type is torch.Tensor itself).
-# TODO(libraries table): a Library field naming these would keep the names in the table.
-_TRACER_TYPE = ("jax.core", "Tracer")
-_WRAPPED_TENSOR = ("torch", "Tensor", "_C._functorch.is_functorch_wrapped_tensor")
-
-
-def _traced_rule(tp: type) -> bool | Callable[[Any], Any]:
-    """:func:`traced`'s answer for instances of ``tp`` (see :data:`_TRACED_BY_TYPE`)."""
-    module, name = _TRACER_TYPE
-    tracer = getattr(sys.modules.get(module), name, None)
-    if isinstance(tracer, type) and issubclass(tp, tracer):
-        return True
-    module, name, check_path = _WRAPPED_TENSOR
-    lib = sys.modules.get(module)
-    tensor = getattr(lib, name, None)
-    if isinstance(tensor, type) and issubclass(tp, tensor):
-        check: Any = lib
-        for part in check_path.split("."):
-            check = getattr(check, part, None)
-        if callable(check):
-            return check
-    return False
-
 
 def cast_result(xp: ModuleType, x: Any, dtype: Any) -> Any:
     """``x`` cast to ``dtype`` (a result's dtype), a value beyond ``dtype``'s range becoming

@@ -21,6 +21,7 @@ Nothing here imports a framework: an adapter is imported only when its library i
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -51,6 +52,7 @@ __all__ = [
     "shim_namespace",
     "sparse_hint",
     "target",
+    "traced_rule",
 ]
 
 
@@ -78,6 +80,7 @@ LIBRARIES: tuple[Library, ...] = (
             fast_paths=(_B + "torch_", _B + "torch_family", _B + "torch_fused"), tensor_type="Tensor",
             plain_types=("Tensor", "nn.Parameter"),
             compiled_namespace=_torch_compiled_namespace, float64_rule=True, detach="detach",
+            wrapped_check="_C._functorch.is_functorch_wrapped_tensor",
             dense_layout="strided", densify="torch tensor (layout {layout}); call .to_dense() first",
             install="pip install 'kldiv[torch]'",
             install_note="CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu"),
@@ -85,6 +88,7 @@ LIBRARIES: tuple[Library, ...] = (
             fast_paths=(_B + "jax_", _B + "jax_family", _B + "jax_fused"), place_after=True, where_clip=True,
             no_fma=True,
             immutable=True, float64_rule=True, sparse_types=("jax.experimental.sparse",),
+            tracer_types=("jax.core:Tracer",),
             densify="JAX {type} array; call .todense() first",
             install="pip install 'kldiv[jax]'", install_note="GPU: pip install 'jax[cuda12]'"),
     Library("cupy", ("cupy",), "is_cupy_namespace", adapter=_B + "cupy_",
@@ -120,6 +124,21 @@ _SPARSE = tuple(lib for lib in LIBRARIES if lib.sparse_types)
 _RAGGED = tuple(lib for lib in LIBRARIES if lib.ragged_types)
 GRAPHED: tuple[Library, ...] = tuple(lib for lib in LIBRARIES if lib.detach)
 """Libraries whose arrays may carry an autograd graph (:attr:`Library.detach`)."""
+
+
+_TRACING = tuple(lib for lib in LIBRARIES if lib.tracer_types or lib.wrapped_check)
+
+
+def traced_rule(tp: type) -> bool | Callable[[Any], Any]:
+    """For instances of ``tp``: ``True`` if every one is an abstract value of a library's
+    tracing transformation, a per-instance check where one may be (a torch tensor wrapped by
+    ``torch.func``), else ``False`` (:attr:`Library.tracer_types`,
+    :attr:`Library.wrapped_check`)."""
+    for lib in _TRACING:
+        rule = lib.traced_rule(tp)
+        if rule is not None:
+            return rule
+    return False
 
 
 def ragged_hint(x: object) -> str | None:

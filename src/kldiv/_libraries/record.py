@@ -111,6 +111,12 @@ class Library:
     """Its module's function (dotted), ``assert_equal(x, y, message=...)``, that adds to the
     graph being built a check raising ``message`` when it runs with ``x != y``
     (``tf.debugging.assert_equal``)."""
+    tracer_types: tuple[str, ...] = ()
+    """``"module:Type"`` whose every instance is an abstract value of a tracing transformation
+    (JAX's ``Tracer``: ``jax.jit``, ``grad``, ``vmap``), which no running state may hold."""
+    wrapped_check: str = ""
+    """Its module's function (dotted) answering, for one of its :attr:`tensor_type`, whether a
+    transform wraps it (``torch.func``: the wrapper's type is the plain tensor type)."""
     quiet: tuple[tuple[str, str], ...] = ()
     """Environment defaults set before importing it (start-up chatter off)."""
     install: str = ""
@@ -173,6 +179,26 @@ class Library:
             prefix, _, name = spec.partition(":")
             if tp.__module__.startswith(prefix) and tp.__name__ == name:
                 return self.pad.format(type=tp.__name__)
+        return None
+
+    def traced_rule(self, tp: type) -> bool | Callable[[Any], Any] | None:
+        """For instances of ``tp``: ``True`` if every one is a tracer of this library, the
+        per-instance check if one may be a wrapped tensor, ``None`` if neither (looked up in
+        ``sys.modules``: never imports the library)."""
+        for spec in self.tracer_types:
+            module, _, name = spec.partition(":")
+            tracer = getattr(sys.modules.get(module), name, None)
+            if isinstance(tracer, type) and issubclass(tp, tracer):
+                return True
+        if self.wrapped_check:
+            mod = sys.modules.get(self.modules[0])
+            tensor = getattr(mod, self.tensor_type, None)
+            if isinstance(tensor, type) and issubclass(tp, tensor):
+                check: Any = mod
+                for part in self.wrapped_check.split("."):
+                    check = getattr(check, part, None)
+                if callable(check):
+                    return check
         return None
 
     def load_adapter(self) -> ModuleType:
