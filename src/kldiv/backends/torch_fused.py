@@ -4,7 +4,8 @@ The chunk loop (:mod:`kldiv.backends.torch_fused_chunks`) walks the tokens ``chu
 rows at a time, forms each chunk's logits, its divergence and its gradient with respect to
 the logits, and pushes the gradient through the matrix products; no more than one chunk of
 ``(rows, V)`` buffers exists at any time; the weight gradient of half-precision weights is
-formed afterwards by vocabulary slabs (:mod:`kldiv.backends.torch_fused_slabs`, whose
+accumulated in their dtype over the chunks when there are few of them, else formed afterwards
+by vocabulary slabs (:mod:`kldiv.backends.torch_fused_slabs`, whose
 :func:`~kldiv.backends.torch_fused_slabs.chunks` runs both passes). This module decides when
 they run and how autograd sees them.
 

@@ -11,10 +11,12 @@ products at once: ``dh_c = G @ W``, ``dW += G.T @ h_c``, ``db += G.sum(0)`` (:fu
 No more than one chunk of ``(rows, V)`` buffers exists at any time.
 
 For half-precision weights kept half in the products (CUDA), a float32 ``dW`` accumulator
-would be a second gradient twice the size of the result: there the weight gradient is formed
-by vocabulary slabs instead (:mod:`kldiv.backends.torch_fused_slabs`, which runs this chunk
-pass and then its own): the chunk pass keeps five statistics per token (``weight_grad``
-``"slabs"``), and the slab pass forms each slab's logits and gradient again from them.
+would be a second gradient twice the size of the result: there the weight gradient is
+accumulated in the weight's own dtype over at most :data:`LOWP_MAX_CHUNKS` chunks
+(``weight_grad`` ``"lowp"``), else formed by vocabulary slabs
+(:mod:`kldiv.backends.torch_fused_slabs`, which runs this chunk pass and then its own): the
+chunk pass keeps five statistics per token (``"slabs"``), and the slab pass forms each slab's
+logits and gradient again from them.
 
 On CUDA the per-chunk softmax, divergence and gradient run in one Triton kernel
 (:mod:`kldiv.backends.triton_fused`: online log-sum-exp over vocabulary blocks) beside
@@ -166,7 +168,10 @@ the fastest and least memory at Liger's shape) when the call makes at most this 
 chunks, else formed by vocabulary slabs (one rounding). Each chunk adds one rounding to
 the weight's dtype: measured on CPU (bfloat16, JS, N=4096, H=128, V=8192), the relative
 error of the gradient was 1.66e-3 for one rounding, 3.3e-3 over 8 chunks, 4.5e-3 over 16,
-8.7e-3 over 64: it grows as the square root of the count, which this cap bounds."""
+8.7e-3 over 64: it grows as the square root of the count, which this cap bounds. The count
+follows the automatic chunk size, and so free memory: at Liger's shape (N=8192, V=128256)
+1024-token chunks (8) need about 24 GiB free, 512 (16 chunks) about 12 GiB; with less, auto
+takes slabs (least memory, about 1.6x the time)."""
 
 SLAB_CHUNK_BYTES = 512 * 2**20
 """Cap on one chunk's buffers on the Triton route when the weight gradient is formed by
@@ -340,8 +345,9 @@ def chunk_pass(h2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
     """``(loss, dh, dW, db, slabs)``: per-token losses and, where ``need``, the gradients
     of ``sum(loss * scale)`` (``scale`` per token) in the compute dtype (``dW`` by
     ``"lowp"``: the weight's). ``weight_grad`` (``"chunks"``, ``"slabs"``, ``"lowp"`` or
-    ``"auto"``) says how ``dW`` is formed: where by slabs, ``dW`` is ``None`` and ``slabs`` is ``(setup, stats)``, what the slab pass
-    (:mod:`kldiv.backends.torch_fused_slabs`) starts from; else ``slabs`` is ``None``."""
+    ``"auto"``) says how ``dW`` is formed: where by slabs, ``dW`` is ``None`` and ``slabs``
+    is ``(setup, stats)``, what the slab pass (:mod:`kldiv.backends.torch_fused_slabs`)
+    starts from; else ``slabs`` is ``None``."""
     need_grad = scale is not None and any(need)
     if scale is not None:  # e.g. the stride-0 gradient of a sum: kernels read rows of it
         scale = scale.contiguous()
