@@ -297,8 +297,8 @@ def triton_interpreter_defect() -> str | None:
 
 def skip_if_triton_interpreter_defective() -> None:
     """Skip the calling test, with the exact reason, where Triton's interpreter has the
-    ``__index__`` defect; the interpreted kernel tests of test_fast_paths and test_fused_linear
-    call it too."""
+    ``__index__`` defect; the interpreted kernel tests of test_fast_paths and
+    test_fused_linear_triton call it too."""
     reason = triton_interpreter_defect()
     if reason is not None:
         pytest.skip(reason)
