@@ -69,12 +69,31 @@ def host_numpy(x: Any) -> np.ndarray:
 
 
 def _from_python(x: Any, what: str) -> np.ndarray:
-    """Python scalars, lists and tuples (and anything else NumPy accepts) -> NumPy."""
+    """Python scalars, lists and tuples (and anything else NumPy accepts) -> NumPy.
+
+    A ``TypeError`` naming ``what`` when NumPy cannot: also for the library errors NumPy
+    passes on from the items of a list (torch's RuntimeError for a tensor that requires
+    grad, JAX's for a tracer), with a hint to stack such items in their own library."""
     try:
         arr = np.asarray(x)
-    except (ValueError, TypeError) as exc:
-        raise TypeError(f"{what} could not be converted to an array: {exc}") from None
+    except (ValueError, TypeError, RuntimeError) as exc:
+        hint = ""
+        if isinstance(x, (list, tuple)) and _holds_array(x):
+            hint = (f" (a {type(x).__name__} of arrays: stack them into one array of their "
+                    "library first, e.g. torch.stack or jnp.stack)")
+        raise TypeError(f"{what} could not be converted to an array{hint}: {exc}") from None
     return arr
+
+
+def _holds_array(x: Any, depth: int = 0) -> bool:
+    """Whether a (nested) list or tuple holds an array of a library (not NumPy's scalars)."""
+    for item in x:
+        if isinstance(item, (list, tuple)):
+            if depth < 32 and _holds_array(item, depth + 1):
+                return True
+        elif is_array(item) and not isinstance(item, (np.ndarray, np.generic)):
+            return True
+    return False
 
 
 def _read_variable(x: Any) -> Any:
@@ -290,13 +309,24 @@ def _cast_at_source(x: Any, src_xp: ModuleType, dtype: Any) -> Any:
     if _dtype_name(x.dtype) == name:
         return x
     src_dtype = getattr(src_xp, name, None)
-    if src_dtype is None:
+    if src_dtype is None or (name == "float64" and not _holds_float64(src_xp, x)):
+        # JAX without jax_enable_x64 names float64 but warns ("Explicitly requested dtype
+        # float64 ... truncated") and gives float32: the cast is made in the target library
         return x
     x = _without_graph(x)  # y_true / sample_weight carry no gradient across libraries
     try:
         return src_xp.astype(x, src_dtype)
     except (TypeError, ValueError, RuntimeError):
         return x
+
+
+def _holds_float64(xp: ModuleType, x: Any) -> bool:
+    """Whether ``xp`` (``x``'s library) holds float64 on ``x``'s device (the table's
+    :meth:`~kldiv._libraries.Library.has_float64`; ``True`` where it cannot tell)."""
+    try:
+        return library(xp).has_float64(xp, get_device(x))
+    except Exception:
+        return True
 
 
 def _asarray(xp: ModuleType, arr: Any, device: Any, dtype: Any) -> Any:

@@ -380,4 +380,8 @@ class DivergenceLoss(LossBase):
     def _repr_items(self) -> str:
         options = "".join(f", {key}={getattr(self, key)!r}" for key in self._options())
         name = str(self.name) if isinstance(self.name, str) else self.name
-        return f"reduction={self.reduction!r}, name={name!r}{options}"
+        # dtype as stored (a name; not validated here: repr must not raise for an invalid
+        # value set after construction, which the next call refuses)
+        dtype = getattr(self, "dtype", None)
+        dtype_item = "" if dtype is None else f", dtype={dtype!r}"
+        return f"reduction={self.reduction!r}, name={name!r}{dtype_item}{options}"

@@ -1,0 +1,99 @@
+"""Hostile inputs against the Keras KL core, second pass: ``kldiv.kl_divergence`` (and its
+aliases) and ``kldiv.KLDivergence`` across libraries, conversion of Python containers, the
+loss' repr.
+
+Each test here was written against a defect found by probing and failed before its fix; the
+reference values are the float64 oracle of SPEC §1 (``conftest.oracle``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kldiv
+from conftest import ArrayBackend, Backend, oracle
+
+T = [[0.2, 0.8], [0.5, 0.5]]
+P = [[0.6, 0.4], [0.3, 0.7]]
+
+
+def _no_x64() -> Any:
+    """JAX with ``jax_enable_x64`` off (its default; the suite's JAX handle turns it on)."""
+    jax = pytest.importorskip("jax")
+    return jax.enable_x64(False)
+
+
+# ---- a float32-only JAX array meeting a float64 y_pred of another library ------------------
+
+@pytest.mark.parametrize("pred", [Backend.NUMPY, Backend.TORCH, Backend.ARRAY_API_STRICT],
+                         ids=str)
+def test_jax_y_true_against_a_float64_y_pred_raises_no_jax_warning(pred: Backend) -> None:
+    """Without x64, JAX warns ("Explicitly requested dtype float64 ... truncated") for every
+    float64 cast: kldiv asked JAX for one, on the JAX side, for each call (an error under
+    ``-W error``). The cast is made in y_pred's library instead."""
+    handle = pred.handle()
+    jnp = pytest.importorskip("jax.numpy")
+    yp = handle.asarray(np.asarray(P, np.float64))
+    with _no_x64():
+        yt = jnp.asarray(np.asarray(T, np.float32))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = kldiv.kld(yt, yp)
+            loss = kldiv.KLDivergence(reduction="sum")(yp, yp, sample_weight=jnp.asarray([2.0, 1.0]))
+    assert handle.is_native(out)
+    np.testing.assert_allclose(handle.to_numpy(out), oracle(np.asarray(T, np.float32), P), rtol=1e-12)
+    np.testing.assert_allclose(float(handle.to_numpy(loss)), 0.0, atol=1e-12)
+
+
+# ---- Python containers holding arrays ----------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["y_true", "y_pred", "sample_weight"])
+def test_list_of_tensors_requiring_grad_is_a_clear_type_error(where: str) -> None:
+    """``np.asarray`` of a list holding a tensor that requires grad raises torch's
+    RuntimeError ("Can't call numpy() on Tensor that requires grad"), which leaked."""
+    torch = pytest.importorskip("torch")
+    items = [torch.tensor(0.2, requires_grad=True), torch.tensor(0.8)]
+    yp = torch.tensor([0.5, 0.5])
+    with pytest.raises(TypeError, match=rf"{where} could not be converted.*stack"):
+        if where == "y_true":
+            kldiv.kld(items, yp)
+        elif where == "y_pred":
+            kldiv.kld([0.5, 0.5], items)
+        else:
+            kldiv.KLDivergence()(yp, yp, sample_weight=items)
+
+
+def test_list_of_traced_values_says_to_stack_them() -> None:
+    """A list of JAX tracers against a NumPy input: the message says how to build one array."""
+    jax = pytest.importorskip("jax")
+    with pytest.raises(TypeError, match=r"y_pred could not be converted to an array \(a list"):
+        jax.jit(lambda a: kldiv.kld(np.array([0.5, 0.5]), [a, 1 - a]))(0.3)
+
+
+def test_list_of_tensors_without_grad_still_converts(backend: ArrayBackend) -> None:
+    """The plain case keeps working: a list of NumPy scalars / 0-d arrays is one array."""
+    yp = backend.asarray(np.asarray(P[0], np.float32))
+    out = kldiv.kld([np.float32(0.2), np.array(0.8, np.float32)], yp)
+    np.testing.assert_allclose(backend.to_numpy(out), oracle(T[0], P[0]), rtol=1e-6)
+
+
+# ---- repr ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+def test_repr_shows_the_dtype(dtype: str) -> None:
+    """Two unequal losses (``dtype=`` set on one) had the same repr; the repr now names it,
+    as the metrics' does, and evaluates back to an equal loss."""
+    loss = kldiv.KLDivergence(reduction="sum", dtype=dtype)
+    assert repr(loss) == f"KLDivergence(reduction='sum', name='kl_divergence', dtype={dtype!r})"
+    assert eval(repr(loss), {"KLDivergence": kldiv.KLDivergence}) == loss
+    assert repr(kldiv.KLDivergence()) == "KLDivergence(reduction='auto', name='kl_divergence')"
+
+
+def test_repr_with_an_invalid_dtype_set_afterwards_does_not_raise() -> None:
+    loss = kldiv.KLDivergence()
+    loss.dtype = "int32"
+    assert "dtype='int32'" in repr(loss)
