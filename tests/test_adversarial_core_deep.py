@@ -97,3 +97,22 @@ def test_repr_with_an_invalid_dtype_set_afterwards_does_not_raise() -> None:
     loss = kldiv.KLDivergence()
     loss.dtype = "int32"
     assert "dtype='int32'" in repr(loss)
+
+
+# ---- the generic switch --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["no", "false", 0, 1, None, [], 2.0])
+def test_use_generic_takes_a_bool_only(bad: Any) -> None:
+    """``use_generic("no")`` (any truthy non-bool) switched the fast paths *off*, and
+    ``use_generic(0)`` on: a TypeError naming the argument, when called, not on entering."""
+    with pytest.raises(TypeError, match=r"use_generic\(enabled=.*\): enabled must be a bool"):
+        kldiv.use_generic(bad)
+
+
+@pytest.mark.parametrize("enabled", [True, False, np.True_, np.False_])
+def test_use_generic_with_a_bool_switches(enabled: Any) -> None:
+    from kldiv import _switch
+
+    with kldiv.use_generic(enabled):
+        assert _switch._FORCE_GENERIC.get() is bool(enabled)
+    assert _switch._FORCE_GENERIC.get() is False

@@ -22,6 +22,8 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+
 from ._libraries import library, load, names
 
 __all__ = ["fast_path", "fast_path_modules", "generic_forced", "library_op", "register",
@@ -44,9 +46,15 @@ def generic_forced() -> bool:
     return os.environ.get("KLDIV_GENERIC", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-@contextlib.contextmanager
-def use_generic(enabled: bool = True) -> Iterator[None]:
-    """Context manager: inside it, every call uses the generic array-API kernel.
+def use_generic(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Context manager: inside it, every call uses the generic array-API kernel
+    (``enabled=False``: the fast paths, as outside it).
+
+    Raises
+    ------
+    TypeError
+        If ``enabled`` is not a bool (``True``/``False``, or NumPy's): a string such as
+        ``"no"`` is truthy and would switch the fast paths off.
 
     Examples
     --------
@@ -55,6 +63,14 @@ def use_generic(enabled: bool = True) -> Iterator[None]:
     ...     float(kldiv.kld(np.array([.4, .9, .2]), np.array([.5, .8, .12])))
     0.11891...
     """
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(f"use_generic(enabled={enabled!r}): enabled must be a bool (True or "
+                        f"False), got {type(enabled).__name__}.")
+    return _use_generic(bool(enabled))
+
+
+@contextlib.contextmanager
+def _use_generic(enabled: bool) -> Iterator[None]:
     token = _FORCE_GENERIC.set(enabled)
     try:
         yield
