@@ -116,3 +116,61 @@ def test_use_generic_with_a_bool_switches(enabled: Any) -> None:
     with kldiv.use_generic(enabled):
         assert _switch._FORCE_GENERIC.get() is bool(enabled)
     assert _switch._FORCE_GENERIC.get() is False
+
+
+# ---- config after attributes were set ------------------------------------------------------------
+
+def _set_numpy_options(loss: Any) -> None:
+    loss.reduction = np.str_("sum")
+    loss.inputs = (np.str_("probs"), "logits")
+    loss.temperature = np.float32(2.0)
+
+
+def test_get_config_after_numpy_attribute_values_is_json_ready() -> None:
+    """Options set as NumPy values after construction went into the config as they were:
+    ``np.float32`` is not JSON-serializable (a Keras save failed). The config holds the
+    validated values, as the constructor stores them."""
+    import json
+
+    loss = kldiv.KLDivergence()
+    _set_numpy_options(loss)
+    config = loss.get_config()
+    assert config == {"reduction": "sum", "name": "kl_divergence",
+                      "inputs": ["probs", "logits"], "temperature": 2.0}
+    assert [type(v) for v in (config["reduction"], config["temperature"], *config["inputs"])] == [
+        str, float, str, str]
+    assert json.loads(json.dumps(config)) == config
+    again = kldiv.KLDivergence.from_config(config)
+    assert again == loss
+    assert repr(loss) == ("KLDivergence(reduction='sum', name='kl_divergence', "
+                          "inputs=('probs', 'logits'), temperature=2.0)")
+
+
+def test_get_config_of_a_member_parameter_set_as_numpy_is_a_float() -> None:
+    import json
+
+    loss = kldiv.JensenShannonDivergence()
+    loss.beta = np.float64(0.25)
+    config = loss.get_config()
+    assert type(config["beta"]) is float and config["beta"] == 0.25
+    json.dumps(config)
+
+
+@pytest.mark.parametrize(("attr", "value", "error"), [
+    ("temperature", "x", TypeError),
+    ("temperature", True, TypeError),  # was dropped from the config silently (True == 1.0)
+    ("temperature", -1.0, ValueError),
+    ("inputs", "probability", ValueError),
+    ("reduction", "bogus", ValueError),
+    ("name", 3, TypeError),
+])
+def test_get_config_refuses_an_invalid_attribute_set_afterwards(attr: str, value: Any,
+                                                                error: type) -> None:
+    """The config held any value set after construction (a config that ``from_config``
+    then refused, or silently read as another option); the dtype was already checked. Now
+    the constructor's error, and the repr still prints (it must not raise)."""
+    loss = kldiv.KLDivergence(inputs="logits")
+    setattr(loss, attr, value)
+    with pytest.raises(error):
+        loss.get_config()
+    assert repr(value) in repr(loss)

@@ -113,11 +113,15 @@ class LossBase(KerasAwareLoss):
         stored as one, for configs and the repr); ``None`` is the class' default name, as in
         Keras (``keras.losses.KLDivergence(name=None).name == "kl_divergence"``)."""
         self.reduction = validate_reduction(reduction, batchmean=True)
+        self.name = self._checked_name(name)
+
+    def _checked_name(self, name: Any) -> str:
+        """``name`` as a plain ``str`` (``None``: the class' default); ``TypeError`` otherwise."""
         if name is None:
             name = _default_name(kldiv_class(self))
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}.")
-        self.name = str(name)
+        return str(name)
 
     def _set_dtype(self, dtype: Any) -> None:
         """Validate and set ``dtype`` (messages name this class)."""
@@ -173,11 +177,18 @@ class LossBase(KerasAwareLoss):
 
     def get_config(self) -> dict[str, Any]:
         """The constructor arguments, as Keras would save them (JSON-ready: a pair of input
-        spaces is a list)."""
+        spaces is a list).
+
+        Attributes set after construction are validated here as the constructor validates
+        them (its ``TypeError``/``ValueError``) and saved as it stores them: plain ``str`` and
+        ``float`` values, never a NumPy scalar (which JSON cannot hold) nor a value that
+        :meth:`from_config` would refuse or read as another option.
+        """
         config = self._config()
-        name = config.get("name")
-        if isinstance(name, str) and type(name) is not str:  # a np.str_ set after construction
-            config["name"] = str(name)
+        if "reduction" in config:
+            config["reduction"] = validate_reduction(config["reduction"], batchmean=True)
+        if "name" in config:
+            config["name"] = self._checked_name(config["name"])
         # by name, also when the attribute was set after construction (a dtype object)
         name = validate_dtype(self.dtype, owner=type(self).__name__)
         if name is not None:
@@ -352,12 +363,27 @@ class DivergenceLoss(LossBase):
         return self._reduced(prep.xp, prep.device, prep.out_dtype, reduce, compiling)
 
     def _options(self) -> dict[str, Any]:
-        """The member's options as config entries: its parameters always, ``inputs`` and
-        ``temperature`` when not the defaults (so that a default KL's config is Keras')."""
+        """The member's options as config entries, validated (:meth:`_resolved`: the
+        constructor's errors for a value set since) and as the constructor stores them: its
+        parameters always, ``inputs`` and ``temperature`` when not the defaults (so that a
+        default KL's config is Keras')."""
+        call = self._resolved()
+        options: dict[str, Any] = {key: call.params.get(key, getattr(self, key))
+                                   for key in self.divergence.params}
+        first, second = call.spaces
+        if (first, second) != ("probs", "probs"):
+            options["inputs"] = first if first == second else [first, second]
+        if call.temperature != 1.0:
+            options["temperature"] = call.temperature
+        return options
+
+    def _raw_options(self) -> dict[str, Any]:
+        """The options as the attributes hold them (unvalidated: for the repr, which must not
+        raise for an invalid value set after construction)."""
         options: dict[str, Any] = {key: getattr(self, key) for key in self.divergence.params}
         if self.inputs != "probs":
-            options["inputs"] = self.inputs if isinstance(self.inputs, str) else list(self.inputs)
-        if self.temperature != 1.0:
+            options["inputs"] = self.inputs
+        if self.temperature != 1.0 or type(self.temperature) is bool:
             options["temperature"] = self.temperature
         return options
 
@@ -378,10 +404,18 @@ class DivergenceLoss(LossBase):
         return config
 
     def _repr_items(self) -> str:
-        options = "".join(f", {key}={getattr(self, key)!r}" for key in self._options())
-        name = str(self.name) if isinstance(self.name, str) else self.name
-        # dtype as stored (a name; not validated here: repr must not raise for an invalid
-        # value set after construction, which the next call refuses)
-        dtype = getattr(self, "dtype", None)
+        # the validated values where they are valid (a pair of spaces as a tuple, as given),
+        # else the attributes as they are: repr must not raise for an invalid value set after
+        # construction (the next call, or get_config, refuses it)
+        try:
+            options = self._options()
+            reduction: Any = validate_reduction(self.reduction, batchmean=True)
+            name: Any = self._checked_name(self.name)
+        except (TypeError, ValueError):
+            options, reduction, name = self._raw_options(), self.reduction, self.name
+        if isinstance(options.get("inputs"), list):
+            options["inputs"] = tuple(options["inputs"])
+        items = "".join(f", {key}={value!r}" for key, value in options.items())
+        dtype = getattr(self, "dtype", None)  # as stored (a name), not validated either
         dtype_item = "" if dtype is None else f", dtype={dtype!r}"
-        return f"reduction={self.reduction!r}, name={name!r}{dtype_item}{options}"
+        return f"reduction={reduction!r}, name={name!r}{dtype_item}{items}"
