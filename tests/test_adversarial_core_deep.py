@@ -174,3 +174,32 @@ def test_get_config_refuses_an_invalid_attribute_set_afterwards(attr: str, value
     with pytest.raises(error):
         loss.get_config()
     assert repr(value) in repr(loss)
+
+
+# ---- dtype= that y_pred's library cannot hold ---------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["auto", "none"])
+def test_float64_dtype_on_jax_without_x64_is_a_clear_error(reduction: str) -> None:
+    """``KLDivergence(dtype="float64")`` on JAX without x64 returned float32 (JAX truncates)
+    with JAX's UserWarning: the result was not in the dtype asked for. Now the loss' own
+    ValueError, as for a dtype the library lacks (array-api-strict's float16)."""
+    jnp = pytest.importorskip("jax.numpy")
+    loss = kldiv.KLDivergence(reduction=reduction, dtype="float64")
+    with _no_x64():
+        yt, yp = jnp.asarray(T), jnp.asarray(P)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match=r"KLDivergence\(dtype='float64'\): jax holds no "
+                               r"float64.*jax_enable_x64"):
+                loss(yt, yp)
+            # the inputs' own dtype (no dtype=) keeps working
+            out = kldiv.KLDivergence(reduction=reduction)(yt, yp)
+    assert str(out.dtype) == "float32"
+
+
+def test_float64_dtype_on_jax_with_x64_is_float64() -> None:
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    with jax.enable_x64(True):
+        out = kldiv.KLDivergence(dtype="float64")(jnp.asarray(T), jnp.asarray(P, jnp.float32))
+        assert str(out.dtype) == "float64"

@@ -143,6 +143,18 @@ class LossBase(KerasAwareLoss):
         # checked again: the attribute may have been set after construction ("int32" would
         # truncate the loss silently)
         name = validate_dtype(self.dtype, owner=owner)
+        if tracing is None:
+            tracing = torch_compiling()
+        if name == "float64" and not tracing and dtype_name(out_dtype) != "float64":
+            lib = library(xp)
+            if not lib.has_float64(xp, device):
+                # JAX without jax_enable_x64 would cast to float32 (with its own warning), torch
+                # on MPS refuse: the loss' error, not a result in another dtype
+                raise ValueError(
+                    f"{owner}(dtype='float64'): {lib.name} holds no float64 on {self._INPUT}'s "
+                    f"device {device} (JAX: only with jax_enable_x64); choose a dtype it holds, "
+                    "or leave dtype=None."
+                )
         dtype = out_dtype if name is None else result_dtype(xp, name, owner=owner, what=self._INPUT)
         if out.dtype != dtype:
             try:
