@@ -203,3 +203,15 @@ def test_float64_dtype_on_jax_with_x64_is_float64() -> None:
     with jax.enable_x64(True):
         out = kldiv.KLDivergence(dtype="float64")(jnp.asarray(T), jnp.asarray(P, jnp.float32))
         assert str(out.dtype) == "float64"
+
+
+def test_equality_with_an_invalid_attribute_does_not_raise() -> None:
+    """``==`` compares configs; with an invalid attribute set since (which get_config refuses)
+    it is identity, as the hash then falls back to the class': ``loss in [...]`` must work."""
+    loss = kldiv.KLDivergence()
+    loss.dtype = "int32"
+    other = kldiv.KLDivergence()
+    assert loss == loss
+    assert loss != other and other != loss
+    assert loss in [other, loss]
+    assert hash(loss) == hash(loss)

@@ -248,7 +248,12 @@ class LossBase(KerasAwareLoss):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LossBase) or kldiv_class(other) is not kldiv_class(self):
             return NotImplemented
-        return self.get_config() == other.get_config()
+        if other is self:
+            return True
+        try:
+            return self.get_config() == other.get_config()
+        except (TypeError, ValueError):  # an invalid attribute set since: identity (see __hash__)
+            return False
 
     def __hash__(self) -> int:
         """The hash of the class and config, as ``==`` compares them: lets ``jax.jit(loss)``
