@@ -40,7 +40,8 @@ from ._namespace import (
 
 __all__ = ["SPACES", "Prepared", "broadcast_shapes", "limit_logits", "log_softmax", "parse_inputs",
            "pred_namespace", "prepare", "row_max", "shape_str", "short_repr", "single_block_if_empty",
-           "temperature_limit", "to_log_space", "validate_temperature"]
+           "temperature_flat", "temperature_limit", "to_log_space", "uniform_logits",
+           "validate_temperature"]
 
 
 # ------------------------------------------------------------------------------ the inputs
@@ -358,6 +359,40 @@ def temperature_limit(temperature: float, dtype: Any) -> bool:
     return temperature < _SMALLEST_NORMAL[key]
 
 
+_LARGEST_FLAT = {"float32": 2.0**126, "float64": 2.0**1022}  # 1 / the smallest normal number
+
+
+def temperature_flat(temperature: float, dtype: Any) -> bool:
+    """True where ``1 / temperature`` is below ``dtype``'s smallest normal number.
+
+    Such a temperature is infinite in the dtype, or its reciprocal is flushed to 0 by XLA
+    (which divides by a constant by multiplying with its reciprocal) and by TensorFlow: the
+    division ``(x - max(x)) / T`` would give NaN at every ``-inf`` logit (``-inf * 0``,
+    ``-inf / inf``). It stands for the ``T -> inf`` limit (:func:`uniform_logits`): the
+    uniform distribution over the entries whose logit is not ``-inf``. That is the value of
+    ``log_softmax(x / T)`` to the dtype's resolution for every logit gap below
+    ``T * eps`` (``2**102``, about ``5e30``, in float32), since ``(x - max(x)) / T`` is then
+    smaller than the dtype's spacing near ``log(C)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> temperature_flat(1e39, np.float32), temperature_flat(1e39, np.float64)
+    (True, False)
+    """
+    if temperature <= _LARGEST_FLAT["float32"]:  # every usual temperature: one comparison
+        return False
+    key = "float64" if "64" in str(dtype) else "float32"
+    return temperature > _LARGEST_FLAT[key]
+
+
+def uniform_logits(xp: ModuleType, z: Any) -> Any:
+    """``lim_{T -> inf} z / T`` for max-shifted logits ``z``: 0, ``-inf`` kept (a masked
+    entry stays masked), NaN kept. Constants where the limit is taken: a zero gradient (the
+    true one is of order ``1 / T``, below the dtype's smallest normal number)."""
+    return xp.where(z == -math.inf, -math.inf, xp.where(z == z, 0.0, z))
+
+
 def limit_logits(xp: ModuleType, z: Any) -> Any:
     """``lim_{T -> 0} z / T`` for max-shifted logits ``z = x - max(x) <= 0``: 0 at the row
     maximum, ``-inf`` below it, NaN kept (a NaN logit, or ``+inf - +inf``).
@@ -375,7 +410,9 @@ def log_softmax(xp: ModuleType, x: Any, temperature: float = 1.0) -> Any:
     temperature gives the one-hot limit, ``-inf`` off the row maximum, rather than an
     overflowing ``x / T`` and NaN); a temperature below the dtype's smallest normal number
     (0 in the dtype: :func:`temperature_limit`) gives that limit exactly, with a zero
-    gradient. A row of all ``-inf`` gives all ``-inf`` (not NaN), with
+    gradient; a temperature whose reciprocal is below that number (:func:`temperature_flat`)
+    gives the ``T -> inf`` limit, uniform over the entries that are not ``-inf``. A row of
+    all ``-inf`` gives all ``-inf`` (not NaN), with
     zero gradients: the ``where`` calls replace the undefined ``-inf - (-inf)`` and ``log(0)``
     by safe values on both branches, so that no NaN reaches the backward pass either.
     """
@@ -386,6 +423,8 @@ def log_softmax(xp: ModuleType, x: Any, temperature: float = 1.0) -> Any:
     z = x - m
     if temperature_limit(temperature, x.dtype):
         z = limit_logits(xp, z)
+    elif temperature_flat(temperature, x.dtype):
+        z = uniform_logits(xp, z)
     elif temperature != 1.0:
         z = z / temperature
     s = xp.sum(xp.exp(z), axis=-1, keepdims=True)

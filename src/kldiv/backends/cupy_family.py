@@ -51,7 +51,7 @@ import cupy as cp
 import numpy as np
 
 from .._kernel import EPSILON
-from .._spaces import broadcast_shapes, temperature_limit
+from .._spaces import broadcast_shapes, temperature_flat, temperature_limit
 
 __all__ = ["MAX_BLOCKS", "SOURCE", "THREADS", "js", "kl", "reverse_kl"]
 
@@ -341,8 +341,9 @@ def _run(op: str, y_true: Any, y_pred: Any, spaces: tuple[str, str], temperature
         return NotImplemented
     if any(s not in _KINDS for s in spaces):
         return NotImplemented
-    if "logits" in spaces and temperature_limit(temperature, dtype):
-        return NotImplemented  # T is 0 in the dtype: the generic kernel takes the limit
+    if "logits" in spaces and (temperature_limit(temperature, dtype)
+                               or temperature_flat(temperature, dtype)):
+        return NotImplemented  # T (or 1 / T) is 0 in the dtype: the generic kernel's limit
     try:
         # kldiv's own broadcast: NumPy's broadcast_shapes stops at 32 dimensions
         shape = broadcast_shapes(tuple(y_true.shape), tuple(y_pred.shape), what="y_true and y_pred")

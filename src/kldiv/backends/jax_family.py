@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from .._divergence import MEMBERS
-from .._spaces import temperature_limit, to_log_space
+from .._spaces import temperature_flat, temperature_limit, to_log_space
 
 __all__ = ["js", "kl", "reverse_kl"]
 
@@ -237,9 +237,11 @@ def _divergence(y_true: jax.Array, y_pred: jax.Array, *, op: str, spaces: tuple[
                 temperature: float, beta: float) -> jax.Array:
     if (spaces[0] in _RULE_SPACES and spaces[1] in _RULE_SPACES and y_true.ndim > 0
             and y_pred.ndim > 0 and jnp.broadcast_shapes(y_true.shape, y_pred.shape)[-1] > 0
-            and not temperature_limit(temperature, y_pred.dtype)):
-        # (a temperature that is 0 in the dtype: the generic kernel's T -> 0 limit, below,
-        # whose derivative is 0; the rule's would divide by it)
+            and not temperature_limit(temperature, y_pred.dtype)
+            and not temperature_flat(temperature, y_pred.dtype)):
+        # (a temperature that is 0 in the dtype, or whose reciprocal is: the generic kernel's
+        # T -> 0 or T -> inf limit, below, whose derivative is 0; the rule's would divide by
+        # it, and XLA multiplies by the reciprocal, flushed to 0: NaN at -inf logits)
         # no broadcast here: the rule's formulas broadcast (and reverse mode sums the
         # derivative over the broadcast axes); a logits input holds its whole class axis
         return _closed(y_true, y_pred, op, spaces, temperature, beta)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._kernel import EPSILON
-from .._spaces import broadcast_shapes, temperature_limit
+from .._spaces import broadcast_shapes, temperature_flat, temperature_limit
 from . import numpy_engine as engine
 
 __all__ = ["BLOCK_ELEMENTS", "js", "kl", "reverse_kl"]
@@ -53,6 +53,8 @@ def _log_block(x: np.ndarray, space: str, temperature: float) -> np.ndarray:
     out = x - m  # shifted before the division: a tiny temperature cannot overflow it
     if temperature_limit(temperature, x.dtype):  # T is 0 in the dtype: the T -> 0 limit
         out = np.where(out == 0.0, 0.0, np.where(out < 0.0, -_INF, out))
+    elif temperature_flat(temperature, x.dtype):  # 1 / T is 0 in the dtype: the T -> inf limit
+        out = np.where(out == -_INF, -_INF, np.where(out == out, 0.0, out))
     elif temperature != 1.0:
         out /= temperature
     s = np.exp(out).sum(axis=-1, keepdims=True)

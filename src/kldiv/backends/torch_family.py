@@ -75,7 +75,7 @@ import torch
 
 from .._kernel import EPSILON
 from .._libraries.torch_traced import array_api
-from .._spaces import temperature_limit
+from .._spaces import temperature_flat, temperature_limit
 from .._switch import generic_forced
 from . import torch_family_blocks as _blocks
 from .torch_ import _batched, _has_tangent, _private, _tracing, float_tensors, optional_module
@@ -290,9 +290,11 @@ def _run(op: str, y_true: Any, y_pred: Any, spaces: tuple[str, str], temperature
         # forward-mode AD and the legacy vmap: the blocked forward's ``out=`` ops have no
         # forward derivative nor batching rule; the generic formula has both
         return NotImplemented
-    if "logits" in spaces and temperature_limit(temperature, y_pred.dtype):
-        # a temperature that is 0 in the dtype: the generic kernel's T -> 0 limit (a zero
-        # derivative), where the blocks, the compiled code and Triton would divide by it
+    if "logits" in spaces and (temperature_limit(temperature, y_pred.dtype)
+                               or temperature_flat(temperature, y_pred.dtype)):
+        # a temperature that is 0 (or whose reciprocal is 0) in the dtype: the generic
+        # kernel's T -> 0 (T -> inf) limit, with a zero derivative, where the blocks, the
+        # compiled code and Triton would divide by it (-inf / inf: NaN at masked entries)
         return NotImplemented
     shape = torch.broadcast_shapes(y_true.shape, y_pred.shape)
     if 0 in shape:
