@@ -11,6 +11,7 @@ forward-only loop below. The input checks are
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from types import ModuleType
@@ -32,7 +33,7 @@ from ._fused_linear_math import (
 )
 from ._namespace import get_device, is_dask
 from ._reduction import Reduction, apply_sample_weight
-from ._spaces import temperature_limit
+from ._spaces import temperature_flat, temperature_limit
 
 __all__ = ["FusedLinearDivergence", "fused_linear_divergence"]
 
@@ -196,7 +197,10 @@ def fused_linear_divergence(
     beta : float, default 0.5
         The Jensen-Shannon weight, in the open interval (0, 1) (``"js"`` only).
     temperature : float, default 1.0
-        Divides both sides' logits; must be > 0.
+        Divides both sides' logits; must be > 0. One that is 0 in the compute dtype is the
+        ``T -> 0`` limit (the argmax), one whose reciprocal is (from ``2**126`` in float32)
+        the ``T -> inf`` limit (uniform over the entries that are not ``-inf``): both flat,
+        with zero gradients.
     sample_weight : array, optional
         Per-token weights or a mask, e.g. ``labels != -100``, with the loss classes' rank
         rules; constant (no gradient flows to it).
@@ -278,7 +282,8 @@ def fused_linear_divergence(
     else:
         teacher = {"hidden": xp.reshape(th, (n, int(th.shape[-1]))), "weight": tw, "bias": tb}
     route = library_op(lib, "fused_linear")  # the library's own, with gradients
-    limit = temperature_limit(temperature, cd)  # T is 0 in the compute dtype: the T -> 0 limit
+    # T is 0 in the compute dtype, or 1 / T is: the T -> 0 or T -> inf limit, flat in the inputs
+    limit = temperature_limit(temperature, cd) or temperature_flat(temperature, cd)
     if route is not None and not limit:
         out = route(h2, w, b, teacher, plan, scale)
     else:
@@ -300,8 +305,22 @@ def fused_linear_divergence(
             out = out * _constant(lib, w_shaped)
     if out.dtype == h.dtype:
         return out
+    return _astype_quietly(xp, out, h.dtype)
+
+
+def _cast_block(block: Any, dtype: Any) -> Any:
     with np.errstate(over="ignore"):
-        return xp.astype(out, h.dtype)
+        return block.astype(dtype)
+
+
+def _astype_quietly(xp: ModuleType, out: Any, dtype: Any) -> Any:
+    """``out`` in ``dtype``: ``inf`` beyond a half dtype's range (documented), without
+    NumPy's overflow warning, also where Dask casts later, in its tasks (out of reach of an
+    error state set here)."""
+    if is_dask(out):
+        return out.map_blocks(functools.partial(_cast_block, dtype=dtype), dtype=dtype)
+    with np.errstate(over="ignore"):
+        return xp.astype(out, dtype)
 
 
 class FusedLinearDivergence:
@@ -338,7 +357,7 @@ class FusedLinearDivergence:
          self.chunk_size) = validate_options(divergence, beta, temperature, reduction, chunk_size)
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}.")
-        self.name = name
+        self.name = str(name)  # a plain str (np.str_ would show as np.str_('...') in configs)
 
     def __call__(self, student_hidden: Any, student_weight: Any, teacher_logits: Any = None, *,
                  teacher_hidden: Any = None, teacher_weight: Any = None,

@@ -30,7 +30,7 @@ from types import ModuleType
 from typing import Any
 
 from ._libraries import device_library
-from ._spaces import limit_logits, temperature_limit
+from ._spaces import limit_logits, temperature_flat, temperature_limit, uniform_logits
 
 __all__ = [
     "DIVERGENCES",
@@ -97,7 +97,12 @@ def divide_by_temperature(xp: ModuleType, x: Any, temperature: float) -> Any:
     shift-invariant), and so is every divergence and its gradient with respect to ``x``.
     Dividing by ``T >= 1`` cannot overflow: no shift there. A temperature below ``x``'s
     dtype's smallest normal number is 0 in the dtype: the ``T -> 0`` limit is taken instead
-    (:func:`kldiv._spaces.limit_logits`: 0 at the row maximum, ``-inf`` below it)."""
+    (:func:`kldiv._spaces.limit_logits`: 0 at the row maximum, ``-inf`` below it). A
+    temperature whose reciprocal is below that number is infinite in the dtype (or its
+    reciprocal is flushed to 0 by XLA): the ``T -> inf`` limit is taken instead
+    (:func:`kldiv._spaces.uniform_logits`: 0, ``-inf`` kept), not ``-inf / inf = NaN``; each
+    row is shifted by its maximum first, so that a row holding ``+inf`` stays NaN, as it is
+    at every other temperature."""
     if temperature == 1.0:
         return x
     if temperature < 1.0:
@@ -105,15 +110,29 @@ def divide_by_temperature(xp: ModuleType, x: Any, temperature: float) -> Any:
         x = x - xp.where(xp.isfinite(m), m, xp.zeros_like(m))
         if temperature_limit(temperature, x.dtype):
             return limit_logits(xp, x)
+    elif temperature_flat(temperature, x.dtype):
+        m = xp.max(x, axis=-1, keepdims=True)
+        return uniform_logits(xp, x - xp.where(m == -math.inf, xp.zeros_like(m), m))
     return x / temperature
+
+
+def _log_ratio(xp: ModuleType, la: Any, lb: Any) -> Any:
+    """``la - lb`` for log-probabilities, ``-inf`` where ``la`` is ``-inf``: never the
+    undefined ``-inf - (-inf)`` (whose term :func:`_xlogy_terms` drops anyway). Nothing
+    undefined is formed at all, so a library that evaluates later (Dask's tasks, out of
+    reach of NumPy's error state) warns about nothing either."""
+    return la - xp.where(la == -math.inf, xp.zeros_like(lb), lb)
 
 
 def _xlogy_terms(xp: ModuleType, prob: Any, diff: Any) -> Any:
     """``prob * diff`` with ``0 * anything = 0`` (NaN in ``prob`` still propagates), except
     ``diff = +inf``: ``prob`` is then 0 only by underflow (its log is finite; a true 0 has a
-    ``-inf`` log, so ``diff`` is ``-inf`` or NaN), and the term is ``+inf``, as in the
-    family functions (:func:`kldiv._divergence.kl_terms`)."""
-    return xp.where(prob == 0, _underflow_term(xp, diff), prob * diff)
+    ``-inf`` log, so ``diff`` from :func:`_log_ratio` is ``-inf``), and the term is ``+inf``,
+    as in the family functions (:func:`kldiv._divergence.kl_terms`). ``0 * inf`` is never
+    formed (the product sees 0 where ``prob`` is 0)."""
+    zero = prob == 0
+    return xp.where(zero, _underflow_term(xp, diff),
+                    prob * xp.where(zero, xp.zeros_like(diff), diff))
 
 
 def _underflow_term(xp: ModuleType, diff: Any) -> Any:
@@ -149,20 +168,19 @@ def chunk_terms(
     p, lp = log_softmax_parts(xp, t)
     grad = None
     if divergence == "kl":
-        loss = xp.sum(_xlogy_terms(xp, p, lp - lq), axis=-1)
+        loss = xp.sum(_xlogy_terms(xp, p, _log_ratio(xp, lp, lq)), axis=-1)
         if need_grad:  # q sum(p) - p: sum(p) is 0 for a teacher row of no mass
             grad = xp.where(xp.sum(p, axis=-1, keepdims=True) > 0, q, xp.zeros_like(q)) - p
     elif divergence == "reverse_kl":
-        d = lq - lp
+        d = _log_ratio(xp, lq, lp)
         loss = xp.sum(_xlogy_terms(xp, q, d), axis=-1)
         if need_grad:
             grad = _xlogy_terms(xp, q, d - xp.expand_dims(loss, axis=-1))
     else:
         lm = xp.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
-        a = lq - lm
-        loss = beta * xp.sum(_xlogy_terms(xp, p, lp - lm), axis=-1) + (1 - beta) * xp.sum(
-            _xlogy_terms(xp, q, a), axis=-1
-        )
+        a = _log_ratio(xp, lq, lm)
+        loss = beta * xp.sum(_xlogy_terms(xp, p, _log_ratio(xp, lp, lm)), axis=-1) + (
+            1 - beta) * xp.sum(_xlogy_terms(xp, q, a), axis=-1)
         if need_grad:
             g = _xlogy_terms(xp, q, (1 - beta) * a)
             grad = g - q * xp.sum(g, axis=-1, keepdims=True)
