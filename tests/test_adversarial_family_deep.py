@@ -64,12 +64,16 @@ def _js_row(lp: list[float], lq: list[float], beta: float) -> float:
     for a, b in zip(lp, lq, strict=True):
         if a != a or b != b:
             return math.nan
-        p, q = math.exp(a), math.exp(b)
-        m = beta * p + (1 - beta) * q
-        if p > 0:
-            terms.append(beta * p * math.log(p / m))
-        if q > 0:
-            terms.append((1 - beta) * q * math.log(q / m))
+        # log M = log(beta p + (1 - beta) q), in log space (beta p may underflow)
+        sides = [v for v in (math.log(beta) + a, math.log1p(-beta) + b) if v > -INF]
+        if not sides:
+            continue
+        top = max(sides)
+        lm = top + math.log(math.fsum(math.exp(v - top) for v in sides))
+        if a > -INF:
+            terms.append(beta * math.exp(a) * (a - lm))
+        if b > -INF:
+            terms.append((1 - beta) * math.exp(b) * (b - lm))
     return math.fsum(terms)
 
 
