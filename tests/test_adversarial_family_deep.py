@@ -174,7 +174,10 @@ def test_huge_temperature_gradients_are_finite(diff_backend: ArrayBackend, membe
             import jax
             import jax.numpy as jnp
 
-            grad = np.asarray(jax.grad(lambda s: jnp.sum(jnp.where(w > 0, _call(
-                member, t, s, inputs="logits", temperature=temperature), 0.0)))(p))
+            def loss(s: Any, t: Any = t, w: Any = w, temperature: float = temperature) -> Any:
+                out = _call(member, t, s, inputs="logits", temperature=temperature)
+                return jnp.sum(jnp.where(w > 0, out, 0.0))
+
+            grad = np.asarray(jax.grad(loss)(p))
         assert np.isfinite(grad).all(), (dtype, temperature, grad)
         np.testing.assert_allclose(grad, 0.0, atol=1e-30)
