@@ -42,8 +42,10 @@ the fastest and a half-size accumulator, at the cost of one rounding to that dty
 chunk instead of one in all (elsewhere it is ``"chunks"``). ``"auto"`` (the default): where
 the products take half-precision weights (CUDA), lowp when the call makes at most
 :data:`~kldiv.backends.torch_fused_chunks.LOWP_MAX_CHUNKS` token chunks (Liger's shape:
-8), else slabs; chunks elsewhere. Set by the ``KLDIV_FUSED_WEIGHT_GRAD`` environment
-variable; read at every call."""
+8), else slabs; chunks elsewhere. Set from the ``KLDIV_FUSED_WEIGHT_GRAD`` environment
+variable when this module is imported (set it before the first call); this attribute is read
+at every call, and an unknown value is a ``ValueError`` at the first call that forms a
+weight gradient."""
 
 SLAB_COLUMNS = 4096
 """Vocabulary entries per slab of the slab pass."""
