@@ -171,3 +171,23 @@ def test_dask_half_result_beyond_its_range_is_inf_without_warning(reduction: str
         got = lazy.compute()
     assert got.dtype == np.float16
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_dask_tiny_temperature_warns_nothing_at_compute(div: str) -> None:
+    """A tiny (valid, normal) temperature: ``(x - max) / T`` is beyond the dtype's range for
+    the entries far below the row maximum, which are ``-inf`` there (probability 0, the
+    argmax limit, as on NumPy); Dask's deferred division warned "overflow encountered in
+    divide" at ``compute()`` (NumPy's error state cannot reach its tasks)."""
+    da = pytest.importorskip("dask.array")
+    s = np.array([[0.0, -100.0, 3.0], [5.0, 5.0, -200.0], [1.0, 2.0, 3.0]], np.float32)
+    tl = np.array([[1.0, -300.0, 2.0], [5.0, 4.0, -INF], [-50.0, 2.0, 3.0]], np.float32)
+    eye = np.eye(3, dtype=np.float32)
+    want = F(s, eye, tl, divergence=div, beta=BETA, temperature=1e-37, reduction="none")
+    assert not np.isnan(want).any()
+    lazy = F(*(da.from_array(a, chunks=2) for a in (s, eye, tl)), divergence=div, beta=BETA,
+             temperature=1e-37, reduction="none", chunk_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = lazy.compute()
+    np.testing.assert_array_equal(got, want)

@@ -123,9 +123,9 @@ def _check_sizes(x: Any, what: str) -> None:
                          f"fused_linear_divergence needs known sizes.{hint}")
 
 
-_GENERIC_FUNCTIONS = ("astype", "broadcast_to", "concat", "exp", "expand_dims",
-                      "isfinite", "log", "logaddexp", "matmul", "max", "ones", "ones_like",
-                      "reshape", "sum", "where", "zeros", "zeros_like")
+_GENERIC_FUNCTIONS = ("astype", "broadcast_to", "concat", "exp", "expand_dims", "finfo",
+                      "full_like", "isfinite", "log", "logaddexp", "matmul", "max", "ones",
+                      "ones_like", "reshape", "sum", "where", "zeros", "zeros_like")
 """What the forward-only loop (``kldiv._fused_linear._generic_forward``) and the reductions call."""
 
 

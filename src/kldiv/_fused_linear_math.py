@@ -110,6 +110,13 @@ def divide_by_temperature(xp: ModuleType, x: Any, temperature: float) -> Any:
         x = x - xp.where(xp.isfinite(m), m, xp.zeros_like(m))
         if temperature_limit(temperature, x.dtype):
             return limit_logits(xp, x)
+        # x <= 0 now: a finite x whose x / T is beyond the dtype's range is -inf there
+        # (probability 0), set before the division, which so never overflows (no warning
+        # from a library that divides later, in Dask's tasks, out of reach of NumPy's error
+        # state); -inf entries are divided as they are (their derivative is unchanged)
+        lowest = -temperature * float(xp.finfo(x.dtype).max)
+        beyond = (x < lowest) & (x > -math.inf)
+        return xp.where(beyond, xp.full_like(x, -math.inf), x) / temperature
     elif temperature_flat(temperature, x.dtype):
         m = xp.max(x, axis=-1, keepdims=True)
         return uniform_logits(xp, x - xp.where(m == -math.inf, xp.zeros_like(m), m))
