@@ -4,7 +4,7 @@
 Each test here failed on the code before its fix. The oracle is written from the definitions
 (SPEC and docs/distillation.md) in float64, entry by entry with ``math``: logits shifted by
 their row maximum *before* the division by the temperature, ``0 * log 0 = 0``, ``+inf`` where
-Q is 0 and P is not, NaN wherever a NaN takes part.
+Q is 0 and P is not, NaN wherever a NaN meets a probability that is not 0.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ def _log_row(row: list[float], space: str, temperature: float) -> list[float]:
 def _kl_row(la: list[float], lb: list[float]) -> float:
     terms = []
     for a, b in zip(la, lb, strict=True):
+        if a == -INF:
+            continue  # 0 * log 0 = 0, whatever the other side holds (docs/distillation.md)
         if a != a or b != b:
             return math.nan
-        if a == -INF:
-            continue  # 0 * log 0 = 0
         terms.append(INF if b == -INF else math.exp(a) * (a - b))
     return INF if INF in terms else math.fsum(terms)
 
@@ -181,3 +181,59 @@ def test_huge_temperature_gradients_are_finite(diff_backend: ArrayBackend, membe
             grad = np.asarray(jax.grad(loss)(p))
         assert np.isfinite(grad).all(), (dtype, temperature, grad)
         np.testing.assert_allclose(grad, 0.0, atol=1e-30)
+
+
+# ------------------------------------------------- NaN against an underflowing probability
+# P's log-probability is finite but exp() of it underflows to 0 (a logit gap beyond ~104 in
+# float32, ~745 in float64): P is not 0 there, so a NaN in Q at that entry makes the term
+# NaN. It used to be dropped (the kernels' "p == 0 by underflow: the term is 0" branch
+# counted it as 0): a finite divergence out of a NaN input. A -inf log-probability (a
+# probability of exactly 0) still contributes 0 whatever the other side holds.
+def _underflow_rows(dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    deep = -200.0 if dtype == "float32" else -1000.0  # exp() underflows to 0
+    lp = np.array([[0.0, deep, -INF], [0.0, deep, -INF], [0.0, deep, -INF]])
+    lq = np.array([[-0.5, np.nan, -1.0], [-0.5, -1.0, np.nan], [-0.5, -1.0, -INF]])
+    return lp, lq
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("member", ["kl", "reverse_kl"])
+def test_nan_against_an_underflowing_probability_propagates(backend: ArrayBackend, member: str,
+                                                            dtype: str) -> None:
+    if dtype not in backend.float_dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    lp, lq = _underflow_rows(dtype)
+    if member == "reverse_kl":  # KL(Q || P): the underflowing side is y_pred
+        lp, lq = lq, lp
+    got = backend.to_numpy(_call(member, backend.asarray(lp, dtype), backend.asarray(lq, dtype),
+                                 inputs="log_probs"))
+    want = np.array([np.nan, 0.0, 0.0])
+    want[1:] = oracle(member, lp[1:], lq[1:], "log_probs")
+    _close(got, want)
+
+
+@pytest.mark.parametrize("member", ["kl", "reverse_kl"])
+def test_nan_against_an_underflowing_probability_with_gradients(diff_backend: ArrayBackend,
+                                                                member: str) -> None:
+    """The differentiable fast paths (torch's autograd.Function, JAX's custom_jvp) too."""
+    lp, lq = _underflow_rows("float32")
+    if member == "reverse_kl":
+        lp, lq = lq, lp
+    t, p = diff_backend.asarray(lp, "float32"), diff_backend.asarray(lq, "float32")
+    if diff_backend.module.__name__ == "torch":
+        p = p.clone().requires_grad_(True)
+        got = diff_backend.to_numpy(_call(member, t, p, inputs="log_probs"))
+    else:
+        import jax
+
+        got = np.asarray(jax.jvp(lambda s: _call(member, t, s, inputs="log_probs"), (p,),
+                                 (p * 0 + 1,))[0])
+    assert np.isnan(got[0]) and np.isfinite(got[1:]).all(), got
+
+
+def test_nan_against_an_underflowing_probability_tensorflow() -> None:
+    tf = pytest.importorskip("tensorflow")
+    lp, lq = _underflow_rows("float32")
+    got = kldiv.kl_divergence(tf.constant(lp, tf.float32), tf.constant(lq, tf.float32),
+                              inputs="log_probs").numpy()
+    assert np.isnan(got[0]) and np.isfinite(got[1:]).all(), got

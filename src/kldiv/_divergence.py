@@ -51,15 +51,17 @@ def kl_terms(xp: ModuleType, la: Any, lb: Any) -> Any:
     """``sum(exp(la) * (la - lb), axis=-1)`` with ``0 * log 0 = 0``: ``KL(A || B)`` from logs.
 
     ``la = -inf`` contributes 0 (to the gradient too); ``lb = -inf`` where ``la > -inf``
-    gives ``+inf``, also when ``exp(la)`` underflows to 0 (``0 * inf`` would be NaN).
+    gives ``+inf``, also when ``exp(la)`` underflows to 0 (``0 * inf`` would be NaN), and a
+    NaN ``lb`` there gives NaN (the probability is not 0, only below the dtype's range).
     """
     zero = la == -_INF
     la = xp.where(zero, 0.0, la)  # safe: exp(la) * (la - lb) is finite or +inf, never NaN
     pa = xp.exp(la)
     d = la - lb
     # p == 0 only by underflow here (or on the masked entries, selected away below): the
-    # term is then 0, except against lb = -inf where the divergence is infinite
-    term = xp.where(pa == 0.0, xp.where(d == _INF, d, 0.0), pa * d)
+    # term is then 0, except against lb = -inf where the divergence is infinite, and NaN
+    # against a NaN (P is not 0 there: a NaN input is never dropped)
+    term = xp.where(pa == 0.0, xp.where(d < _INF, 0.0, d), pa * d)
     return xp.sum(xp.where(zero, 0.0, term), axis=-1)
 
 

@@ -213,7 +213,8 @@ __device__ __forceinline__ T kldiv_kl_term(T la, T lb) {
     if (la == -inf) return (T)0;
     const T pa = kldiv_exp(la);
     const T d = la - lb;
-    if (pa == (T)0) return d == inf ? d : (T)0;  // underflow: 0, or +inf against lb = -inf
+    // underflow: 0, or +inf against lb = -inf, NaN against a NaN (P is not 0 there)
+    if (pa == (T)0) return d < inf ? (T)0 : d;
     return pa * d;
 }
 

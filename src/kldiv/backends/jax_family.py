@@ -36,8 +36,8 @@ transposed or second derivative. The corner cases follow what ``jax.grad`` of th
 kernel gives, computed op by op, NaN for NaN (``jax.jit`` of the generic kernel itself
 places NaN differently in such rows: XLA rewrites its ``0 * inf``): a row of all ``-inf``
 logits is the zero measure (derivative ``G / T``); an entry whose probability underflows to 0
-against ``-inf`` on the other side gives NaN w.r.t. its own side and ``-1`` w.r.t. the other
-(the kernel's ``where(d == inf, d, 0)``); an overflowing or ``+inf`` log-probability gives
+against ``-inf`` (or NaN) on the other side gives NaN w.r.t. its own side and ``-1`` w.r.t.
+the other (the kernel's ``where(d < inf, 0, d)``); an overflowing or ``+inf`` log-probability gives
 the kernel's uncancelled ``inf - inf``; a logits row whose log-space derivative is not finite
 (NaN or ``+inf`` inputs, an infinite divergence where ``-inf`` meets mass on the other side)
 gives NaN over the whole row. A ``"probs"`` side, an empty class axis and 0-d inputs take the
@@ -99,13 +99,14 @@ def _kl_parts(la: jax.Array, lb: jax.Array, need_a: bool,
     pa = jnp.exp(la_s)
     d = la_s - lb
     under = pa == 0.0  # exp underflows (never on a masked entry: exp(0) = 1)
-    terms = jnp.where(zero, 0.0, jnp.where(under, jnp.where(d == _INF, d, 0.0), pa * d))
+    terms = jnp.where(zero, 0.0, jnp.where(under, jnp.where(d < _INF, 0.0, d), pa * d))
     ga = gb = None
     if need_a:  # p (d + 1), summed as autodiff does (inf - inf is NaN where p overflows)
         ga = jnp.where(zero, 0.0, jnp.where(under, jnp.where(jnp.isfinite(d), 0.0, jnp.nan),
                                             pa * d + pa))
-    if need_b:  # -p; -1 where p underflows against lb = -inf (the kernel's where(d == inf, d))
-        gb = jnp.where(zero, 0.0, jnp.where(under & (d == _INF), -1.0, -pa))
+    if need_b:  # -p; -1 where p underflows against lb = -inf or NaN (the kernel's
+        # where(d < inf, 0, d))
+        gb = jnp.where(zero, 0.0, jnp.where(under & ~(d < _INF), -1.0, -pa))
     return terms, jnp.where(zero, 0.0, pa), ga, gb
 
 

@@ -66,8 +66,9 @@ def _log_block(x: np.ndarray, space: str, temperature: float) -> np.ndarray:
 def _kl_block(la: np.ndarray, lb: np.ndarray) -> np.ndarray:
     pa = np.exp(la)
     d = la - lb
-    # pa == 0: a -inf entry of la (contributes 0) or an underflow (0, or +inf against lb = -inf)
-    t = np.where(pa == 0.0, np.where(d == _INF, d, 0.0), pa * d)
+    # pa == 0: a -inf entry of la (contributes 0) or an underflow (0; +inf against lb = -inf,
+    # NaN against a NaN: the probability is not 0 there)
+    t = np.where(pa == 0.0, np.where((d < _INF) | (la == -_INF), 0.0, d), pa * d)
     return t.sum(axis=-1)
 
 

@@ -97,8 +97,9 @@ def forward(plan: Plan, a: torch.Tensor, b: torch.Tensor) -> tuple[Any, ...]:
         pa = torch.exp(la)
         if plan.op == "kl":
             d = la - lb
-            # pa == 0: a -inf entry (0) or an underflow (0; +inf against lb = -inf)
-            t = torch.where(pa == 0.0, torch.where(d == _INF, d, 0.0), pa * d)
+            # pa == 0: a -inf entry (0) or an underflow (0; +inf against lb = -inf, NaN
+            # against a NaN: the probability is not 0 there)
+            t = torch.where(pa == 0.0, torch.where((d < _INF) | (la == -_INF), 0.0, d), pa * d)
             torch.sum(t, dim=-1, out=r1[s])
             if r2 is not None:
                 torch.sum(pa, dim=-1, out=r2[s])

@@ -114,8 +114,9 @@ def _kl_forward(a: torch.Tensor, b: torch.Tensor, params: torch.Tensor, *, logit
     lb = _logs(b, inv_t, norm_b)
     pa = torch.exp(la)
     d = la - lb
-    # pa == 0: a -inf entry (0) or an underflow (0; +inf against lb = -inf)
-    term = torch.where(pa == 0.0, torch.where(d == _INF, d, 0.0), pa * d)
+    # pa == 0: a -inf entry (0) or an underflow (0; +inf against lb = -inf, NaN against a
+    # NaN: the probability is not 0 there)
+    term = torch.where(pa == 0.0, torch.where((d < _INF) | (la == -_INF), 0.0, d), pa * d)
     kl = torch.sum(term, dim=-1)
     mass = None if logits_a else torch.sum(pa, dim=-1)
     return _checked((kl, mass, *_rows(norm_a), *_rows(norm_b)))

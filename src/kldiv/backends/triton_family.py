@@ -118,8 +118,10 @@ def _fwd(a_ptr, b_ptr, prm_ptr, out_ptr, st_ptr, n_cols, sa_r, sa_c, sb_r, sb_c,
         pa = tl.exp(la)
         if OP == 0:
             d = la - lb
-            # pa == 0: a -inf entry (0) or an underflow (0; +inf against lb = -inf)
-            acc1 += tl.where(pa == 0.0, tl.where(d == float("inf"), d, 0.0), pa * d)
+            # pa == 0: a -inf entry (0) or an underflow (0; +inf against lb = -inf, NaN
+            # against a NaN: the probability is not 0 there)
+            acc1 += tl.where(pa == 0.0, tl.where((d < float("inf")) | (la == -float("inf")),
+                                                 0.0, d), pa * d)
             acc2 += pa
         else:
             lm = _log_m(la, lb, tl.load(prm_ptr + 2), tl.load(prm_ptr + 3))
