@@ -215,3 +215,42 @@ def test_equality_with_an_invalid_attribute_does_not_raise() -> None:
     assert loss != other and other != loss
     assert loss in [other, loss]
     assert hash(loss) == hash(loss)
+
+
+# ---- a half-precision result beyond its range ------------------------------------------------
+
+def _overflowing_half_inputs() -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose KL (5000 x 16.12) is beyond float16's largest value (65504)."""
+    return np.ones((4, 5000), np.float16), np.full((4, 5000), 1e-7, np.float16)
+
+
+@pytest.mark.parametrize("face", ["function", "loss-none", "loss-sum"])
+@pytest.mark.parametrize("lib", ["numpy", "dask"])
+def test_half_result_beyond_its_range_is_inf_without_a_warning(lib: str, face: str) -> None:
+    """A float16 result beyond float16's range is inf, as documented, with no warning: NumPy
+    warned "overflow encountered in cast" when kl_divergence cast its float32 rows back, and
+    Dask at compute() for the function and the loss (np.errstate cannot reach Dask's tasks)."""
+    t, p = _overflowing_half_inputs()
+    if lib == "dask":
+        da = pytest.importorskip("dask.array")
+        t, p = da.from_array(t, chunks=(2, 5000)), da.from_array(p, chunks=(2, 5000))
+    call = {"function": kldiv.kl_divergence,
+            "loss-none": kldiv.KLDivergence(reduction="none"),
+            "loss-sum": kldiv.KLDivergence(reduction="sum")}[face]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = call(t, p)
+        got = np.asarray(out.compute() if lib == "dask" else out)
+    assert got.dtype == np.float16
+    assert np.isposinf(got).all()
+
+
+def test_half_result_in_range_is_unchanged(backend: ArrayBackend) -> None:
+    """The quiet cast changes nothing in range: float16 rows as the float64 oracle rounds them."""
+    if "float16" not in backend.float_dtypes:
+        pytest.skip(f"{backend}: no float16 in this library")
+    out = kldiv.kl_divergence(backend.asarray(np.asarray(T), "float16"),
+                              backend.asarray(np.asarray(P), "float16"))
+    want = oracle(np.asarray(T, np.float16), np.asarray(P, np.float16))
+    np.testing.assert_allclose(backend.to_numpy(out).astype(np.float64), want, rtol=2e-3,
+                               atol=1e-4)

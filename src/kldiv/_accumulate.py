@@ -8,13 +8,13 @@ faces above it. :func:`accumulator_dtype` is the one place that chooses the accu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._convert import cast_result
 from ._dispatch import Call, compute, resolve
 from ._divergence import KL
 from ._libraries import compiling, library, traced_rule
@@ -255,29 +255,6 @@ _TRACED_BY_TYPE: dict[type, bool | Callable[[Any], Any]] = {}
 that answers per instance (torch's: a ``torch.func`` wrapper is a plain ``torch.Tensor``).
 A type is classified once, when first seen: a tracer type or a tensor type exists only once
 its library is imported, so nothing imported later changes an entry."""
-
-def cast_result(xp: ModuleType, x: Any, dtype: Any) -> Any:
-    """``x`` cast to ``dtype`` (a result's dtype), a value beyond ``dtype``'s range becoming
-    ``inf`` as Keras' cast gives it, with no warning from any library (lazily for Dask).
-
-    NumPy warns "overflow encountered in cast" when a float64 mean above 65504 is cast to
-    float16, and Dask warns at compute time: such values are set to ``inf`` first (of their
-    sign), which every library casts silently; NaN stays NaN."""
-    if x.dtype == dtype:
-        return x
-    try:
-        source, target = xp.finfo(x.dtype), xp.finfo(dtype)
-    except (TypeError, ValueError, AttributeError):  # not floating (or no finfo): a plain cast
-        return xp.astype(x, dtype)
-    top, eps = float(target.max), float(target.eps)
-    if float(source.max) > top:  # a narrowing cast: find what rounds beyond the top
-        # the largest finite value is (2 - eps) * 2**emax and the spacing there eps * 2**emax:
-        # from halfway to the next power of two on, round-to-nearest gives inf
-        limit = top + eps * top / (2 * (2 - eps))
-        big = xp.full_like(x, math.inf)
-        x = xp.where(xp.abs(x) >= limit, xp.where(x > 0, big, -big), x)
-    return xp.astype(x, dtype)
-
 
 def safe_divide(xp: ModuleType, num: Any, den: Any) -> Any:
     """``num / den``, and 0 where ``den`` is 0 (Keras' ``divide_no_nan``), lazily."""

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import _divergence
+from ._convert import cast_result
 from ._divergence import KERAS_KL, Divergence
 from ._libraries import Library, library, load
 from ._namespace import torch_compiling
@@ -233,5 +234,8 @@ def _compute(call: Call, prep: Prepared, cast: bool, lib: Library, compiling: bo
     if broadcast is not None:  # a logits class axis broadcast at run time: NaN, not a value
         loss = _kernel_namespace(lib, xp, compiling).where(broadcast, float("nan"), loss)
     if cast and loss.dtype != prep.out_dtype:
-        loss = xp.astype(loss, prep.out_dtype)
+        # a value beyond a half result's range is inf, as documented, without NumPy's
+        # "overflow encountered in cast" (Dask's at compute()): cast_result sets it first
+        loss = xp.astype(loss, prep.out_dtype) if compiling else \
+            cast_result(xp, loss, prep.out_dtype)
     return loss

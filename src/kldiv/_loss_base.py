@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from ._convert import cast_result
 from ._dispatch import Call, compute, resolve, resolve_traced
 from ._divergence import Divergence
 from ._keras import KerasAwareLoss, kldiv_class
@@ -164,6 +165,8 @@ class LossBase(KerasAwareLoss):
                     # would break a torch.compile trace)
                     with np.errstate(over="ignore"):
                         out = xp.astype(out, dtype)
+                elif library(xp).lazy:  # Dask warns at compute(), out of np.errstate's reach
+                    out = cast_result(xp, out, dtype)
                 else:
                     out = xp.astype(out, dtype)
             except (TypeError, ValueError, RuntimeError) as exc:  # e.g. no float64 on the device
