@@ -235,7 +235,14 @@ def _compute(call: Call, prep: Prepared, cast: bool, lib: Library, compiling: bo
         loss = _kernel_namespace(lib, xp, compiling).where(broadcast, float("nan"), loss)
     if cast and loss.dtype != prep.out_dtype:
         # a value beyond a half result's range is inf, as documented, without NumPy's
-        # "overflow encountered in cast" (Dask's at compute()): cast_result sets it first
-        loss = xp.astype(loss, prep.out_dtype) if compiling else \
-            cast_result(xp, loss, prep.out_dtype)
+        # "overflow encountered in cast" (Dask's at compute(), which np.errstate cannot
+        # reach: cast_result sets such values to inf first). Other libraries cast silently,
+        # and their autodiff sees the plain cast.
+        if lib.lazy:
+            loss = cast_result(xp, loss, prep.out_dtype)
+        elif isinstance(loss, np.ndarray):
+            with np.errstate(over="ignore"):
+                loss = xp.astype(loss, prep.out_dtype)
+        else:
+            loss = xp.astype(loss, prep.out_dtype)
     return loss
