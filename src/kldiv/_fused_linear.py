@@ -33,7 +33,7 @@ from ._fused_linear_math import (
 )
 from ._namespace import get_device, is_dask
 from ._reduction import Reduction, apply_sample_weight
-from ._spaces import temperature_flat, temperature_limit
+from ._temperature import temperature_flat, temperature_limit
 
 __all__ = ["FusedLinearDivergence", "fused_linear_divergence"]
 

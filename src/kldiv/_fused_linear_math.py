@@ -30,7 +30,7 @@ from types import ModuleType
 from typing import Any
 
 from ._libraries import device_library
-from ._spaces import limit_logits, temperature_flat, temperature_limit, uniform_logits
+from ._temperature import limit_logits, temperature_flat, temperature_limit, uniform_logits
 
 __all__ = [
     "DIVERGENCES",
@@ -97,10 +97,10 @@ def divide_by_temperature(xp: ModuleType, x: Any, temperature: float) -> Any:
     shift-invariant), and so is every divergence and its gradient with respect to ``x``.
     Dividing by ``T >= 1`` cannot overflow: no shift there. A temperature below ``x``'s
     dtype's smallest normal number is 0 in the dtype: the ``T -> 0`` limit is taken instead
-    (:func:`kldiv._spaces.limit_logits`: 0 at the row maximum, ``-inf`` below it). A
+    (:func:`kldiv._temperature.limit_logits`: 0 at the row maximum, ``-inf`` below it). A
     temperature whose reciprocal is below that number is infinite in the dtype (or its
     reciprocal is flushed to 0 by XLA): the ``T -> inf`` limit is taken instead
-    (:func:`kldiv._spaces.uniform_logits`: 0, ``-inf`` kept), not ``-inf / inf = NaN``; each
+    (:func:`kldiv._temperature.uniform_logits`: 0, ``-inf`` kept), not ``-inf / inf = NaN``; each
     row is shifted by its maximum first, so that a row holding ``+inf`` stays NaN, as it is
     at every other temperature."""
     if temperature == 1.0:

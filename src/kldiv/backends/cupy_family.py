@@ -51,7 +51,8 @@ import cupy as cp
 import numpy as np
 
 from .._kernel import EPSILON
-from .._spaces import broadcast_shapes, temperature_flat, temperature_limit
+from .._spaces import broadcast_shapes
+from .._temperature import temperature_flat, temperature_limit
 
 __all__ = ["MAX_BLOCKS", "SOURCE", "THREADS", "js", "kl", "reverse_kl"]
 

@@ -55,7 +55,8 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from .._divergence import MEMBERS
-from .._spaces import temperature_flat, temperature_limit, to_log_space
+from .._spaces import to_log_space
+from .._temperature import temperature_flat, temperature_limit
 
 __all__ = ["js", "kl", "reverse_kl"]
 

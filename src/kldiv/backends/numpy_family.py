@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from .._kernel import EPSILON
-from .._spaces import broadcast_shapes, temperature_flat, temperature_limit
+from .._spaces import broadcast_shapes
+from .._temperature import temperature_flat, temperature_limit
 from . import numpy_engine as engine
 
 __all__ = ["BLOCK_ELEMENTS", "js", "kl", "reverse_kl"]

@@ -75,8 +75,8 @@ import torch
 
 from .._kernel import EPSILON
 from .._libraries.torch_traced import array_api
-from .._spaces import temperature_flat, temperature_limit
 from .._switch import generic_forced
+from .._temperature import temperature_flat, temperature_limit
 from . import torch_family_blocks as _blocks
 from .torch_ import _batched, _has_tangent, _private, _tracing, float_tensors, optional_module
 from .torch_family_blocks import BLOCK_ELEMENTS
