@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._convert import cast_result
+from ._cast import cast_result
 from ._dispatch import Call, compute, resolve
 from ._divergence import KL
 from ._libraries import compiling, library, traced_rule

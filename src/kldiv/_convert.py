@@ -9,7 +9,6 @@ is the last-resort trip through the host. Detection (namespaces, devices, dtypes
 
 from __future__ import annotations
 
-import math
 from types import ModuleType
 from typing import Any
 
@@ -38,7 +37,6 @@ from ._namespace import (
 __all__ = [
     "as_pred_array",
     "call_time_values",
-    "cast_result",
     "check_dense",
     "host_numpy",
     "to_namespace",
@@ -413,26 +411,3 @@ def _own_copy(xp: ModuleType, out: Any, source: Any) -> Any:
 
 
 _host_numpy = host_numpy  # temporary: the old private name, until its importers switch
-
-
-def cast_result(xp: ModuleType, x: Any, dtype: Any) -> Any:
-    """``x`` cast to ``dtype`` (a result's dtype), a value beyond ``dtype``'s range becoming
-    ``inf`` as Keras' cast gives it, with no warning from any library (lazily for Dask).
-
-    NumPy warns "overflow encountered in cast" when a float64 mean above 65504 is cast to
-    float16, and Dask warns at compute time: such values are set to ``inf`` first (of their
-    sign), which every library casts silently; NaN stays NaN."""
-    if x.dtype == dtype:
-        return x
-    try:
-        source, target = xp.finfo(x.dtype), xp.finfo(dtype)
-    except (TypeError, ValueError, AttributeError):  # not floating (or no finfo): a plain cast
-        return xp.astype(x, dtype)
-    top, eps = float(target.max), float(target.eps)
-    if float(source.max) > top:  # a narrowing cast: find what rounds beyond the top
-        # the largest finite value is (2 - eps) * 2**emax and the spacing there eps * 2**emax:
-        # from halfway to the next power of two on, round-to-nearest gives inf
-        limit = top + eps * top / (2 * (2 - eps))
-        big = xp.full_like(x, math.inf)
-        x = xp.where(xp.abs(x) >= limit, xp.where(x > 0, big, -big), x)
-    return xp.astype(x, dtype)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import _divergence
-from ._convert import cast_result
+from ._cast import cast_quietly
 from ._divergence import KERAS_KL, Divergence
 from ._libraries import Library, library, load
 from ._namespace import torch_compiling
@@ -234,15 +234,5 @@ def _compute(call: Call, prep: Prepared, cast: bool, lib: Library, compiling: bo
     if broadcast is not None:  # a logits class axis broadcast at run time: NaN, not a value
         loss = _kernel_namespace(lib, xp, compiling).where(broadcast, float("nan"), loss)
     if cast and loss.dtype != prep.out_dtype:
-        # a value beyond a half result's range is inf, as documented, without NumPy's
-        # "overflow encountered in cast" (Dask's at compute(), which np.errstate cannot
-        # reach: cast_result sets such values to inf first). Other libraries cast silently,
-        # and their autodiff sees the plain cast.
-        if lib.lazy:
-            loss = cast_result(xp, loss, prep.out_dtype)
-        elif isinstance(loss, np.ndarray):
-            with np.errstate(over="ignore"):
-                loss = xp.astype(loss, prep.out_dtype)
-        else:
-            loss = xp.astype(loss, prep.out_dtype)
+        loss = cast_quietly(xp, loss, prep.out_dtype)  # beyond a half dtype's range: inf
     return loss

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from ._convert import cast_result
+from ._cast import cast_quietly
 from ._dispatch import Call, compute, resolve, resolve_traced
 from ._divergence import Divergence
 from ._keras import KerasAwareLoss, kldiv_class
@@ -159,16 +159,7 @@ class LossBase(KerasAwareLoss):
         dtype = out_dtype if name is None else result_dtype(xp, name, owner=owner, what=self._INPUT)
         if out.dtype != dtype:
             try:
-                if isinstance(out, (np.ndarray, np.generic)):
-                    # a value beyond a float16 result's range is inf, as documented, without
-                    # NumPy's "overflow encountered in cast" (np.errstate: NumPy only, it
-                    # would break a torch.compile trace)
-                    with np.errstate(over="ignore"):
-                        out = xp.astype(out, dtype)
-                elif library(xp).lazy:  # Dask warns at compute(), out of np.errstate's reach
-                    out = cast_result(xp, out, dtype)
-                else:
-                    out = xp.astype(out, dtype)
+                out = cast_quietly(xp, out, dtype)  # beyond a half dtype's range: inf
             except (TypeError, ValueError, RuntimeError) as exc:  # e.g. no float64 on the device
                 raise ValueError(
                     f"{owner}(dtype={self.dtype!r}): the result cannot be cast to {dtype} "
