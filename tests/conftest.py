@@ -274,6 +274,15 @@ def diff_backend(request: pytest.FixtureRequest) -> ArrayBackend:
 
 
 @pytest.fixture
+def torch() -> ModuleType:
+    """The torch module for a test that takes it directly, or a skip with the reason (a test
+    module may define its own, e.g. to reset dynamo)."""
+    mod: ModuleType = pytest.importorskip("torch", reason="torch is not installed: pip install "
+                                          "'kldiv[torch]'")
+    return mod
+
+
+@pytest.fixture
 def xp(backend: ArrayBackend) -> ModuleType:
     """The array-API namespace of ``backend`` (runs once per backend, like ``backend``)."""
     return backend.xp

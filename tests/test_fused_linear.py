@@ -36,11 +36,6 @@ from fused_linear_oracle import (
 from kldiv import FusedLinearDivergence, _fused_linear, fused_linear_divergence
 
 
-@pytest.fixture
-def torch() -> Any:
-    return pytest.importorskip("torch")
-
-
 @pytest.mark.parametrize("div,form,bias,temp,chunk", CASES)
 def test_torch_values_and_gradients(torch: Any, div: str, form: str, bias: bool, temp: float,
                                     chunk: int | None) -> None:

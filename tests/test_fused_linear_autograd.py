@@ -22,12 +22,6 @@ from fused_linear_oracle import (
 )
 from kldiv import fused_linear_divergence
 
-
-@pytest.fixture
-def torch() -> Any:
-    return pytest.importorskip("torch")
-
-
 # ------------------------------------------------------------- torch: call-time values (issue 9)
 FOREIGN = ["sample_weight", "sample_weight_from_numpy", "teacher_logits", "teacher_hidden",
            "teacher_weight", "teacher_bias", "student_hidden", "student_weight",

@@ -27,11 +27,6 @@ from fused_linear_oracle import (
 from kldiv import _fused_linear_math, fused_linear_divergence
 
 
-@pytest.fixture
-def torch() -> Any:
-    return pytest.importorskip("torch")
-
-
 @pytest.mark.parametrize("div", DIVS)
 @pytest.mark.parametrize("form,masked,tile_bytes", [("logits", "both", None),
                                                      ("hidden", "", 3 * 8 * 24),

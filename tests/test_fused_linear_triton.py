@@ -11,12 +11,6 @@ from typing import Any
 
 import pytest
 
-
-@pytest.fixture
-def torch() -> Any:
-    return pytest.importorskip("torch")
-
-
 # -------------------------------------------------------------------- Triton, interpreted
 _TRITON_SCRIPT = r"""
 import math, numpy as np, torch, triton

@@ -21,12 +21,6 @@ from fused_linear_oracle import (
 )
 from kldiv import fused_linear_divergence
 
-
-@pytest.fixture
-def torch() -> Any:
-    return pytest.importorskip("torch")
-
-
 # ---------------------------------------------------------------------------- validation
 
 

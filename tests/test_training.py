@@ -182,10 +182,6 @@ def test_keras_example_runs() -> None:
 
 # ---- a plain PyTorch training loop --------------------------------------------------------
 
-@pytest.fixture
-def torch() -> Any:
-    """torch for the tests below only: without it they skip, the Keras tests above still run."""
-    return pytest.importorskip("torch", reason="torch is not installed: pip install 'kldiv[torch]'")
 
 
 def _example() -> dict:
